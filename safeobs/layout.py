@@ -1,0 +1,249 @@
+"""Which weight codes the x86 int8 kernels add into one saturating int16 lane.
+
+Every kernel computes one output channel as a dot product over ``Kg`` weights taken in the
+*kernel order* (kernel-spec §5.1): taps first, input channel fastest,
+``f = ((kd*KH + kh)*KW + kw)*ICg + ic`` (Linear: ``f = k``).  A *pair* is two positions of that
+order whose u8*s8 products ``vpmaddubsw`` adds into one saturating int16 lane.  The pairs are the
+same for every output channel of a kernel call, so they are returned as an ``(n, 2)`` array of
+positions in ``[0, Kg)``; :func:`kernel_order` maps positions to indices of ``weight.ravel()``.
+
+:func:`kernel_pairs` answers for one kernel (used by the emulator); :func:`weight_pairs` gives
+the union over every kernel a *layout* covers (used by the solver and :func:`safeobs.verify`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import numpy as np
+
+from .dispatch import OPS, Kernel
+
+LAYOUTS = ("fbgemm", "onednn", "x86", "any")
+
+_EMPTY = np.zeros((0, 2), dtype=np.int64)
+
+
+def infer_op(weight_shape: Sequence[int], op: str | None = None) -> str:
+    """The op kind a weight shape belongs to; 2-D is linear, 3- to 5-D conv unless ``op`` says otherwise."""
+    nd = len(weight_shape)
+    if op is not None:
+        if op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        if (op == "linear") != (nd == 2) or nd > 5:
+            raise ValueError(f"a {op} weight cannot have shape {tuple(weight_shape)}")
+        return op
+    if nd == 2:
+        return "linear"
+    if nd in (3, 4, 5):
+        return "conv"
+    raise ValueError(f"weight must be 2-D (linear) or 3- to 5-D (conv), got shape {tuple(weight_shape)}")
+
+
+def group_sizes(weight_shape: Sequence[int], op: str, groups: int = 1) -> tuple[int, int, int, int]:
+    """``(G, OCg, ICg, taps)`` of a PyTorch weight shape; checks that ``groups`` divides it."""
+    if not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    shape = tuple(int(s) for s in weight_shape)
+    if op == "linear":
+        if groups != 1:
+            raise ValueError("linear has no groups")
+        return 1, shape[0], shape[1], 1
+    taps = int(np.prod(shape[2:]))
+    if op == "conv":
+        if shape[0] % groups:
+            raise ValueError(f"groups={groups} does not divide the {shape[0]} output channels")
+        return groups, shape[0] // groups, shape[1], taps
+    if shape[0] % groups:
+        raise ValueError(f"groups={groups} does not divide the {shape[0]} input channels")
+    return groups, shape[1], shape[0] // groups, taps
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_order(shape: tuple, op: str, groups: int) -> np.ndarray:
+    g, ocg, icg, taps = group_sizes(shape, op, groups)
+    idx = np.arange(int(np.prod(shape)), dtype=np.int64)
+    if op == "linear":
+        order = idx.reshape(1, ocg, icg)
+    elif op == "conv":  # (OC, ICg, taps) -> (G, OCg, taps, ICg)
+        order = idx.reshape(g, ocg, icg, taps).transpose(0, 1, 3, 2)
+    else:  # conv_transpose (IC, OCg, taps) = (G, ICg, OCg, taps) -> (G, OCg, taps, ICg)
+        order = idx.reshape(g, icg, ocg, taps).transpose(0, 2, 3, 1)
+    order = np.ascontiguousarray(order).reshape(g, ocg, taps * icg)
+    order.setflags(write=False)
+    return order
+
+
+def kernel_order(weight_shape: Sequence[int], op: str | None = None, groups: int = 1) -> np.ndarray:
+    """``(G, OCg, Kg)`` indices into ``weight.ravel()``: each output channel's weights in kernel order.
+
+    Output channel ``g*OCg + o`` reads ``weight.ravel()[order[g, o]]``.  ConvTranspose weights are
+    not flipped (kernel-spec §5.1, im2col).
+    """
+    op = infer_op(weight_shape, op)
+    return _kernel_order(tuple(int(s) for s in weight_shape), op, int(groups))
+
+
+# -- pair rules, positions in [0, Kg) ------------------------------------------------------------
+
+
+def flat_pairs(kg: int) -> np.ndarray:
+    """(2m, 2m+1) over the whole kernel order; an odd last element is alone (FBGEMM, every path)."""
+    m = np.arange(kg // 2, dtype=np.int64)
+    return np.stack([2 * m, 2 * m + 1], axis=1)
+
+
+def _segment_pairs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """(s+2m, s+2m+1) inside every segment [s, s+len); pairing restarts at each segment start."""
+    npairs = lengths // 2
+    if npairs.sum() == 0:
+        return _EMPTY
+    seg = np.repeat(np.arange(len(starts)), npairs)
+    m = np.arange(npairs.sum()) - np.repeat(np.cumsum(npairs) - npairs, npairs)
+    first = starts[seg] + 2 * m
+    return np.stack([first, first + 1], axis=1).astype(np.int64)
+
+
+def per_tap_pairs(taps: int, icg: int) -> np.ndarray:
+    """(ic 2m, ic 2m+1) inside each tap; taps never mix (oneDNN conv/deconv, kernel-spec §8.2)."""
+    return _segment_pairs(np.arange(taps, dtype=np.int64) * icg, np.full(taps, icg, dtype=np.int64))
+
+
+def row_pairs(kernel_size: Sequence[int], icg: int) -> np.ndarray:
+    """Pairs over (kw, ic) inside each kernel row, restarting per row (oneDNN AVX-512 'relo', §8.3)."""
+    kw = int(kernel_size[-1]) if len(kernel_size) else 1
+    rows = int(np.prod(kernel_size[:-1])) if len(kernel_size) > 1 else 1
+    return _segment_pairs(np.arange(rows, dtype=np.int64) * kw * icg, np.full(rows, kw * icg, dtype=np.int64))
+
+
+def onednn_matmul_block(k: int) -> int:
+    """K block of oneDNN's AVX2 ``gemm_s8u8s32`` (kernel-spec §8.2): pairing restarts at each block."""
+    if k <= 256:
+        return k
+    if k < 768:
+        return -(-k // 2)
+    return 384
+
+
+def k_block_pairs(k: int, block: int) -> np.ndarray:
+    starts = np.arange(0, k, block, dtype=np.int64)
+    return _segment_pairs(starts, np.minimum(block, k - starts))
+
+
+def kernel_pairs(
+    kernel: Kernel,
+    weight_shape: Sequence[int],
+    op: str | None = None,
+    groups: int = 1,
+    isa: str = "avx2",
+) -> np.ndarray:
+    """Pairs, as positions of :func:`kernel_order`, that ``kernel`` adds with ``vpmaddubsw``.
+
+    Empty when the kernel accumulates exactly (VNNI, oneDNN depthwise/ref).  oneDNN conv on
+    AVX-512 without VNNI may fold kw into K by a heuristic (§8.3); this returns its per-tap pairs.
+    """
+    if not kernel.saturates:
+        return _EMPTY
+    op = infer_op(weight_shape, op)
+    _, _, icg, taps = group_sizes(weight_shape, op, groups)
+    if kernel.backend == "fbgemm":
+        return flat_pairs(taps * icg)
+    if kernel.path == "matmul":
+        return k_block_pairs(icg, onednn_matmul_block(icg) if isa == "avx2" else icg)
+    return per_tap_pairs(taps, icg)
+
+
+# -- layouts: union over every kernel that may run ------------------------------------------------
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _pairs_in_layout(layout: str, op: str, shape: tuple, groups: int) -> np.ndarray:
+    """Union of the pair positions of every kernel ``layout`` covers, for one grouping."""
+    _, _, icg, taps = group_sizes(shape, op, groups)
+    kg = taps * icg
+    parts = []
+    if layout in ("fbgemm", "x86"):
+        parts.append(flat_pairs(kg))
+    if layout in ("onednn", "x86"):
+        if op == "linear":
+            parts += [k_block_pairs(kg, onednn_matmul_block(kg)), flat_pairs(kg)]
+        else:
+            parts += [per_tap_pairs(taps, icg), row_pairs(shape[2:], icg)]
+            if len(shape) == 5 and icg == 1:  # 3-D depthwise runs as gemm on AVX-512 (§8.3)
+                parts.append(flat_pairs(kg))
+    return np.concatenate(parts) if parts else _EMPTY
+
+
+@functools.lru_cache(maxsize=256)
+def _weight_pairs(shape: tuple, layout: str, op: str, groups: int | None) -> np.ndarray:
+    if op == "conv_transpose":
+        candidates = [groups] if groups is not None else _divisors(shape[0])
+    else:
+        candidates = [1]  # conv pairs of one output channel do not depend on groups
+    out = []
+    for g in candidates:
+        order = _kernel_order(shape, op, g if op == "conv_transpose" else 1)
+        pos = _pairs_in_layout(layout, op, shape, g if op == "conv_transpose" else 1)
+        if len(pos):
+            rows = order.reshape(-1, order.shape[-1])
+            out.append(np.stack([rows[:, pos[:, 0]], rows[:, pos[:, 1]]], axis=-1).reshape(-1, 2))
+    if not out:
+        return _EMPTY
+    pairs = np.concatenate(out)
+    if len(out) > 1 or layout != "fbgemm":
+        pairs = np.unique(np.sort(pairs, axis=1), axis=0)
+    pairs.setflags(write=False)
+    return pairs
+
+
+def weight_pairs(
+    weight_shape: Sequence[int],
+    layout: str = "x86",
+    op: str | None = None,
+    groups: int | None = None,
+) -> np.ndarray:
+    """``(n, 2)`` indices into ``weight.ravel()`` of every pair some kernel of ``layout`` may form.
+
+    Layouts: ``"fbgemm"`` (flat pairs: FBGEMM on non-VNNI CPUs, and its depthwise/direct kernels
+    everywhere), ``"onednn"`` (per-tap, per-row and K-block pairs), ``"x86"`` (both).  Both members
+    of a pair always belong to the same output channel.  Where the shape cannot decide the
+    grouping (ConvTranspose without ``groups``), the union over every possible grouping is taken.
+    Layout ``"any"`` depends on the values, not the shape: see :func:`any_pairs`.
+    """
+    if layout not in LAYOUTS or layout == "any":
+        raise ValueError(f"layout must be one of {LAYOUTS[:3]} here, got {layout!r} (see any_pairs)")
+    op = infer_op(weight_shape, op)
+    if op == "conv" and groups is not None:
+        group_sizes(weight_shape, op, groups)
+    return _weight_pairs(tuple(int(s) for s in weight_shape), layout, op, None if op != "conv_transpose" else groups)
+
+
+def output_channel_rows(weight_shape: Sequence[int], op: str | None = None, groups: int | None = None) -> np.ndarray:
+    """``(OC, Kg)`` indices into ``weight.ravel()``, one row per output channel (layout ``"any"``).
+
+    ConvTranspose without ``groups`` uses one group, whose rows contain every grouping's rows.
+    """
+    op = infer_op(weight_shape, op)
+    order = kernel_order(weight_shape, op, groups if (op == "conv_transpose" and groups) else 1)
+    return order.reshape(-1, order.shape[-1])
+
+
+def any_pairs(weight: np.ndarray, op: str | None = None, groups: int | None = None) -> np.ndarray:
+    """Layout ``"any"``: per output channel, the two largest positive and the two most negative weights.
+
+    Quantization is monotone, so these hold the top two same-sign codes: the binding pair of every
+    possible pairing.  Returns ``(n, 2)`` indices into ``weight.ravel()``.
+    """
+    w = np.asarray(weight)
+    rows = output_channel_rows(w.shape, op, groups)
+    if rows.shape[1] < 2:
+        return _EMPTY
+    vals = w.ravel()[rows]
+    top = np.argpartition(-vals, 1, axis=1)[:, :2]
+    bottom = np.argpartition(vals, 1, axis=1)[:, :2]
+    r = np.arange(rows.shape[0])[:, None]
+    return np.concatenate([rows[r, top], rows[r, bottom]]).astype(np.int64)
