@@ -1,0 +1,105 @@
+"""Subprocess entry point of :mod:`safeobs.realkernel`: ``python -m safeobs._realkernel_worker in.pkl out.pkl``."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import warnings
+
+import numpy as np
+
+
+def _qx(torch, c):
+    return torch._make_per_tensor_quantized_tensor(torch.from_numpy(np.ascontiguousarray(c["x"], np.uint8)),
+                                                   float(c["x_scale"]), int(c["x_zp"]))
+
+
+def _qw(torch, c):
+    w = torch.from_numpy(np.ascontiguousarray(c["w"], np.int8))
+    scale, zp = np.asarray(c["w_scale"], np.float64), np.asarray(c.get("w_zp", 0), np.int64)
+    if scale.size == 1 and zp.size == 1:
+        return torch._make_per_tensor_quantized_tensor(w, float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0]))
+    oc = w.shape[0]
+    return torch._make_per_channel_quantized_tensor(
+        w, torch.from_numpy(np.broadcast_to(scale.reshape(-1), (oc,)).copy()),
+        torch.from_numpy(np.broadcast_to(zp.reshape(-1), (oc,)).copy()), 0)
+
+
+def _tuple(v, n):
+    return [int(v)] * n if np.isscalar(v) else [int(x) for x in v]
+
+
+def run_case(torch, c):
+    op, q = c["op"], torch.ops.quantized
+    bias = None if c.get("bias") is None else torch.from_numpy(np.asarray(c["bias"], np.float32))
+    w = _qw(torch, c)
+    relu = "_relu" if c.get("relu") else ""
+    if op == "linear_dynamic":
+        packed = q.linear_prepack(w, bias)
+        fn = q.linear_relu_dynamic if c.get("relu") else q.linear_dynamic
+        y = fn(torch.from_numpy(np.asarray(c["x"], np.float32)), packed, bool(c.get("reduce_range", False)))
+        return y.numpy()
+    x = _qx(torch, c)
+    if op == "linear":
+        packed = q.linear_prepack(w, bias)
+        y = getattr(q, "linear" + relu)(x, packed, float(c["y_scale"]), int(c["y_zp"]))
+    elif op in ("conv1d", "conv2d", "conv3d"):
+        nd = int(op[4])
+        hp = [_tuple(c.get(k, d), nd) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1))]
+        packed = getattr(q, op + "_prepack")(w, bias, *hp, int(c.get("groups", 1)))
+        y = getattr(q, op + relu)(x, packed, float(c["y_scale"]), int(c["y_zp"]))
+    elif op == "conv_transpose2d":
+        hp = [_tuple(c.get(k, d), 2) for k, d in (("stride", 1), ("padding", 0), ("output_padding", 0),
+                                                  ("dilation", 1))]
+        packed = q.conv_transpose2d_prepack(w, bias, *hp, int(c.get("groups", 1)))
+        y = q.conv_transpose2d(x, packed, float(c["y_scale"]), int(c["y_zp"]))
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    return y.int_repr().numpy()
+
+
+def _to_numpy(torch, y):
+    if isinstance(y, (tuple, list)):
+        return [_to_numpy(torch, t) for t in y]
+    if isinstance(y, torch.Tensor):
+        return y.int_repr().numpy() if y.is_quantized else y.detach().numpy()
+    return y
+
+
+def run_module(torch, job):
+    path = job["path"]
+    try:
+        model = torch.jit.load(path)
+    except Exception:  # not TorchScript: a pickled callable
+        model = torch.load(path, weights_only=False)
+    out = []
+    with torch.no_grad():
+        for inp in job["inputs"]:
+            args = inp if isinstance(inp, (tuple, list)) else (inp,)
+            out.append(_to_numpy(torch, model(*[torch.from_numpy(np.asarray(a)) for a in args])))
+    return out
+
+
+def main(src: str, dst: str) -> None:
+    warnings.filterwarnings("ignore", message=".*deprecat.*")  # pytorch/pytorch#184982
+    import torch
+
+    torch.set_num_threads(1)
+    with open(src, "rb") as f:
+        job = pickle.load(f)
+    torch.backends.quantized.engine = job["engine"]
+    if job["kind"] == "ops":
+        out = []
+        for i, c in enumerate(job["cases"]):
+            try:
+                out.append(run_case(torch, c))
+            except Exception as e:  # report which case the kernel refused
+                raise RuntimeError(f"case {i} ({c['op']}, w {np.shape(c['w'])}): {e}") from e
+    else:
+        out = run_module(torch, job)
+    with open(dst, "wb") as f:
+        pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,651 @@
+"""Bit-exact numpy emulator of torch 2.13's x86 quantized Linear/Conv kernels (kernel-spec).
+
+Flat module in the style of JAX's ``lax_reference``: one function per op, same argument order as
+``torch.ao.nn.quantized.functional``.  Every op reduces to
+
+1. an activation matrix in the kernels' K order (:func:`safeobs.layout.kernel_order`), built with
+   strided views (conv, transposed conv) or a transpose (linear);
+2. one grouped GEMM: the exact product through float64 BLAS (exact for these ranges), plus a
+   correction ``sat16(s) - s`` for the few pairs whose weight codes can saturate (§1);
+3. one requantization per backend (§5.3 FBGEMM, §8.2 oneDNN).
+
+Which kernel runs comes from :mod:`safeobs.dispatch`, which codes it pairs from
+:mod:`safeobs.layout`.  The integer core (:func:`qlinear_codes`, :func:`qconv_codes`,
+:func:`qlinear_dynamic_codes`) works on plain numpy codes; the tensor functions are thin wrappers.
+``exact=True`` runs the same kernel and requantization with exact int32 accumulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from . import dispatch, layout
+
+__all__ = [
+    "Saturation", "qlinear_codes", "qconv_codes", "qlinear_dynamic_codes",
+    "requantize_fbgemm", "requantize_onednn", "choose_qparams", "quantize_input",
+    "linear", "conv1d", "conv2d", "conv3d", "conv_transpose2d", "linear_dynamic",
+    "saturation", "emulate",
+]
+
+_F32 = np.float32
+_INT32_MIN = -(2**31)
+_CHUNK = 1 << 22  # elements per correction chunk (bounds memory to ~32 MB of float64)
+
+
+class Saturation(NamedTuple):
+    """Saturating int16 lanes of one op call: ``count`` lanes, each with its output ``position``
+    (row of unravelled indices: batch/row dims, then spatial), output ``channel`` and ``pair``
+    (two indices into ``weight.ravel()``)."""
+
+    count: int
+    position: np.ndarray
+    channel: np.ndarray
+    pair: np.ndarray
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+def _codes(a, name: str, lo: int, hi: int) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer codes, got dtype {a.dtype}")
+    if a.size and (a.min() < lo or a.max() > hi):
+        raise ValueError(f"{name} codes must lie in [{lo}, {hi}]")
+    return a
+
+
+def _per_channel(v, oc: int, name: str, dtype) -> np.ndarray:
+    v = np.asarray(v, dtype=dtype).reshape(-1)
+    if v.size == 1:
+        return np.broadcast_to(v, (oc,))
+    if v.size != oc:
+        raise ValueError(f"{name} must be a scalar or have one entry per output channel ({oc}), got {v.size}")
+    return v
+
+
+def _bias(bias, oc: int):
+    if bias is None:
+        return None
+    b = np.asarray(bias, dtype=_F32).reshape(-1)
+    if b.size != oc:
+        raise ValueError(f"bias must have {oc} entries, got {b.size}")
+    return b
+
+
+# -- requantization (one per backend) ------------------------------------------------------------
+
+
+def requantize_fbgemm(acc, x_scale, w_scale, bias, y_scale, y_zp, *, per_channel: bool, relu: bool = False):
+    """FBGEMM ``ReQuantizeOutput`` AVX2 body (kernel-spec §5.3): int32 (P, OC) -> uint8 codes."""
+    ws = np.asarray(w_scale, dtype=_F32)
+    atws = _F32(x_scale) * ws  # f32(xs * ws)
+    mult = atws / _F32(y_scale)
+    xf = np.asarray(acc, dtype=np.int32).astype(_F32)  # cvtdq2ps, RNE
+    if bias is not None:
+        if per_channel:
+            b = bias / atws  # _mm256_div_ps
+        else:
+            b = bias * _F32(1.0 / np.float64(atws.reshape(-1)[0]))  # reciprocal in double, then f32
+        xf = xf + b
+    y = xf * mult
+    with np.errstate(invalid="ignore"):
+        ok = np.abs(y) < _F32(2.0**31)  # cvtps2dq gives INT32_MIN outside (and for NaN)
+    r = np.where(ok, np.rint(np.where(ok, y, 0)), _INT32_MIN).astype(np.int64)
+    q = np.clip(np.clip(r, -32768, 32767) + int(y_zp), -32768, 32767)  # packs32, adds16
+    q = np.clip(q, 0, 255)  # packus
+    if relu:
+        q = np.maximum(q, int(y_zp))
+    return q.astype(np.uint8)
+
+
+def requantize_onednn(acc, x_scale, w_scale, bias, y_scale, y_zp, *, relu: bool = False):
+    """oneDNN int8 conv/matmul output stage (kernel-spec §8.2): int32 (P, OC) -> uint8 codes."""
+    scale = _F32(x_scale) * np.asarray(w_scale, dtype=_F32)
+    f = np.asarray(acc, dtype=np.int32).astype(_F32) * scale
+    if bias is not None:
+        f = f + bias
+    if relu:
+        f = np.maximum(f, _F32(0))
+    dst_scale = _F32(1) / _F32(1.0 / np.float64(y_scale))  # ideep re-inverts PyTorch's 1/s
+    f = f * (_F32(1) / dst_scale) + _F32(y_zp)
+    return np.rint(np.clip(f, _F32(0), _F32(255))).astype(np.uint8)
+
+
+# -- the grouped GEMM ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Act:
+    """Activation matrix in kernel order: ``a`` (G, Kg, P) float64 raw codes with the kernel's padding
+    fill; ``valid`` (taps, P) marks in-image taps when the fill is not x_zp (else None)."""
+
+    a: np.ndarray
+    valid: np.ndarray | None
+    taps: int
+    pos_shape: tuple
+
+
+def _gemm(act: _Act, w_k: np.ndarray, x_zp: int, w_zp_k: np.ndarray, pairs: np.ndarray, order, want_sat: bool):
+    """int32 accumulators (P, OC) after zero-point correction (§1, §5.3; §8.2 for skipped padding).
+
+    ``w_k`` (G, Kg, OCg) raw weight codes in kernel order, ``w_zp_k`` (G, 1, OCg).  The exact value
+    ``sum_valid (a - x_zp)(w - w_zp)`` is one float64 matmul; ``pairs`` (positions in [0, Kg)) add
+    ``sat16(s) - s`` for every lane that saturates.  The result wraps like the kernels' int32.
+    """
+    a = act.a
+    g, kg, p = a.shape
+    ocg = w_k.shape[2]
+    wz = w_k.astype(np.float64) - w_zp_k
+    acc = np.matmul(a.transpose(0, 2, 1), wz)  # (G, P, OCg), exact in float64
+    if act.valid is None:  # fill == x_zp: every padded term cancels
+        acc -= float(x_zp) * wz.sum(axis=1, keepdims=True)
+    elif x_zp:
+        per_tap = wz.reshape(g, act.taps, kg // act.taps, ocg).sum(axis=2)  # (G, taps, OCg)
+        acc -= float(x_zp) * np.matmul(act.valid.T, per_tap)
+    acc = acc.transpose(1, 0, 2).reshape(p, g * ocg).astype(np.int64)
+    sat = []
+    if len(pairs):
+        w0, w1 = w_k[:, pairs[:, 0], :].astype(np.int64), w_k[:, pairs[:, 1], :].astype(np.int64)
+        s = w0 + w1
+        # 255*128 fits int16; a lane can only leave it if both codes share a sign and |w0+w1| >= 129 (§1).
+        cand = ((w0 >= 0) & (w1 >= 0) & (s >= 129)) | ((w0 < 0) & (w1 < 0) & (s <= -129))
+        gi, mi, oi = np.nonzero(cand)
+        ch = gi * ocg + oi
+        srt = np.argsort(ch, kind="stable")
+        gi, mi, oi, ch = gi[srt], mi[srt], oi[srt], ch[srt]
+        step = max(1, _CHUNK // max(p, 1))
+        for lo in range(0, len(ch), step):
+            sl = slice(lo, lo + step)
+            cg, cm, co, cc = gi[sl], mi[sl], oi[sl], ch[sl]
+            lane = a[cg, pairs[cm, 0]] * w0[cg, cm, co][:, None] + a[cg, pairs[cm, 1]] * w1[cg, cm, co][:, None]
+            excess = np.clip(lane, -32768, 32767) - lane
+            starts = np.flatnonzero(np.r_[True, cc[1:] != cc[:-1]])
+            acc[:, cc[starts]] += np.add.reduceat(excess, starts, axis=0).T.astype(np.int64)
+            if want_sat:
+                ci, pi = np.nonzero(excess)
+                row = order[cg[ci], co[ci]]
+                sat.append((pi, cc[ci], np.stack([row[np.arange(len(ci)), pairs[cm[ci], 0]],
+                                                   row[np.arange(len(ci)), pairs[cm[ci], 1]]], axis=1)))
+    acc32 = ((acc + 2**31) % 2**32 - 2**31).astype(np.int32)
+    if not want_sat:
+        return acc32, None
+    if sat:
+        pi, cc, pr = (np.concatenate(x) for x in zip(*sat))
+        o = np.lexsort((cc, pi))
+        pi, cc, pr = pi[o], cc[o], pr[o]
+    else:
+        pi, cc, pr = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+    pos = np.stack(np.unravel_index(pi, act.pos_shape), axis=1) if len(act.pos_shape) else pi[:, None]
+    return acc32, Saturation(int(len(pi)), pos.astype(np.int64), cc.astype(np.int64), pr.astype(np.int64))
+
+
+def _weights_in_order(w: np.ndarray, op: str, groups: int, w_zp: np.ndarray):
+    order = layout.kernel_order(w.shape, op, groups)  # (G, OCg, Kg)
+    w_k = np.ascontiguousarray(w.ravel()[order].transpose(0, 2, 1))  # (G, Kg, OCg)
+    g, ocg = order.shape[:2]
+    return order, w_k, w_zp.astype(np.float64).reshape(g, 1, ocg)
+
+
+def _pairs(kernel, w_shape, op, groups, isa, exact):
+    if exact:
+        return np.zeros((0, 2), np.int64)
+    return layout.kernel_pairs(kernel, w_shape, op, groups, isa)
+
+
+# -- activation matrices ---------------------------------------------------------------------------
+
+
+def _windows(buf: np.ndarray, k, stride, dilation, groups: int, flip: bool):
+    """(N, C, *S) -> (G, taps*ICg, N*prod(O)) in kernel order: taps first, input channel fastest."""
+    nd = len(k)
+    n, c = buf.shape[:2]
+    win = tuple(d * (kk - 1) + 1 for kk, d in zip(k, dilation))
+    v = np.lib.stride_tricks.sliding_window_view(buf, win, axis=tuple(range(2, 2 + nd)))
+    v = v[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)
+          + tuple(slice(None, None, -d if flip else d) for d in dilation)]
+    out_sp = v.shape[2:2 + nd]
+    v = v.reshape((n, groups, c // groups) + v.shape[2:])
+    # (N, G, ICg, *O, *k) -> (G, *k, ICg, N, *O)
+    perm = (1,) + tuple(range(3 + nd, 3 + 2 * nd)) + (2, 0) + tuple(range(3, 3 + nd))
+    a = np.ascontiguousarray(v.transpose(perm)).reshape(groups, -1, n * int(np.prod(out_sp)))
+    return a, out_sp
+
+
+def _conv_input_buffer(x, k, stride, padding, dilation, transposed, output_padding, fill):
+    """Padded (conv) or zero-inserted (transposed, §5.1) float64 input; returns buffer and its window stride."""
+    n, c, *sp = x.shape
+    if not transposed:
+        buf = np.full((n, c) + tuple(s + 2 * p for s, p in zip(sp, padding)), float(fill))
+        buf[(slice(None), slice(None)) + tuple(slice(p, p + s) for s, p in zip(sp, padding))] = x
+        return buf, stride
+    # Output o, tap r reads input i iff o + pad - r*dil == i*stride (§5.1); with the window
+    # starting at o and its taps flipped, input i sits at left + i*stride.
+    out = [(s - 1) * st - 2 * p + d * (kk - 1) + op + 1
+           for s, st, p, d, kk, op in zip(sp, stride, padding, dilation, k, output_padding)]
+    if min(out) < 1:
+        raise ValueError(f"transposed conv output size {out} is not positive")
+    total = [o + d * (kk - 1) for o, d, kk in zip(out, dilation, k)]
+    buf = np.full((n, c) + tuple(total), float(fill))
+    dst, src = [], []
+    for s, st, p, d, kk, t in zip(sp, stride, padding, dilation, k, total):
+        left = d * (kk - 1) - p
+        i0 = 0 if left >= 0 else (-left + st - 1) // st  # first input landing inside the buffer
+        i1 = min(s - 1, (t - 1 - left) // st)
+        if i1 < i0:
+            return buf, (1,) * len(k)
+        dst.append(slice(left + i0 * st, left + i1 * st + 1, st))
+        src.append(slice(i0, i1 + 1))
+    buf[(slice(None), slice(None)) + tuple(dst)] = x[(slice(None), slice(None)) + tuple(src)]
+    return buf, (1,) * len(k)
+
+
+def _conv_act(x, k, stride, padding, dilation, groups, transposed, output_padding, fill, x_zp):
+    buf, wstride = _conv_input_buffer(x, k, stride, padding, dilation, transposed, output_padding, fill)
+    a, out_sp = _windows(buf, k, wstride, dilation, groups, transposed)
+    valid = None
+    if fill != x_zp:  # skipped padding (oneDNN §8.2, FBGEMM direct §5.2): mark in-image taps
+        ones = np.ones((1, 1) + x.shape[2:], dtype=np.float64)
+        vb, _ = _conv_input_buffer(ones, k, stride, padding, dilation, transposed, output_padding, 0)
+        valid, _ = _windows(vb, k, wstride, dilation, 1, transposed)
+        valid = np.tile(valid[0], (1, x.shape[0]))
+    return _Act(a, valid, int(np.prod(k)), (x.shape[0],) + tuple(out_sp)), out_sp
+
+
+# -- integer core ----------------------------------------------------------------------------------
+
+
+def _qlinear(x, x_scale, x_zp, w, w_scale, w_zp, bias, *, engine, isa, exact, want_sat):
+    """Shared static/dynamic linear: (acc32 (P, OC), saturation, kernel, per_channel, ws, bias)."""
+    x = _codes(x, "input", 0, 255)
+    w = _codes(w, "weight", -128, 127)
+    if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"linear needs input (..., {w.shape[1] if w.ndim == 2 else 'K'}) and weight (OC, K); "
+                         f"got {x.shape} and {w.shape}")
+    kernel = dispatch.linear_kernel(engine, isa)
+    oc = w.shape[0]
+    ws = _per_channel(w_scale, oc, "weight scale", np.float64)
+    wzp = _per_channel(w_zp, oc, "weight zero point", np.int64)
+    if kernel.backend == "onednn" and np.any(wzp != 0):
+        raise ValueError("oneDNN requires weight zero points of 0")
+    per_channel = np.asarray(w_scale).size > 1 or np.asarray(w_zp).size > 1
+    order, w_k, wzp_k = _weights_in_order(w, "linear", 1, wzp)
+    act = _Act(np.ascontiguousarray(x.reshape(-1, w.shape[1]).T, dtype=np.float64)[None], None, 1, x.shape[:-1])
+    pairs = _pairs(kernel, w.shape, "linear", 1, isa, exact)
+    acc, sat = _gemm(act, w_k, int(x_zp), wzp_k, pairs, order, want_sat)
+    return acc, sat, kernel, per_channel, ws, _bias(bias, oc)
+
+
+def qlinear_codes(x, x_scale, x_zp, w, w_scale, w_zp, bias, y_scale, y_zp, *,
+                  engine="x86", isa="avx2", relu=False, exact=False, _want_sat=False):
+    """Quantized Linear on codes: ``x`` uint8 (..., K), ``w`` int8 (OC, K), per-tensor or per-channel
+    ``w_scale``/``w_zp``; returns uint8 codes (..., OC)."""
+    acc, sat, kernel, per_channel, ws, b = _qlinear(x, x_scale, x_zp, w, w_scale, w_zp, bias, engine=engine,
+                                                     isa=isa, exact=exact, want_sat=_want_sat)
+    if kernel.backend == "fbgemm":
+        q = requantize_fbgemm(acc, x_scale, ws, b, y_scale, y_zp, per_channel=per_channel, relu=relu)
+    else:
+        q = requantize_onednn(acc, x_scale, ws, b, y_scale, y_zp, relu=relu)
+    q = q.reshape(np.shape(x)[:-1] + (np.shape(w)[0],))
+    return (q, sat) if _want_sat else q
+
+
+def qconv_codes(x, x_scale, x_zp, w, w_scale, w_zp, bias, y_scale, y_zp, *, stride=1, padding=0, dilation=1,
+                groups=1, transposed=False, output_padding=0, engine="x86", isa="avx2", relu=False,
+                exact=False, _want_sat=False):
+    """Quantized Conv{1,2,3}d / ConvTranspose on codes: ``x`` uint8 (N, C, *S); ``w`` int8 in PyTorch's
+    layout ((OC, IC/G, *k), or (IC, OC/G, *k) when ``transposed``); returns uint8 (N, OC, *O)."""
+    x = _codes(x, "input", 0, 255)
+    w = _codes(w, "weight", -128, 127)
+    nd = w.ndim - 2
+    if nd not in (1, 2, 3) or x.ndim != w.ndim:
+        raise ValueError(f"conv needs input (N, C, *S) and weight of the same rank (3-5); got {x.shape}, {w.shape}")
+    op = "conv_transpose" if transposed else "conv"
+    g, ocg, icg, _ = layout.group_sizes(w.shape, op, groups)
+    if x.shape[1] != icg * g:
+        raise ValueError(f"input has {x.shape[1]} channels, weight {tuple(w.shape)} with groups={groups} needs {icg * g}")
+    stride, padding, dilation, output_padding = dispatch.conv_params(w.shape, stride, padding, dilation, output_padding)
+    oc = g * ocg
+    ws = _per_channel(w_scale, oc, "weight scale", np.float64)
+    wzp = _per_channel(w_zp, oc, "weight zero point", np.int64)
+    per_channel = np.asarray(w_scale).size > 1 or np.asarray(w_zp).size > 1
+    if transposed and per_channel:
+        raise ValueError("torch 2.13 supports only per-tensor weights for quantized ConvTranspose")
+    kernel = dispatch.conv_kernel(engine, isa, w.shape, groups=groups, stride=stride, padding=padding,
+                                  dilation=dilation, transposed=transposed, output_padding=output_padding,
+                                  weight_symmetric=bool(np.all(wzp == 0)))
+    if kernel.backend == "onednn":
+        if np.any(wzp != 0):
+            raise ValueError("oneDNN requires weight zero points of 0")
+        if kernel.saturates and isa == "avx512" and not exact:
+            raise NotImplementedError("oneDNN conv on AVX-512 without VNNI picks its pairing by the 'relo' "
+                                      "heuristic (kernel-spec §8.3); not emulated")
+    k = tuple(w.shape[2:])
+    fill = int(x_zp) if kernel.backend == "fbgemm" and kernel.path != "direct" else 0  # §5.2, §8.2
+    act, out_sp = _conv_act(x, k, stride, padding, dilation, g, transposed, output_padding, fill, int(x_zp))
+    order, w_k, wzp_k = _weights_in_order(w, op, g, wzp)
+    pairs = _pairs(kernel, w.shape, op, g, isa, exact)
+    acc, sat = _gemm(act, w_k, int(x_zp), wzp_k, pairs, order, _want_sat)
+    b = _bias(bias, oc)
+    if kernel.backend == "fbgemm":
+        q = requantize_fbgemm(acc, x_scale, ws, b, y_scale, y_zp, per_channel=per_channel, relu=relu)
+    else:
+        q = requantize_onednn(acc, x_scale, ws, b, y_scale, y_zp, relu=relu)
+    q = np.moveaxis(q.reshape((x.shape[0],) + tuple(out_sp) + (oc,)), -1, 1)
+    return (q, sat) if _want_sat else q
+
+
+_SMALL_SCALE = 6.1e-5
+
+
+def choose_qparams(x_min: float, x_max: float, *, reduce_range: bool = False, qmin: int = 0, qmax: int = 255):
+    """PyTorch ``quant_utils::ChooseQuantizationParams`` (kernel-spec §6): (float32 scale, int zero point)."""
+    if reduce_range:
+        qmin, qmax = qmin // 2, qmax // 2
+    mn, mx = min(_F32(x_min), _F32(0)), max(_F32(x_max), _F32(0))
+    scale = (np.float64(mx) - np.float64(mn)) / (qmax - qmin)
+    if _F32(scale) == 0 or np.isinf(_F32(1) / _F32(scale)):
+        scale = 0.1
+    if scale < _SMALL_SCALE:
+        org = scale
+        scale = _SMALL_SCALE
+        if mn == 0:
+            mx = _F32(_SMALL_SCALE * (qmax - qmin))
+        elif mx == 0:
+            mn = _F32(-_SMALL_SCALE * (qmax - qmin))
+        else:
+            amp = _F32(_SMALL_SCALE / org)
+            mn, mx = _F32(mn * amp), _F32(mx * amp)
+    zmin = qmin - np.float64(mn) / scale
+    zmax = qmax - np.float64(mx) / scale
+    emin = abs(qmin) - abs(np.float64(mn) / scale)
+    emax = abs(qmax) - abs(np.float64(mx) / scale)
+    z = zmin if emin < emax else zmax
+    zp = qmin if z < qmin else qmax if z > qmax else int(np.rint(z))
+    return _F32(scale), zp
+
+
+def quantize_input(x, scale, zero_point):
+    """FBGEMM ``Quantize<uint8_t, LEGACY>`` as used by ``PackAWithQuantRowOffset`` (§6):
+    ``clip(cvtps(fma(x, f32(1/scale), zp)), 0, 255)``; float64 evaluates the fma exactly here."""
+    inv = _F32(1) / _F32(scale)
+    t = np.asarray(x, dtype=_F32).astype(np.float64) * np.float64(inv) + zero_point
+    t = np.minimum(t.astype(_F32), _F32(2147483520.0))
+    return np.clip(np.rint(t), 0, 255).astype(np.uint8)
+
+
+def qlinear_dynamic_codes(x, w, w_scale, w_zp, bias, *, reduce_range=False, engine="x86", isa="avx2",
+                          relu=False, exact=False, _want_sat=False):
+    """Dynamic quantized Linear (kernel-spec §6): float32 ``x`` (..., K), int8 codes ``w``; float32 out."""
+    x = np.asarray(x, dtype=_F32)
+    if engine == "onednn":
+        raise NotImplementedError("dynamic linear is emulated for the FBGEMM kernel (engine fbgemm/x86) only")
+    xs, xzp = choose_qparams(float(x.min()) if x.size else 0.0, float(x.max()) if x.size else 0.0,
+                             reduce_range=reduce_range)
+    xq = quantize_input(x, xs, xzp)
+    acc, sat, _, _, ws, b = _qlinear(xq, xs, xzp, w, w_scale, w_zp, bias, engine=engine, isa=isa, exact=exact,
+                                     want_sat=_want_sat)
+    y = acc.astype(_F32) * (xs * ws.astype(_F32))  # ReQuantizeForFloat: f32(x) * f32(As*Bs) + bias
+    if b is not None:
+        y = y + b
+    if relu:
+        y = np.maximum(y, _F32(0))
+    y = y.reshape(x.shape[:-1] + (np.shape(w)[0],))
+    return (y, sat) if _want_sat else y
+
+
+# -- quantized-tensor API ----------------------------------------------------------------------
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _act_codes(t, name="input"):
+    torch = _torch()
+    if not isinstance(t, torch.Tensor) or not t.is_quantized or t.dtype != torch.quint8:
+        raise TypeError(f"{name} must be a quint8 quantized tensor")
+    if t.qscheme() != torch.per_tensor_affine:
+        raise TypeError(f"{name} must be per-tensor quantized")
+    return t.int_repr().numpy(), float(t.q_scale()), int(t.q_zero_point())
+
+
+def _weight_codes(t):
+    torch = _torch()
+    if not isinstance(t, torch.Tensor) or not t.is_quantized or t.dtype != torch.qint8:
+        raise TypeError("weight must be a qint8 quantized tensor")
+    if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return t.int_repr().numpy(), float(t.q_scale()), int(t.q_zero_point())
+    if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric) and t.q_per_channel_axis() == 0:
+        return (t.int_repr().numpy(), t.q_per_channel_scales().numpy().astype(np.float64),
+                t.q_per_channel_zero_points().numpy().astype(np.int64))
+    raise TypeError("weight must be per-tensor or per-channel (axis 0) quantized")
+
+
+def _bias_np(bias):
+    if bias is None:
+        return None
+    return bias.detach().float().numpy() if hasattr(bias, "detach") else np.asarray(bias, np.float32)
+
+
+def _wrap(codes, scale, zero_point):
+    torch = _torch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensor creation is deprecated (pytorch/pytorch#184982)
+        return torch._make_per_tensor_quantized_tensor(torch.from_numpy(np.ascontiguousarray(codes)),
+                                                       float(scale), int(zero_point))
+
+
+def _linear_call(input, weight, bias=None, scale=None, zero_point=None, *, engine="x86", isa="avx2",
+                 relu=False, exact=False, _want_sat=False):
+    x, xs, xzp = _act_codes(input)
+    w, ws, wzp = _weight_codes(weight)
+    scale = xs if scale is None else scale
+    zero_point = xzp if zero_point is None else zero_point
+    q, sat = qlinear_codes(x, xs, xzp, w, ws, wzp, _bias_np(bias), scale, zero_point, engine=engine, isa=isa,
+                           relu=relu, exact=exact, _want_sat=True)
+    return (_wrap(q, scale, zero_point), sat)
+
+
+def linear(input, weight, bias=None, scale=None, zero_point=None, *, engine="x86", isa="avx2", relu=False,
+           exact=False):
+    """``torch.ao.nn.quantized.functional.linear`` (``relu``: ``linear_relu``) as the kernel computes it."""
+    return _linear_call(input, weight, bias, scale, zero_point, engine=engine, isa=isa, relu=relu, exact=exact)[0]
+
+
+def _conv_call(nd, input, weight, bias, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
+               scale=1.0, zero_point=0, dtype=None, *, engine="x86", isa="avx2", relu=False, exact=False):
+    torch = _torch()
+    if dtype is not None and dtype != torch.quint8:
+        raise ValueError("only torch.quint8 output is supported")
+    if padding_mode != "zeros":
+        raise ValueError("padding_mode must be 'zeros' (as in torch.ao.nn.quantized.functional)")
+    if input.dim() != nd + 2 or weight.dim() != nd + 2:
+        raise ValueError(f"conv{nd}d needs {nd + 2}-D input and weight, got {input.dim()}-D and {weight.dim()}-D")
+    x, xs, xzp = _act_codes(input)
+    w, ws, wzp = _weight_codes(weight)
+    q, sat = qconv_codes(x, xs, xzp, w, ws, wzp, _bias_np(bias), scale, zero_point, stride=stride,
+                         padding=padding, dilation=dilation, groups=groups, engine=engine, isa=isa, relu=relu,
+                         exact=exact, _want_sat=True)
+    return _wrap(q, scale, zero_point), sat
+
+
+def conv1d(input, weight, bias, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", scale=1.0,
+           zero_point=0, dtype=None, *, engine="x86", isa="avx2", relu=False, exact=False):
+    """``torch.ao.nn.quantized.functional.conv1d`` as the kernel computes it."""
+    return _conv_call(1, input, weight, bias, stride, padding, dilation, groups, padding_mode, scale, zero_point,
+                      dtype, engine=engine, isa=isa, relu=relu, exact=exact)[0]
+
+
+def conv2d(input, weight, bias, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", scale=1.0,
+           zero_point=0, dtype=None, *, engine="x86", isa="avx2", relu=False, exact=False):
+    """``torch.ao.nn.quantized.functional.conv2d`` as the kernel computes it."""
+    return _conv_call(2, input, weight, bias, stride, padding, dilation, groups, padding_mode, scale, zero_point,
+                      dtype, engine=engine, isa=isa, relu=relu, exact=exact)[0]
+
+
+def conv3d(input, weight, bias, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", scale=1.0,
+           zero_point=0, dtype=None, *, engine="x86", isa="avx2", relu=False, exact=False):
+    """``torch.ao.nn.quantized.functional.conv3d`` as the kernel computes it."""
+    return _conv_call(3, input, weight, bias, stride, padding, dilation, groups, padding_mode, scale, zero_point,
+                      dtype, engine=engine, isa=isa, relu=relu, exact=exact)[0]
+
+
+def _conv_transpose_call(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                         scale=1.0, zero_point=0, *, engine="x86", isa="avx2", relu=False, exact=False):
+    if input.dim() != 4 or weight.dim() != 4:
+        raise ValueError("conv_transpose2d needs 4-D input and weight")
+    x, xs, xzp = _act_codes(input)
+    w, ws, wzp = _weight_codes(weight)
+    q, sat = qconv_codes(x, xs, xzp, w, ws, wzp, _bias_np(bias), scale, zero_point, stride=stride,
+                         padding=padding, dilation=dilation, groups=groups, transposed=True,
+                         output_padding=output_padding, engine=engine, isa=isa, relu=relu, exact=exact,
+                         _want_sat=True)
+    return _wrap(q, scale, zero_point), sat
+
+
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                     scale=1.0, zero_point=0, *, engine="x86", isa="avx2", relu=False, exact=False):
+    """``torch.ops.quantized.conv_transpose2d`` (weight (IC, OC/G, kh, kw), per-tensor) as the kernel computes it."""
+    return _conv_transpose_call(input, weight, bias, stride, padding, output_padding, groups, dilation, scale,
+                                zero_point, engine=engine, isa=isa, relu=relu, exact=exact)[0]
+
+
+def _linear_dynamic_call(input, weight, bias=None, *, reduce_range=False, engine="x86", isa="avx2", relu=False,
+                         exact=False):
+    torch = _torch()
+    if not isinstance(input, torch.Tensor) or input.is_quantized or not input.is_floating_point():
+        raise TypeError("linear_dynamic input must be a float tensor")
+    w, ws, wzp = _weight_codes(weight)
+    y, sat = qlinear_dynamic_codes(input.detach().float().numpy(), w, ws, wzp, _bias_np(bias),
+                                   reduce_range=reduce_range, engine=engine, isa=isa, relu=relu, exact=exact,
+                                   _want_sat=True)
+    return torch.from_numpy(y), sat
+
+
+def linear_dynamic(input, weight, bias=None, *, reduce_range=False, engine="x86", isa="avx2", exact=False):
+    """``torch.ops.quantized.linear_dynamic`` (float in, float out) as the kernel computes it."""
+    return _linear_dynamic_call(input, weight, bias, reduce_range=reduce_range, engine=engine, isa=isa,
+                                exact=exact)[0]
+
+
+_CALLS = {
+    "linear": _linear_call,
+    "conv1d": lambda *a, **k: _conv_call(1, *a, **k),
+    "conv2d": lambda *a, **k: _conv_call(2, *a, **k),
+    "conv3d": lambda *a, **k: _conv_call(3, *a, **k),
+    "conv_transpose2d": _conv_transpose_call,
+    "linear_dynamic": _linear_dynamic_call,
+}
+
+
+def saturation(op: str, *args, **kwargs) -> Saturation:
+    """Which int16 lanes saturate when ``op`` (a name of this module's ops) runs with these arguments."""
+    if op not in _CALLS:
+        raise ValueError(f"op must be one of {tuple(_CALLS)}, got {op!r}")
+    if kwargs.get("exact"):
+        raise ValueError("an exact kernel never saturates; drop exact=True")
+    return _CALLS[op](*args, **kwargs)[1]
+
+
+# -- whole models ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Emulation:
+    """What :func:`emulate` yields: per-module saturated lane counts and call counts."""
+
+    saturation: dict = dataclasses.field(default_factory=dict)
+    calls: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.saturation.values())
+
+
+def _module_forward(mod, name, rep: Emulation, engine, isa, exact):
+    import torch.ao.nn.intrinsic.quantized as nniq
+    import torch.ao.nn.intrinsic.quantized.dynamic as nniqd
+    import torch.ao.nn.quantized as nnq
+    import torch.ao.nn.quantized.dynamic as nnqd
+    import torch.nn.functional as tF
+
+    kw = dict(engine=engine, isa=isa, exact=exact)
+
+    def record(sat):
+        rep.saturation[name] = rep.saturation.get(name, 0) + sat.count
+        rep.calls[name] = rep.calls.get(name, 0) + 1
+
+    if isinstance(mod, nnqd.Linear):
+        relu = isinstance(mod, nniqd.LinearReLU)
+
+        def fwd(x):
+            if mod._packed_params.dtype != _torch().qint8:
+                raise NotImplementedError("only qint8 dynamic Linear is emulated")
+            y, sat = _linear_dynamic_call(x, mod.weight(), mod.bias(), reduce_range=True, relu=relu, **kw)
+            record(sat)
+            return y.to(x.dtype)
+    elif isinstance(mod, nnq.Linear):
+        relu = isinstance(mod, nniq.LinearReLU)
+
+        def fwd(x):
+            y, sat = _linear_call(x, mod.weight(), mod.bias(), mod.scale, mod.zero_point, relu=relu, **kw)
+            record(sat)
+            return y
+    elif isinstance(mod, nnq.ConvTranspose2d):
+        def fwd(x):
+            y, sat = _conv_transpose_call(x, mod.weight(), mod.bias(), mod.stride, mod.padding,
+                                          mod.output_padding, mod.groups, mod.dilation, mod.scale,
+                                          mod.zero_point, **kw)
+            record(sat)
+            return y
+    elif isinstance(mod, (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d)):
+        nd = {nnq.Conv1d: 1, nnq.Conv2d: 2, nnq.Conv3d: 3}[next(c for c in (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d)
+                                                              if isinstance(mod, c))]
+        relu = isinstance(mod, (nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d))
+
+        def fwd(x):
+            padding = mod.padding
+            if mod.padding_mode != "zeros":  # as the module: pad first, then convolve with padding 0
+                x = tF.pad(x, mod._reversed_padding_repeat_twice, mode=mod.padding_mode)
+                padding = 0
+            y, sat = _conv_call(nd, x, mod.weight(), mod.bias(), mod.stride, padding, mod.dilation, mod.groups,
+                                "zeros", mod.scale, mod.zero_point, relu=relu, **kw)
+            record(sat)
+            return y
+    else:
+        return None
+    return fwd
+
+
+@contextlib.contextmanager
+def emulate(model, *, engine: str = "x86", isa: str = "avx2", exact: bool = False):
+    """Within the block, every converted quantized Linear/Conv(Transpose)/fused-ReLU/dynamic Linear module
+    of ``model`` computes through this emulator; yields an :class:`Emulation` collecting saturation counts.
+    Other ops stay torch's.  The original ``forward`` methods are restored on exit."""
+    dispatch.check_engine_isa(engine, isa)
+    rep = Emulation()
+    patched = []
+    try:
+        for name, mod in model.named_modules():
+            fwd = _module_forward(mod, name or type(mod).__name__, rep, engine, isa, exact)
+            if fwd is not None:
+                had = "forward" in vars(mod)
+                patched.append((mod, had, vars(mod).get("forward")))
+                mod.forward = fwd
+                rep.saturation.setdefault(name, 0)
+        yield rep
+    finally:
+        for mod, had, old in patched:
+            if had:
+                mod.forward = old
+            else:
+                del mod.forward
