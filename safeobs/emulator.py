@@ -30,7 +30,7 @@ __all__ = [
     "Saturation", "qlinear_codes", "qconv_codes", "qlinear_dynamic_codes",
     "requantize_fbgemm", "requantize_onednn", "choose_qparams", "quantize_input",
     "linear", "conv1d", "conv2d", "conv3d", "conv_transpose2d", "linear_dynamic",
-    "saturation", "emulate",
+    "saturation", "emulate", "run_case",
 ]
 
 _F32 = np.float32
@@ -391,9 +391,14 @@ def qlinear_dynamic_codes(x, w, w_scale, w_zp, bias, *, reduce_range=False, engi
     xq = quantize_input(x, xs, xzp)
     acc, sat, _, _, ws, b = _qlinear(xq, xs, xzp, w, w_scale, w_zp, bias, engine=engine, isa=isa, exact=exact,
                                      want_sat=_want_sat)
-    y = acc.astype(_F32) * (xs * ws.astype(_F32))  # ReQuantizeForFloat: f32(x) * f32(As*Bs) + bias
+    # ReQuantizeForFloat AVX2 is fma(f32(acc), f32(As*Bs), bias) with one rounding (checked against the
+    # real op; mul then add differs by 1 ulp).  The float64 product is exact; the float64 add can only
+    # double-round when the sum needs > 53 bits and lands on an f32 tie (not observed).
+    mult = (xs * ws.astype(_F32)).astype(np.float64)
+    y = acc.astype(np.float64) * mult
     if b is not None:
-        y = y + b
+        y = y + b.astype(np.float64)
+    y = y.astype(_F32)
     if relu:
         y = np.maximum(y, _F32(0))
     y = y.reshape(x.shape[:-1] + (np.shape(w)[0],))
@@ -649,3 +654,24 @@ def emulate(model, *, engine: str = "x86", isa: str = "avx2", exact: bool = Fals
                 mod.forward = old
             else:
                 del mod.forward
+
+
+def run_case(case: dict, *, engine: str = "x86", isa: str = "avx2", exact: bool = False, want_saturation=False):
+    """Emulate one :mod:`safeobs.realkernel` case dict (same keys); returns codes (float for linear_dynamic),
+    and the :class:`Saturation` too when ``want_saturation``."""
+    c = case
+    kw = dict(engine=engine, isa=isa, exact=exact, _want_sat=True)
+    if c["op"] == "linear_dynamic":
+        y, sat = qlinear_dynamic_codes(c["x"], c["w"], c["w_scale"], c.get("w_zp", 0), c.get("bias"),
+                                       reduce_range=bool(c.get("reduce_range", False)), relu=bool(c.get("relu")), **kw)
+    elif c["op"] == "linear":
+        y, sat = qlinear_codes(c["x"], c["x_scale"], c["x_zp"], c["w"], c["w_scale"], c.get("w_zp", 0),
+                               c.get("bias"), c["y_scale"], c["y_zp"], relu=bool(c.get("relu")), **kw)
+    elif c["op"] in ("conv1d", "conv2d", "conv3d", "conv_transpose2d"):
+        hp = {k: c[k] for k in ("stride", "padding", "dilation", "groups", "output_padding") if k in c}
+        y, sat = qconv_codes(c["x"], c["x_scale"], c["x_zp"], c["w"], c["w_scale"], c.get("w_zp", 0), c.get("bias"),
+                             c["y_scale"], c["y_zp"], transposed=c["op"] == "conv_transpose2d",
+                             relu=bool(c.get("relu")), **hp, **kw)
+    else:
+        raise ValueError(f"unknown op {c['op']!r}")
+    return (y, sat) if want_saturation else y
