@@ -51,6 +51,8 @@ def run_case(torch, c):
     elif op == "conv_transpose2d":
         hp = [_tuple(c.get(k, d), 2) for k, d in (("stride", 1), ("padding", 0), ("output_padding", 0),
                                                   ("dilation", 1))]
+        if c.get("relu"):
+            raise ValueError("torch has no fused quantized conv_transpose2d_relu")
         packed = q.conv_transpose2d_prepack(w, bias, *hp, int(c.get("groups", 1)))
         y = q.conv_transpose2d(x, packed, float(c["y_scale"]), int(c["y_zp"]))
     else:

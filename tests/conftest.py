@@ -1,0 +1,26 @@
+"""Shared fixtures/markers: skip real-kernel tests when their CPU mode cannot run on this host."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from safeobs import realkernel
+
+warnings.filterwarnings("ignore", message=".*quantiz.*deprecat.*")  # pytorch/pytorch#184982
+
+requires_qemu = pytest.mark.skipif(not realkernel.available("haswell"), reason="qemu-x86_64 not on PATH")
+
+
+def mode_param(mode: str):
+    """A pytest param for a realkernel mode, skipped when the host cannot run it."""
+    marks = [pytest.mark.skipif(not realkernel.available(mode), reason=f"mode {mode} unavailable on this host")]
+    if mode == "haswell":
+        marks.append(pytest.mark.qemu)
+    return pytest.param(mode, marks=marks, id=mode)
+
+
+@pytest.fixture(scope="session")
+def host_isa() -> str:
+    return realkernel.host_isa()
