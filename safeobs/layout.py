@@ -195,7 +195,9 @@ def _weight_pairs(shape: tuple, layout: str, op: str, groups: int | None) -> np.
         return _EMPTY
     pairs = np.concatenate(out)
     if len(out) > 1 or layout != "fbgemm":
-        pairs = np.unique(np.sort(pairs, axis=1), axis=0)
+        n = int(np.prod(shape))  # unique over one int64 key per pair: same order, ~20x faster
+        key = np.unique(pairs.min(axis=1) * n + pairs.max(axis=1))
+        pairs = np.stack([key // n, key % n], axis=1)
     pairs.setflags(write=False)
     return pairs
 
