@@ -1,0 +1,143 @@
+"""Independent check that quantized weights can never saturate an int16 pair (kernel-spec §1).
+
+Reads the *stored* codes (``int_repr()``, zero point included) and checks, for every pair of
+:mod:`safeobs.layout`, the sign-split bound directly: the positive codes of the pair sum to
+<= 128 and the negative codes to >= -128.  Shares no code with :mod:`safeobs.solver`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .layout import LAYOUTS, any_pairs, infer_op, output_channel_rows, weight_pairs
+
+POS_LIMIT = 128  # 255 * 128 = 32640 <= 32767
+NEG_LIMIT = -128  # 255 * -128 = -32640 >= -32768
+
+
+class Violation(NamedTuple):
+    """One pair whose codes can saturate: ``pair_sum`` is the sum of its ``sign`` codes."""
+
+    module: str
+    channel: int
+    indices: tuple  # indices into weight.ravel()
+    codes: tuple
+    pair_sum: int
+    sign: str  # "positive" (> 128) or "negative" (< -128)
+
+
+class Report:
+    """Result of :func:`verify`: ``violations`` (a list of :class:`Violation`) and ``modules`` checked."""
+
+    def __init__(self, layout: str, modules: list[str], violations: list[Violation]):
+        self.layout, self.modules, self.violations = layout, modules, violations
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __len__(self) -> int:
+        return len(self.violations)
+
+    def __repr__(self) -> str:
+        head = (f"VerifyReport(layout={self.layout!r}, modules={len(self.modules)}, "
+                f"violations={len(self.violations)}, ok={self.ok})")
+        lines = [head]
+        for v in self.violations[:20]:
+            name = v.module or "<weight>"
+            lines.append(f"  {name} channel {v.channel}: indices {v.indices} codes {v.codes} "
+                         f"{v.sign} sum {v.pair_sum}")
+        if len(self.violations) > 20:
+            lines.append(f"  ... {len(self.violations) - 20} more")
+        return "\n".join(lines)
+
+
+def _output_channel(shape, op, groups, idx: np.ndarray) -> np.ndarray:
+    rows = output_channel_rows(shape, op, groups)
+    chan = np.empty(int(np.prod(shape)), dtype=np.int64)
+    chan[rows] = np.arange(rows.shape[0])[:, None]
+    return chan[idx]
+
+
+def check_codes(codes, layout: str = "x86", *, op: str | None = None, groups: int | None = None,
+                name: str = "") -> list[Violation]:
+    """Violations among integer weight ``codes`` (stored int8 values, PyTorch weight shape)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    c = np.asarray(codes)
+    if not np.issubdtype(c.dtype, np.integer):
+        raise TypeError(f"codes must be integers (the stored int8 values), got dtype {c.dtype}")
+    c = c.astype(np.int64)
+    op = infer_op(c.shape, op)
+    pairs = any_pairs(c, op, groups) if layout == "any" else weight_pairs(c.shape, layout, op, groups)
+    flat = c.ravel()
+    a, b = flat[pairs[:, 0]], flat[pairs[:, 1]]
+    pos = np.maximum(a, 0) + np.maximum(b, 0)
+    neg = np.minimum(a, 0) + np.minimum(b, 0)
+    out = []
+    for sign, sums, bad in (("positive", pos, pos > POS_LIMIT), ("negative", neg, neg < NEG_LIMIT)):
+        hit = np.flatnonzero(bad)
+        if hit.size == 0:
+            continue
+        chans = _output_channel(c.shape, op, groups, pairs[hit, 0])
+        for k, ch in zip(hit, chans):
+            out.append(Violation(name, int(ch), (int(pairs[k, 0]), int(pairs[k, 1])),
+                                 (int(a[k]), int(b[k])), int(sums[k]), sign))
+    return sorted(out, key=lambda v: (v.module, v.channel, v.indices, v.sign))
+
+
+def _module_weight(mod):
+    """(quantized weight, op, groups) of a converted quantized module, or None if it has none."""
+    nnq, nnqd = torch.ao.nn.quantized, torch.ao.nn.quantized.dynamic
+    from torch.ao.nn.quantized.modules.conv import _ConvNd, _ConvTransposeNd
+
+    if isinstance(mod, (nnq.Linear, nnqd.Linear)):
+        w, op, groups = mod.weight(), "linear", None
+    elif isinstance(mod, _ConvTransposeNd):
+        w, op, groups = mod.weight(), "conv_transpose", mod.groups
+    elif isinstance(mod, _ConvNd):
+        w, op, groups = mod.weight(), "conv", mod.groups
+    else:
+        return None
+    if not (isinstance(w, torch.Tensor) and w.is_quantized and w.dtype == torch.qint8):
+        return None  # e.g. dynamic fp16 Linear: no int8 pairs
+    return w, op, groups
+
+
+def verify(obj, layout: str = "x86", *, op: str | None = None, groups: int | None = None) -> Report:
+    """Every weight pair of ``obj`` that can saturate under ``layout``.
+
+    ``obj``: a quantized (qint8) weight tensor, integer codes (tensor or array; pass ``op`` and
+    ``groups`` for conv_transpose), a converted quantized module, or a whole converted model
+    (every quantized Linear/Conv/ConvTranspose, intrinsic fused and dynamic Linear included).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if isinstance(obj, torch.nn.Module):
+        names, violations = [], []
+        for name, mod in obj.named_modules():
+            found = _module_weight(mod)
+            if found is None:
+                continue
+            w, mop, mgroups = found
+            names.append(name)
+            violations += check_codes(w.int_repr().numpy(), layout, op=mop, groups=mgroups, name=name)
+        return Report(layout, names, violations)
+    if isinstance(obj, torch.Tensor):
+        if obj.is_quantized:
+            if obj.dtype != torch.qint8:
+                raise TypeError(f"only qint8 weights feed vpmaddubsw, got {obj.dtype}")
+            codes = obj.int_repr().numpy()
+        elif obj.is_floating_point():
+            raise TypeError("verify needs quantized weights or integer codes, got a float tensor")
+        else:
+            codes = obj.detach().cpu().numpy()
+    else:
+        codes = np.asarray(obj)
+    return Report(layout, [""], check_codes(codes, layout, op=op, groups=groups))
