@@ -1,0 +1,158 @@
+"""Drop-in weight observers whose qparams can never saturate x86 int8 kernels.
+
+Each class subclasses the torch observer of the same name and takes the same arguments plus
+keyword-only ``layout`` ("x86" default, "fbgemm", "onednn", "any"), ``op`` and ``groups`` hints
+(needed only for ConvTranspose weights: ``op="conv_transpose"``).  Defaults differ in one way:
+``dtype=torch.qint8`` and a symmetric ``qscheme``, because these are *weight* observers
+(only s8 weights feed ``vpmaddubsw``; other dtypes raise ``TypeError``).
+
+The safe scale depends on the weight values, not only on min/max, so ``forward`` keeps a detached
+float32 CPU copy of the last observed tensor.  Weights are observed once, on the weight being
+quantized, so "last tensor" is exactly the right thing; for the moving-average observers the
+floor is torch's scale from the averaged min/max and the pairs come from the last tensor (the
+proof covers the codes of that tensor at the returned scale).  The copy is saved in
+``state_dict`` as extra state; a stock torch observer's state_dict (no copy) loads too, and then
+:meth:`calculate_qparams` assumes the worst case: any two weights in the tracked [min, max] may
+be paired (safe for every weight in that range, but up to one bit coarser).
+
+``calculate_qparams`` = torch's qparams, raised by :func:`safeobs.solver.raise_scales` where a
+pair needs it.  The histogram observer runs torch's L2 clipping search first and then raises
+the scale on the clipped codes.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+from torch.ao.quantization import observer as tobs
+
+from .layout import LAYOUTS, infer_op
+from .solver import (PER_CHANNEL, SYMMETRIC, check_qscheme, layout_pairs, pairs_stay_in_rows,
+                     raise_scales)
+
+__all__ = [
+    "SafeMinMaxObserver",
+    "SafeMovingAverageMinMaxObserver",
+    "SafePerChannelMinMaxObserver",
+    "SafeMovingAveragePerChannelMinMaxObserver",
+    "SafeHistogramObserver",
+]
+
+_EXTRA = "_extra_state"
+
+
+class _SafeMixin:
+    """Shared by the safe observers: records the weight, raises torch's scales, keeps state."""
+
+    _default_qscheme = torch.per_tensor_symmetric
+
+    def __init__(self, *args, layout: str = "x86", op: str | None = None, groups: int | None = None, **kwargs):
+        base = next(c for c in type(self).__mro__ if c.__module__ == tobs.__name__)
+        bound = inspect.signature(base.__init__).bind_partial(None, *args, **kwargs).arguments
+        bound.pop("self")
+        extra = bound.pop("kwargs", {})
+        bound.setdefault("dtype", torch.qint8)
+        bound.setdefault("qscheme", self._default_qscheme)
+        check_qscheme(bound["dtype"], bound["qscheme"])
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if groups is not None and (not isinstance(groups, int) or groups < 1):
+            raise ValueError(f"groups must be a positive int or None, got {groups!r}")
+        super().__init__(**bound, **extra)
+        self.layout, self.op, self.groups = layout, op, groups
+        self._safe_weight: torch.Tensor | None = None
+
+    def forward(self, x_orig):
+        out = super().forward(x_orig)
+        if isinstance(x_orig, torch.Tensor) and x_orig.numel():
+            self._safe_weight = x_orig.detach().to("cpu", torch.float32, copy=True)
+        return out
+
+    # -- qparams --------------------------------------------------------------------------------
+
+    def _stock_qparams(self):
+        """torch's qparams and the min the zero-point formula used (affine only)."""
+        return super().calculate_qparams(), None
+
+    def calculate_qparams(self):
+        (scale, zp), min_val = self._stock_qparams()
+        if not torch.isfinite(self.min_val).all() and self._safe_weight is None:
+            return scale, zp  # never observed: torch's defaults (and its warning)
+        per_channel = self.qscheme in PER_CHANNEL
+        ch_axis = self.ch_axis if per_channel else None
+        if self._safe_weight is not None:
+            w = self._safe_weight.numpy()
+            op = infer_op(w.shape, self.op)
+            pairs = layout_pairs(w, self.layout, op, self.groups)
+            check = not pairs_stay_in_rows(w.ndim, op, ch_axis)
+        else:  # worst case from min/max only: two maxima and two minima paired in every channel
+            lo = torch.clamp(self.min_val.reshape(-1), max=0).numpy()
+            hi = torch.clamp(self.max_val.reshape(-1), min=0).numpy()
+            w = np.stack([hi, hi, lo, lo], axis=1).astype(np.float32)
+            pairs = np.array([[0, 1], [2, 3]], dtype=np.int64) + 4 * np.arange(len(w))[:, None, None]
+            pairs, ch_axis, check = pairs.reshape(-1, 2), (0 if per_channel else None), False
+        if min_val is None:
+            min_val = self.min_val
+        new_scale, new_zp = raise_scales(
+            w, pairs, scale.numpy(), zp.numpy(), ch_axis=ch_axis, symmetric=self.qscheme in SYMMETRIC,
+            quant_min=self.quant_min, quant_max=self.quant_max,
+            min_val=min_val.detach().cpu().numpy(), check_pairs=check,
+        )
+        return (torch.from_numpy(new_scale).to(scale.dtype).reshape(scale.shape),
+                torch.from_numpy(new_zp).to(zp.dtype).reshape(zp.shape))
+
+    # -- state: the observed weight travels as extra state ---------------------------------------
+
+    def get_extra_state(self):
+        return {"weight": self._safe_weight}
+
+    def set_extra_state(self, state):
+        w = state.get("weight") if isinstance(state, dict) else None
+        self._safe_weight = None if w is None else w.detach().to("cpu", torch.float32, copy=True)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + _EXTRA
+        if key not in state_dict:  # a stock torch observer's state: forget any recorded weight
+            self._safe_weight = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in missing_keys:
+            missing_keys.remove(key)
+
+    def extra_repr(self):
+        hints = "".join(f", {k}={getattr(self, k)!r}" for k in ("op", "groups") if getattr(self, k) is not None)
+        return f"{super().extra_repr()}, layout={self.layout!r}{hints}"
+
+
+class SafeMinMaxObserver(_SafeMixin, tobs.MinMaxObserver):
+    """:class:`torch.ao.quantization.MinMaxObserver` with provably saturation-free qparams."""
+
+
+class SafeMovingAverageMinMaxObserver(_SafeMixin, tobs.MovingAverageMinMaxObserver):
+    """:class:`torch.ao.quantization.MovingAverageMinMaxObserver`, saturation-free (pairs of the last tensor)."""
+
+
+class SafePerChannelMinMaxObserver(_SafeMixin, tobs.PerChannelMinMaxObserver):
+    """:class:`torch.ao.quantization.PerChannelMinMaxObserver` with provably saturation-free qparams."""
+
+    _default_qscheme = torch.per_channel_symmetric
+
+
+class SafeMovingAveragePerChannelMinMaxObserver(_SafeMixin, tobs.MovingAveragePerChannelMinMaxObserver):
+    """:class:`torch.ao.quantization.MovingAveragePerChannelMinMaxObserver`, saturation-free."""
+
+    _default_qscheme = torch.per_channel_symmetric
+
+
+class SafeHistogramObserver(_SafeMixin, tobs.HistogramObserver):
+    """:class:`torch.ao.quantization.HistogramObserver`: torch's L2 clipping search, then the bound
+    is enforced on the clipped codes (the scale only grows)."""
+
+    def _stock_qparams(self):
+        if not torch.isfinite(self.min_val).all():
+            return super().calculate_qparams(), None
+        new_min, new_max = self._non_linear_param_search()
+        return self._calculate_qparams(new_min, new_max), new_min
