@@ -224,6 +224,9 @@ def raise_scales(
 
 
 def _raise_symmetric(w, w3, pairs, shape, ch_axis, scale, qmin, qmax):
+    # Stored codes clamp to the dtype range, not to [qmin, qmax]: torch.quantize_per_channel and
+    # the quantized modules' weight packing clamp to [-128, 127] (a custom range only sets the scale).
+    qmin, qmax = -128, 127
     flat = w.ravel()
     if pairs.flags.writeable:  # caller's own pairs: check them all
         codes = quantize(w3, scale[None, :, None], qmin, qmax).astype(np.int16).ravel()
@@ -278,8 +281,9 @@ def _raw_codes(w, s, zp, fused: bool) -> np.ndarray:
 
 def _raise_affine(w, w3, pairs, group, scale, zp, qmin, qmax, min_val, fused):
     nch = scale.size
-    wmin = w3.min(axis=(0, 2)).astype(np.float32)
-    wmax = w3.max(axis=(0, 2)).astype(np.float32)
+    # torch's range always contains 0 (its code is the zero point): no clipping of [min(w, 0), max(w, 0)].
+    wmin = np.minimum(w3.min(axis=(0, 2)), 0).astype(np.float32)
+    wmax = np.maximum(w3.max(axis=(0, 2)), 0).astype(np.float32)
     flat = w.ravel()
     psum = flat[pairs[:, 0]].astype(np.float64) + flat[pairs[:, 1]]
     top = np.full(nch, -np.inf)
