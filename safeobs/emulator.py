@@ -35,7 +35,8 @@ __all__ = [
 
 _F32 = np.float32
 _INT32_MIN = -(2**31)
-_CHUNK = 1 << 18  # elements per correction chunk: 2 MB of float64 stays in cache, avoids page-fault churn
+_CHUNK = 1 << 17  # lanes per correction chunk: 512 KB of int32 stays in cache
+_F32_EXACT = 2**24  # float32 holds every integer below this exactly
 
 
 class Saturation(NamedTuple):
@@ -105,6 +106,39 @@ def requantize_fbgemm(acc, x_scale, w_scale, bias, y_scale, y_zp, *, per_channel
     return q.astype(np.uint8)
 
 
+def _requant_fbgemm(xf, x_scale, w_scale, bias, y_scale, y_zp, *, per_channel: bool, relu: bool):
+    """:func:`requantize_fbgemm` on ``xf`` = f32(int32 acc), which it overwrites."""
+    ws = np.asarray(w_scale, dtype=_F32)
+    atws = _F32(x_scale) * ws  # f32(xs * ws)
+    mult = atws / _F32(y_scale)
+    if bias is not None:
+        if per_channel:
+            b = bias / atws  # _mm256_div_ps
+        else:
+            b = bias * _F32(1.0 / np.float64(atws.reshape(-1)[0]))  # reciprocal in double, then f32
+        xf += b
+    xf *= mult
+    y = xf
+    zp = int(y_zp)
+    with np.errstate(invalid="ignore"):
+        ok = np.abs(y) < _F32(2.0**31)  # cvtps2dq gives INT32_MIN outside (and for NaN)
+    if not 0 <= zp <= 255:  # unusual output zero point: integer path
+        r = np.where(ok, np.rint(np.where(ok, y, 0)), _INT32_MIN).astype(np.int64)
+        q = np.clip(np.clip(r, -32768, 32767) + zp, -32768, 32767)  # packs32, adds16
+        q = np.clip(q, 0, 255)  # packus
+        if relu:
+            q = np.maximum(q, zp)
+        return q.astype(np.uint8)
+    # Same steps in float32 (exact: every value is an integer of at most 17 bits after the first clip).
+    np.rint(y, out=y)
+    np.clip(y, -32768, 32767, out=y)  # packs32
+    if not ok.all():
+        y[~ok] = -32768  # INT32_MIN packs to -32768
+    y += _F32(zp)  # adds16 cannot saturate: |y| <= 32768, 0 <= zp <= 255, and packus clamps anyway
+    np.clip(y, zp if relu else 0, 255, out=y)  # packus (and relu: max with zp)
+    return y.astype(np.uint8)
+
+
 def requantize_onednn(acc, x_scale, w_scale, bias, y_scale, y_zp, *, relu: bool = False):
     """oneDNN int8 conv/matmul output stage (kernel-spec §8.2): int32 (P, OC) -> uint8 codes."""
     scale = _F32(x_scale) * np.asarray(w_scale, dtype=_F32)
@@ -118,12 +152,28 @@ def requantize_onednn(acc, x_scale, w_scale, bias, y_scale, y_zp, *, relu: bool 
     return np.rint(np.clip(f, _F32(0), _F32(255))).astype(np.uint8)
 
 
+def _requant_onednn(f, x_scale, w_scale, bias, y_scale, y_zp, *, relu: bool):
+    """:func:`requantize_onednn` on ``f`` = f32(int32 acc), which it overwrites."""
+    scale = _F32(x_scale) * np.asarray(w_scale, dtype=_F32)
+    f *= scale
+    if bias is not None:
+        f += bias
+    if relu:
+        np.maximum(f, _F32(0), out=f)
+    dst_scale = _F32(1) / _F32(1.0 / np.float64(y_scale))  # ideep re-inverts PyTorch's 1/s
+    f *= _F32(1) / dst_scale
+    f += _F32(y_zp)
+    np.clip(f, _F32(0), _F32(255), out=f)
+    np.rint(f, out=f)
+    return f.astype(np.uint8)
+
+
 # -- the grouped GEMM ----------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class _Act:
-    """Activation matrix in kernel order: ``a`` (G, Kg, P) float64 raw codes with the kernel's padding
+    """Activation matrix in kernel order: ``a`` (G, Kg, P) uint8 raw codes with the kernel's padding
     fill; ``valid`` (taps, P) marks in-image taps when the fill is not x_zp (else None)."""
 
     a: np.ndarray
@@ -132,58 +182,112 @@ class _Act:
     pos_shape: tuple
 
 
+def _product(a: np.ndarray, wz: np.ndarray) -> np.ndarray:
+    """Exact ``a^T @ wz`` per group: (G, Kg, P) uint8 x (G, Kg, OCg) float64 -> (G, P, OCg) float64.
+
+    float32 BLAS is exact while every partial sum stays below 2^24, so K is split into chunks whose
+    bound ``sum_k max(a_k) * max|wz_k|`` stays below it; chunk results add up exactly in float64.
+    Tiny inner dims (depthwise) sum the taps elementwise instead of a batched matmul.
+    """
+    g, kg, p = a.shape
+    ocg = wz.shape[2]
+    if kg * ocg <= 32:  # depthwise-like: a few taps, sum them (|sum| <= 32 * 65025 < 2^24: exact in float32)
+        w32 = wz.astype(_F32)
+        acc = np.zeros((g, p, ocg), _F32)
+        tmp = np.empty((g, p, ocg), _F32)
+        for k in range(kg):
+            np.multiply(a[:, k, :, None], w32[:, k, None, :], out=tmp)
+            acc += tmp
+        return acc.astype(np.float64)
+    cost = a.max(axis=(0, 2)).astype(np.float64) * np.abs(wz).max(axis=(0, 2))  # per-k bound of one term
+    cs = np.cumsum(cost)
+    lim = float(_F32_EXACT - 65536)  # a chunk's bound < lim + one term <= 2^24
+    bounds = np.flatnonzero(np.diff(np.floor(cs / lim))) + 1
+    edges = np.r_[0, bounds, kg]
+    w32 = wz.astype(_F32)
+    acc = None
+    for k0, k1 in zip(edges[:-1], edges[1:]):
+        if k1 <= k0:
+            continue
+        part = np.matmul(a[:, k0:k1, :].astype(_F32).transpose(0, 2, 1), w32[:, k0:k1, :])
+        if acc is None:
+            acc = part.astype(np.float64)
+        else:
+            acc += part
+    if acc is None:
+        acc = np.zeros((g, p, ocg))
+    return acc
+
+
 def _gemm(act: _Act, w_k: np.ndarray, x_zp: int, w_zp_k: np.ndarray, pairs: np.ndarray, order, want_sat: bool):
-    """int32 accumulators (P, OC) after zero-point correction (§1, §5.3; §8.2 for skipped padding).
+    """int32 accumulators (P, OC), as exact float64 integers, after zero-point correction (§1, §5.3;
+    §8.2 for skipped padding).
 
     ``w_k`` (G, Kg, OCg) raw weight codes in kernel order, ``w_zp_k`` (G, 1, OCg).  The exact value
-    ``sum_valid (a - x_zp)(w - w_zp)`` is one float64 matmul; ``pairs`` (positions in [0, Kg)) add
+    ``sum_valid (a - x_zp)(w - w_zp)`` comes from :func:`_product`; ``pairs`` (positions in [0, Kg)) add
     ``sat16(s) - s`` for every lane that saturates.  The result wraps like the kernels' int32.
     """
     a = act.a
     g, kg, p = a.shape
     ocg = w_k.shape[2]
+    oc = g * ocg
     wz = w_k.astype(np.float64) - w_zp_k
-    acc = np.matmul(a.transpose(0, 2, 1), wz)  # (G, P, OCg), exact in float64
+    acc = _product(a, wz)  # (G, P, OCg)
     if act.valid is None:  # fill == x_zp: every padded term cancels
-        acc -= float(x_zp) * wz.sum(axis=1, keepdims=True)
+        if x_zp:
+            acc -= float(x_zp) * wz.sum(axis=1, keepdims=True)
     elif x_zp:
         per_tap = wz.reshape(g, act.taps, kg // act.taps, ocg).sum(axis=2)  # (G, taps, OCg)
-        acc -= float(x_zp) * np.matmul(act.valid.T, per_tap)
-    acc = acc.transpose(1, 0, 2).reshape(p, g * ocg).astype(np.int64)
-    sat = []
-    if len(pairs):
-        w0, w1 = w_k[:, pairs[:, 0], :].astype(np.int64), w_k[:, pairs[:, 1], :].astype(np.int64)
-        s = w0 + w1
-        # 255*128 fits int16; a lane can only leave it if both codes share a sign and |w0+w1| >= 129 (§1).
-        cand = ((w0 >= 0) & (w1 >= 0) & (s >= 129)) | ((w0 < 0) & (w1 < 0) & (s <= -129))
+        acc -= float(x_zp) * np.matmul(act.valid.T.astype(np.float64), per_tap)
+    acc = acc.transpose(1, 0, 2).reshape(p, oc) if g > 1 else acc.reshape(p, oc)
+    if not acc.flags.c_contiguous:
+        acc = np.ascontiguousarray(acc)
+    parts = []
+    if len(pairs) and p:
+        w16 = w_k.astype(np.int32)
+        w0, w1 = w16[:, pairs[:, 0], :], w16[:, pairs[:, 1], :]  # (G, M, OCg)
+        amax = a.max(axis=2).astype(np.int32)  # (G, Kg): per-position maxima over all output positions
+        # 255*128 fits int16; a lane can only leave it if both codes share a sign and |w0+w1| >= 129 (§1),
+        # and only if the largest activations of its two positions can push it out.
+        bound = amax[:, pairs[:, 0], None] * w0 + amax[:, pairs[:, 1], None] * w1
+        cand = (((w0 >= 0) & (w1 >= 0) & (bound >= 32768)) | ((w0 < 0) & (w1 < 0) & (bound <= -32769)))
         gi, mi, oi = np.nonzero(cand)
-        ch = gi * ocg + oi
-        srt = np.argsort(ch, kind="stable")
-        gi, mi, oi, ch = gi[srt], mi[srt], oi[srt], ch[srt]
-        step = max(1, _CHUNK // max(p, 1))
-        for lo in range(0, len(ch), step):
-            sl = slice(lo, lo + step)
-            cg, cm, co, cc = gi[sl], mi[sl], oi[sl], ch[sl]
-            lane = a[cg, pairs[cm, 0]] * w0[cg, cm, co][:, None] + a[cg, pairs[cm, 1]] * w1[cg, cm, co][:, None]
-            excess = np.clip(lane, -32768, 32767) - lane
-            starts = np.flatnonzero(np.r_[True, cc[1:] != cc[:-1]])
-            acc[:, cc[starts]] += np.add.reduceat(excess, starts, axis=0).T.astype(np.int64)
-            if want_sat:
-                ci, pi = np.nonzero(excess)
-                row = order[cg[ci], co[ci]]
-                sat.append((pi, cc[ci], np.stack([row[np.arange(len(ci)), pairs[cm[ci], 0]],
-                                                   row[np.arange(len(ci)), pairs[cm[ci], 1]]], axis=1)))
-    acc32 = ((acc + 2**31) % 2**32 - 2**31).astype(np.int32)
+        if len(gi):
+            c0, c1 = w0[gi, mi, oi], w1[gi, mi, oi]
+            r0, r1 = pairs[mi, 0], pairs[mi, 1]
+            ch = gi * ocg + oi
+            step = max(1, _CHUNK // p)
+            for lo in range(0, len(gi), step):
+                sl = slice(lo, lo + step)
+                lane = a[gi[sl], r0[sl]] * c0[sl, None]
+                lane += a[gi[sl], r1[sl]] * c1[sl, None]
+                lane += 32768
+                ci, pi = np.nonzero(lane.view(np.uint32) > 65535)  # outside [-32768, 32767]
+                if len(ci):
+                    lv = lane[ci, pi] - 32768
+                    parts.append((pi, ci + lo, (np.clip(lv, -32768, 32767) - lv)))
+    sat_idx = None
+    if parts:
+        pi, cidx, exc = (np.concatenate(x) for x in zip(*parts))
+        cc = ch[cidx]
+        np.add.at(acc.reshape(-1), pi * oc + cc, exc.astype(np.float64))
+        if want_sat:
+            sat_idx = (pi, cc, cidx)
+    if acc.size and np.abs(acc).max() >= 2.0**31:  # int32 wrap (rare: needs huge K)
+        acc = ((acc.astype(np.int64) + 2**31) % 2**32 - 2**31).astype(np.float64)
     if not want_sat:
-        return acc32, None
-    if sat:
-        pi, cc, pr = (np.concatenate(x) for x in zip(*sat))
-        o = np.lexsort((cc, pi))
-        pi, cc, pr = pi[o], cc[o], pr[o]
+        return acc, None
+    if sat_idx is not None:
+        pi, cc, cidx = sat_idx
+        m = mi[cidx]
+        o = np.argsort((pi * oc + cc) * len(pairs) + m)
+        pi, cc, cidx = pi[o], cc[o], cidx[o]
+        gg, oo = gi[cidx], oi[cidx]
+        pr = np.stack([order[gg, oo, r0[cidx]], order[gg, oo, r1[cidx]]], axis=1)
     else:
         pi, cc, pr = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
     pos = np.stack(np.unravel_index(pi, act.pos_shape), axis=1) if len(act.pos_shape) else pi[:, None]
-    return acc32, Saturation(int(len(pi)), pos.astype(np.int64), cc.astype(np.int64), pr.astype(np.int64))
+    return acc, Saturation(int(len(pi)), pos.astype(np.int64), cc.astype(np.int64), pr.astype(np.int64))
 
 
 def _weights_in_order(w: np.ndarray, op: str, groups: int, w_zp: np.ndarray):
@@ -219,10 +323,10 @@ def _windows(buf: np.ndarray, k, stride, dilation, groups: int, flip: bool):
 
 
 def _conv_input_buffer(x, k, stride, padding, dilation, transposed, output_padding, fill):
-    """Padded (conv) or zero-inserted (transposed, §5.1) float64 input; returns buffer and its window stride."""
+    """Padded (conv) or zero-inserted (transposed, §5.1) uint8 input; returns buffer and its window stride."""
     n, c, *sp = x.shape
     if not transposed:
-        buf = np.full((n, c) + tuple(s + 2 * p for s, p in zip(sp, padding)), float(fill))
+        buf = np.full((n, c) + tuple(s + 2 * p for s, p in zip(sp, padding)), fill, dtype=np.uint8)
         buf[(slice(None), slice(None)) + tuple(slice(p, p + s) for s, p in zip(sp, padding))] = x
         return buf, stride
     # Output o, tap r reads input i iff o + pad - r*dil == i*stride (§5.1); with the window
@@ -232,7 +336,7 @@ def _conv_input_buffer(x, k, stride, padding, dilation, transposed, output_paddi
     if min(out) < 1:
         raise ValueError(f"transposed conv output size {out} is not positive")
     total = [o + d * (kk - 1) for o, d, kk in zip(out, dilation, k)]
-    buf = np.full((n, c) + tuple(total), float(fill))
+    buf = np.full((n, c) + tuple(total), fill, dtype=np.uint8)
     dst, src = [], []
     for s, st, p, d, kk, t in zip(sp, stride, padding, dilation, k, total):
         left = d * (kk - 1) - p
@@ -251,7 +355,7 @@ def _conv_act(x, k, stride, padding, dilation, groups, transposed, output_paddin
     a, out_sp = _windows(buf, k, wstride, dilation, groups, transposed)
     valid = None
     if fill != x_zp:  # skipped padding (oneDNN §8.2, FBGEMM direct §5.2): mark in-image taps
-        ones = np.ones((1, 1) + x.shape[2:], dtype=np.float64)
+        ones = np.ones((1, 1) + x.shape[2:], dtype=np.uint8)
         vb, _ = _conv_input_buffer(ones, k, stride, padding, dilation, transposed, output_padding, 0)
         valid, _ = _windows(vb, k, wstride, dilation, 1, transposed)
         valid = np.tile(valid[0], (1, x.shape[0]))
@@ -276,7 +380,7 @@ def _qlinear(x, x_scale, x_zp, w, w_scale, w_zp, bias, *, engine, isa, exact, wa
         raise ValueError("oneDNN requires weight zero points of 0")
     per_channel = np.asarray(w_scale).size > 1 or np.asarray(w_zp).size > 1
     order, w_k, wzp_k = _weights_in_order(w, "linear", 1, wzp)
-    act = _Act(np.ascontiguousarray(x.reshape(-1, w.shape[1]).T, dtype=np.float64)[None], None, 1, x.shape[:-1])
+    act = _Act(np.ascontiguousarray(x.reshape(-1, w.shape[1]).T, dtype=np.uint8)[None], None, 1, x.shape[:-1])
     pairs = _pairs(kernel, w.shape, "linear", 1, isa, exact)
     acc, sat = _gemm(act, w_k, int(x_zp), wzp_k, pairs, order, want_sat)
     return acc, sat, kernel, per_channel, ws, _bias(bias, oc)
@@ -289,9 +393,9 @@ def qlinear_codes(x, x_scale, x_zp, w, w_scale, w_zp, bias, y_scale, y_zp, *,
     acc, sat, kernel, per_channel, ws, b = _qlinear(x, x_scale, x_zp, w, w_scale, w_zp, bias, engine=engine,
                                                      isa=isa, exact=exact, want_sat=_want_sat)
     if kernel.backend == "fbgemm":
-        q = requantize_fbgemm(acc, x_scale, ws, b, y_scale, y_zp, per_channel=per_channel, relu=relu)
+        q = _requant_fbgemm(acc.astype(_F32), x_scale, ws, b, y_scale, y_zp, per_channel=per_channel, relu=relu)
     else:
-        q = requantize_onednn(acc, x_scale, ws, b, y_scale, y_zp, relu=relu)
+        q = _requant_onednn(acc.astype(_F32), x_scale, ws, b, y_scale, y_zp, relu=relu)
     q = q.reshape(np.shape(x)[:-1] + (np.shape(w)[0],))
     return (q, sat) if _want_sat else q
 
@@ -334,9 +438,9 @@ def qconv_codes(x, x_scale, x_zp, w, w_scale, w_zp, bias, y_scale, y_zp, *, stri
     acc, sat = _gemm(act, w_k, int(x_zp), wzp_k, pairs, order, _want_sat)
     b = _bias(bias, oc)
     if kernel.backend == "fbgemm":
-        q = requantize_fbgemm(acc, x_scale, ws, b, y_scale, y_zp, per_channel=per_channel, relu=relu)
+        q = _requant_fbgemm(acc.astype(_F32), x_scale, ws, b, y_scale, y_zp, per_channel=per_channel, relu=relu)
     else:
-        q = requantize_onednn(acc, x_scale, ws, b, y_scale, y_zp, relu=relu)
+        q = _requant_onednn(acc.astype(_F32), x_scale, ws, b, y_scale, y_zp, relu=relu)
     q = np.moveaxis(q.reshape((x.shape[0],) + tuple(out_sp) + (oc,)), -1, 1)
     return (q, sat) if _want_sat else q
 
