@@ -45,6 +45,9 @@ class Report:
     def __len__(self) -> int:
         return len(self.violations)
 
+    def __iter__(self):
+        return iter(self.violations)
+
     def __repr__(self) -> str:
         head = (f"VerifyReport(layout={self.layout!r}, modules={len(self.modules)}, "
                 f"violations={len(self.violations)}, ok={self.ok})")
