@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import warnings
 from typing import NamedTuple, Sequence
 
@@ -183,104 +184,108 @@ class _Act:
 
 
 def _product(a: np.ndarray, wz: np.ndarray) -> np.ndarray:
-    """Exact ``a^T @ wz`` per group: (G, Kg, P) uint8 x (G, Kg, OCg) float64 -> (G, P, OCg) float64.
+    """Exact ``a^T @ wz^T`` per group: (G, Kg, P) uint8 x (G, OCg, Kg) float32 -> (G, P, OCg) float64.
 
     float32 BLAS is exact while every partial sum stays below 2^24, so K is split into chunks whose
-    bound ``sum_k max(a_k) * max|wz_k|`` stays below it; chunk results add up exactly in float64.
+    bound ``sum_k max(a_k) * max|wz|`` stays below it; chunk results add up exactly in float64.
     Tiny inner dims (depthwise) sum the taps elementwise instead of a batched matmul.
     """
     g, kg, p = a.shape
-    ocg = wz.shape[2]
+    ocg = wz.shape[1]
     if kg * ocg <= 32:  # depthwise-like: a few taps, sum them (|sum| <= 32 * 65025 < 2^24: exact in float32)
-        w32 = wz.astype(_F32)
         acc = np.zeros((g, p, ocg), _F32)
         tmp = np.empty((g, p, ocg), _F32)
         for k in range(kg):
-            np.multiply(a[:, k, :, None], w32[:, k, None, :], out=tmp)
+            np.multiply(a[:, k, :, None], wz[:, None, :, k], out=tmp)
             acc += tmp
         return acc.astype(np.float64)
-    cost = a.max(axis=(0, 2)).astype(np.float64) * np.abs(wz).max(axis=(0, 2))  # per-k bound of one term
-    cs = np.cumsum(cost)
+    wmax = float(max(wz.max(), -wz.min())) if wz.size else 0.0
+    cs = np.cumsum(a.max(axis=(0, 2)).astype(np.float64) * wmax)  # running bound of |partial sums|
     lim = float(_F32_EXACT - 65536)  # a chunk's bound < lim + one term <= 2^24
-    bounds = np.flatnonzero(np.diff(np.floor(cs / lim))) + 1
-    edges = np.r_[0, bounds, kg]
-    w32 = wz.astype(_F32)
+    edges = np.r_[0, np.flatnonzero(np.diff(np.floor(cs / lim))) + 1, kg]
     acc = None
     for k0, k1 in zip(edges[:-1], edges[1:]):
         if k1 <= k0:
             continue
-        part = np.matmul(a[:, k0:k1, :].astype(_F32).transpose(0, 2, 1), w32[:, k0:k1, :])
+        ak = a if k1 - k0 == kg else a[:, k0:k1, :]
+        part = np.matmul(ak.astype(_F32).transpose(0, 2, 1), wz[:, :, k0:k1].transpose(0, 2, 1))
         if acc is None:
             acc = part.astype(np.float64)
         else:
             acc += part
-    if acc is None:
-        acc = np.zeros((g, p, ocg))
-    return acc
+    return np.zeros((g, p, ocg)) if acc is None else acc
 
 
-def _gemm(act: _Act, w_k: np.ndarray, x_zp: int, w_zp_k: np.ndarray, pairs: np.ndarray, order, want_sat: bool):
+def _candidates(w_o: np.ndarray, pairs: np.ndarray, amax: np.ndarray):
+    """Weight pairs that can saturate for this input: (g, o, m) index arrays and their codes (w0, w1).
+
+    255*128 fits int16; a lane can only leave it if both codes share a sign and |w0+w1| >= 129 (§1);
+    that is exactly |w0+w1| >= 129 (opposite signs give a sum in [-128, 126]).  It can then only
+    saturate if the largest activations at its two positions (``amax`` (G, Kg)) push it out.
+    """
+    m = len(pairs)
+    if m == w_o.shape[2] // 2 and np.array_equal(pairs.reshape(-1), np.arange(2 * m)):  # flat (2m, 2m+1)
+        w0, w1 = w_o[:, :, 0:2 * m:2], w_o[:, :, 1:2 * m:2]
+    else:
+        w0, w1 = w_o[:, :, pairs[:, 0]], w_o[:, :, pairs[:, 1]]
+    s = np.add(w0, w1, dtype=np.int16)  # (G, OCg, M)
+    gi, oi, mi = np.nonzero((s >= 129) | (s <= -129))
+    c0, c1 = w0[gi, oi, mi].astype(np.int32), w1[gi, oi, mi].astype(np.int32)
+    r0, r1 = pairs[mi, 0], pairs[mi, 1]
+    bound = amax[gi, r0] * c0 + amax[gi, r1] * c1  # the lane's extreme value over all positions
+    keep = np.flatnonzero((bound >= 32768) | (bound <= -32769))
+    return gi[keep], oi[keep], mi[keep], c0[keep], c1[keep], r0[keep], r1[keep]
+
+
+def _gemm(act: _Act, w_o: np.ndarray, x_zp: int, w_zp_o: np.ndarray, pairs: np.ndarray, order, want_sat: bool):
     """int32 accumulators (P, OC), as exact float64 integers, after zero-point correction (§1, §5.3;
     §8.2 for skipped padding).
 
-    ``w_k`` (G, Kg, OCg) raw weight codes in kernel order, ``w_zp_k`` (G, 1, OCg).  The exact value
+    ``w_o`` (G, OCg, Kg) raw int8 weight codes in kernel order, ``w_zp_o`` (G, OCg, 1).  The exact value
     ``sum_valid (a - x_zp)(w - w_zp)`` comes from :func:`_product`; ``pairs`` (positions in [0, Kg)) add
     ``sat16(s) - s`` for every lane that saturates.  The result wraps like the kernels' int32.
     """
     a = act.a
     g, kg, p = a.shape
-    ocg = w_k.shape[2]
+    ocg = w_o.shape[1]
     oc = g * ocg
-    wz = w_k.astype(np.float64) - w_zp_k
+    wz = w_o.astype(_F32)
+    if np.any(w_zp_o):
+        wz -= w_zp_o
     acc = _product(a, wz)  # (G, P, OCg)
     if act.valid is None:  # fill == x_zp: every padded term cancels
         if x_zp:
-            acc -= float(x_zp) * wz.sum(axis=1, keepdims=True)
+            acc -= float(x_zp) * wz.sum(axis=2, dtype=np.float64)[:, None, :]
     elif x_zp:
-        per_tap = wz.reshape(g, act.taps, kg // act.taps, ocg).sum(axis=2)  # (G, taps, OCg)
-        acc -= float(x_zp) * np.matmul(act.valid.T.astype(np.float64), per_tap)
-    acc = acc.transpose(1, 0, 2).reshape(p, oc) if g > 1 else acc.reshape(p, oc)
-    if not acc.flags.c_contiguous:
-        acc = np.ascontiguousarray(acc)
+        per_tap = wz.reshape(g, ocg, act.taps, kg // act.taps).sum(axis=3, dtype=np.float64)  # (G, OCg, taps)
+        acc -= float(x_zp) * np.matmul(act.valid.T.astype(np.float64), per_tap.transpose(0, 2, 1))
+    acc = np.ascontiguousarray(acc.transpose(1, 0, 2)).reshape(p, oc) if g > 1 else acc.reshape(p, oc)
     parts = []
     if len(pairs) and p:
-        w16 = w_k.astype(np.int32)
-        w0, w1 = w16[:, pairs[:, 0], :], w16[:, pairs[:, 1], :]  # (G, M, OCg)
-        amax = a.max(axis=2).astype(np.int32)  # (G, Kg): per-position maxima over all output positions
-        # 255*128 fits int16; a lane can only leave it if both codes share a sign and |w0+w1| >= 129 (§1),
-        # and only if the largest activations of its two positions can push it out.
-        bound = amax[:, pairs[:, 0], None] * w0 + amax[:, pairs[:, 1], None] * w1
-        cand = (((w0 >= 0) & (w1 >= 0) & (bound >= 32768)) | ((w0 < 0) & (w1 < 0) & (bound <= -32769)))
-        gi, mi, oi = np.nonzero(cand)
-        if len(gi):
-            c0, c1 = w0[gi, mi, oi], w1[gi, mi, oi]
-            r0, r1 = pairs[mi, 0], pairs[mi, 1]
-            ch = gi * ocg + oi
-            step = max(1, _CHUNK // p)
-            for lo in range(0, len(gi), step):
-                sl = slice(lo, lo + step)
-                lane = a[gi[sl], r0[sl]] * c0[sl, None]
-                lane += a[gi[sl], r1[sl]] * c1[sl, None]
-                lane += 32768
-                ci, pi = np.nonzero(lane.view(np.uint32) > 65535)  # outside [-32768, 32767]
-                if len(ci):
-                    lv = lane[ci, pi] - 32768
-                    parts.append((pi, ci + lo, (np.clip(lv, -32768, 32767) - lv)))
+        gi, oi, mi, c0, c1, r0, r1 = _candidates(w_o, pairs, a.max(axis=2).astype(np.int32))
+        step = max(1, _CHUNK // p)
+        for lo in range(0, len(gi), step):
+            sl = slice(lo, lo + step)
+            lane = a[gi[sl], r0[sl]] * c0[sl, None]  # (chunk, P) int32
+            lane += a[gi[sl], r1[sl]] * c1[sl, None]
+            lane += 32768
+            ci, pi = np.nonzero(lane.view(np.uint32) > 65535)  # outside [-32768, 32767]
+            if len(ci):
+                lv = lane[ci, pi] - 32768
+                parts.append((pi, ci + lo, np.clip(lv, -32768, 32767) - lv))
     sat_idx = None
     if parts:
         pi, cidx, exc = (np.concatenate(x) for x in zip(*parts))
-        cc = ch[cidx]
+        cc = gi[cidx] * ocg + oi[cidx]
         np.add.at(acc.reshape(-1), pi * oc + cc, exc.astype(np.float64))
-        if want_sat:
-            sat_idx = (pi, cc, cidx)
-    if acc.size and np.abs(acc).max() >= 2.0**31:  # int32 wrap (rare: needs huge K)
+        sat_idx = (pi, cc, cidx)
+    if acc.size and max(acc.max(), -acc.min()) >= 2.0**31:  # int32 wrap (rare: needs a huge K)
         acc = ((acc.astype(np.int64) + 2**31) % 2**32 - 2**31).astype(np.float64)
     if not want_sat:
         return acc, None
     if sat_idx is not None:
         pi, cc, cidx = sat_idx
-        m = mi[cidx]
-        o = np.argsort((pi * oc + cc) * len(pairs) + m)
+        o = np.argsort((pi * oc + cc) * len(pairs) + mi[cidx])  # by position, channel, pair (unique keys)
         pi, cc, cidx = pi[o], cc[o], cidx[o]
         gg, oo = gi[cidx], oi[cidx]
         pr = np.stack([order[gg, oo, r0[cidx]], order[gg, oo, r1[cidx]]], axis=1)
@@ -290,11 +295,21 @@ def _gemm(act: _Act, w_k: np.ndarray, x_zp: int, w_zp_k: np.ndarray, pairs: np.n
     return acc, Saturation(int(len(pi)), pos.astype(np.int64), cc.astype(np.int64), pr.astype(np.int64))
 
 
+@functools.lru_cache(maxsize=256)
+def _order_is_identity(shape: tuple, op: str, groups: int) -> bool:
+    order = layout.kernel_order(shape, op, groups)
+    return bool(np.array_equal(order.reshape(-1), np.arange(order.size)))
+
+
 def _weights_in_order(w: np.ndarray, op: str, groups: int, w_zp: np.ndarray):
+    """(order, weight codes (G, OCg, Kg) int8 in kernel order, zero points (G, OCg, 1))."""
     order = layout.kernel_order(w.shape, op, groups)  # (G, OCg, Kg)
-    w_k = np.ascontiguousarray(w.ravel()[order].transpose(0, 2, 1))  # (G, Kg, OCg)
+    if _order_is_identity(tuple(w.shape), op, groups):
+        w_o = np.ascontiguousarray(w, dtype=np.int8).reshape(order.shape)
+    else:
+        w_o = np.asarray(w, dtype=np.int8).reshape(-1)[order]
     g, ocg = order.shape[:2]
-    return order, w_k, w_zp.astype(np.float64).reshape(g, 1, ocg)
+    return order, w_o, w_zp.astype(_F32).reshape(g, ocg, 1)
 
 
 def _pairs(kernel, w_shape, op, groups, isa, exact):
@@ -379,10 +394,10 @@ def _qlinear(x, x_scale, x_zp, w, w_scale, w_zp, bias, *, engine, isa, exact, wa
     if kernel.backend == "onednn" and np.any(wzp != 0):
         raise ValueError("oneDNN requires weight zero points of 0")
     per_channel = np.asarray(w_scale).size > 1 or np.asarray(w_zp).size > 1
-    order, w_k, wzp_k = _weights_in_order(w, "linear", 1, wzp)
+    order, w_o, wzp_o = _weights_in_order(w, "linear", 1, wzp)
     act = _Act(np.ascontiguousarray(x.reshape(-1, w.shape[1]).T, dtype=np.uint8)[None], None, 1, x.shape[:-1])
     pairs = _pairs(kernel, w.shape, "linear", 1, isa, exact)
-    acc, sat = _gemm(act, w_k, int(x_zp), wzp_k, pairs, order, want_sat)
+    acc, sat = _gemm(act, w_o, int(x_zp), wzp_o, pairs, order, want_sat)
     return acc, sat, kernel, per_channel, ws, _bias(bias, oc)
 
 
@@ -433,9 +448,9 @@ def qconv_codes(x, x_scale, x_zp, w, w_scale, w_zp, bias, y_scale, y_zp, *, stri
     k = tuple(w.shape[2:])
     fill = int(x_zp) if kernel.backend == "fbgemm" and kernel.path != "direct" else 0  # §5.2, §8.2
     act, out_sp = _conv_act(x, k, stride, padding, dilation, g, transposed, output_padding, fill, int(x_zp))
-    order, w_k, wzp_k = _weights_in_order(w, op, g, wzp)
+    order, w_o, wzp_o = _weights_in_order(w, op, g, wzp)
     pairs = _pairs(kernel, w.shape, op, g, isa, exact)
-    acc, sat = _gemm(act, w_k, int(x_zp), wzp_k, pairs, order, _want_sat)
+    acc, sat = _gemm(act, w_o, int(x_zp), wzp_o, pairs, order, _want_sat)
     b = _bias(bias, oc)
     if kernel.backend == "fbgemm":
         q = _requant_fbgemm(acc.astype(_F32), x_scale, ws, b, y_scale, y_zp, per_channel=per_channel, relu=relu)
