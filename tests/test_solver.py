@@ -108,7 +108,7 @@ def _violating_channels(codes: np.ndarray, lay, op, groups):
     return set((pairs[bad, 0] // (c.size // c.shape[0])).tolist())
 
 
-@settings(max_examples=int(os.environ.get("N_SYM", 6500)), **SETTINGS)
+@settings(max_examples=int(os.environ.get("N_SYM", 7700)), **SETTINGS)
 @given(case=cases(), lay=st.sampled_from(["fbgemm", "onednn", "x86", "any"]),
        qscheme=st.sampled_from(SYM), qrange=st.sampled_from(QRANGES))
 def test_symmetric_safe_and_tight(case, lay, qscheme, qrange):
