@@ -228,8 +228,12 @@ def _candidates(w_o: np.ndarray, pairs: np.ndarray, amax: np.ndarray):
         w0, w1 = w_o[:, :, 0:2 * m:2], w_o[:, :, 1:2 * m:2]
     else:
         w0, w1 = w_o[:, :, pairs[:, 0]], w_o[:, :, pairs[:, 1]]
-    s = np.add(w0, w1, dtype=np.int16)  # (G, OCg, M)
-    gi, oi, mi = np.nonzero((s >= 129) | (s <= -129))
+    # |lane| <= max(amax0, amax1) * |w0+w1|: per pair, the smallest |w0+w1| that can saturate (>= 129).
+    top = np.maximum(amax[:, pairs[:, 0]], amax[:, pairs[:, 1]])  # (G, M)
+    need = np.clip(-(-32768 // np.maximum(top, 1)), 129, 257).astype(np.int16)  # ceil(32768 / top)
+    s = np.add(w0, w1, dtype=np.int16)  # (G, OCg, M), |s| <= 256
+    s += need[:, None, :] - 1  # |s| >= need  <=>  s + need - 1 outside [0, 2*need - 2]
+    gi, oi, mi = np.nonzero(s.view(np.uint16) > (2 * need[:, None, :] - 2).view(np.uint16))
     c0, c1 = w0[gi, oi, mi].astype(np.int32), w1[gi, oi, mi].astype(np.int32)
     r0, r1 = pairs[mi, 0], pairs[mi, 1]
     bound = amax[gi, r0] * c0 + amax[gi, r1] * c1  # the lane's extreme value over all positions
@@ -315,7 +319,14 @@ def _weights_in_order(w: np.ndarray, op: str, groups: int, w_zp: np.ndarray):
 def _pairs(kernel, w_shape, op, groups, isa, exact):
     if exact:
         return np.zeros((0, 2), np.int64)
-    return layout.kernel_pairs(kernel, w_shape, op, groups, isa)
+    return _kernel_pairs(kernel, tuple(int(v) for v in w_shape), op, groups, isa)
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_pairs(kernel, w_shape, op, groups, isa):
+    pairs = np.array(layout.kernel_pairs(kernel, w_shape, op, groups, isa), dtype=np.int64).reshape(-1, 2)
+    pairs.setflags(write=False)
+    return pairs
 
 
 # -- activation matrices ---------------------------------------------------------------------------
