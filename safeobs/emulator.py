@@ -721,11 +721,14 @@ def _module_forward(mod, name, rep: Emulation, engine, isa, exact):
 
     if isinstance(mod, nnqd.Linear):
         relu = isinstance(mod, nniqd.LinearReLU)
+        # torch's module asks for 7-bit inputs from version 4 on (kernel-spec §6); a subclass may say otherwise
+        reduce_range = getattr(mod, "reduce_range", mod.version is not None and mod.version >= 4)
 
         def fwd(x):
             if mod._packed_params.dtype != _torch().qint8:
                 raise NotImplementedError("only qint8 dynamic Linear is emulated")
-            y, sat = _linear_dynamic_call(x, mod.weight(), mod.bias(), reduce_range=True, relu=relu, **kw)
+            y, sat = _linear_dynamic_call(x, mod.weight(), mod.bias(), reduce_range=reduce_range, relu=relu,
+                                           **kw)
             record(sat)
             return y.to(x.dtype)
     elif isinstance(mod, nnq.Linear):

@@ -124,6 +124,8 @@ class DynamicLinear(nnqd.Linear):
     saturate; with safe weights the full range is safe (kernel-spec §6).
     """
 
+    reduce_range = False  # read by safeobs.emulator.emulate
+
     def forward(self, x):
         if self._packed_params.dtype != torch.qint8:
             return super().forward(x)
