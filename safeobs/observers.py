@@ -49,7 +49,8 @@ class _SafeMixin:
     _default_qscheme = torch.per_tensor_symmetric
 
     def __init__(self, *args, layout: str = "x86", op: str | None = None, groups: int | None = None, **kwargs):
-        base = next(c for c in type(self).__mro__ if c.__module__ == tobs.__name__)
+        mro = type(self).__mro__
+        base = mro[mro.index(_SafeMixin) + 1]  # the stock observer: torch.ao's, or torchao's for PT2E
         bound = inspect.signature(base.__init__).bind_partial(None, *args, **kwargs).arguments
         bound.pop("self")
         extra = bound.pop("kwargs", {})

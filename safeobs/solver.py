@@ -385,7 +385,7 @@ def pairs_stay_in_rows(ndim: int, op: str, ch_axis: int | None) -> bool:
 
 
 def check_qscheme(dtype, qscheme, ch_axis=None) -> None:
-    if dtype != torch.qint8:
+    if dtype not in (torch.qint8, torch.int8):  # torch.int8 is how PT2E spells it
         raise TypeError(f"safe weight scales need dtype torch.qint8 (s8 weights feed vpmaddubsw), got {dtype}")
     if qscheme not in SYMMETRIC + AFFINE:
         raise ValueError(f"unsupported qscheme {qscheme}; use per_tensor/per_channel symmetric or affine")

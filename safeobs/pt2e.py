@@ -1,0 +1,137 @@
+"""PT2E: a torchao ``X86InductorQuantizer`` configuration with safe weights and 8-bit activations.
+
+torchao's ``prepare_pt2e`` only accepts torchao's own observer classes, so the safe observers are
+re-based on them here.  Importing this module imports torchao (an optional dependency:
+``pip install torchao``); ``import safeobs`` never does.
+
+Inductor lowers the converted model to oneDNN's int8 convolution and matmul, which pair weights
+per tap / per K block on CPUs without VNNI; the default layout "x86" covers those pairings and
+FBGEMM's, so the same weights are safe whichever kernel runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+import torch
+
+try:
+    from torchao.quantization.pt2e import observer as _aobs
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantize as _AoFakeQuantize
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as _xiq
+except ImportError as e:  # pragma: no cover - exercised only without torchao
+    raise ImportError("safeobs.pt2e needs torchao (`pip install torchao`), which is not installed") from e
+
+from .layout import LAYOUTS
+from .observers import _SafeMixin
+from .verify import Report, check_codes
+
+__all__ = [
+    "SafePerChannelMinMaxObserver",
+    "SafeMovingAveragePerChannelMinMaxObserver",
+    "X86InductorQuantizer",
+    "get_x86_inductor_quantization_config",
+    "quantized_weights",
+    "verify",
+]
+
+X86InductorQuantizer = _xiq.X86InductorQuantizer
+
+
+class SafePerChannelMinMaxObserver(_SafeMixin, _aobs.PerChannelMinMaxObserver):
+    """torchao's ``PerChannelMinMaxObserver`` with provably saturation-free qparams."""
+
+    _default_qscheme = torch.per_channel_symmetric
+
+
+class SafeMovingAveragePerChannelMinMaxObserver(_SafeMixin, _aobs.MovingAveragePerChannelMinMaxObserver):
+    """torchao's ``MovingAveragePerChannelMinMaxObserver``, saturation-free (for QAT)."""
+
+    _default_qscheme = torch.per_channel_symmetric
+
+
+def get_x86_inductor_quantization_config(
+    is_qat: bool = False, is_dynamic: bool = False, layout: str = "x86"
+):
+    """torchao's default X86InductorQuantizer config with safe per-channel weights and activations
+    on the full [0, 255] range (``reduce_range=False``).
+
+    ``layout`` must cover oneDNN ("x86", the default, or "onednn"; "any" covers everything).
+    """
+    if layout not in LAYOUTS or layout == "fbgemm":
+        raise ValueError(
+            f"layout must cover oneDNN, which Inductor lowers to: one of ('x86', 'onednn', 'any'), got {layout!r}"
+        )
+    stock = _xiq.get_default_x86_inductor_quantization_config(
+        is_qat=is_qat, is_dynamic=is_dynamic, reduce_range=False
+    )
+    kw = dict(eps=2**-12, layout=layout)  # eps as torchao's config sets it
+    if is_qat:  # the fused fake-quant computes qparams in C++ and would bypass the solver
+        ctr = _AoFakeQuantize.with_args(
+            observer=SafeMovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127,
+            dtype=torch.int8, qscheme=torch.per_channel_symmetric, ch_axis=0, **kw,
+        )
+    else:
+        ctr = SafePerChannelMinMaxObserver.with_args(**kw)
+    weight = QuantizationSpec(
+        dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_channel_symmetric,
+        ch_axis=0, is_dynamic=False, observer_or_fake_quant_ctr=ctr,
+    )
+    return dataclasses.replace(stock, weight=weight)
+
+
+_CONSUMERS = {
+    torch.ops.aten.linear.default: "linear",
+    torch.ops.aten.conv1d.default: "conv",
+    torch.ops.aten.conv2d.default: "conv",
+    torch.ops.aten.conv3d.default: "conv",
+    torch.ops.aten.conv_transpose1d.default: "conv_transpose",
+    torch.ops.aten.conv_transpose2d.input: "conv_transpose",
+    torch.ops.aten.conv_transpose3d.input: "conv_transpose",
+}
+_GROUPS_ARG = {"conv": 6, "conv_transpose": 6}  # aten.conv*(input, w, b, stride, pad, dil | out_pad, groups)
+
+
+def quantized_weights(model: torch.fx.GraphModule) -> Iterator[tuple[str, np.ndarray, str, int]]:
+    """``(name, int8 codes, op, groups)`` for every int8 weight of a ``convert_pt2e`` graph.
+
+    Weights appear as int8 constants feeding ``quantized_decomposed.dequantize_per_channel`` /
+    ``dequantize_per_tensor``, whose result feeds a linear or convolution.
+    """
+    dq = {
+        torch.ops.quantized_decomposed.dequantize_per_channel.default,
+        torch.ops.quantized_decomposed.dequantize_per_tensor.default,
+    }
+    for node in model.graph.nodes:
+        if node.op != "call_function" or node.target not in dq or node.args[0].op != "get_attr":
+            continue
+        codes = _attr(model, node.args[0].target)
+        if codes.dtype != torch.int8:
+            continue
+        for user in node.users:
+            op = _CONSUMERS.get(user.target)
+            if op is None or user.args[1] is not node:
+                continue
+            groups = 1
+            if op != "linear":
+                groups = int(user.args[_GROUPS_ARG[op]]) if len(user.args) > _GROUPS_ARG[op] else 1
+            yield str(node.args[0].target), codes.numpy(), op, groups
+
+
+def _attr(model: torch.nn.Module, target: str) -> torch.Tensor:
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def verify(model: torch.fx.GraphModule, layout: str = "x86") -> Report:
+    """:func:`safeobs.verify` for a ``convert_pt2e`` model: every weight pair that can saturate."""
+    names, violations = [], []
+    for name, codes, op, groups in quantized_weights(model):
+        names.append(name)
+        violations += check_codes(codes, layout, op=op, groups=groups, name=name)
+    return Report(layout, names, violations)
