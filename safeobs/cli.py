@@ -1,0 +1,275 @@
+"""The ``safeobs`` command: ``demo``, ``audit MODEL``, ``repair MODEL -o OUT``.
+
+Exit codes: 0 success (audit: safe), 1 audit found a layer that can saturate, 2 usage error
+(bad arguments, paths or models: one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+
+EXIT_OK, EXIT_UNSAFE, EXIT_USAGE = 0, 1, 2
+
+MAIN_EPILOG = """\
+examples:
+  safeobs demo --quick                       # the forum's bad Conv2d output, real kernel vs emulator
+  safeobs audit model.pt                     # which layers can saturate, per engine/ISA (exit 1 if any)
+  safeobs audit mypkg.models:quantized --photos 2 --json > audit.json
+  safeobs repair model.pt -o model_safe.pt   # re-quantize only the unsafe channels
+  safeobs audit model_safe.pt                # exit 0: safe on every engine/ISA
+"""
+
+DEMO_EPILOG = """\
+Four setups on MobileNetV2's stem conv (features.0.0) and a depthwise conv (features.2.conv.1.0),
+BatchNorm folded, calibrated on calibration photos and run on held-out photos and on the same
+inputs x2: torch's x86 default qconfig (7-bit activations), full-range 8-bit activations with
+torch's weights, 7-bit weights, and safeobs (8-bit activations, safe weights).  The real kernel
+runs natively on AVX2 hosts, else under qemu Haswell, else with the ISA forced to AVX2.
+
+examples:
+  safeobs demo                 # 24 calibration / 12 held-out photos
+  safeobs demo --quick         # 6 / 2 photos (CI)
+  safeobs demo --json > demo.json
+  safeobs demo --no-real       # emulator only
+"""
+
+AUDIT_EPILOG = """\
+MODEL is a converted (quantized) model:
+  a TorchScript file (torch.jit.save of a traced/scripted converted model), a file written by
+  torch.save(model), or module:function, a function (importable from the current directory)
+  that returns the eager converted model (convert_fx / torch.ao.quantization.convert).
+
+Per layer and engine/ISA (fbgemm, onednn, x86 x avx2, avx512, vnni) the table shows the kernel
+path torch dispatches to and how many output channels hold a weight pair that this kernel adds
+into one int16 lane and that can saturate for some u8 activation (path:N), path:ok when none,
+path:exact when the kernel accumulates exactly (VNNI, oneDNN depthwise).
+
+With sample inputs (--inputs FILE: torch.save of a tensor or a tuple/list of tensors, the model's
+positional arguments; or --photos N: N held-out ImageNet-normalised photos, shape (N,3,224,224))
+the emulator also counts the int16 lanes that actually saturate, per layer and engine/ISA.  This
+needs the eager model (module:function or torch.save); TorchScript files are audited from their
+weights only.
+
+exit status: 0 safe, 1 some layer can saturate, 2 usage error.
+
+examples:
+  safeobs audit model.pt
+  safeobs audit model.pt --unsafe-only --engines x86/avx2,x86/vnni
+  safeobs audit mypkg.models:quantized --photos 2
+  safeobs audit mypkg.models:quantized --inputs batch.pt --input-scale 2 --json
+"""
+
+REPAIR_EPILOG = """\
+Only channels with a weight pair that can saturate under --layout are re-quantized, at the
+tightest safe scale computed from the dequantized weights (no data needed).  Per-tensor weights
+change as a whole.  Every other channel keeps its codes, scale and zero point bit for bit; bias
+and output scale/zero point never change.
+
+Output: a TorchScript MODEL is saved with torch.jit.save.  An eager MODEL (module:function or
+torch.save file) is traced to TorchScript when --inputs/--photos give example inputs, otherwise
+saved with torch.save (load it with torch.load(path, weights_only=False)).
+
+layouts: x86 (default: every kernel torch may pick on any x86 CPU), fbgemm, onednn.
+
+examples:
+  safeobs repair model.pt -o model_safe.pt
+  safeobs repair mypkg.models:quantized -o model_safe.pt --photos 1
+  safeobs repair model.pt -o model_safe.pt --layout fbgemm --json
+"""
+
+
+class _Progress:
+    """A tiny progress bar on stderr (silent with --quiet)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.start = quiet, time.time()
+
+    def __call__(self, i: int, n: int, label: str) -> None:
+        if self.quiet:
+            return
+        done = int(20 * i / max(n, 1))
+        end = "\n" if i >= n or not sys.stderr.isatty() else ""
+        sys.stderr.write(f"\r[{'#' * done}{'.' * (20 - done)}] {i}/{n} {label:<28} {time.time() - self.start:5.1f}s"
+                         + end)
+        sys.stderr.flush()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's default, but one line and our exit code
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = _Parser(prog="safeobs", description="int8 quantization for x86 CPUs without vpmaddubsw int16 saturation",
+                epilog=MAIN_EPILOG, formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    d = sub.add_parser("demo", help="reproduce the forum's bad quantized Conv2d output on real weights and photos",
+                       description="Reproduce 'Quantized Conv2d op bad output' end to end.", epilog=DEMO_EPILOG,
+                       formatter_class=fmt)
+    d.add_argument("--quick", action="store_true", help="few photos (CI): 6 calibration, 2 held-out")
+    d.add_argument("--calib", type=int, metavar="N", help="calibration photos (default 24, --quick 6)")
+    d.add_argument("--eval", type=int, metavar="N", help="held-out photos (default 12, --quick 2)")
+    d.add_argument("--no-real", action="store_true", help="skip the real kernel (emulator only)")
+    d.add_argument("--json", action="store_true", help="print the results as JSON")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    def model_args(sp):
+        sp.add_argument("model", metavar="MODEL", help="TorchScript file, torch.save file or module:function")
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--inputs", metavar="FILE", help="torch.save'd tensor or tuple/list of tensors")
+        g.add_argument("--photos", type=int, metavar="N", help="N held-out photos as input (image models)")
+        sp.add_argument("--input-scale", type=float, default=1.0, metavar="F",
+                        help="multiply float inputs by F (e.g. 2: beyond the calibrated range)")
+        sp.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    a = sub.add_parser("audit", help="which layers of a converted model can saturate, per engine/ISA",
+                       description="Audit a converted model for int16 pair saturation.", epilog=AUDIT_EPILOG,
+                       formatter_class=fmt)
+    model_args(a)
+    a.add_argument("--engines", metavar="E/I,...",
+                   help="engine/isa pairs to audit (default: all of fbgemm,onednn,x86 x avx2,avx512,vnni)")
+    a.add_argument("--unsafe-only", action="store_true", help="list only layers that can saturate")
+
+    r = sub.add_parser("repair", help="re-quantize only the unsafe channels of a converted model",
+                       description="Repair a converted model so that no weight pair can saturate.",
+                       epilog=REPAIR_EPILOG, formatter_class=fmt)
+    model_args(r)
+    r.add_argument("-o", "--output", required=True, metavar="OUT", help="where to save the repaired model")
+    r.add_argument("--layout", default="x86", choices=("x86", "fbgemm", "onednn"),
+                   help="kernels to be safe for (default x86: all of them)")
+    r.add_argument("--all", action="store_true", help="list unchanged layers too")
+    return p
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    raise TypeError(type(o).__name__)
+
+
+def _dump(obj) -> str:
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=1, default=_json_default)
+
+
+def cmd_demo(args) -> int:
+    from . import demo
+
+    for n, name in ((args.calib, "--calib"), (args.eval, "--eval")):
+        if n is not None and n < 1:
+            raise UsageError(f"{name} must be >= 1")
+    mode = None if args.no_real else "auto"
+    result = demo.run(quick=args.quick, calib=args.calib, evaluate=args.eval, mode=mode,
+                      progress=_Progress(args.quiet))
+    print(_dump(result) if args.json else demo.format_demo(result))
+    return EXIT_OK
+
+
+def _model_and_inputs(args):
+    from .qlayers import load_inputs, load_model
+
+    model, source = load_model(args.model)
+    inputs = load_inputs(args.inputs, args.photos, args.input_scale)
+    return model, source, inputs
+
+
+def cmd_audit(args) -> int:
+    from . import audit
+
+    combos = audit.COMBOS
+    if args.engines:
+        combos = tuple(c.strip() for c in args.engines.split(",") if c.strip())
+        bad = [c for c in combos if c not in audit.COMBOS]
+        if bad or not combos:
+            raise UsageError(f"--engines: unknown {', '.join(bad) or 'empty list'}; choose from {','.join(audit.COMBOS)}")
+    model, source, inputs = _model_and_inputs(args)
+    progress = _Progress(args.quiet)
+    result = audit.audit(model, inputs, combos, progress=progress)
+    result["model"], result["source"] = args.model, source
+    if not result["layers"]:
+        raise UsageError(f"{args.model}: no quantized Linear/Conv layer with int8 weights (is it converted?)")
+    print(_dump(result) if args.json else audit.format_audit(result, only_unsafe=args.unsafe_only))
+    return EXIT_UNSAFE if result["unsafe"] else EXIT_OK
+
+
+def cmd_repair(args) -> int:
+    import os
+
+    from . import repair
+
+    parent = os.path.dirname(os.path.abspath(args.output))
+    if os.path.isdir(args.output) or not os.path.isdir(parent):
+        raise UsageError(f"{args.output}: cannot write there (a directory, or its folder does not exist)")
+    model, source, inputs = _model_and_inputs(args)
+    infos = repair.repair(model, args.layout)
+    if not infos:
+        raise UsageError(f"{args.model}: no quantized Linear/Conv layer with int8 weights (is it converted?)")
+    try:
+        fmt = repair.save(model, args.output, inputs)
+    except OSError as e:
+        raise UsageError(f"{args.output}: cannot write ({e.strerror or e})") from None
+    if args.json:
+        print(_dump({"model": args.model, "output": args.output, "format": fmt, "layout": args.layout,
+                     "layers": infos}))
+    else:
+        print(repair.format_repair(infos, only_changed=not args.all))
+        print(f"saved {fmt} to {args.output}")
+    return EXIT_OK
+
+
+class UsageError(Exception):
+    """Bad arguments: reported in one line, exit code 2."""
+
+
+def main(argv=None) -> int:
+    warnings.filterwarnings("ignore", message=".*quantiz.*deprecat.*")  # pytorch/pytorch#184982
+    warnings.filterwarnings("ignore", category=torch_warning_categories())
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    from .qlayers import ModelError
+
+    import torch
+
+    torch.backends.quantized.engine = "x86"
+    try:
+        return {"demo": cmd_demo, "audit": cmd_audit, "repair": cmd_repair}[args.command](args)
+    except (UsageError, ModelError) as e:
+        sys.stderr.write(f"safeobs {args.command}: error: {e}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return 130
+
+
+def torch_warning_categories():
+    """Warning category silenced on the command line (torch's TracerWarnings while tracing a repaired model)."""
+    try:
+        from torch.jit import TracerWarning
+        return TracerWarning
+    except Exception:  # pragma: no cover
+        return UserWarning
+
+
+if __name__ == "__main__":
+    sys.exit(main())
