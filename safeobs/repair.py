@@ -8,11 +8,13 @@ codes, scale and zero point bit for bit; bias and output qparams are never touch
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from .layout import LAYOUTS
-from .qlayers import QLayer, layers, set_weight
+from .qlayers import ModelError, QLayer, layers, set_weight
 from .solver import layout_pairs, pairs_stay_in_rows, raise_scales
 from .verify import check_codes
 
@@ -93,7 +95,13 @@ def save(model, out: str, example_inputs: tuple | None = None) -> str:
             traced = torch.jit.trace(model, example_inputs, check_trace=False)
         torch.jit.save(traced, out)
         return "torchscript"
-    torch.save(model, out)
+    try:
+        torch.save(model, out)
+    except Exception as e:  # e.g. FX GraphModules holding unpicklable attributes
+        if os.path.exists(out):
+            os.remove(out)
+        raise ModelError(f"cannot torch.save this model ({type(e).__name__}); pass --inputs or --photos to "
+                         "save it as TorchScript instead") from None
     return "pickle"
 
 

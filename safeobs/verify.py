@@ -118,10 +118,19 @@ def verify(obj, layout: str = "x86", *, op: str | None = None, groups: int | Non
 
     ``obj``: a quantized (qint8) weight tensor, integer codes (tensor or array; pass ``op`` and
     ``groups`` for conv_transpose), a converted quantized module, or a whole converted model
-    (every quantized Linear/Conv/ConvTranspose, intrinsic fused and dynamic Linear included).
+    (every quantized Linear/Conv/ConvTranspose, intrinsic fused and dynamic Linear included),
+    eager or TorchScript (``torch.jit.load`` of a traced/scripted converted model: weights are
+    read from the packed params).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if isinstance(obj, torch.jit.ScriptModule):
+        from .qlayers import layers
+
+        found = layers(obj)
+        violations = [v for lay in found for v in check_codes(lay.weight.int_repr().numpy(), layout, op=lay.op,
+                                                              groups=lay.groups, name=lay.name)]
+        return Report(layout, [lay.name for lay in found], violations)
     if isinstance(obj, torch.nn.Module):
         names, violations = [], []
         for name, mod in obj.named_modules():
