@@ -1,0 +1,552 @@
+"""Issue 6: end-to-end fidelity of every stock int8 configuration vs safeobs, on real models and real kernels.
+
+Models: all-MiniLM-L6-v2 (static: Linear layers only; dynamic) and MobileNetV2 in two FX graphs (stock ReLU6,
+and the ReLU variant FX fuses into conv+bn+relu).  Configurations, all calibrated once on the same data:
+
+* torch x86 default mapping (HistogramObserver reduce_range=True: 7-bit activations);
+* torch onednn default mapping (8-bit activations, torch's per-channel min-max weights: can saturate);
+* 7-bit weights [-64, 63] per-channel + 8-bit activations (NNCF overflow_fix / ORT reduce_range style);
+* safeobs layout x86, safeobs layout fbgemm;
+* MiniLM dynamic: torch ``quantize_dynamic`` (7-bit inputs), the same with 8-bit inputs and per-channel stock
+  weights (unsafe), ``safeobs.quantize_dynamic``.
+
+Runs: real kernels in this process with engines fbgemm and x86 (this host is an AVX2-only CPU, so these ARE the
+saturating AVX2 kernels); a qemu Haswell confirmation on a subset; the VNNI columns and the saturation-free
+reference through :mod:`safeobs.emulator` (no VNNI hardware here; the emulator is bit-exact vs the real kernels).
+Writes benchmarks/results/fidelity.md and fidelity.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import copy
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.ao.nn.quantized.dynamic as nnqd
+import torch.ao.quantization as tq
+import torch.nn.functional as F
+from torch.ao.quantization import HistogramObserver, PerChannelMinMaxObserver, QConfig, QConfigMapping
+from torch.ao.quantization.observer import ObserverBase
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+import safeobs
+from safeobs import data, emulator, models, realkernel
+
+warnings.filterwarnings("ignore")
+OUT = Path(__file__).resolve().parent / "results"
+ENGINES = ("fbgemm", "x86")
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# -- configurations -----------------------------------------------------------------------------------
+
+
+def _seven_bit_weights() -> QConfigMapping:
+    """torch's onednn mapping (8-bit activations) with per-channel symmetric weights in [-64, 63]."""
+    base = tq.get_default_qconfig_mapping("onednn")
+    w7 = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                            quant_min=-64, quant_max=63)
+    qc = QConfig(activation=base.global_qconfig.activation, weight=w7)
+    mapping = QConfigMapping().set_global(qc)
+    for key, q in base.object_type_qconfigs.items():
+        if q is not None and q.weight is base.global_qconfig.weight:
+            q = QConfig(q.activation, w7)
+        mapping.set_object_type(key, q)
+    return mapping
+
+
+# key: (label, activation bits, weight, mapping factory, is safeobs)
+STATIC = {
+    "torch-x86": ("torch x86 default", "7 (reduce_range)", "8-bit min-max",
+                  lambda: tq.get_default_qconfig_mapping("x86"), False),
+    "torch-onednn": ("torch onednn default (full range)", "8", "8-bit min-max",
+                     lambda: tq.get_default_qconfig_mapping("onednn"), False),
+    "w7": ("7-bit weights [-64, 63]", "8", "7-bit min-max", _seven_bit_weights, False),
+    "safe-x86": ("**safeobs layout x86**", "8", "safe (x86)", lambda: safeobs.get_default_qconfig_mapping("x86"), True),
+    "safe-fbgemm": ("**safeobs layout fbgemm**", "8", "safe (fbgemm)",
+                    lambda: safeobs.get_default_qconfig_mapping("fbgemm"), True),
+}
+CALIB_KEY = "torch-onednn"  # the one prepared model that sees the calibration data
+REFERENCE = "torch-onednn"  # saturation-free full-range reference: this model run exactly
+
+
+def linear_only(mapping: QConfigMapping) -> QConfigMapping:
+    return QConfigMapping().set_global(None).set_object_type(torch.nn.Linear, mapping.global_qconfig)
+
+
+class Stock8BitDynamicLinear(nnqd.Linear):
+    """torch's dynamic Linear with the 7-bit input workaround switched off: 8-bit inputs, stock weights (unsafe)."""
+
+    reduce_range = False  # read by safeobs.emulator.emulate
+
+    def forward(self, x):
+        return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=False).to(x.dtype)
+
+
+def _torch_dynamic(model):
+    return tq.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def _stock_8bit_dynamic(model):
+    qc = QConfig(activation=tq.default_dynamic_quant_observer, weight=tq.default_per_channel_weight_observer)
+    out = tq.quantize_dynamic(model, {torch.nn.Linear: qc}, dtype=torch.qint8)
+    for mod in out.modules():
+        if type(mod) is nnqd.Linear:
+            mod.__class__ = Stock8BitDynamicLinear
+    return out
+
+
+DYNAMIC = {
+    "torch-dyn": ("torch quantize_dynamic", "7 (reduce_range)", "8-bit per-tensor", _torch_dynamic, False),
+    "dyn-8bit": ("8-bit inputs + torch per-channel weights", "8", "8-bit per-channel", _stock_8bit_dynamic, False),
+    "safe-dyn": ("**safeobs.quantize_dynamic**", "8", "safe (x86)",
+                 lambda m: safeobs.quantize_dynamic(m, backend="x86"), True),
+}
+DYN_REFERENCE = "dyn-8bit"
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+
+
+def sqnr(ref: torch.Tensor, y: torch.Tensor) -> float:
+    ref, y = ref.double(), y.double()
+    err = float(((y - ref) ** 2).sum())
+    return float("inf") if err == 0 else 10 * np.log10(float((ref ** 2).sum()) / err)
+
+
+def image_metrics(ref, y) -> dict:
+    return {"sqnr": sqnr(ref, y), "top1": float((y.argmax(1) == ref.argmax(1)).double().mean())}
+
+
+def _nearest(e: torch.Tensor) -> torch.Tensor:
+    sim = e @ e.T
+    sim.fill_diagonal_(-float("inf"))
+    return sim.argmax(1)
+
+
+def text_metrics(ref, y) -> dict:
+    return {"sqnr": sqnr(ref, y), "cos": float(F.cosine_similarity(ref.double(), y.double(), dim=1).mean()),
+            "nn": float((_nearest(y.double()) == _nearest(ref.double())).double().mean())}
+
+
+# -- building quantized models --------------------------------------------------------------------------
+
+
+def share_calibration(src, dst) -> None:
+    """Give ``dst`` the activation statistics ``src`` collected.  Observer forwards do not depend on the
+    quantization range (reduce_range only enters calculate_qparams), so this equals calibrating ``dst``
+    on the same data (tests/test_bench_fidelity.py checks it)."""
+    so = {n: m for n, m in src.named_modules() if isinstance(m, ObserverBase)}
+    do = {n: m for n, m in dst.named_modules() if isinstance(m, ObserverBase)}
+    if so.keys() != do.keys():
+        raise RuntimeError("prepared graphs differ; cannot share calibration")
+    for name, d in do.items():
+        s = so[name]
+        if type(s) is not type(d):
+            raise RuntimeError(f"{name}: observer types differ ({type(s).__name__} vs {type(d).__name__})")
+        d.load_state_dict(s.state_dict())
+
+
+def build_static(float_model, example, calib_batches, mappings: dict) -> dict:
+    """{config: {engine: converted model}}; calibrated once (CALIB_KEY), statistics shared."""
+    prepared = {k: prepare_fx(copy.deepcopy(float_model), make(), example) for k, make in mappings.items()}
+    src = prepared[CALIB_KEY]
+    with torch.no_grad():
+        for batch in calib_batches:
+            src(*batch)
+    out = {}
+    for key, p in prepared.items():
+        if p is not src:
+            share_calibration(src, p)
+        out[key] = {}
+        for engine in ENGINES:  # prepack under each engine, as a user of that engine would
+            torch.backends.quantized.engine = engine
+            out[key][engine] = convert_fx(copy.deepcopy(p))
+    return out
+
+
+def build_dynamic(float_model, configs: dict) -> dict:
+    out = {}
+    for key, (*_, make, _safe) in configs.items():
+        out[key] = {}
+        for engine in ENGINES:
+            torch.backends.quantized.engine = engine
+            out[key][engine] = make(copy.deepcopy(float_model))
+    return out
+
+
+# -- runs -------------------------------------------------------------------------------------------------
+
+
+def _equal(a, b) -> bool:
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def evaluate(qmodels: dict, run, ref, metric, *, exact_always: bool) -> dict:
+    """Native real kernels (both engines), emulated AVX2 (saturation count, and a check that the emulator
+    reproduces the native output), emulated VNNI (both engines), saturation-free reference."""
+    r = {}
+    with torch.no_grad():
+        native = {}
+        for engine in ENGINES:
+            torch.backends.quantized.engine = engine
+            native[engine] = run(qmodels[engine])
+        torch.backends.quantized.engine = "fbgemm"
+        m = qmodels["fbgemm"]
+        with emulator.emulate(m, engine="fbgemm", isa="avx2") as em:
+            emu_avx2 = run(m)
+        sat = em.total
+        with emulator.emulate(m, engine="fbgemm", isa="vnni") as em_v:
+            vnni_fb = run(m)
+        torch.backends.quantized.engine = "x86"
+        with emulator.emulate(qmodels["x86"], engine="x86", isa="vnni") as em_vx:
+            vnni_x86 = run(qmodels["x86"])
+        torch.backends.quantized.engine = "fbgemm"
+        if sat or exact_always:
+            with emulator.emulate(m, engine="fbgemm", isa="avx2", exact=True):
+                exact = run(m)
+        else:
+            # no lane saturated: the emulator's correction term sat16(s) - s is zero everywhere, so the
+            # exact run IS the AVX2 run (and the AVX2 run equals the native output, checked below)
+            exact = emu_avx2
+    r["outputs"] = {"avx2-fbgemm": native["fbgemm"], "avx2-x86": native["x86"], "vnni-fbgemm": vnni_fb,
+                    "vnni-x86": vnni_x86, "exact": exact}
+    r["metrics"] = {k: metric(ref, v) for k, v in r["outputs"].items()}
+    r["sat"] = sat
+    r["sat_layers"] = sum(1 for v in em.saturation.values() if v)
+    r["sat_vnni_fbgemm"] = em_v.total
+    r["sat_vnni_x86"] = em_vx.total
+    r["emu_eq_native"] = _equal(emu_avx2, native["fbgemm"])
+    r["x86_eq_fbgemm"] = _equal(native["x86"], native["fbgemm"])
+    r["avx2_eq_vnni_fbgemm"] = _equal(native["fbgemm"], vnni_fb)
+    r["avx2_eq_vnni_x86"] = _equal(native["x86"], vnni_x86)
+    r["exact_ran"] = bool(sat or exact_always)
+    del r["outputs"]
+    return r
+
+
+def run_qemu(jobs, tmp: str):
+    """jobs: list of (label, engine, model, x, native output).  Traces and saves every model in the main thread,
+    then runs them under qemu Haswell in a background thread; returns a future of [(label, engine, equal)]."""
+    saved = []
+    with torch.no_grad():
+        for i, (label, engine, model, x, want) in enumerate(jobs):
+            torch.backends.quantized.engine = engine
+            path = os.path.join(tmp, f"q{i}.pt")
+            torch.jit.save(torch.jit.trace(model, x[:1]), path)
+            saved.append((label, engine, path, x.numpy(), want.numpy()))
+
+    def work():
+        res = []
+        for label, engine, path, x, want in saved:
+            t = time.perf_counter()
+            got = realkernel.run_module(path, [x], mode="haswell", engine=engine)[0]
+            res.append((label, engine, bool(np.array_equal(got, want)), time.perf_counter() - t))
+            log(f"qemu {label} {engine}: {'bit-identical' if res[-1][2] else 'DIFFERENT'} ({res[-1][3]:.0f}s)")
+        return res
+
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1).submit(work)
+
+
+# -- the benchmark ------------------------------------------------------------------------------------------
+
+
+def bench_minilm(n_calib=None, n_held=None) -> list:
+    model = models.minilm().eval()
+    tok = models.tokenizer()
+    calib = data.sentences("calib")[:n_calib]
+    held = data.sentences("heldout")[:n_held]
+    with torch.no_grad():
+        ref = models.embed(model, held, tok)
+    b = tok(calib)
+    batch = (b["input_ids"], b["attention_mask"])
+
+    def run(m):
+        return models.embed(m, held, tok)
+
+    log(f"MiniLM: {len(calib)} calibration / {len(held)} held-out sentences")
+    static = build_static(model, (batch[0][:1], batch[1][:1]), [batch],
+                          {k: (lambda mk=v[3]: linear_only(mk())) for k, v in STATIC.items()})
+    rows = []
+    for key, qm in static.items():
+        rows.append(dict(key=key, cfg=STATIC[key], **evaluate(qm, run, ref, text_metrics, exact_always=False)))
+        log(f"MiniLM static {key}: {rows[-1]['metrics']['avx2-fbgemm']}, sat {rows[-1]['sat']}")
+    dyn = build_dynamic(model, DYNAMIC)
+    drows = []
+    for key, qm in dyn.items():
+        drows.append(dict(key=key, cfg=DYNAMIC[key], **evaluate(qm, run, ref, text_metrics, exact_always=False)))
+        log(f"MiniLM dynamic {key}: {drows[-1]['metrics']['avx2-fbgemm']}, sat {drows[-1]['sat']}")
+    return [dict(name="MiniLM static (Linear layers)", kind="text", rows=rows, ref=REFERENCE,
+                 n=(len(calib), len(held))),
+            dict(name="MiniLM dynamic", kind="text", rows=drows, ref=DYN_REFERENCE, n=(len(calib), len(held)))]
+
+
+def bench_mobilenet(n_calib=None, n_held=None, qemu_photos=4, tmp=None):
+    calib = data.photos("calib")
+    held = data.photos("heldout")
+    if n_calib:
+        calib = calib[:: max(1, len(calib) // n_calib)][:n_calib]
+    if n_held:
+        held = held[:: max(1, len(held) // n_held)][:n_held]
+    batches = [(calib[i:i + 40],) for i in range(0, len(calib), 40)]
+    log(f"MobileNetV2: {len(calib)} calibration / {len(held)} held-out photos")
+    results, qemu = [], None
+    for relu6, name in ((True, "MobileNetV2, stock ReLU6 graph"), (False, "MobileNetV2, ReLU graph (conv+bn+relu fused)")):
+        model = models.mobilenet_v2(relu6=relu6).eval()
+        with torch.no_grad():
+            ref = model(held)
+        qms = build_static(model, (calib[:1],), batches, {k: v[3] for k, v in STATIC.items()})
+        log(f"{name}: calibrated and converted")
+        if relu6 and qemu_photos:
+            x = held[:: max(1, len(held) // qemu_photos)][:qemu_photos]
+            jobs = []
+            for key in ("torch-onednn", "safe-x86"):
+                for engine in ENGINES:
+                    torch.backends.quantized.engine = engine
+                    with torch.no_grad():
+                        jobs.append((key, engine, qms[key][engine], x, qms[key][engine](x)))
+            qemu = run_qemu(jobs, tmp)
+        rows = []
+        for key, qm in qms.items():
+            rows.append(dict(key=key, cfg=STATIC[key],
+                             **evaluate(qm, lambda m: m(held), ref, image_metrics, exact_always=False)))
+            log(f"{name} {key}: {rows[-1]['metrics']['avx2-fbgemm']}, sat {rows[-1]['sat']}")
+        results.append(dict(name=name, kind="image", rows=rows, ref=REFERENCE, n=(len(calib), len(held))))
+    return results, qemu
+
+
+def check_targets(results) -> list:
+    """[(target, met, detail)]."""
+    out = []
+    ident = [(res["name"], r["key"]) for res in results for r in res["rows"] if r["cfg"][-1] and not r["avx2_eq_vnni_fbgemm"]]
+    out.append(("safeobs: AVX2 and VNNI outputs bit-identical with engine fbgemm, every model and graph",
+                not ident, "all identical" if not ident else f"differs: {ident}"))
+    worse, gaps = [], []
+    for res in results:
+        rows = {r["key"]: r for r in res["rows"]}
+        stock = [r for r in res["rows"] if not r["cfg"][-1]]
+        best_stock = max(stock, key=lambda r: r["metrics"]["avx2-fbgemm"]["sqnr"])
+        refq = rows[res["ref"]]["metrics"]["exact"]["sqnr"]
+        for r in res["rows"]:
+            if not r["cfg"][-1]:
+                continue
+            q = r["metrics"]["avx2-fbgemm"]["sqnr"]
+            if q <= best_stock["metrics"]["avx2-fbgemm"]["sqnr"]:
+                worse.append(f"{res['name']} / {r['key']}: {q:.2f} dB <= {best_stock['key']} "
+                             f"{best_stock['metrics']['avx2-fbgemm']['sqnr']:.2f} dB")
+            gaps.append((refq - q, res["name"], r["key"]))
+    out.append(("safeobs beats every stock configuration on the AVX2 CPU (SQNR), every model and graph",
+                not worse, "yes" if not worse else "; ".join(worse)))
+    bad = [g for g in gaps if g[0] > 0.5]
+    worst = max(gaps)
+    out.append(("safeobs within 0.5 dB of the saturation-free full-range reference",
+                not bad, f"largest gap {worst[0]:.2f} dB ({worst[1]} / {worst[2]})" if not bad else
+                "; ".join(f"{n} / {k}: {g:.2f} dB below" for g, n, k in bad)))
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+
+
+def _fmt(m: dict, kind: str) -> str:
+    q = "∞" if m["sqnr"] == float("inf") else f"{m['sqnr']:.2f}"
+    if kind == "image":
+        return f"{q} / {100 * m['top1']:.1f}%"
+    return f"{q} / {m['cos']:.4f} / {100 * m['nn']:.0f}%"
+
+
+def _yn(v: bool) -> str:
+    return "yes" if v else "**no**"
+
+
+def detail_table(res) -> list:
+    kind = res["kind"]
+    unit = "SQNR dB / top-1 agreement" if kind == "image" else "SQNR dB / mean cosine / NN agreement"
+    lines = [f"### {res['name']}", "",
+             f"{res['n'][0]} calibration / {res['n'][1]} held-out {'photos' if kind == 'image' else 'sentences'}; "
+             f"cells: {unit} vs FP32.", "",
+             "| configuration | act. bits | weights | AVX2 real, fbgemm | AVX2 real, x86 | VNNI emulated, fbgemm "
+             "| VNNI emulated, x86 | no saturation (exact) | saturated lanes AVX2 (layers) | AVX2 ≡ VNNI fbgemm "
+             "| AVX2 ≡ VNNI x86 | emulator ≡ real |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        label, abits, w, *_ = r["cfg"]
+        m = r["metrics"]
+        exact = _fmt(m["exact"], kind) + ("" if r["exact_ran"] else " †")
+        lines.append(f"| {label} | {abits} | {w} | {_fmt(m['avx2-fbgemm'], kind)} | {_fmt(m['avx2-x86'], kind)} | "
+                     f"{_fmt(m['vnni-fbgemm'], kind)} | {_fmt(m['vnni-x86'], kind)} | {exact} | "
+                     f"{r['sat']:,} ({r['sat_layers']}) | {_yn(r['avx2_eq_vnni_fbgemm'])} | "
+                     f"{_yn(r['avx2_eq_vnni_x86'])} | {_yn(r['emu_eq_native'])} |")
+    lines.append("")
+    return lines
+
+
+def main_table(results) -> list:
+    heads = [res["name"] for res in results]
+    lines = ["| configuration | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    keys = list(STATIC) + list(DYNAMIC)
+    for key in keys:
+        cells, label = [], None
+        for res in results:
+            row = next((r for r in res["rows"] if r["key"] == key), None)
+            if row is None:
+                cells.append("")
+                continue
+            label = row["cfg"][0]
+            m = row["metrics"]["avx2-fbgemm"]
+            extra = f"{100 * m['top1']:.1f}%" if res["kind"] == "image" else f"NN {100 * m['nn']:.0f}%"
+            cells.append(f"{m['sqnr']:.2f} dB, {extra}" + (f", {row['sat']:,} sat." if row["sat"] else ""))
+        if label:
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = []
+    for res in results:
+        m = next(r for r in res["rows"] if r["key"] == res["ref"])["metrics"]["exact"]
+        cells.append(f"{m['sqnr']:.2f} dB")
+    lines.append("| *saturation-free full-range reference (emulated exact)* | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 4.4))
+    cols = [("avx2-fbgemm", "AVX2 real kernels", "C0"), ("vnni-fbgemm", "VNNI fbgemm (emulated)", "C1"),
+            ("exact", "no saturation (exact)", "C2")]
+    for ax, res in zip(np.atleast_1d(axes), results):
+        rows = res["rows"]
+        xs = np.arange(len(rows))
+        for i, (k, lab, c) in enumerate(cols):
+            ax.bar(xs + (i - 1) * 0.27, [r["metrics"][k]["sqnr"] for r in rows], 0.27, label=lab, color=c)
+        refq = next(r for r in rows if r["key"] == res["ref"])["metrics"]["exact"]["sqnr"]
+        ax.axhline(refq, color="k", ls="--", lw=1, label="full-range reference (exact)")
+        ax.set_xticks(xs, [r["cfg"][0].strip("*").replace(" default", "").replace("safeobs ", "safeobs\n")
+                           .replace(" (full range)", "\n(full range)").replace("quantize_dynamic", "dynamic")
+                           .replace("8-bit inputs + torch per-channel weights", "8-bit in +\nstock per-ch. w")
+                           for r in rows], rotation=35, ha="right", fontsize=7)
+        lo = min(r["metrics"][k]["sqnr"] for r in rows for k, *_ in cols)
+        hi = max(r["metrics"][k]["sqnr"] for r in rows for k, *_ in cols)
+        ax.set_ylim(max(0.0, lo - 2), hi + 1.5)
+        ax.set(title=res["name"].replace(" (conv+bn+relu fused)", "\n(conv+bn+relu fused)"), ylabel="SQNR vs FP32 (dB)")
+        ax.title.set_fontsize(9)
+        ax.grid(axis="y", alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_report(results, qemu, targets, runtime, host, path):
+    md = ["# Fidelity: stock int8 configurations vs safeobs, real models, real kernels", "",
+          "Generated by `benchmarks/bench_fidelity.py` in one run "
+          f"({runtime / 60:.1f} min on {os.cpu_count()} cores, torch {torch.__version__}, host ISA `{host}`).", "",
+          "## Main table: on the real AVX2 kernels (engine fbgemm; engine x86 is bit-identical on this CPU)", "",
+          "MobileNetV2 cells: logit SQNR vs FP32, top-1 agreement with FP32.  MiniLM cells: embedding SQNR vs FP32, "
+          "nearest-neighbour agreement.  \"sat.\" = int16 lanes that saturated (counted by the emulator).", ""]
+    md += main_table(results)
+    md += ["", "## Targets", "", "| target | met | detail |", "|---|---|---|"]
+    md += [f"| {t} | {'**met**' if ok else '**missed**'} | {d} |" for t, ok, d in targets]
+    md += ["", "## What the columns are, and why some are emulated", "",
+           f"* **This machine is an AVX2-only CPU** (`realkernel.host_isa() == \"{host}\"`: no AVX-512, no VNNI), "
+           "and so is CI.  \"AVX2 real\" columns run torch's own quantized kernels in this process: they ARE the "
+           "saturating `vpmaddubsw` kernels.  On a non-VNNI CPU the `x86` engine dispatches every conv to FBGEMM, "
+           "so engine x86 and fbgemm compute the same thing (the tables show it bit for bit).",
+           "* **qemu Haswell confirmation**: the MobileNetV2 ReLU6 models (torch onednn mapping, which saturates, and "
+           "safeobs x86) were TorchScript-traced and run under `qemu-x86_64 -cpu Haswell` on a subset of held-out photos, "
+           "with both engines:", ""]
+    md += ["  | model | engine | native == qemu Haswell, bit for bit | qemu time |", "  |---|---|---|---|"]
+    if qemu:
+        md += [f"  | {STATIC[k][0].strip('*')} | {e} | {_yn(eq)} | {t:.0f} s |" for k, e, eq, t in qemu]
+    else:
+        md += ["  | (skipped: qemu-x86_64 not available) | | | |"]
+    md += ["",
+           "* **VNNI columns are emulated.**  There is no VNNI hardware here, so these columns run the same converted "
+           "int8 model through `safeobs.emulator` with `isa=\"vnni\"`, the bit-exact model of the kernels that the test "
+           "suite checks against the real kernels.  On VNNI, FBGEMM's GEMMs (Linear, 1x1 and im2col convs) accumulate "
+           "exactly, but its depthwise and direct-ConvTranspose kernels are AVX2 `vpmaddubsw` code on every CPU and "
+           "still saturate; with engine x86, symmetric convs with groups <= 100 go to oneDNN (exact, different "
+           "rounding), and depthwise convs with more than 100 channels go to FBGEMM depthwise (saturating).",
+           "* **The saturation-free reference is emulated too.**  The issue asked for the int8 model run with engine "
+           "onednn on a VNNI machine; instead each int8 model is run through `emulate(..., exact=True)`: the same "
+           "kernels and FBGEMM requantization with exact int32 accumulation.  The headline reference is the stock "
+           "onednn-mapping model (8-bit activations, torch's 8-bit weights) run exactly; for MiniLM dynamic it is "
+           "torch's per-channel weights with 8-bit inputs run exactly.  † = no lane saturated on AVX2, so the exact "
+           "run equals the AVX2 run by construction (the emulator's correction term is zero) and was not repeated.",
+           "* **emulator ≡ real**: the emulated AVX2 output equals the real AVX2 kernels' output bit for bit, for every "
+           "model and configuration, saturating ones included: the saturated-lane counts are those of the real run.",
+           "* Calibration: every configuration of a model uses the same activation statistics (HistogramObserver, "
+           "collected once on the calibration split, shared between the prepared graphs; observers do not depend "
+           "on the quantization range during collection).  Held-out data share no source photo/sentence with "
+           "calibration.  Deterministic: no random numbers are drawn.", "",
+           "## Per model: every run", ""]
+    for res in results:
+        md += detail_table(res)
+    md += ["## In plain words", ""] + PLAIN + [""]
+    md += ["![fidelity](fidelity.png)", ""]
+    path.write_text("\n".join(md))
+
+
+PLAIN = [
+    "* **torch's x86 default** protects the kernels by giving activations only 7 bits (`reduce_range=True`).  It "
+    "never saturates, but it pays for that on every model, everywhere, including on VNNI CPUs that never needed it.",
+    "* **torch's onednn mapping** keeps 8-bit activations with ordinary weights.  On an AVX2 (or AVX-512 without "
+    "VNNI) CPU its int16 pairs saturate and the outputs silently drift from what the same model computes exactly; on a "
+    "VNNI CPU FBGEMM's depthwise convs still saturate.  The same int8 model gives different answers on different CPUs.",
+    "* **7-bit weights** (NNCF overflow_fix, ONNX Runtime reduce_range) are also safe, but throw away a full weight "
+    "bit on every channel.",
+    "* **safeobs** keeps 8-bit activations and loses on average ~0.4 weight bits only where a pair needs it, so it "
+    "never saturates on any x86 CPU: its outputs on AVX2 and on VNNI (engine fbgemm) are bit-identical and equal the "
+    "saturation-free result.  Pick `safeobs.get_default_qconfig_mapping(\"x86\")` (safe for every kernel any x86 "
+    "CPU can choose) for static quantization, `safeobs.quantize_dynamic` for dynamic; layout `fbgemm` is only "
+    "for models that will run with engine fbgemm.",
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--photos", type=int, default=None, help="held-out photos (default: all 80)")
+    ap.add_argument("--calib-photos", type=int, default=None, help="calibration photos (default: all 120)")
+    ap.add_argument("--sentences", type=int, default=None, help="held-out sentences (default: all 36)")
+    ap.add_argument("--calib-sentences", type=int, default=None, help="calibration sentences (default: all 30)")
+    ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    host = realkernel.host_isa()
+    if host != "avx2":
+        log(f"WARNING: host ISA is {host}, not avx2: the 'AVX2 real' columns are this host's kernels")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
+        use_qemu = not args.no_qemu and realkernel.available("haswell")
+        mbv2, qemu_future = bench_mobilenet(args.calib_photos, args.photos, 4 if use_qemu else 0, tmp)
+        text = bench_minilm(args.calib_sentences, args.sentences)
+        qemu = qemu_future.result() if qemu_future else None
+    results = text + mbv2
+    targets = check_targets(results)
+    runtime = time.perf_counter() - T0
+    if qemu and not all(eq for _, _, eq, _ in qemu):
+        targets.append(("native AVX2 == qemu Haswell", False, "see qemu table"))
+    write_report(results, qemu, targets, runtime, host, args.out / "fidelity.md")
+    plot(results, args.out / "fidelity.png")
+    print("\n".join(main_table(results)))
+    for t, ok, d in targets:
+        print(f"{'MET   ' if ok else 'MISSED'} {t}: {d}")
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Smoke test of benchmarks/bench_fidelity.py on a few MiniLM sentences (< 30 s)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+from safeobs import data, models
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench_fidelity as bf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    model = models.minilm().eval()
+    tok = models.tokenizer()
+    b = tok(data.sentences("calib")[:4])
+    return model, tok, (b["input_ids"], b["attention_mask"])
+
+
+def _qparams(m):
+    return {n: (mod.scale, mod.zero_point, mod.weight().q_per_channel_scales())
+            for n, mod in m.named_modules() if isinstance(mod, torch.ao.nn.quantized.Linear)}
+
+
+def test_shared_calibration_equals_own_calibration(minilm):
+    model, _, batch = minilm
+    example = (batch[0][:1], batch[1][:1])
+    torch.backends.quantized.engine = "fbgemm"
+    mapping = bf.linear_only(bf.STATIC["torch-x86"][3]())
+    own = prepare_fx(copy.deepcopy(model), mapping, example)
+    with torch.no_grad():
+        own(*batch)
+    built = bf.build_static(model, example, [batch], {
+        "torch-onednn": lambda: bf.linear_only(bf.STATIC["torch-onednn"][3]()), "torch-x86": lambda: mapping})
+    want, got = _qparams(convert_fx(own)), _qparams(built["torch-x86"]["fbgemm"])
+    assert want.keys() == got.keys() and len(want) == 36
+    for name, (s, z, w) in want.items():
+        assert (s, z) == got[name][:2] and torch.equal(w, got[name][2]), name
+
+
+def test_evaluate_and_report_on_dynamic_minilm(minilm, tmp_path):
+    model, tok, _ = minilm
+    held = data.sentences("heldout")[:3]
+    with torch.no_grad():
+        ref = models.embed(model, held, tok)
+    qms = bf.build_dynamic(model, {k: bf.DYNAMIC[k] for k in ("dyn-8bit", "safe-dyn")})
+    rows = [dict(key=k, cfg=bf.DYNAMIC[k], **bf.evaluate(qm, lambda m: models.embed(m, held, tok), ref,
+                                                         bf.text_metrics, exact_always=False))
+            for k, qm in qms.items()]
+    safe, stock = rows[1], rows[0]
+    assert safe["sat"] == 0 and safe["avx2_eq_vnni_fbgemm"] and safe["x86_eq_fbgemm"]
+    assert stock["sat"] > 0 and stock["exact_ran"]  # 8-bit inputs with stock weights saturate on AVX2
+    assert all(r["emu_eq_native"] for r in rows)  # the emulator reproduces the real kernels, saturation included
+    assert 0.9 < safe["metrics"]["avx2-fbgemm"]["cos"] <= 1.0
+    res = [dict(name="MiniLM dynamic", kind="text", rows=rows, ref="dyn-8bit", n=(0, 3))]
+    targets = bf.check_targets(res)
+    assert targets[0][1]  # bit-identical AVX2 vs VNNI for safeobs
+    bf.write_report(res, [("safe-x86", "fbgemm", True, 1.0)], targets, 1.0, "avx2", tmp_path / "f.md")
+    text = (tmp_path / "f.md").read_text()
+    assert "safeobs.quantize_dynamic" in text and "emulated" in text
+
+
+def test_metrics():
+    a = torch.eye(4)
+    assert bf.sqnr(a, a) == float("inf")
+    assert bf.text_metrics(a, a)["nn"] == 1.0
+    assert bf.image_metrics(a, 2 * a)["top1"] == 1.0
