@@ -242,6 +242,8 @@ class UsageError(Exception):
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*quantiz.*deprecat.*")  # pytorch/pytorch#184982
     warnings.filterwarnings("ignore", category=torch_warning_categories())
+    warnings.filterwarnings("ignore", message=".*reduce_range.*")  # the demo uses torch's onednn qconfig on purpose
+    warnings.filterwarnings("ignore", module=r"torch\..*")  # deprecation chatter of torch.ao / torch.jit
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
