@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import copy
+import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -123,7 +125,7 @@ DYN_REFERENCE = "dyn-8bit"
 def sqnr(ref: torch.Tensor, y: torch.Tensor) -> float:
     ref, y = ref.double(), y.double()
     err = float(((y - ref) ** 2).sum())
-    return float("inf") if err == 0 else 10 * np.log10(float((ref ** 2).sum()) / err)
+    return float("inf") if err == 0 else float(10 * np.log10(float((ref ** 2).sum()) / err))
 
 
 def image_metrics(ref, y) -> dict:
@@ -281,19 +283,25 @@ def bench_minilm(n_calib=None, n_held=None) -> list:
                           {k: (lambda mk=v[3]: linear_only(mk())) for k, v in STATIC.items()})
     rows = []
     for key, qm in static.items():
-        rows.append(dict(key=key, cfg=STATIC[key], **evaluate(qm, run, ref, text_metrics, exact_always=False)))
+        rows.append(dict(key=key, cfg=_cfg(STATIC[key]), **evaluate(qm, run, ref, text_metrics, exact_always=False)))
         log(f"MiniLM static {key}: {rows[-1]['metrics']['avx2-fbgemm']}, sat {rows[-1]['sat']}")
     dyn = build_dynamic(model, DYNAMIC)
     drows = []
     for key, qm in dyn.items():
-        drows.append(dict(key=key, cfg=DYNAMIC[key], **evaluate(qm, run, ref, text_metrics, exact_always=False)))
+        drows.append(dict(key=key, cfg=_cfg(DYNAMIC[key]), **evaluate(qm, run, ref, text_metrics, exact_always=False)))
         log(f"MiniLM dynamic {key}: {drows[-1]['metrics']['avx2-fbgemm']}, sat {drows[-1]['sat']}")
     return [dict(name="MiniLM static (Linear layers)", kind="text", rows=rows, ref=REFERENCE,
                  n=(len(calib), len(held))),
             dict(name="MiniLM dynamic", kind="text", rows=drows, ref=DYN_REFERENCE, n=(len(calib), len(held)))]
 
 
-def bench_mobilenet(n_calib=None, n_held=None, qemu_photos=4, tmp=None):
+def _cfg(c) -> tuple:
+    """(label, activation bits, weights, is safeobs): the picklable part of a configuration."""
+    return (c[0], c[1], c[2], c[-1])
+
+
+def bench_mobilenet(relu6: bool, n_calib=None, n_held=None, qemu_photos=4):
+    """One MobileNetV2 graph; with ``qemu_photos`` (ReLU6 graph) also the qemu Haswell confirmation."""
     calib = data.photos("calib")
     held = data.photos("heldout")
     if n_calib:
@@ -301,15 +309,16 @@ def bench_mobilenet(n_calib=None, n_held=None, qemu_photos=4, tmp=None):
     if n_held:
         held = held[:: max(1, len(held) // n_held)][:n_held]
     batches = [(calib[i:i + 40],) for i in range(0, len(calib), 40)]
-    log(f"MobileNetV2: {len(calib)} calibration / {len(held)} held-out photos")
-    results, qemu = [], None
-    for relu6, name in ((True, "MobileNetV2, stock ReLU6 graph"), (False, "MobileNetV2, ReLU graph (conv+bn+relu fused)")):
-        model = models.mobilenet_v2(relu6=relu6).eval()
-        with torch.no_grad():
-            ref = model(held)
-        qms = build_static(model, (calib[:1],), batches, {k: v[3] for k, v in STATIC.items()})
-        log(f"{name}: calibrated and converted")
-        if relu6 and qemu_photos:
+    name = "MobileNetV2, stock ReLU6 graph" if relu6 else "MobileNetV2, ReLU graph (conv+bn+relu fused)"
+    log(f"{name}: {len(calib)} calibration / {len(held)} held-out photos")
+    model = models.mobilenet_v2(relu6=relu6).eval()
+    with torch.no_grad():
+        ref = model(held)
+    qms = build_static(model, (calib[:1],), batches, {k: v[3] for k, v in STATIC.items()})
+    log(f"{name}: calibrated and converted")
+    with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
+        qemu = None
+        if qemu_photos:
             x = held[:: max(1, len(held) // qemu_photos)][:qemu_photos]
             jobs = []
             for key in ("torch-onednn", "safe-x86"):
@@ -320,11 +329,21 @@ def bench_mobilenet(n_calib=None, n_held=None, qemu_photos=4, tmp=None):
             qemu = run_qemu(jobs, tmp)
         rows = []
         for key, qm in qms.items():
-            rows.append(dict(key=key, cfg=STATIC[key],
+            rows.append(dict(key=key, cfg=_cfg(STATIC[key]),
                              **evaluate(qm, lambda m: m(held), ref, image_metrics, exact_always=False)))
             log(f"{name} {key}: {rows[-1]['metrics']['avx2-fbgemm']}, sat {rows[-1]['sat']}")
-        results.append(dict(name=name, kind="image", rows=rows, ref=REFERENCE, n=(len(calib), len(held))))
-    return results, qemu
+        qemu = qemu.result() if qemu else None
+    return [dict(name=name, kind="image", rows=rows, ref=REFERENCE, n=(len(calib), len(held)))], qemu
+
+
+def _task(name: str, args: dict):
+    """One benchmark task in a worker process: returns (results, qemu results or None)."""
+    torch.manual_seed(0)
+    warnings.filterwarnings("ignore")
+    if name == "minilm":
+        return bench_minilm(args["calib_sentences"], args["sentences"]), None
+    return bench_mobilenet(name == "relu6", args["calib_photos"], args["photos"],
+                           args["qemu_photos"] if name == "relu6" else 0)
 
 
 def check_targets(results) -> list:
@@ -515,6 +534,11 @@ PLAIN = [
 ]
 
 
+def _jsonable(results, qemu, runtime, host) -> dict:
+    return {"results": results, "qemu": qemu, "runtime": runtime, "host": host,
+            "torch": torch.__version__, "cores": os.cpu_count()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=int, default=None, help="held-out photos (default: all 80)")
@@ -522,22 +546,38 @@ def main(argv=None) -> int:
     ap.add_argument("--sentences", type=int, default=None, help="held-out sentences (default: all 36)")
     ap.add_argument("--calib-sentences", type=int, default=None, help="calibration sentences (default: all 30)")
     ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes (the emulator is mostly one core)")
+    ap.add_argument("--report-only", action="store_true", help="re-render fidelity.md/png from fidelity.json")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    host = realkernel.host_isa()
-    if host != "avx2":
-        log(f"WARNING: host ISA is {host}, not avx2: the 'AVX2 real' columns are this host's kernels")
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
+    if args.report_only:
+        saved = json.loads((args.out / "fidelity.json").read_text())
+        for res in saved["results"]:
+            for r in res["rows"]:
+                r["cfg"] = tuple(r["cfg"])
+        results, qemu, runtime, host = saved["results"], saved["qemu"], saved["runtime"], saved["host"]
+    else:
+        host = realkernel.host_isa()
+        if host != "avx2":
+            log(f"WARNING: host ISA is {host}, not avx2: the 'AVX2 real' columns are this host's kernels")
         use_qemu = not args.no_qemu and realkernel.available("haswell")
-        mbv2, qemu_future = bench_mobilenet(args.calib_photos, args.photos, 4 if use_qemu else 0, tmp)
-        text = bench_minilm(args.calib_sentences, args.sentences)
-        qemu = qemu_future.result() if qemu_future else None
-    results = text + mbv2
+        targs = dict(photos=args.photos, calib_photos=args.calib_photos, sentences=args.sentences,
+                     calib_sentences=args.calib_sentences, qemu_photos=4 if use_qemu else 0)
+        tasks = ("relu6", "relu", "minilm")  # longest first
+        if args.workers > 1:
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
+                done = [f.result() for f in [pool.submit(_task, t, targs) for t in tasks]]
+        else:
+            done = [_task(t, targs) for t in tasks]
+        by = dict(zip(tasks, done))
+        results = by["minilm"][0] + by["relu6"][0] + by["relu"][0]
+        qemu = by["relu6"][1]
+        runtime = time.perf_counter() - T0
+        (args.out / "fidelity.json").write_text(json.dumps(_jsonable(results, qemu, runtime, host), indent=1))
     targets = check_targets(results)
-    runtime = time.perf_counter() - T0
-    if qemu and not all(eq for _, _, eq, _ in qemu):
+    if qemu and not all(q[2] for q in qemu):
         targets.append(("native AVX2 == qemu Haswell", False, "see qemu table"))
     write_report(results, qemu, targets, runtime, host, args.out / "fidelity.md")
     plot(results, args.out / "fidelity.png")
