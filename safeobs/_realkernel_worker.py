@@ -74,12 +74,23 @@ def run_module(torch, job):
         model = torch.jit.load(path)
     except Exception:  # not TorchScript: a pickled callable
         model = torch.load(path, weights_only=False)
-    out = []
-    with torch.no_grad():
-        for inp in job["inputs"]:
-            args = inp if isinstance(inp, (tuple, list)) else (inp,)
-            out.append(_to_numpy(torch, model(*[torch.from_numpy(np.asarray(a)) for a in args])))
-    return out
+    def run():
+        out = []
+        with torch.no_grad():
+            for inp in job["inputs"]:
+                args = inp if isinstance(inp, (tuple, list)) else (inp,)
+                out.append(_to_numpy(torch, model(*[torch.from_numpy(np.asarray(a)) for a in args])))
+        return out
+
+    if job.get("emulate") is None:
+        return run()
+    # The same model again, its int8 modules through the emulator, in this process: every other
+    # (float) op runs the same code on the same CPU, so any difference is the int8 kernels'.
+    from safeobs import emulator
+
+    real = run()
+    with emulator.emulate(model, engine=job["engine"], **job["emulate"]):
+        return real, run()
 
 
 def main(src: str, dst: str) -> None:

@@ -122,8 +122,16 @@ def run_ops(cases, *, mode: str = "native", engine: str = "fbgemm", timeout: flo
     return _run({"kind": "ops", "engine": engine, "cases": cases}, mode, timeout)
 
 
-def run_module(path, inputs, *, mode: str = "native", engine: str = "x86", timeout: float = 1200.0) -> list:
+def run_module(path, inputs, *, mode: str = "native", engine: str = "x86", emulate: dict | None = None,
+               timeout: float = 1200.0) -> list:
     """Run a saved TorchScript model (``torch.jit.save``) or a pickled callable (``torch.save``) on each of
     ``inputs`` (numpy arrays or tuples of them; float inputs) in ONE subprocess.  Returns one numpy
-    array per input (int codes when the output is quantized)."""
-    return _run({"kind": "module", "engine": engine, "path": str(path), "inputs": list(inputs)}, mode, timeout)
+    array per input (int codes when the output is quantized).
+
+    With ``emulate=dict(isa=..., exact=...)`` (an eager, pickled model) the subprocess also runs the
+    model under :func:`safeobs.emulator.emulate` and returns ``(real, emulated)``: float ops then run
+    the same code on the same (emulated) CPU in both, so a difference can only come from the int8
+    kernels.
+    """
+    job = {"kind": "module", "engine": engine, "path": str(path), "inputs": list(inputs), "emulate": emulate}
+    return _run(job, mode, timeout)
