@@ -24,3 +24,14 @@ def mode_param(mode: str):
 @pytest.fixture(scope="session")
 def host_isa() -> str:
     return realkernel.host_isa()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: torch's thread pool costs ~10 ms per quantize_per_tensor on a busy 2-core host."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

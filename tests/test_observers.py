@@ -45,12 +45,7 @@ def _weight(seed=0, shape=(16, 8, 3, 3)):
     return w
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("safe,stock", PAIRS)

@@ -26,13 +26,7 @@ QRANGES = [(-128, 127), (-127, 127), (-64, 63), (-100, 90)]
 KINDS = ["normal", "student", "cauchy", "adversarial", "zeros", "tiny", "huge"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: torch's thread pool costs ~10 ms per quantize_per_tensor on a busy 2-core host."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @st.composite
