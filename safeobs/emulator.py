@@ -579,25 +579,32 @@ def _wrap(codes, scale, zero_point):
                                                        float(scale), int(zero_point))
 
 
+def _split(result, want_sat: bool):
+    """``(codes, Saturation | None)`` from a ``*_codes`` result."""
+    return result if want_sat else (result, None)
+
+
 def _linear_call(input, weight, bias=None, scale=None, zero_point=None, *, engine="x86", isa="avx2",
-                 relu=False, exact=False, _want_sat=False):
+                 relu=False, exact=False, _want_sat=True):
     x, xs, xzp = _act_codes(input)
     w, ws, wzp = _weight_codes(weight)
     scale = xs if scale is None else scale
     zero_point = xzp if zero_point is None else zero_point
-    q, sat = qlinear_codes(x, xs, xzp, w, ws, wzp, _bias_np(bias), scale, zero_point, engine=engine, isa=isa,
-                           relu=relu, exact=exact, _want_sat=True)
+    q, sat = _split(qlinear_codes(x, xs, xzp, w, ws, wzp, _bias_np(bias), scale, zero_point, engine=engine,
+                                  isa=isa, relu=relu, exact=exact, _want_sat=_want_sat), _want_sat)
     return (_wrap(q, scale, zero_point), sat)
 
 
 def linear(input, weight, bias=None, scale=None, zero_point=None, *, engine="x86", isa="avx2", relu=False,
            exact=False):
     """``torch.ao.nn.quantized.functional.linear`` (``relu``: ``linear_relu``) as the kernel computes it."""
-    return _linear_call(input, weight, bias, scale, zero_point, engine=engine, isa=isa, relu=relu, exact=exact)[0]
+    return _linear_call(input, weight, bias, scale, zero_point, engine=engine, isa=isa, relu=relu, exact=exact,
+                        _want_sat=False)[0]
 
 
 def _conv_call(nd, input, weight, bias, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
-               scale=1.0, zero_point=0, dtype=None, *, engine="x86", isa="avx2", relu=False, exact=False):
+               scale=1.0, zero_point=0, dtype=None, *, engine="x86", isa="avx2", relu=False, exact=False,
+               _want_sat=True):
     torch = _torch()
     if dtype is not None and dtype != torch.quint8:
         raise ValueError("only torch.quint8 output is supported")
@@ -607,9 +614,9 @@ def _conv_call(nd, input, weight, bias, stride=1, padding=0, dilation=1, groups=
         raise ValueError(f"conv{nd}d needs {nd + 2}-D input and weight, got {input.dim()}-D and {weight.dim()}-D")
     x, xs, xzp = _act_codes(input)
     w, ws, wzp = _weight_codes(weight)
-    q, sat = qconv_codes(x, xs, xzp, w, ws, wzp, _bias_np(bias), scale, zero_point, stride=stride,
-                         padding=padding, dilation=dilation, groups=groups, engine=engine, isa=isa, relu=relu,
-                         exact=exact, _want_sat=True)
+    q, sat = _split(qconv_codes(x, xs, xzp, w, ws, wzp, _bias_np(bias), scale, zero_point, stride=stride,
+                                padding=padding, dilation=dilation, groups=groups, engine=engine, isa=isa,
+                                relu=relu, exact=exact, _want_sat=_want_sat), _want_sat)
     return _wrap(q, scale, zero_point), sat
 
 
@@ -617,33 +624,34 @@ def conv1d(input, weight, bias, stride=1, padding=0, dilation=1, groups=1, paddi
            zero_point=0, dtype=None, *, engine="x86", isa="avx2", relu=False, exact=False):
     """``torch.ao.nn.quantized.functional.conv1d`` as the kernel computes it."""
     return _conv_call(1, input, weight, bias, stride, padding, dilation, groups, padding_mode, scale, zero_point,
-                      dtype, engine=engine, isa=isa, relu=relu, exact=exact)[0]
+                      dtype, engine=engine, isa=isa, relu=relu, exact=exact, _want_sat=False)[0]
 
 
 def conv2d(input, weight, bias, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", scale=1.0,
            zero_point=0, dtype=None, *, engine="x86", isa="avx2", relu=False, exact=False):
     """``torch.ao.nn.quantized.functional.conv2d`` as the kernel computes it."""
     return _conv_call(2, input, weight, bias, stride, padding, dilation, groups, padding_mode, scale, zero_point,
-                      dtype, engine=engine, isa=isa, relu=relu, exact=exact)[0]
+                      dtype, engine=engine, isa=isa, relu=relu, exact=exact, _want_sat=False)[0]
 
 
 def conv3d(input, weight, bias, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", scale=1.0,
            zero_point=0, dtype=None, *, engine="x86", isa="avx2", relu=False, exact=False):
     """``torch.ao.nn.quantized.functional.conv3d`` as the kernel computes it."""
     return _conv_call(3, input, weight, bias, stride, padding, dilation, groups, padding_mode, scale, zero_point,
-                      dtype, engine=engine, isa=isa, relu=relu, exact=exact)[0]
+                      dtype, engine=engine, isa=isa, relu=relu, exact=exact, _want_sat=False)[0]
 
 
 def _conv_transpose_call(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
-                         scale=1.0, zero_point=0, *, engine="x86", isa="avx2", relu=False, exact=False):
+                         scale=1.0, zero_point=0, *, engine="x86", isa="avx2", relu=False, exact=False,
+                         _want_sat=True):
     if input.dim() != 4 or weight.dim() != 4:
         raise ValueError("conv_transpose2d needs 4-D input and weight")
     x, xs, xzp = _act_codes(input)
     w, ws, wzp = _weight_codes(weight)
-    q, sat = qconv_codes(x, xs, xzp, w, ws, wzp, _bias_np(bias), scale, zero_point, stride=stride,
-                         padding=padding, dilation=dilation, groups=groups, transposed=True,
-                         output_padding=output_padding, engine=engine, isa=isa, relu=relu, exact=exact,
-                         _want_sat=True)
+    q, sat = _split(qconv_codes(x, xs, xzp, w, ws, wzp, _bias_np(bias), scale, zero_point, stride=stride,
+                                padding=padding, dilation=dilation, groups=groups, transposed=True,
+                                output_padding=output_padding, engine=engine, isa=isa, relu=relu, exact=exact,
+                                _want_sat=_want_sat), _want_sat)
     return _wrap(q, scale, zero_point), sat
 
 
@@ -651,25 +659,25 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
                      scale=1.0, zero_point=0, *, engine="x86", isa="avx2", relu=False, exact=False):
     """``torch.ops.quantized.conv_transpose2d`` (weight (IC, OC/G, kh, kw), per-tensor) as the kernel computes it."""
     return _conv_transpose_call(input, weight, bias, stride, padding, output_padding, groups, dilation, scale,
-                                zero_point, engine=engine, isa=isa, relu=relu, exact=exact)[0]
+                                zero_point, engine=engine, isa=isa, relu=relu, exact=exact, _want_sat=False)[0]
 
 
 def _linear_dynamic_call(input, weight, bias=None, *, reduce_range=False, engine="x86", isa="avx2", relu=False,
-                         exact=False):
+                         exact=False, _want_sat=True):
     torch = _torch()
     if not isinstance(input, torch.Tensor) or input.is_quantized or not input.is_floating_point():
         raise TypeError("linear_dynamic input must be a float tensor")
     w, ws, wzp = _weight_codes(weight)
-    y, sat = qlinear_dynamic_codes(input.detach().float().numpy(), w, ws, wzp, _bias_np(bias),
-                                   reduce_range=reduce_range, engine=engine, isa=isa, relu=relu, exact=exact,
-                                   _want_sat=True)
+    y, sat = _split(qlinear_dynamic_codes(input.detach().float().numpy(), w, ws, wzp, _bias_np(bias),
+                                          reduce_range=reduce_range, engine=engine, isa=isa, relu=relu,
+                                          exact=exact, _want_sat=_want_sat), _want_sat)
     return torch.from_numpy(y), sat
 
 
 def linear_dynamic(input, weight, bias=None, *, reduce_range=False, engine="x86", isa="avx2", exact=False):
     """``torch.ops.quantized.linear_dynamic`` (float in, float out) as the kernel computes it."""
     return _linear_dynamic_call(input, weight, bias, reduce_range=reduce_range, engine=engine, isa=isa,
-                                exact=exact)[0]
+                                exact=exact, _want_sat=False)[0]
 
 
 _CALLS = {
