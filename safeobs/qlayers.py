@@ -101,9 +101,25 @@ def call_spec(spec: str):
 # -- layers ----------------------------------------------------------------------------------------
 
 
-def _eager_layer(name, mod) -> QLayer | None:
-    from .verify import _module_weight
+def _module_weight(mod):
+    """(quantized weight, op, groups) of a converted quantized module, or None if it has none."""
+    nnq, nnqd = torch.ao.nn.quantized, torch.ao.nn.quantized.dynamic
+    from torch.ao.nn.quantized.modules.conv import _ConvNd, _ConvTransposeNd
 
+    if isinstance(mod, (nnq.Linear, nnqd.Linear)):
+        w, op, groups = mod.weight(), "linear", None
+    elif isinstance(mod, _ConvTransposeNd):
+        w, op, groups = mod.weight(), "conv_transpose", mod.groups
+    elif isinstance(mod, _ConvNd):
+        w, op, groups = mod.weight(), "conv", mod.groups
+    else:
+        return None
+    if not (isinstance(w, torch.Tensor) and w.is_quantized and w.dtype == torch.qint8):
+        return None  # e.g. dynamic fp16 Linear: no int8 pairs
+    return w, op, groups
+
+
+def _eager_layer(name, mod) -> QLayer | None:
     found = _module_weight(mod)
     if found is None:
         return None

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from . import qlayers
 from .layout import LAYOUTS, any_pairs, infer_op, output_channel_rows, weight_pairs
 
 POS_LIMIT = 128  # 255 * 128 = 32640 <= 32767
@@ -95,24 +96,6 @@ def check_codes(codes, layout: str = "x86", *, op: str | None = None, groups: in
     return sorted(out, key=lambda v: (v.module, v.channel, v.indices, v.sign))
 
 
-def _module_weight(mod):
-    """(quantized weight, op, groups) of a converted quantized module, or None if it has none."""
-    nnq, nnqd = torch.ao.nn.quantized, torch.ao.nn.quantized.dynamic
-    from torch.ao.nn.quantized.modules.conv import _ConvNd, _ConvTransposeNd
-
-    if isinstance(mod, (nnq.Linear, nnqd.Linear)):
-        w, op, groups = mod.weight(), "linear", None
-    elif isinstance(mod, _ConvTransposeNd):
-        w, op, groups = mod.weight(), "conv_transpose", mod.groups
-    elif isinstance(mod, _ConvNd):
-        w, op, groups = mod.weight(), "conv", mod.groups
-    else:
-        return None
-    if not (isinstance(w, torch.Tensor) and w.is_quantized and w.dtype == torch.qint8):
-        return None  # e.g. dynamic fp16 Linear: no int8 pairs
-    return w, op, groups
-
-
 def verify(obj, layout: str = "x86", *, op: str | None = None, groups: int | None = None) -> Report:
     """Every weight pair of ``obj`` that can saturate under ``layout``.
 
@@ -124,23 +107,11 @@ def verify(obj, layout: str = "x86", *, op: str | None = None, groups: int | Non
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if isinstance(obj, torch.jit.ScriptModule):
-        from .qlayers import layers
-
-        found = layers(obj)
+    if isinstance(obj, torch.nn.Module):  # eager or TorchScript
+        found = qlayers.layers(obj)
         violations = [v for lay in found for v in check_codes(lay.weight.int_repr().numpy(), layout, op=lay.op,
                                                               groups=lay.groups, name=lay.name)]
         return Report(layout, [lay.name for lay in found], violations)
-    if isinstance(obj, torch.nn.Module):
-        names, violations = [], []
-        for name, mod in obj.named_modules():
-            found = _module_weight(mod)
-            if found is None:
-                continue
-            w, mop, mgroups = found
-            names.append(name)
-            violations += check_codes(w.int_repr().numpy(), layout, op=mop, groups=mgroups, name=name)
-        return Report(layout, names, violations)
     if isinstance(obj, torch.Tensor):
         if obj.is_quantized:
             if obj.dtype != torch.qint8:
