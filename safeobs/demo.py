@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .repair import sqnr
+
 SETUPS = ("torch x86 default", "full-range 8-bit", "7-bit weights", "safeobs")
 LAYERS = ("features.0.0", "features.2.conv.1.0")
 SCENARIOS = ("held-out", "held-out x2")
@@ -68,12 +70,6 @@ def _pick(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[np.unique(idx)]
 
 
-def _sqnr(ref, approx) -> float:
-    ref, approx = np.asarray(ref, np.float64), np.asarray(approx, np.float64)
-    err = np.sum((ref - approx) ** 2)
-    return float("inf") if err == 0 else float(10 * np.log10(np.sum(ref ** 2) / err))
-
-
 def _qparams(obs_factory, t: torch.Tensor):
     obs = obs_factory()
     obs(t)
@@ -97,7 +93,7 @@ def _setup_case(conv, x_cal, y_cal, qconfig) -> dict:
         "bias": conv.bias.detach().numpy().astype(np.float32), "stride": tuple(conv.stride),
         "padding": tuple(conv.padding), "dilation": tuple(conv.dilation), "groups": conv.groups,
         "act_bits": 7 if aobs.quant_max - aobs.quant_min < 255 else 8,
-        "weight_sqnr_db": _sqnr(w.numpy(), qw.dequantize().numpy()),
+        "weight_sqnr_db": sqnr(w.numpy(), qw.dequantize().numpy()),
         "bits_kept_min": float(8 - lost.max()), "bits_kept_mean": float(8 - lost.mean()),
     }
 
@@ -168,7 +164,7 @@ def run(quick: bool = False, calib: int | None = None, evaluate: int | None = No
             "saturated_lanes": int(sat.count),
             "op_error": float(np.abs(out.astype(np.int64) - sim).max() * ys),
             "op_error_lsb": int(np.abs(out.astype(np.int64) - sim).max()),
-            "output_sqnr_db": _sqnr(m["float"], deq),
+            "output_sqnr_db": sqnr(m["float"], deq),
             "real_equals_emulator": None if yr is None else bool(np.array_equal(yr, ye)),
             "real_equals_exact": None if yr is None else bool(np.array_equal(yr, yx)),
         })

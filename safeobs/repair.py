@@ -21,9 +21,11 @@ from .verify import check_codes
 PER_TENSOR = (torch.per_tensor_affine, torch.per_tensor_symmetric)
 
 
-def _sqnr(ref: np.ndarray, approx: np.ndarray) -> float:
-    err = float(np.sum((ref.astype(np.float64) - approx) ** 2))
-    return float("inf") if err == 0 else 10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / err)
+def sqnr(ref, approx) -> float:
+    """Signal-to-quantization-noise ratio of ``approx`` against ``ref`` in dB (inf when equal)."""
+    ref, approx = np.asarray(ref, np.float64), np.asarray(approx, np.float64)
+    err = np.sum((ref - approx) ** 2)
+    return float("inf") if err == 0 else float(10 * np.log10(np.sum(ref ** 2) / err))
 
 
 def repair_layer(layer: QLayer, layout: str = "x86") -> dict:
@@ -71,7 +73,7 @@ def repair_layer(layer: QLayer, layout: str = "x86") -> dict:
     chans = np.flatnonzero(changed)
     info.update(changed=int(chans.size) if not per_tensor else info["channels"],
                 changed_channels=chans.tolist() if not per_tensor else list(range(info["channels"])),
-                bits_lost=float(np.log2(scale / scale0).max()), weight_sqnr_db=_sqnr(wf, q.dequantize().numpy()),
+                bits_lost=float(np.log2(scale / scale0).max()), weight_sqnr_db=sqnr(wf, q.dequantize().numpy()),
                 per_tensor=per_tensor)
     return info
 
