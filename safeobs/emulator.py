@@ -86,25 +86,9 @@ def _bias(bias, oc: int):
 
 def requantize_fbgemm(acc, x_scale, w_scale, bias, y_scale, y_zp, *, per_channel: bool, relu: bool = False):
     """FBGEMM ``ReQuantizeOutput`` AVX2 body (kernel-spec §5.3): int32 (P, OC) -> uint8 codes."""
-    ws = np.asarray(w_scale, dtype=_F32)
-    atws = _F32(x_scale) * ws  # f32(xs * ws)
-    mult = atws / _F32(y_scale)
     xf = np.asarray(acc, dtype=np.int32).astype(_F32)  # cvtdq2ps, RNE
-    if bias is not None:
-        if per_channel:
-            b = bias / atws  # _mm256_div_ps
-        else:
-            b = bias * _F32(1.0 / np.float64(atws.reshape(-1)[0]))  # reciprocal in double, then f32
-        xf = xf + b
-    y = xf * mult
-    with np.errstate(invalid="ignore"):
-        ok = np.abs(y) < _F32(2.0**31)  # cvtps2dq gives INT32_MIN outside (and for NaN)
-    r = np.where(ok, np.rint(np.where(ok, y, 0)), _INT32_MIN).astype(np.int64)
-    q = np.clip(np.clip(r, -32768, 32767) + int(y_zp), -32768, 32767)  # packs32, adds16
-    q = np.clip(q, 0, 255)  # packus
-    if relu:
-        q = np.maximum(q, int(y_zp))
-    return q.astype(np.uint8)
+    return _requant_fbgemm(xf, x_scale, w_scale, _f32_or_none(bias), y_scale, y_zp, per_channel=per_channel,
+                           relu=relu)
 
 
 def _requant_fbgemm(xf, x_scale, w_scale, bias, y_scale, y_zp, *, per_channel: bool, relu: bool):
@@ -142,15 +126,13 @@ def _requant_fbgemm(xf, x_scale, w_scale, bias, y_scale, y_zp, *, per_channel: b
 
 def requantize_onednn(acc, x_scale, w_scale, bias, y_scale, y_zp, *, relu: bool = False):
     """oneDNN int8 conv/matmul output stage (kernel-spec §8.2): int32 (P, OC) -> uint8 codes."""
-    scale = _F32(x_scale) * np.asarray(w_scale, dtype=_F32)
-    f = np.asarray(acc, dtype=np.int32).astype(_F32) * scale
-    if bias is not None:
-        f = f + bias
-    if relu:
-        f = np.maximum(f, _F32(0))
-    dst_scale = _F32(1) / _F32(1.0 / np.float64(y_scale))  # ideep re-inverts PyTorch's 1/s
-    f = f * (_F32(1) / dst_scale) + _F32(y_zp)
-    return np.rint(np.clip(f, _F32(0), _F32(255))).astype(np.uint8)
+    f = np.asarray(acc, dtype=np.int32).astype(_F32)
+    return _requant_onednn(f, x_scale, w_scale, _f32_or_none(bias), y_scale, y_zp, relu=relu)
+
+
+def _f32_or_none(bias):
+    """The kernels' bias is float32."""
+    return None if bias is None else np.asarray(bias, dtype=_F32)
 
 
 def _requant_onednn(f, x_scale, w_scale, bias, y_scale, y_zp, *, relu: bool):
