@@ -12,6 +12,7 @@ FBGEMM's, so the same weights are safe whichever kernel runs.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Iterator
 
 import numpy as np
@@ -108,7 +109,7 @@ def quantized_weights(model: torch.fx.GraphModule) -> Iterator[tuple[str, np.nda
     for node in model.graph.nodes:
         if node.op != "call_function" or node.target not in dq or node.args[0].op != "get_attr":
             continue
-        codes = _attr(model, node.args[0].target)
+        codes = operator.attrgetter(node.args[0].target)(model)
         if codes.dtype != torch.int8:
             continue
         for user in node.users:
@@ -119,13 +120,6 @@ def quantized_weights(model: torch.fx.GraphModule) -> Iterator[tuple[str, np.nda
             if op != "linear":
                 groups = int(user.args[_GROUPS_ARG[op]]) if len(user.args) > _GROUPS_ARG[op] else 1
             yield str(node.args[0].target), codes.numpy(), op, groups
-
-
-def _attr(model: torch.nn.Module, target: str) -> torch.Tensor:
-    obj = model
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def verify(model: torch.fx.GraphModule, layout: str = "x86") -> Report:
