@@ -74,6 +74,12 @@ def run_module(torch, job):
         model = torch.jit.load(path)
     except Exception:  # not TorchScript: a pickled callable
         model = torch.load(path, weights_only=False)
+    if job.get("forced"):
+        from safeobs import realkernel
+
+        why = realkernel.forced_mismatch(job["forced"], job["engine"], realkernel.model_convs(model))
+        if why:
+            return {"mismatch": why}
     def run():
         out = []
         with torch.no_grad():

@@ -4,8 +4,14 @@ FBGEMM and oneDNN read their ISA at process start, so every call starts ONE fres
 (``sys.executable``) that runs a whole batch.  Data goes through a temporary pickle file.
 
 Modes (:data:`MODES`): ``"native"`` (host as is), ``"avx2"`` / ``"avx512"`` (ISA forced down by
-``FBGEMM_ENABLE_INSTRUCTIONS`` + ``ONEDNN_MAX_CPU_ISA``; FBGEMM groupwise ignores it) and
-``"haswell"`` (``qemu-x86_64 -cpu Haswell``: an AVX2-only CPU as every library sees it).
+``FBGEMM_ENABLE_INSTRUCTIONS`` + ``ONEDNN_MAX_CPU_ISA``) and ``"haswell"`` (``qemu-x86_64 -cpu Haswell``:
+an AVX2-only CPU as every library sees it).
+
+A forced ISA is *not* a CPU of that ISA for everything (kernel-spec §2, §3): FBGEMM's groupwise conv
+picks its kernel (and G_together) from cpuinfo, and engine ``x86`` routes convs to oneDNN by cpuinfo's
+VNNI flag.  :func:`forced_mismatch` says when a forced run would not be the real kernels of that ISA;
+:func:`run_ops` and :func:`run_module` refuse such runs, and :func:`mode_for` picks the mode that
+does reach them (native, forced, else qemu Haswell).  :func:`describe` names the kernel that ran.
 
 A *case* is a dict of plain numpy codes and parameters::
 
@@ -73,6 +79,93 @@ def available(mode: str) -> bool:
     return "avx2" in _cpu_flags() and order.index(host_isa()) >= order.index(mode)
 
 
+ISAS = ("avx2", "avx512", "vnni")
+
+
+def _conv_facts(op: str, w_shape, groups=1, stride=1, padding=0, dilation=1, output_padding=0,
+                symmetric=True) -> dict:
+    return dict(transposed=op.startswith("conv_transpose"), w_shape=tuple(int(s) for s in w_shape), groups=int(groups),
+                stride=stride, padding=padding, dilation=dilation, output_padding=output_padding,
+                symmetric=bool(symmetric))
+
+
+def case_convs(cases) -> list[dict]:
+    """The conv facts :func:`forced_mismatch` needs, from :func:`run_ops` case dicts."""
+    import numpy as np
+
+    return [_conv_facts(c["op"], np.shape(c["w"]), c.get("groups", 1), c.get("stride", 1), c.get("padding", 0),
+                        c.get("dilation", 1), c.get("output_padding", 0), np.all(np.asarray(c.get("w_zp", 0)) == 0))
+            for c in cases if str(c.get("op", "")).startswith("conv")]
+
+
+def model_convs(model) -> list[dict]:
+    """The conv facts of a converted model's quantized convs (eager or TorchScript)."""
+    from .qlayers import layers
+
+    return [_conv_facts(q.kind, tuple(q.weight.shape), q.groups, q.stride, q.padding, q.dilation,
+                        q.output_padding or 0, q.symmetric) for q in layers(model) if q.op != "linear"]
+
+
+def forced_mismatch(mode: str, engine: str, convs=(), host: str | None = None) -> str | None:
+    """Why a forced-ISA run in ``mode`` of these convs would NOT be the kernels of a real ``mode`` CPU.
+
+    None when it would be (or ``mode`` forces nothing on this host).  kernel-spec §2: FBGEMM groupwise
+    takes its kernel and G_together from cpuinfo; §3: engine x86 sends convs to oneDNN iff cpuinfo has VNNI.
+    """
+    from . import dispatch
+
+    host = host or host_isa()
+    if mode not in ("avx2", "avx512") or mode == host:
+        return None
+    for c in convs:
+        symmetric_route = dispatch.should_use_onednn_quant(
+            weight_symmetric=c["symmetric"], groups=c["groups"], output_padding=c["output_padding"], isa=host)
+        if engine == "x86" and symmetric_route != dispatch.should_use_onednn_quant(
+                weight_symmetric=c["symmetric"], groups=c["groups"], output_padding=c["output_padding"], isa=mode):
+            return (f"engine x86 routes conv {c['w_shape']} (groups {c['groups']}) to oneDNN by this {host} host's "
+                    f"cpuinfo, where a real {mode} CPU runs FBGEMM (kernel-spec §3)")
+        if engine == "onednn" or (engine == "x86" and symmetric_route):
+            continue
+        paths = {dispatch.fbgemm_conv_path(c["w_shape"], groups=c["groups"], stride=c["stride"], padding=c["padding"],
+                                           dilation=c["dilation"], transposed=c["transposed"], isa=i)
+                 for i in (host, mode)}
+        if "groupwise" in paths:
+            return (f"FBGEMM groupwise conv {c['w_shape']} (groups {c['groups']}) ignores FBGEMM_ENABLE_INSTRUCTIONS: "
+                    f"it picks its kernel and G_together from this {host} host's cpuinfo (kernel-spec §2, §4)")
+    return None
+
+
+def mode_for(isa: str, engine: str = "fbgemm", convs=()) -> str | None:
+    """The fastest mode that runs the real kernels of an ``isa`` CPU for these convs, or None.
+
+    Native when the host is that ISA; else the forced ISA when :func:`forced_mismatch` allows it;
+    else qemu Haswell for ``"avx2"``.  AVX-512 and VNNI cannot be emulated by qemu.
+    """
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+    host = host_isa()
+    if isa == host:
+        return "native"
+    if ISAS.index(isa) > ISAS.index(host):
+        return None
+    if isa in ("avx2", "avx512") and forced_mismatch(isa, engine, convs, host) is None:
+        return isa
+    if isa == "avx2" and available("haswell"):
+        return "haswell"
+    return None
+
+
+def describe(mode: str, engine: str = "fbgemm") -> str:
+    """The kernel a mode really runs, for labels: e.g. "fbgemm on avx2 (qemu-x86_64 -cpu Haswell)"."""
+    _check_mode(mode)
+    host = host_isa()
+    how = {"native": f"native {host} host",
+           "haswell": "qemu-x86_64 -cpu Haswell",
+           "avx2": f"{host} host forced to AVX2" if host != "avx2" else "native avx2 host",
+           "avx512": f"{host} host forced to AVX512_CORE" if host != "avx512" else "native avx512 host"}[mode]
+    return f"{engine} on {mode_isa(mode)} ({how})"
+
+
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
@@ -108,7 +201,11 @@ def _run(job: dict, mode: str, timeout: float):
             tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
             raise RuntimeError(f"real-kernel subprocess ({mode}) failed with code {proc.returncode}:\n{tail}")
         with open(dst, "rb") as f:
-            return pickle.load(f)
+            out = pickle.load(f)
+    if isinstance(out, dict) and "mismatch" in out:
+        raise ValueError(f"mode {mode!r} cannot run this model as a real {mode} CPU would: {out['mismatch']}; "
+                         f"use realkernel.mode_for({mode!r}, ...) (qemu Haswell for avx2)")
+    return out
 
 
 def run_ops(cases, *, mode: str = "native", engine: str = "fbgemm", timeout: float = 1200.0) -> list:
@@ -119,6 +216,10 @@ def run_ops(cases, *, mode: str = "native", engine: str = "fbgemm", timeout: flo
     for c in cases:
         if "op" not in c or "x" not in c:
             raise ValueError("every case needs at least 'op' and 'x'")
+    why = forced_mismatch(mode, engine, case_convs(cases)) if mode in MODES else None
+    if why:
+        raise ValueError(f"mode {mode!r} would not run these cases as a real {mode} CPU does: {why}; "
+                         f"use realkernel.mode_for({mode!r}, engine, case_convs(cases)) (qemu Haswell for avx2)")
     return _run({"kind": "ops", "engine": engine, "cases": cases}, mode, timeout)
 
 
@@ -132,6 +233,10 @@ def run_module(path, inputs, *, mode: str = "native", engine: str = "x86", emula
     model under :func:`safeobs.emulator.emulate` and returns ``(real, emulated)``: float ops then run
     the same code on the same (emulated) CPU in both, so a difference can only come from the int8
     kernels.
+
+    A forced mode (``"avx2"``/``"avx512"``) first checks the model's convs with :func:`forced_mismatch`
+    in the subprocess and raises ValueError instead of reporting another kernel's result.
     """
-    job = {"kind": "module", "engine": engine, "path": str(path), "inputs": list(inputs), "emulate": emulate}
+    job = {"kind": "module", "engine": engine, "path": str(path), "inputs": list(inputs), "emulate": emulate,
+           "forced": mode if mode in ("avx2", "avx512") else None}
     return _run(job, mode, timeout)
