@@ -20,7 +20,14 @@ import numpy as np
 
 from .dispatch import OPS, Kernel
 
-LAYOUTS = ("fbgemm", "onednn", "x86", "any")
+LAYOUTS = ("fbgemm", "onednn", "x86", "any", "ort")
+
+# "ort": ONNX Runtime's MLAS U8S8 kernels (QGEMM for MatMulInteger / MatMulIntegerToFloat /
+# DynamicQuantizeMatMul / QLinearMatMul, ConvSym and im2col QGEMM for QLinearConv) pair the flat
+# (2m, 2m+1) positions of the kernel order, like FBGEMM: found by pair discovery on the real kernels
+# (tests/test_onnx.py), source onnxruntime/core/mlas/lib/qgemm_kernel_avx2.cpp (PackedK = 4, vpmaddubsw),
+# convsym.cpp.  ONNX Conv weights (OC, IC/G, *k) have torch's layout; a MatMul weight B is (K, N):
+# pass B.T (safeobs.onnx does).  "x86" and "any" contain these pairs too.
 
 _EMPTY = np.zeros((0, 2), dtype=np.int64)
 
@@ -166,7 +173,7 @@ def _pairs_in_layout(layout: str, op: str, shape: tuple, groups: int) -> np.ndar
     _, _, icg, taps = group_sizes(shape, op, groups)
     kg = taps * icg
     parts = []
-    if layout in ("fbgemm", "x86"):
+    if layout in ("fbgemm", "x86", "ort"):
         parts.append(flat_pairs(kg))
     if layout in ("onednn", "x86"):
         if op == "linear":
@@ -194,7 +201,7 @@ def _weight_pairs(shape: tuple, layout: str, op: str, groups: int | None) -> np.
     if not out:
         return _EMPTY
     pairs = np.concatenate(out)
-    if len(out) > 1 or layout != "fbgemm":
+    if len(out) > 1 or layout not in ("fbgemm", "ort"):
         n = int(np.prod(shape))  # unique over one int64 key per pair: same order, ~20x faster
         key = np.unique(pairs.min(axis=1) * n + pairs.max(axis=1))
         pairs = np.stack([key // n, key % n], axis=1)
@@ -217,7 +224,8 @@ def weight_pairs(
     Layout ``"any"`` depends on the values, not the shape: see :func:`any_pairs`.
     """
     if layout not in LAYOUTS or layout == "any":
-        raise ValueError(f"layout must be one of {LAYOUTS[:3]} here, got {layout!r} (see any_pairs)")
+        raise ValueError(f"layout must be one of {tuple(x for x in LAYOUTS if x != 'any')} here, got {layout!r} "
+                         "(see any_pairs)")
     op = infer_op(weight_shape, op)
     if op == "conv" and groups is not None:
         group_sizes(weight_shape, op, groups)
