@@ -1,0 +1,543 @@
+"""Safe, data-aware weight rounding: the codes that minimise each output channel's expected error.
+
+:mod:`safeobs.solver` picks, per output channel, the tightest scale at which *round-to-nearest*
+(RTN) is safe.  That is one point of the safe set.  Every integer code vector whose kernel pairs
+satisfy the bound is safe, at any scale, so this module searches that set for the codes that are
+best for the layer's *output* on the user's calibration data.
+
+**Objective.**  For output channel ``c`` with float weights ``w`` (its receptive field flattened
+like ``weight[c].ravel()``), scale ``s`` and codes ``q``, the output error on an input ``x`` is
+``e.x`` with ``e = w - s*q``.  Its expected square is ``e^T H e`` with ``H = E[x x^T]``.  With
+bias correction (the mean error ``e.mu``, ``mu = E[x]``, is added to the float bias), the
+remaining error is ``e^T (H - mu mu^T) e``.  ``H`` is one ``K x K`` matrix per layer for dense
+convs and Linear (every channel sees the same inputs, as in GPTQ), and one per group for grouped
+convs (depthwise 3x3: one 9x9 matrix per channel).
+
+**Method** (:func:`round_weight`).  For each candidate scale (multiples of the tightest safe
+scale) the codes are chosen by GPTQ/OBQ sequential rounding with error feedback: columns are
+rounded one at a time, and the rounding error of column ``j`` is spread over the columns not yet
+rounded through the Cholesky factor of ``H^{-1}`` (the optimal least-squares compensation).  The
+pair bound is enforced as each code is chosen: column ``j`` is rounded, then clipped to the
+interval its already-rounded partners leave (below).  Per channel, the candidate with the
+smallest objective wins; RTN at the tightest safe scale is always a candidate.
+
+**Guarantee 1: every code vector produced is safe** (for the layout's pairs, any u8 activations).
+Write the bound in the sum form of :mod:`safeobs.solver` ("Equivalent form"): for codes in
+[-128, 127], ``P = max(a,0)+max(b,0) <= 128`` and ``N = min(a,0)+min(b,0) >= -128`` iff
+``-128 <= a + b <= 128``; by the solver's proof (module docstring of :mod:`safeobs.solver`) such a
+pair never saturates an int16 lane.  Codes are chosen in a fixed order.  When code ``q_j`` is
+chosen, every partner ``p`` of ``j`` already chosen has ``q_p`` in [-128, 127], and ``q_j`` is
+clipped to ``I_j = [-128, 127] ∩ ⋂_p [-128 - q_p, 128 - q_p]``.  Each interval contains 0 (since
+``-128 - q_p <= 0 <= 128 - q_p``), so ``I_j`` is a non-empty integer interval and the clip is
+defined.  After the clip, ``-128 <= q_j + q_p <= 128`` for every earlier partner.  Every pair
+``{i, j}`` has one member chosen after the other, and the later one was clipped against the
+earlier one, so every pair satisfies the bound once all codes are chosen, whatever the scale, the
+error feedback or the data.  Partners are all pairs of the layout
+(:func:`safeobs.solver.layout_pairs`), so a code in several pairs (layout ``x86`` unions FBGEMM's
+flat pairs with oneDNN's per-tap and per-row pairs) is clipped against all of them.  The RTN
+candidate is safe by the solver's proof.  The codes are checked once more before they are
+returned, and :func:`safeobs.verify` checks the stored codes independently.
+
+**Guarantee 2: never worse than today's weights, on the calibration statistics.**  The per-channel
+winner minimises the objective over a candidate set that contains RTN at the tightest safe scale,
+so its ``e^T H e`` (or ``e^T (H - mu mu^T) e`` with bias correction, which is never above
+``e^T H e``) is <= RTN's.
+
+Stats come from the calibration the user already runs: :func:`calibrate` runs a prepared model
+(FX or eager) over the calibration batches with forward hooks that accumulate ``sum x x^T`` and
+``sum x`` of every Conv/Linear input, next to torch's observers.  :func:`apply` then rewrites the
+converted model's weights.  :func:`quantize_fx` does all of it in one call.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .layout import LAYOUTS, group_sizes
+from .solver import PAIR_MAX, PAIR_MIN, layout_pairs, quantize, safe_qparams
+
+__all__ = [
+    "LayerStats",
+    "RoundResult",
+    "StatsCollector",
+    "apply",
+    "calibrate",
+    "quantize_dynamic",
+    "quantize_fx",
+    "round_weight",
+    "safe_round",
+]
+
+# Scale candidates, as multiples of the tightest RTN-safe scale.  Below 1 the pair clip (not the
+# scale) keeps the codes safe; the objective decides.  Measured in benchmarks/bench_fidelity.py.
+DEFAULT_MULTIPLIERS = (0.90, 0.94, 0.97, 1.0, 1.03)
+DAMP = 0.01  # GPTQ's dampening: H + DAMP * mean(diag H) * I
+_BLOCK = 128  # GPTQ lazy-batch width for shared-H layers
+
+
+# -- statistics --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one Conv/Linear layer, with the float weight and bias they belong to.
+
+    ``xx``: (G, K, K) sum of x x^T per group, float64; ``xsum``: (G, K) sum of x; ``n``: number of
+    receptive fields summed.  ``K`` = ICg * taps, ordered like ``weight[oc].ravel()``.
+    """
+
+    op: str
+    groups: int
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    xx: np.ndarray
+    xsum: np.ndarray
+    n: int = 0
+    seconds: float = 0.0
+
+    @property
+    def h(self) -> np.ndarray:
+        return self.xx / max(self.n, 1)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.xsum / max(self.n, 1)
+
+
+def _float_layer(mod):
+    """(conv/linear module, op) for a float Conv1d/2d/Linear or a fused module wrapping one, else None."""
+    from torch.ao.nn.intrinsic import _FusedModule
+
+    inner = mod[0] if isinstance(mod, _FusedModule) else mod
+    if isinstance(inner, torch.nn.Linear):
+        return inner, "linear"
+    if isinstance(inner, (torch.nn.Conv1d, torch.nn.Conv2d)) and inner.padding_mode == "zeros" \
+            and not isinstance(inner.padding, str):
+        return inner, "conv"
+    return None
+
+
+def _receptive_fields(x: torch.Tensor, conv) -> torch.Tensor:
+    """(G, K, L) receptive fields of ``x`` for ``conv``, zero padded like the float conv (x_zp in int8)."""
+    if x.dim() == 3:  # conv1d as a 1-row conv2d
+        x = x.unsqueeze(2)
+        ks, st, pd, dl = (1, conv.kernel_size[0]), (1, conv.stride[0]), (0, conv.padding[0]), (1, conv.dilation[0])
+    else:
+        ks, st, pd, dl = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    cols = F.unfold(x, ks, dilation=dl, padding=pd, stride=st)  # (N, C*taps, L), (c, kh, kw) order
+    n, ck, l = cols.shape
+    g = conv.groups
+    return cols.reshape(n, g, ck // g, l).permute(1, 2, 0, 3).reshape(g, ck // g, n * l)
+
+
+class StatsCollector:
+    """Forward pre-hooks that accumulate the input statistics of every float Conv1d/2d/Linear.
+
+    Use as a context manager around the calibration forwards of a prepared (FX or eager) or float
+    model; ``stats`` maps module names (the names the converted model keeps) to :class:`LayerStats`.
+    """
+
+    _MAX_ELEMS = 1 << 23  # receptive-field elements per chunk (float32: 32 MB)
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.stats, self._handles = model, {}, []
+        for name, mod in model.named_modules():
+            found = _float_layer(mod)
+            if found is None or any(name.startswith(p + ".") for p in self.stats):
+                continue
+            layer, op = found
+            w = layer.weight.detach().to(torch.float32)
+            g = 1 if op == "linear" else int(layer.groups)
+            k = int(np.prod(w.shape[1:]))
+            self.stats[name] = LayerStats(op, g, w, None if layer.bias is None else layer.bias.detach().float(),
+                                          np.zeros((g, k, k)), np.zeros((g, k)))
+            self._handles.append(mod.register_forward_pre_hook(self._hook(name, layer, op)))
+
+    def _hook(self, name, layer, op):
+        def hook(_mod, args):
+            if not args or not isinstance(args[0], torch.Tensor) or args[0].is_quantized:
+                return
+            t = time.perf_counter()
+            st = self.stats[name]
+            x = args[0].detach().to(torch.float32)
+            with torch.no_grad():
+                if op == "linear":
+                    cols = x.reshape(-1, x.shape[-1]).T.unsqueeze(0)  # (1, K, M)
+                    chunks = [cols]
+                else:
+                    per = max(1, self._MAX_ELEMS // max(1, x[:1].numel() * int(np.prod(layer.kernel_size))))
+                    chunks = (_receptive_fields(x[i:i + per], layer) for i in range(0, x.shape[0], per))
+                for c in chunks:
+                    st.xx += torch.bmm(c, c.transpose(1, 2)).double().numpy()
+                    st.xsum += c.sum(2, dtype=torch.float64).numpy()
+                    st.n += c.shape[2]
+            st.seconds += time.perf_counter() - t
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+class _Progress:
+    """``\\r``-updated progress on stderr; only when asked (``True``) or, by default, on a terminal."""
+
+    def __init__(self, enabled: bool | None, label: str, total: int | None = None):
+        self.on = sys.stderr.isatty() if enabled is None else bool(enabled)
+        self.label, self.total, self.t0, self.i = label, total, time.perf_counter(), 0
+
+    def step(self, what: str = "") -> None:
+        self.i += 1
+        if self.on:
+            of = f"/{self.total}" if self.total else ""
+            sys.stderr.write(f"\r{self.label}: {self.i}{of} {what:<32.32} {time.perf_counter() - self.t0:6.1f}s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.on:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _batches(calibration):
+    if isinstance(calibration, torch.Tensor):
+        raise TypeError("calibration must be an iterable of positional-argument tuples, e.g. [(x,)] or a "
+                        "DataLoader of tuples; got a bare Tensor (wrap it: [(x,)])")
+    for b in calibration:
+        yield b if isinstance(b, (tuple, list)) else (b,)
+
+
+def calibrate(model: torch.nn.Module, calibration: Iterable, *, progress: bool | None = None) -> dict:
+    """Run ``model`` (prepared by ``prepare_fx``/``prepare``, or float) on every calibration batch and
+    return the input statistics of its Conv/Linear layers (``{name: LayerStats}``).
+
+    The forwards also feed torch's observers, so this *is* the calibration: call ``convert_fx``
+    afterwards, then :func:`apply`.  ``calibration``: an iterable of positional-argument tuples.
+    """
+    bar = _Progress(progress, "safeobs calibration", len(calibration) if hasattr(calibration, "__len__") else None)
+    with StatsCollector(model) as col, torch.no_grad():
+        for batch in _batches(calibration):
+            model(*batch)
+            bar.step()
+    bar.close()
+    if not any(s.n for s in col.stats.values()):
+        raise ValueError("calibration was empty: no Conv/Linear layer saw an input")
+    return col.stats
+
+
+# -- rounding ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundResult:
+    """Per output channel: int8 ``codes`` (shaped like the weight), float32 ``scale``, the float
+    ``bias_delta`` to add to the bias (zeros without bias correction), the objective of the chosen
+    codes and of RTN at the tightest safe scale, and which candidate won (-1 = RTN)."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    bias_delta: np.ndarray
+    error: np.ndarray
+    rtn_error: np.ndarray
+    choice: np.ndarray
+    extra: dict = field(default_factory=dict)
+
+
+def _partners(pairs: np.ndarray, oc: int, k: int) -> np.ndarray:
+    """(OC, K, D) partner columns of each (row, column), -1 padded; pairs index weight.ravel()."""
+    if len(pairs) == 0:
+        return np.full((oc, k, 0), -1, dtype=np.int64)
+    r, ca, cb = pairs[:, 0] // k, pairs[:, 0] % k, pairs[:, 1] % k
+    if np.any(pairs[:, 1] // k != r):
+        raise ValueError("a layout pair crosses output channels; data-aware rounding needs per-channel pairs")
+    node = np.concatenate([r * k + ca, r * k + cb])
+    other = np.concatenate([cb, ca])
+    order = np.lexsort((other, node))
+    node, other = node[order], other[order]
+    keep = np.ones(len(node), dtype=bool)
+    keep[1:] = (node[1:] != node[:-1]) | (other[1:] != other[:-1])
+    node, other = node[keep], other[keep]
+    count = np.bincount(node, minlength=oc * k)
+    slot = np.arange(len(node)) - np.repeat(np.cumsum(count) - count, count)
+    out = np.full((oc * k, max(int(count.max()), 1)), -1, dtype=np.int64)
+    out[node, slot] = other
+    return out.reshape(oc, k, -1)
+
+
+def _cholesky_inv_upper(h: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor of (H + damp*mean(diag)*I)^-1, batched over leading dims (GPTQ)."""
+    d = np.einsum("...ii->...i", h)
+    dead = d <= 0
+    hd = h.copy()
+    idx = np.arange(h.shape[-1])
+    lam = damp * np.maximum(d.mean(-1, keepdims=True), 1e-12)
+    hd[..., idx, idx] += lam + dead  # a dead input gets weight 1 on its own (its weight is free)
+    hinv = np.linalg.inv(hd)
+    hinv = (hinv + np.swapaxes(hinv, -1, -2)) / 2
+    return np.swapaxes(np.linalg.cholesky(hinv), -1, -2)
+
+
+def _gptq(w: np.ndarray, u: np.ndarray, scale: np.ndarray, partners: np.ndarray) -> np.ndarray:
+    """Sequential safe rounding of ``w`` (R, K) at per-row ``scale`` (R,).
+
+    ``u``: upper Cholesky factor of H^-1, shared (K, K) or per row (R, K, K).  Column j is rounded,
+    clipped to the interval its earlier partners leave (module docstring, Guarantee 1), and its error
+    is fed back to the later columns.  Returns float codes (R, K).
+    """
+    w = w.astype(np.float64, copy=True)
+    r, k = w.shape
+    q = np.zeros((r, k))
+    inv = (np.float32(1) / scale.astype(np.float32)).astype(np.float64)
+    s = scale.astype(np.float64)
+    rows = np.arange(r)
+    shared = u.ndim == 2
+    earlier = partners < np.arange(k)[None, :, None]  # partners rounded before column j (natural order)
+    for b0 in range(0, k, _BLOCK if shared else k):
+        b1 = min(k, b0 + (_BLOCK if shared else k))
+        err = np.zeros((r, b1 - b0))
+        for j in range(b0, b1):
+            code = np.clip(np.rint(w[:, j] * inv), -128, 127)
+            lo = np.full(r, -128.0)
+            hi = np.full(r, 127.0)
+            for d in range(partners.shape[2]):
+                p = partners[:, j, d]
+                ok = earlier[:, j, d]
+                qp = q[rows, np.where(ok, p, 0)]
+                lo = np.where(ok, np.maximum(lo, PAIR_MIN - qp), lo)
+                hi = np.where(ok, np.minimum(hi, PAIR_MAX - qp), hi)
+            code = np.clip(code, lo, hi)
+            q[:, j] = code
+            if shared:
+                e = (w[:, j] - s * code) / u[j, j]
+                w[:, j + 1:b1] -= e[:, None] * u[j, j + 1:b1][None, :]
+                err[:, j - b0] = e
+            else:
+                e = (w[:, j] - s * code) / u[:, j, j]
+                w[:, j + 1:] -= e[:, None] * u[:, j, j + 1:]
+        if shared and b1 < k:
+            w[:, b1:] -= err @ u[b0:b1, b1:]
+    return q
+
+
+def _objective(e: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Row-wise e^T M e; ``m`` shared (K, K) or per row (R, K, K)."""
+    if m.ndim == 2:
+        return np.einsum("rk,rk->r", e @ m, e)
+    return np.einsum("rk,rkj,rj->r", e, m, e)
+
+
+def check_safe(codes: np.ndarray, pairs: np.ndarray) -> None:
+    """Raise if any pair of ``codes`` (indices into ``codes.ravel()``) breaks the bound (never expected)."""
+    flat = codes.reshape(-1).astype(np.int64)
+    if len(pairs):
+        t = flat[pairs[:, 0]] + flat[pairs[:, 1]]
+        if np.any((t > PAIR_MAX) | (t < PAIR_MIN)) or flat.min() < -128 or flat.max() > 127:
+            raise AssertionError("safeobs.rounding produced an unsafe pair; please report this bug")
+
+
+def round_weight(
+    weight,
+    h,
+    mean=None,
+    *,
+    layout: str = "x86",
+    op: str | None = None,
+    groups: int = 1,
+    bias_correction: bool = True,
+    multipliers=DEFAULT_MULTIPLIERS,
+    gptq: bool = True,
+    damp: float = DAMP,
+) -> RoundResult:
+    """Safe per-channel symmetric codes and scales for ``weight`` that minimise the expected output error.
+
+    ``weight``: float (OC, ...) Conv1d/2d/Linear weight.  ``h``: E[x x^T] of its inputs' receptive
+    fields, (K, K) for all channels or (G, K, K) per group (K = ``weight[0].numel()``), and ``mean``:
+    E[x], (K,) or (G, K), needed for bias correction.  ``multipliers``: candidate scales as multiples
+    of the tightest RTN-safe scale (:func:`safeobs.safe_qparams`); ``gptq=False`` keeps RTN at each
+    candidate scale.  See the module docstring for the method and the guarantees.
+    """
+    wt = torch.as_tensor(weight).detach().to(torch.float32).cpu()
+    if wt.dim() < 2:
+        raise ValueError(f"weight must be (OC, ...) with at least 2 dims, got shape {tuple(wt.shape)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    w = wt.numpy()
+    oc, k = w.shape[0], int(np.prod(w.shape[1:]))
+    op = op or ("linear" if w.ndim == 2 else "conv")
+    if op not in ("linear", "conv"):
+        raise ValueError(f"data-aware rounding supports linear and conv weights, got op={op!r}")
+    g, ocg, _, _ = group_sizes(w.shape, op, groups)
+    h = np.asarray(h, dtype=np.float64)
+    h = h.reshape((1,) * (3 - h.ndim) + h.shape)
+    if h.shape[1:] != (k, k) or h.shape[0] not in (1, g) or not np.all(np.isfinite(h)):
+        raise ValueError(f"h must be finite (K, K) or (G, K, K) with K={k}, G={g}; got shape {h.shape}")
+    if bias_correction and mean is None:
+        raise ValueError("bias_correction needs mean=E[x] (or pass bias_correction=False)")
+    mu = None if mean is None else np.asarray(mean, dtype=np.float64).reshape(-1, k)
+    w2 = w.reshape(oc, k).astype(np.float64)
+
+    scale0 = safe_qparams(wt, layout=layout, op=op, groups=groups)[0].numpy().astype(np.float32)
+    pairs = layout_pairs(w, layout, op, groups)
+    part = _partners(np.asarray(pairs), oc, k)
+
+    m = h - np.einsum("gi,gj->gij", mu, mu) if bias_correction else h  # objective matrix per group
+    per_group = h.shape[0] > 1
+    row_group = np.arange(oc) // ocg
+    m_rows = m[row_group] if per_group else m[0]
+    mu_rows = None if mu is None else (mu[row_group] if mu.shape[0] > 1 else np.broadcast_to(mu[0], (oc, k)))
+
+    rtn = quantize(w2.astype(np.float32), scale0[:, None]).astype(np.float64)
+    rtn_err = _objective(w2 - scale0[:, None].astype(np.float64) * rtn, m_rows)
+    best_q, best_s, best_err = rtn.copy(), scale0.copy(), rtn_err.copy()
+    choice = np.full(oc, -1)
+    if multipliers:
+        mult = np.asarray(multipliers, dtype=np.float64)
+        u = _cholesky_inv_upper(m, damp) if gptq else None
+        for ci, f in enumerate(mult):
+            s = (scale0.astype(np.float64) * f).astype(np.float32)
+            if gptq:
+                q = _gptq(w2, u[row_group] if per_group else u[0], s, part)
+            else:
+                q = quantize(w2.astype(np.float32), s[:, None]).astype(np.float64)
+                q = _clip_pairs(q, part)
+            err = _objective(w2 - s[:, None].astype(np.float64) * q, m_rows)
+            better = err < best_err
+            best_q[better], best_s[better], best_err[better] = q[better], s[better], err[better]
+            choice[better] = ci
+    codes = best_q.astype(np.int8).reshape(w.shape)
+    check_safe(codes, np.asarray(pairs))
+    delta = np.zeros(oc)
+    if bias_correction:
+        delta = np.einsum("rk,rk->r", w2 - best_s[:, None].astype(np.float64) * best_q, mu_rows)
+    return RoundResult(codes, best_s.astype(np.float32), delta, best_err, rtn_err, choice)
+
+
+def _clip_pairs(q: np.ndarray, partners: np.ndarray) -> np.ndarray:
+    """RTN codes made safe by the same sequential clip as :func:`_gptq` (no error feedback)."""
+    q = q.copy()
+    rows = np.arange(q.shape[0])
+    for j in range(q.shape[1]):
+        for d in range(partners.shape[2]):
+            p = partners[:, j, d]
+            ok = (p >= 0) & (p < j)
+            qp = q[rows, np.where(ok, p, 0)]
+            q[:, j] = np.where(ok, np.clip(q[:, j], PAIR_MIN - qp, PAIR_MAX - qp), q[:, j])
+    return q
+
+
+def safe_round(weight, h, mean=None, *, layout: str = "x86", op: str | None = None, groups: int = 1,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, scales)``: int8 codes shaped like ``weight`` and float32 per-output-channel scales.
+
+    The hook for flows that store codes and scales themselves (torchao, ONNX Runtime): see
+    :func:`round_weight` (bias correction is off here unless ``mean`` is given, since the bias
+    delta has nowhere to go; use :func:`round_weight` to get it).
+    """
+    kwargs.setdefault("bias_correction", mean is not None)
+    r = round_weight(weight, h, mean, layout=layout, op=op, groups=groups, **kwargs)
+    return torch.from_numpy(r.codes.copy()), torch.from_numpy(r.scale.copy())
+
+
+# -- rewriting converted models ----------------------------------------------------------------------
+
+
+def _quantized_modules(model):
+    nnq, nnqd = torch.ao.nn.quantized, torch.ao.nn.quantized.dynamic
+    from torch.ao.nn.quantized.modules.conv import _ConvNd, _ConvTransposeNd
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nnq.Linear, nnqd.Linear)) or (isinstance(mod, _ConvNd)
+                                                          and not isinstance(mod, _ConvTransposeNd)):
+            yield name, mod
+
+
+def apply(converted: torch.nn.Module, stats: dict, *, layout: str = "x86", bias_correction: bool = True,
+          multipliers=DEFAULT_MULTIPLIERS, gptq: bool = True, progress: bool | None = None) -> dict:
+    """Rewrite, in place, the int8 weights (and biases) of ``converted`` with safe data-aware codes.
+
+    ``stats``: from :func:`calibrate` on the prepared model that ``converted`` came from (module
+    names match).  Per-channel symmetric int8 Conv1d/2d and Linear weights are rewritten; other
+    layers (ConvTranspose, 3-D conv, per-tensor weights) keep their codes.  Returns
+    ``{name: RoundResult}`` for the rewritten layers.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    todo = []
+    for name, mod in _quantized_modules(converted):
+        st = stats.get(name)
+        wq = mod.weight()
+        if st is None or st.n == 0 or not wq.is_quantized or wq.dtype != torch.qint8 \
+                or wq.qscheme() not in (torch.per_channel_symmetric, torch.per_channel_affine) \
+                or wq.q_per_channel_axis() != 0 or bool(wq.q_per_channel_zero_points().any()) \
+                or tuple(wq.shape) != tuple(st.weight.shape):
+            continue
+        todo.append((name, mod, st))
+    bar = _Progress(progress, "safeobs rounding", len(todo))
+    out = {}
+    for name, mod, st in todo:
+        bar.step(name)
+        r = round_weight(st.weight, st.h, st.mean, layout=layout, op=st.op, groups=st.groups,
+                         bias_correction=bias_correction, multipliers=multipliers, gptq=gptq)
+        scale = torch.from_numpy(r.scale.astype(np.float64))
+        qw = torch._make_per_channel_quantized_tensor(torch.from_numpy(r.codes.copy()), scale,
+                                                      torch.zeros(len(scale), dtype=torch.long), 0)
+        bias = st.bias
+        if bias_correction:
+            bias = (torch.zeros(len(scale)) if bias is None else bias.clone()) + torch.from_numpy(r.bias_delta).float()
+        mod.set_weight_bias(qw, bias)
+        out[name] = r
+    bar.close()
+    return out
+
+
+def quantize_fx(model: torch.nn.Module, example_inputs: tuple, calibration: Iterable, *, backend: str = "x86",
+                qconfig_mapping=None, data_aware: bool = True, bias_correction: bool = True,
+                progress: bool | None = None) -> torch.fx.GraphModule:
+    """``prepare_fx`` → calibrate on ``calibration`` → ``convert_fx`` → safe data-aware weights.
+
+    ``calibration``: iterable of positional-argument tuples.  ``qconfig_mapping`` defaults to
+    ``safeobs.get_default_qconfig_mapping(backend)``; ``backend`` also picks the layout the
+    weights are made safe for.  ``data_aware=False`` gives today's safeobs weights (RTN at the
+    tightest safe scale).  The model is not modified.
+    """
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from .qconfig import _layout, get_default_qconfig_mapping
+
+    layout = _layout(backend)
+    mapping = get_default_qconfig_mapping(backend) if qconfig_mapping is None else qconfig_mapping
+    prepared = prepare_fx(copy.deepcopy(model).eval(), mapping, tuple(example_inputs))
+    stats = calibrate(prepared, calibration, progress=progress)
+    converted = convert_fx(prepared)
+    if data_aware:
+        apply(converted, stats, layout=layout, bias_correction=bias_correction, progress=progress)
+    return converted
+
+
+def quantize_dynamic(model: torch.nn.Module, calibration: Iterable, *, backend: str = "x86",
+                     bias_correction: bool = True, progress: bool | None = None) -> torch.nn.Module:
+    """:func:`safeobs.quantize_dynamic` (8-bit dynamic inputs) with data-aware safe Linear weights."""
+    from .qconfig import _layout
+    from .qconfig import quantize_dynamic as _qd
+
+    layout = _layout(backend)
+    model = copy.deepcopy(model).eval()
+    stats = calibrate(model, calibration, progress=progress)
+    out = _qd(model, backend=backend)
+    apply(out, stats, layout=layout, bias_correction=bias_correction, progress=progress)
+    return out
