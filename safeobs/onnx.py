@@ -1,0 +1,515 @@
+"""ONNX Runtime adapter: safe 8-bit weights from ORT's own quantizer, and reading quantized models.
+
+:func:`quantize_dynamic` and :func:`quantize_static` are drop-in for ``onnxruntime.quantization``'s
+functions (same arguments, plus keyword-only ``layout``).  ORT does everything (graph rewriting,
+calibration, QDQ / QOperator formats, bias quantization); safeobs replaces only the scales and codes
+of the int8 weights, at ORT's two weight hooks:
+
+* QOperator (``quantize_dynamic``, ``quantize_static(quant_format=QOperator)``):
+  ``BaseQuantizer.quantize_initializer_impl`` / ``quantize_weight_per_channel_impl``;
+* QDQ: ``QDQQuantizer._calc_initializer_quant_params``.
+
+Both run before ORT quantizes the biases, which read the weight scale from the model, so int32
+biases follow the new scales.  The scales are the tightest ones that :mod:`safeobs.solver` proves
+safe for the kernels' pairs (layout ``"ort"``: MLAS's U8S8 kernels pair the flat (2m, 2m+1)
+positions of K, or of (taps, input channel) for Conv), never below ORT's own scale; the codes use
+ORT's formula ``clip(round(w / scale) + zp)``.  Activations keep the full u8 range and
+``reduce_range`` is turned off: with safe weights no u8 activation can saturate a lane.
+
+onnx and onnxruntime are imported lazily (``pip install 'safeobs[onnx]'``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+INSTALL_HINT = "pip install 'safeobs[onnx]'  (or: pip install onnx onnxruntime)"
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
+ISAS = ("avx2", "avx512", "vnni")
+
+
+def require():
+    """``(onnx, onnxruntime)``, imported lazily; a missing package raises ImportError naming the pip command."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError(f"safeobs.onnx needs onnx and onnxruntime ({e.name} is missing): {INSTALL_HINT}") from None
+    return onnx, onnxruntime
+
+
+# -- how the kernels see an ONNX weight -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Role:
+    """How a weight initializer enters its kernel: ``kind`` is "matmul" (B is (K, N)), "gemm_t" (B is
+    (N, K), Gemm transB=1), "conv" ((OC, IC/G, *k)) or "other" (unknown consumer: layout "any")."""
+
+    kind: str
+    group: int = 1
+
+
+def weight_roles(model) -> dict[str, Role]:
+    """Role of every initializer consumed as a weight by MatMul / Gemm / Conv in a float model."""
+    inits = {i.name for i in model.graph.initializer}
+    roles: dict[str, Role] = {}
+    for node in model.graph.node:
+        if len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "MatMul":
+            role = Role("matmul")
+        elif node.op_type == "Gemm":
+            role = Role("gemm_t" if attrs.get("transB") is not None and attrs["transB"].i else "matmul")
+        elif node.op_type == "Conv":
+            role = Role("conv", int(attrs["group"].i) if "group" in attrs else 1)
+        else:
+            continue
+        name = node.input[1]
+        roles[name] = role if roles.get(name, role) == role else Role("other")
+    return roles
+
+
+def exact_depthwise(shape, role: Role) -> bool:
+    """MLAS runs QLinearConv with IC/G == OC/G == 1 with exact depthwise kernels (pair discovery)."""
+    return role.kind == "conv" and len(shape) >= 3 and shape[1] == 1 and shape[0] == role.group
+
+
+def _kernel_view(w: np.ndarray, role: Role, axis: int | None):
+    """``(V, ch_axis, op)``: the weight as the kernel's (OC, K...) array, and the channel axis in it."""
+    if role.kind == "matmul" and w.ndim == 2:
+        return w.T, (None if axis is None else 1 - axis % 2), "linear"
+    if role.kind == "gemm_t" and w.ndim == 2:
+        return w, axis, "linear"
+    if role.kind == "conv" and 3 <= w.ndim <= 5:
+        return w, axis, "conv"
+    return w, axis, None
+
+
+def layout_pairs_for(v: np.ndarray, op: str | None, layout: str, ch_axis: int | None,
+                     role: Role | None = None) -> np.ndarray:
+    """Pairs (indices into ``v.ravel()``) that must be safe; unknown ops use the top-two rule per channel."""
+    from . import layout as L
+
+    if layout == "ort" and role is not None and exact_depthwise(v.shape, role):
+        return np.zeros((0, 2), np.int64)
+    if op is not None and layout != "any":
+        return L.weight_pairs(v.shape, layout, op)
+    if op is not None:
+        return L.any_pairs(v, op)
+    axis = 0 if ch_axis is None else ch_axis  # unknown consumer: any pairing inside a channel
+    rows = np.moveaxis(np.arange(v.size).reshape(v.shape), axis, 0).reshape(v.shape[axis], -1)
+    if ch_axis is None:
+        rows = rows.reshape(1, -1)
+    vals = v.ravel()[rows]
+    if rows.shape[1] < 2:
+        return np.zeros((0, 2), np.int64)
+    r = np.arange(rows.shape[0])[:, None]
+    top, bottom = np.argpartition(-vals, 1, axis=1)[:, :2], np.argpartition(vals, 1, axis=1)[:, :2]
+    return np.concatenate([rows[r, top], rows[r, bottom]]).astype(np.int64)
+
+
+def ort_codes(w: np.ndarray, scale, zero_point, axis: int | None, qmin=-128, qmax=127) -> np.ndarray:
+    """ORT's weight quantization (quant_utils.quantize_nparray): ``clip(round(w / scale) + zp)`` in float32."""
+    shape = [1] * w.ndim
+    if axis is not None:
+        shape[axis] = -1
+    s = np.asarray(scale, dtype=np.float32).reshape(shape)
+    z = np.asarray(zero_point).astype(np.float32).reshape(shape)
+    q = np.asarray((w.astype(np.float32) / s).round() + z)
+    return np.clip(q, qmin, qmax).astype(np.int8)
+
+
+def pair_violations(codes: np.ndarray, role: Role, axis: int | None, layout: str = "ort",
+                    weight: np.ndarray | None = None) -> np.ndarray:
+    """Channels (indices along ``axis``, [0] per tensor) with a kernel pair whose codes can saturate."""
+    v, ch, op = _kernel_view(codes.astype(np.int16), role, axis)
+    pairs = layout_pairs_for(v if weight is None else _kernel_view(weight, role, axis)[0], op, layout, ch, role)
+    flat = v.ravel()
+    tot = flat[pairs[:, 0]].astype(np.int32) + flat[pairs[:, 1]]
+    bad = pairs[(tot > 128) | (tot < -128), 0]
+    if ch is None:
+        return np.array([0] if bad.size else [], dtype=np.int64)
+    inner = int(np.prod(v.shape[ch + 1:]))
+    return np.unique((bad // inner) % v.shape[ch])
+
+
+def safe_weight_params(w: np.ndarray, role: Role, scale, zero_point, axis: int | None, *, symmetric: bool = True,
+                       layout: str = "ort"):
+    """Tightest safe ``(scale, zero_point, codes)`` for an int8 ONNX weight, never below ORT's ``scale``.
+
+    ``axis``: ORT's per-channel axis (None per tensor).  The solver works on the kernel's view of the
+    weight; the codes are then made with ORT's formula and checked pair by pair, and the rare channel
+    where float32 division rounds a code differently from the solver's reciprocal gets the next
+    float32 scale until it is safe (an exact check, not a tolerance).
+    """
+    from .solver import raise_scales
+
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    v, ch, op = _kernel_view(w, role, axis)
+    v = np.ascontiguousarray(v)
+    pairs = layout_pairs_for(v, op, layout, ch, role)
+    stock = np.asarray(scale, dtype=np.float32).reshape(-1)
+    zp = np.asarray(zero_point).astype(np.int64).reshape(-1)
+    if not symmetric or np.any(zp != 0):
+        new_s, new_zp = raise_scales(v, pairs, stock, zp, ch_axis=ch, symmetric=False, check_pairs=False)
+    else:
+        new_s, new_zp = raise_scales(v, pairs, stock, 0, ch_axis=ch, symmetric=True, check_pairs=False)
+    new_s = new_s.astype(np.float32)
+    for _ in range(64):
+        codes = ort_codes(w, new_s, new_zp, axis)
+        bad = pair_violations(codes, role, axis, layout, weight=w)
+        if bad.size == 0:
+            return new_s, new_zp.astype(np.asarray(zero_point).dtype), codes
+        new_s[bad] = np.nextafter(new_s[bad], np.float32(np.inf))
+    raise RuntimeError("no safe scale found (float32 rounding did not settle)")
+
+
+# -- hooks into ORT's quantizer -------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    layout: str
+    changed: dict = field(default_factory=dict)
+
+
+def _roles_of(quantizer) -> dict:
+    roles = getattr(quantizer, "_safeobs_roles", None)
+    if roles is None:
+        roles = quantizer._safeobs_roles = weight_roles(quantizer.model.model)
+    return roles
+
+
+def _replace_initializer(onnx_model, name: str, array: np.ndarray, like) -> None:
+    onnx, _ = require()
+    old = onnx_model.get_initializer(name)
+    if old is None:
+        return
+    new = onnx.numpy_helper.from_array(np.asarray(array).astype(onnx.helper.tensor_dtype_to_np_dtype(like.data_type))
+                                       .reshape(tuple(like.dims)), name)
+    onnx_model.remove_initializer(old)
+    onnx_model.add_initializer(new)
+
+
+def _is_int8(qtype) -> bool:
+    onnx, _ = require()
+    return int(getattr(qtype, "tensor_type", qtype)) == onnx.TensorProto.INT8
+
+
+@contextlib.contextmanager
+def _hooks(ctx: _Context):
+    onnx, _ = require()
+    from onnxruntime.quantization import base_quantizer, qdq_quantizer
+
+    base = base_quantizer.BaseQuantizer
+    orig_init, orig_pc = base.quantize_initializer_impl, base.quantize_weight_per_channel_impl
+    orig_qdq = qdq_quantizer.QDQQuantizer._calc_initializer_quant_params
+
+    def _apply(quantizer, weight_name, axis, zp_name, scale_name, q_name):
+        roles = _roles_of(quantizer)
+        if weight_name not in roles:
+            return
+        w = onnx.numpy_helper.to_array(quantizer.model.get_initializer(weight_name))
+        sc_init, zp_init = quantizer.model.get_initializer(scale_name), quantizer.model.get_initializer(zp_name)
+        scale, zp = onnx.numpy_helper.to_array(sc_init), onnx.numpy_helper.to_array(zp_init)
+        s, z, codes = safe_weight_params(w, roles[weight_name], scale, zp, axis, symmetric=bool(np.all(zp == 0)),
+                                         layout=ctx.layout)
+        _replace_initializer(quantizer.model, scale_name, s, sc_init)
+        _replace_initializer(quantizer.model, zp_name, z, zp_init)
+        q_init = quantizer.model.get_initializer(q_name)
+        if q_init is not None:
+            _replace_initializer(quantizer.model, q_name, codes, q_init)
+        ctx.changed[weight_name] = int(np.sum(s != scale.reshape(-1).astype(np.float32)))
+
+    def quantize_initializer_impl(self, weight, qType, reduce_range=False, keep_float_weight=False):
+        out = orig_init(self, weight, qType, reduce_range, keep_float_weight)
+        if _is_int8(qType):
+            _apply(self, weight.name, None, out[1], out[2], out[0])
+        return out
+
+    def quantize_weight_per_channel_impl(self, weight_name, weight_qType, channel_axis, reduce_range=True,
+                                         keep_float_weight=False):
+        out = orig_pc(self, weight_name, weight_qType, channel_axis, reduce_range, keep_float_weight)
+        if _is_int8(weight_qType):
+            rank = len(quantizer_dims(self, weight_name))
+            _apply(self, weight_name, channel_axis % rank, out[1], out[2], out[0])
+        return out
+
+    def calc_initializer_quant_params(self):
+        params = orig_qdq(self)
+        roles = _roles_of(self)
+        for name, qp in params.items():
+            if name not in roles or not _is_int8(qp["quant_type"]) or qp.get("block_size", 0):
+                continue
+            w = onnx.numpy_helper.to_array(self.model.get_initializer(name))
+            axis = qp.get("axis")
+            axis = None if axis is None else axis % w.ndim
+            zp = np.asarray(qp["zero_point"])
+            s, z, _ = safe_weight_params(w, roles[name], qp["scale"], zp, axis, symmetric=bool(np.all(zp == 0)),
+                                         layout=ctx.layout)
+            ctx.changed[name] = int(np.sum(s != np.asarray(qp["scale"], np.float32).reshape(-1)))
+            qp["scale"] = s.reshape(np.shape(qp["scale"])).astype(np.asarray(qp["scale"]).dtype)
+            qp["zero_point"] = z.reshape(zp.shape).astype(zp.dtype)
+        return params
+
+    base.quantize_initializer_impl = quantize_initializer_impl
+    base.quantize_weight_per_channel_impl = quantize_weight_per_channel_impl
+    qdq_quantizer.QDQQuantizer._calc_initializer_quant_params = calc_initializer_quant_params
+    try:
+        yield ctx
+    finally:
+        base.quantize_initializer_impl, base.quantize_weight_per_channel_impl = orig_init, orig_pc
+        qdq_quantizer.QDQQuantizer._calc_initializer_quant_params = orig_qdq
+
+
+def quantizer_dims(quantizer, name: str) -> tuple:
+    return tuple(quantizer.model.get_initializer(name).dims)
+
+
+def _bind(fn, args, kwargs):
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    if bound.arguments.get("reduce_range"):
+        warnings.warn("safeobs: reduce_range=True ignored: safe weights keep the full 8-bit range exact",
+                      UserWarning, stacklevel=3)
+    bound.arguments["reduce_range"] = False
+    extra = dict(bound.arguments.get("extra_options") or {})
+    if extra.get("WeightSymmetric") is False:
+        pass  # asymmetric int8 weights: the solver picks the zero point too
+    return bound
+
+
+def _check_layout(layout: str) -> None:
+    from .layout import LAYOUTS
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def quantize_dynamic(model_input, model_output, *args, layout: str = "ort", **kwargs):
+    """``onnxruntime.quantization.quantize_dynamic`` with safe int8 weights (same arguments).
+
+    ``layout``: the kernels to be safe for: ``"ort"`` (MLAS, default), ``"x86"`` (also FBGEMM/oneDNN)
+    or ``"any"`` (every pairing).  ``reduce_range`` is forced off.  Returns the verification
+    :class:`Report` of the written model.
+    """
+    _, _ = require()
+    q = importlib.import_module("onnxruntime.quantization.quantize")
+
+    _check_layout(layout)
+    bound = _bind(q.quantize_dynamic, (model_input, model_output, *args), kwargs)
+    with _hooks(_Context(layout)):
+        q.quantize_dynamic(*bound.args, **bound.kwargs)
+    return verify(str(model_output), layout if layout != "any" else "ort")
+
+
+def quantize_static(model_input, model_output, calibration_data_reader=None, *args, layout: str = "ort", **kwargs):
+    """``onnxruntime.quantization.quantize_static`` with safe int8 weights (same arguments).
+
+    Calibration, QDQ / QOperator, activation types and bias quantization are ORT's; ``reduce_range``
+    is forced off.  Returns the verification :class:`Report` of the written model.
+    """
+    _, _ = require()
+    q = importlib.import_module("onnxruntime.quantization.quantize")
+
+    _check_layout(layout)
+    bound = _bind(q.quantize_static, (model_input, model_output, calibration_data_reader, *args), kwargs)
+    with _hooks(_Context(layout)):
+        q.quantize_static(*bound.args, **bound.kwargs)
+    return verify(str(model_output), layout if layout != "any" else "ort")
+
+
+# -- reading a quantized model --------------------------------------------------------------------
+
+
+@dataclass
+class QWeight:
+    """One integer weight of a quantized ONNX model and the node(s) that run it."""
+
+    node: str  # the consuming node (QLinearConv, MatMulInteger, DequantizeLinear's consumer, ...)
+    op_type: str  # the node's op type ("MatMul"/"Conv"/"Gemm" for QDQ)
+    fmt: str  # "qoperator" or "qdq"
+    codes_name: str
+    scale_name: str | None
+    zp_name: str | None
+    axis: int | None
+    role: Role
+    codes: np.ndarray
+    scale: np.ndarray | None
+    zero_point: np.ndarray | None
+    act_dtype: str  # "uint8", "int8" or "float" (activation not quantized)
+    conv_attrs: dict = field(default_factory=dict)
+
+    def kernel(self, isa: str, x64quantprecision: bool = False) -> tuple[str, bool]:
+        """``(kernel, saturates)`` that ORT's CPU EP runs for this weight on ``isa`` (see :func:`kernel_for`)."""
+        return kernel_for(self, isa, x64quantprecision)
+
+
+def kernel_for(qw: QWeight, isa: str, x64quantprecision: bool = False) -> tuple[str, bool]:
+    """Which MLAS kernel runs ``qw`` and whether it can saturate (pair discovery, tests/test_onnx.py).
+
+    * u8 activations x s8 weights: QGEMM U8S8 (MatMulInteger, MatMulIntegerToFloat,
+      DynamicQuantizeMatMul, QLinearMatMul, fused QDQ MatMul/Gemm) and QLinearConv (ConvSym when the
+      weight zero points are 0 and IC % 4 == 0, im2col QGEMM otherwise): ``vpmaddubsw`` on AVX2 and
+      AVX-512 without VNNI, flat pairs; VNNI / AMX exact.  Depthwise QLinearConv (IC/G = OC/G = 1):
+      exact (MlasConvSymDepthwise / MlasConvDepthwise widen to int16 first).
+    * ConvInteger: exact everywhere (ORT runs it as W x im2col(X): the S8U8 / U8U8 dispatch).
+    * s8 activations in QOperator nodes (S8S8): exact on every x86 CPU (MLAS has no vpmaddubsw S8S8
+      kernel; AVX-VNNI-INT8 is exact).  QDQ models with s8 activations are NOT: on x86 ORT's graph
+      optimizer turns their Q/DQ pairs into u8 (x + 128, zp + 128) before fusing, so they run the
+      U8S8 kernels above and saturate with the same pairs (measured, tests/test_onnx.py).
+    * u8 weights (U8U8), and ``session.x64quantprecision=1``: exact.
+    * activations left in float (weight-only DequantizeLinear): an FP32 kernel, exact.
+    """
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+    op = qw.op_type
+    if qw.codes.dtype != np.int8:
+        return "u8u8", False
+    if qw.act_dtype == "float":
+        return "fp32", False
+    if qw.act_dtype == "int8" and qw.fmt == "qoperator":
+        return "s8s8", False
+    if op == "ConvInteger":
+        return "convinteger", False
+    if x64quantprecision:
+        return "u8u8(x64quantprecision)", False
+    if qw.role.kind == "conv":
+        ocg, icg = qw.codes.shape[0] // qw.role.group, qw.codes.shape[1]
+        if icg == 1 and ocg == 1:
+            return "dwconv", False
+        zp0 = qw.zero_point is None or not np.any(qw.zero_point)
+        name = "convsym" if zp0 and (icg * qw.role.group) % 4 == 0 and qw.role.group == 1 else "im2col"
+    else:
+        name = "qgemm"
+    return name, isa != "vnni"
+
+
+def _attrs(node) -> dict:
+    onnx, _ = require()
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def read_weights(model) -> list[QWeight]:
+    """Every int8/uint8 weight of a quantized model with its scale, zero point, role and consumer."""
+    onnx, _ = require()
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        model = onnx.load(str(model))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    arr = lambda n: onnx.numpy_helper.to_array(inits[n]) if n in inits else None  # noqa: E731
+    producers = {o: n for n in g.node for o in n.output}
+
+    def act_dtype(name: str) -> str:
+        p = producers.get(name)
+        if p is not None and p.op_type == "DequantizeLinear":
+            z = arr(p.input[2]) if len(p.input) > 2 and p.input[2] else None
+            return "int8" if z is not None and z.dtype == np.int8 else ("uint8" if p.input[0] not in inits else "float")
+        if p is not None and p.op_type == "DynamicQuantizeLinear":
+            return "uint8"
+        if name in inits:
+            return str(arr(name).dtype)
+        for vi in list(g.input) + list(g.value_info):
+            if vi.name == name:
+                return str(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+        return "uint8"
+
+    def base_of(codes_name: str) -> str:
+        return codes_name[: -len("_quantized")] if codes_name.endswith("_quantized") else codes_name
+
+    out = []
+    for node in g.node:
+        a = _attrs(node)
+        t, ins = node.op_type, list(node.input)
+        spec = None  # (codes, scale, zp, role, act input, act zp)
+        if t == "QLinearConv":
+            spec = (ins[3], ins[4], ins[5], Role("conv", a.get("group", 1)), ins[0], ins[2])
+        elif t == "QLinearMatMul":
+            spec = (ins[3], ins[4], ins[5], Role("matmul"), ins[0], ins[2])
+        elif t == "MatMulInteger":
+            b = base_of(ins[1])
+            spec = (ins[1], b + "_scale", ins[3] if len(ins) > 3 else None, Role("matmul"), ins[0],
+                    ins[2] if len(ins) > 2 else None)
+        elif t == "ConvInteger":
+            b = base_of(ins[1])
+            spec = (ins[1], b + "_scale", ins[3] if len(ins) > 3 else None, Role("conv", a.get("group", 1)),
+                    ins[0], ins[2] if len(ins) > 2 else None)
+        elif t == "MatMulIntegerToFloat":
+            spec = (ins[1], ins[3], ins[5] if len(ins) > 5 else None, Role("matmul"), ins[0],
+                    ins[4] if len(ins) > 4 else None)
+        elif t == "DynamicQuantizeMatMul":
+            spec = (ins[1], ins[2], ins[3] if len(ins) > 3 else None, Role("matmul"), None, None)
+        elif t in WEIGHT_OPS and len(ins) > 1:
+            p = producers.get(ins[1])
+            if p is not None and p.op_type == "DequantizeLinear" and p.input[0] in inits:
+                role = (Role("conv", a.get("group", 1)) if t == "Conv" else
+                        Role("gemm_t" if t == "Gemm" and a.get("transB", 0) else "matmul"))
+                pa = _attrs(p)
+                codes = arr(p.input[0])
+                spec = (p.input[0], p.input[1], p.input[2] if len(p.input) > 2 else None, role, ins[0], None)
+                spec = spec + (pa.get("axis", 1) if arr(p.input[1]).size > 1 else None,)
+        if spec is None or spec[0] not in inits:
+            continue
+        codes = arr(spec[0])
+        if codes.dtype not in (np.int8, np.uint8) or codes.ndim < 2:
+            continue
+        scale = arr(spec[1]) if spec[1] in inits else None
+        zp = arr(spec[2]) if spec[2] and spec[2] in inits else None
+        if len(spec) > 6:
+            axis = None if spec[6] is None else spec[6] % codes.ndim
+        elif scale is not None and scale.size > 1:
+            axis = 0 if spec[3].kind == "conv" else 1
+        else:
+            axis = None
+        if t == "DynamicQuantizeMatMul":
+            ad = "uint8"
+        elif spec[5] and spec[5] in inits:
+            ad = str(arr(spec[5]).dtype)
+        else:
+            ad = act_dtype(spec[4])
+        conv = {k: v for k, v in a.items() if k in ("strides", "pads", "dilations", "group", "auto_pad")}
+        out.append(QWeight(node.name or f"{t}_{len(out)}", t, "qdq" if t in WEIGHT_OPS else "qoperator", spec[0],
+                           spec[1] if scale is not None else None, spec[2] if zp is not None else None, axis,
+                           spec[3], codes, scale, zp, ad, conv))
+    return out
+
+
+@dataclass
+class Report:
+    """Result of :func:`verify`: ``violations`` maps weight initializer -> unsafe channel indices."""
+
+    layout: str
+    weights: int
+    violations: dict
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def __repr__(self) -> str:
+        n = sum(len(v) for v in self.violations.values())
+        return f"Report(layout={self.layout!r}, weights={self.weights}, unsafe_channels={n}, ok={self.ok})"
+
+
+def verify(model, layout: str = "ort") -> Report:
+    """Check every int8 weight that a saturating kernel may run: no kernel pair may leave [-128, 128]."""
+    weights = read_weights(model)
+    bad = {}
+    seen = set()
+    for qw in weights:
+        if qw.codes_name in seen:
+            continue
+        seen.add(qw.codes_name)
+        if qw.codes.dtype != np.int8:
+            continue
+        ch = pair_violations(qw.codes, qw.role, qw.axis, layout)
+        if ch.size:
+            bad[qw.codes_name] = ch.tolist()
+    return Report(layout, len(seen), bad)
