@@ -1,0 +1,234 @@
+"""torchao ``quantize_`` configs whose int8 weights can never saturate an int16 pair on x86.
+
+Drop-ins for torchao 0.18's configs of the same names, with the same fields and defaults plus
+``layout="x86"``::
+
+    from torchao.quantization import quantize_
+    import safeobs.torchao
+    quantize_(model, safeobs.torchao.Int8DynamicActivationInt8WeightConfig())
+
+Activations keep torchao's full 8-bit range (per-token symmetric by default).  In every x86 kernel
+that torchao reaches (``torch._int_mm`` through oneDNN, or ``onednn.qlinear_pointwise`` after
+Inductor's freezing passes) the activation codes enter ``vpmaddubsw`` as u8 in [0, 255] (oneDNN adds
+128 to an s8 source; torchao adds it itself on VNNI hosts).  So the sign-split pair bound on the
+weight codes (:mod:`safeobs.solver`) is exactly what is needed, for any activation value.  The
+per-row (or per-tensor) weight scales are torchao's own, raised by the solver only where a pair of
+the layout needs it; the weights stay torchao ``Int8Tensor``s, so torch.compile, serialization and
+everything else downstream are torchao's.
+
+Covered: ``Int8DynamicActivationInt8WeightConfig`` and ``Int8StaticActivationInt8WeightConfig``
+(both run ``Int8Tensor``'s int8 x int8 linear), also as ``base_config`` of torchao's SmoothQuant/AWQ,
+which look handlers up by config type.  Not covered, because no int8 x int8 kernel runs:
+``Int8WeightOnlyConfig`` (float activations times int8 weights), ``Int8DynamicActivationIntxWeightConfig``
+and ``IntxWeightOnlyConfig`` (their CPU path dequantizes the weight and runs a float linear here).
+
+Importing this module imports torchao (optional: ``pip install torchao``); ``import safeobs`` never does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from functools import partial
+
+import numpy as np
+import torch
+
+try:
+    import torchao as _torchao
+    from torchao.quantization import quant_api as _qa
+    from torchao.quantization.granularity import PerRow, PerTensor
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine
+    from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor, QuantizeTensorToInt8Kwargs
+    from torchao.quantization.transform_module import register_quantize_module_handler
+    from torchao.quantization.utils import _module_extra_repr, get_block_size
+except ImportError:  # pragma: no cover - exercised only without torchao
+    raise ImportError("safeobs.torchao needs torchao, which is not installed: pip install torchao") from None
+
+from . import emulator_torchao
+from .layout import LAYOUTS
+from .qlayers import QLayer
+from .solver import layout_pairs, raise_scales
+from .verify import Report, check_codes
+
+__all__ = [
+    "Int8DynamicActivationInt8WeightConfig",
+    "Int8StaticActivationInt8WeightConfig",
+    "COVERED_CONFIGS",
+    "safe_weight_scale",
+    "quantize_weight",
+    "quantized_linears",
+    "verify",
+]
+
+# Layouts that cover the oneDNN matmul pairing torchao's kernels use (K-block pairs on AVX2, flat
+# pairs on AVX-512): "fbgemm" (flat only) misses the AVX2 K-block restarts.
+TORCHAO_LAYOUTS = ("x86", "onednn", "any")
+
+
+def _check_layout(layout):
+    if layout not in TORCHAO_LAYOUTS:
+        raise ValueError(f"layout must be one of {TORCHAO_LAYOUTS} for torchao's oneDNN int8 matmul, got {layout!r}"
+                         + (" ('fbgemm' misses oneDNN's AVX2 K-block pairs)" if layout == "fbgemm" else ""))
+
+
+@dataclasses.dataclass
+class Int8DynamicActivationInt8WeightConfig(_qa.Int8DynamicActivationInt8WeightConfig):
+    """torchao's ``Int8DynamicActivationInt8WeightConfig`` (same fields and defaults) with safe weights.
+
+    ``layout``: which kernels' pairs the weights must be safe for (default ``"x86"``: every x86 kernel).
+    ``reduce_range=True`` is torchao's own 7-bit/7-bit answer, safe by itself; it is passed through.
+    """
+
+    layout: str = "x86"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_layout(self.layout)
+
+
+@dataclasses.dataclass
+class Int8StaticActivationInt8WeightConfig(_qa.Int8StaticActivationInt8WeightConfig):
+    """torchao's ``Int8StaticActivationInt8WeightConfig`` (same fields and defaults) with safe weights.
+
+    Static activation codes are clamped to the int8 range like dynamic ones, so the same bound holds.
+    """
+
+    layout: str = "x86"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_layout(self.layout)
+
+
+COVERED_CONFIGS = ("Int8DynamicActivationInt8WeightConfig", "Int8StaticActivationInt8WeightConfig")
+
+
+# -- weights ---------------------------------------------------------------------------------------
+
+
+def _granularities(config):
+    act, weight = Int8Tensor._normalize_granularity(config.granularity)
+    return act, weight
+
+
+def safe_weight_scale(weight: torch.Tensor, granularity=None, *, layout: str = "x86",
+                      reduce_range: bool = False) -> torch.Tensor:
+    """torchao's symmetric int8 weight scale for ``weight`` (N, K), raised per row only where a pair
+    of ``layout`` could saturate; shaped like torchao's (keepdim), float32."""
+    _check_layout(layout)
+    granularity = PerRow() if granularity is None else granularity
+    if not isinstance(granularity, (PerRow, PerTensor)):
+        raise ValueError(f"granularity must be PerRow() or PerTensor(), got {granularity!r}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise TypeError(f"weight must be a 2-D float tensor (a Linear weight), got "
+                        f"{type(weight).__name__} {getattr(weight, 'shape', '')}")
+    if weight.numel() == 0:
+        raise ValueError("weight is empty")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight contains NaN or Inf; no finite scale can be proven safe")
+    qmin, qmax = (-64, 63) if reduce_range else (-128, 127)
+    block = list(get_block_size(weight.shape, granularity))
+    scale, _ = choose_qparams_affine(
+        input=weight, mapping_type=MappingType.SYMMETRIC, block_size=block, target_dtype=torch.int8,
+        quant_min=qmin, quant_max=qmax, scale_dtype=torch.float32, zero_point_dtype=torch.int8, keepdim=True,
+        eps=torch.finfo(torch.float32).eps,
+    )
+    if reduce_range:  # |codes| <= 64: every pair sums within [-128, 126]
+        return scale
+    w = weight.detach().to(torch.float32).cpu().numpy()  # torchao quantizes w * f32(1/s) in float32 too
+    per_row = isinstance(granularity, PerRow)
+    new, _ = raise_scales(w, layout_pairs(w, layout, "linear"), scale.detach().cpu().numpy().reshape(-1),
+                          ch_axis=0 if per_row else None, symmetric=True, check_pairs=False)
+    return torch.from_numpy(new.astype(np.float32)).reshape(scale.shape).to(scale.device)
+
+
+def quantize_weight(weight: torch.Tensor, config) -> Int8Tensor:
+    """The ``Int8Tensor`` torchao's handler would build for ``config``, with safe weight scales."""
+    act_g, weight_g = _granularities(config)
+    scale = safe_weight_scale(weight, weight_g, layout=config.layout, reduce_range=bool(config.reduce_range))
+    static = isinstance(config, _qa.Int8StaticActivationInt8WeightConfig)
+    extra = {}
+    if static:
+        if config.act_quant_scale is None:
+            raise ValueError("Int8StaticActivationInt8WeightConfig needs act_quant_scale")
+        extra = dict(act_quant_scale=config.act_quant_scale.detach(),
+                     act_quant_zero_point=None if config.act_quant_zero_point is None
+                     else config.act_quant_zero_point.detach())
+    q = Int8Tensor.from_hp(
+        weight, granularity=weight_g, scale=scale,
+        act_quant_kwargs=QuantizeTensorToInt8Kwargs(granularity=act_g, mapping_type=config.act_mapping_type,
+                                                    reduce_range=config.reduce_range),
+        reduce_range=config.reduce_range, **extra,
+    )
+    left = check_codes(q.qdata.detach().cpu().numpy(), config.layout, op="linear")
+    if left:  # the solver's guarantee; never expected
+        raise RuntimeError(f"{len(left)} weight pairs still unsafe after solving; please report")
+    return q
+
+
+def _transform(module: torch.nn.Module, config, *, parameter_name: str = "weight") -> torch.nn.Module:
+    """torchao's int8 handler body (inductor settings, Parameter, extra_repr) with :func:`quantize_weight`."""
+    if config.set_inductor_config:
+        _torchao.quantization.utils.recommended_inductor_config_setter()
+    if not hasattr(module, parameter_name):
+        raise ValueError(f"{type(module).__name__} has no attribute {parameter_name!r} to quantize")
+    new_weight = quantize_weight(getattr(module, parameter_name), config)
+    setattr(module, parameter_name, torch.nn.Parameter(new_weight, requires_grad=False))
+    module.extra_repr = types.MethodType(
+        partial(_module_extra_repr, original_extra_repr=module.extra_repr, parameter_name=parameter_name), module)
+    return module
+
+
+register_quantize_module_handler(Int8DynamicActivationInt8WeightConfig)(_transform)
+register_quantize_module_handler(Int8StaticActivationInt8WeightConfig)(_transform)
+
+
+# -- reading quantized models (verify / audit / repair) ---------------------------------------------
+
+
+def quantized_linears(model: torch.nn.Module):
+    """``(name, module)`` of every Linear whose weight is a torchao int8 x int8 ``Int8Tensor``."""
+    return [(n, m) for n, m in model.named_modules() if emulator_torchao.is_torchao_linear(m)]
+
+
+def as_qtensor(weight: Int8Tensor) -> torch.Tensor:
+    """The ``Int8Tensor``'s codes and scales as a torch qint8 tensor (per-channel axis 0, or per-tensor)."""
+    codes, scale = emulator_torchao.weight_codes(weight)
+    q = torch.from_numpy(np.ascontiguousarray(codes))
+    if scale.size == 1:
+        return torch._make_per_tensor_quantized_tensor(q, float(scale[0]), 0)
+    return torch._make_per_channel_quantized_tensor(q, torch.from_numpy(scale.astype(np.float64)),
+                                                    torch.zeros(scale.size, dtype=torch.int64), 0)
+
+
+def qlayer(name: str, mod) -> QLayer:
+    """A :class:`safeobs.qlayers.QLayer` view of a torchao int8 Linear (kind ``"linear_torchao"``)."""
+    return QLayer(name, "linear_torchao", "linear", as_qtensor(mod.weight), mod.bias, module=mod)
+
+
+def set_weight(layer: QLayer, qweight: torch.Tensor) -> None:
+    """Write a qint8 weight's codes and scales back into the layer's ``Int8Tensor``, in place."""
+    w = layer.module.weight
+    if qweight.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        scale = torch.tensor([qweight.q_scale()], dtype=torch.float64)
+        zp = torch.tensor([qweight.q_zero_point()])
+    else:
+        scale, zp = qweight.q_per_channel_scales(), qweight.q_per_channel_zero_points()
+    if bool((zp != 0).any()):
+        raise ValueError(f"{layer.name}: torchao int8 weights are symmetric; got nonzero zero points")
+    with torch.no_grad():
+        w.qdata.copy_(qweight.int_repr().to(w.qdata.device))
+        w.scale.copy_(scale.to(torch.float32).reshape(w.scale.shape).to(w.scale.device))
+    layer.weight = qweight
+
+
+def verify(model: torch.nn.Module, layout: str = "x86") -> Report:
+    """:func:`safeobs.verify` for a torchao-quantized model: every weight pair that can saturate."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    names, violations = [], []
+    for name, mod in quantized_linears(model):
+        names.append(name)
+        violations += check_codes(mod.weight.qdata.detach().cpu().numpy(), layout, op="linear", name=name)
+    return Report(layout, names, violations)
