@@ -749,8 +749,10 @@ def _module_forward(mod, name, rep: Emulation, engine, isa, exact):
                                 "zeros", mod.scale, mod.zero_point, relu=relu, **kw)
             record(sat)
             return y
-    else:
-        return None
+    else:  # torchao int8 Linear (Int8Tensor weight), or nothing to emulate
+        from . import emulator_torchao
+
+        return emulator_torchao.module_forward(mod, name, rep, engine, isa, exact)
     return fwd
 
 

@@ -120,6 +120,10 @@ def _module_weight(mod):
 
 
 def _eager_layer(name, mod) -> QLayer | None:
+    if type(getattr(mod, "weight", None)).__name__ == "Int8Tensor":  # torchao quantize_ (imports torchao)
+        from . import emulator_torchao, torchao
+
+        return torchao.qlayer(name, mod) if emulator_torchao.is_torchao_linear(mod) else None
     found = _module_weight(mod)
     if found is None:
         return None
@@ -186,6 +190,10 @@ def layers(model) -> list[QLayer]:
 
 def set_weight(layer: QLayer, qweight: torch.Tensor) -> None:
     """Replace a layer's quantized weight in place, keeping its bias and hyper-parameters."""
+    if layer.kind == "linear_torchao":
+        from . import torchao
+
+        return torchao.set_weight(layer, qweight)
     if not layer.script:
         layer.module.set_weight_bias(qweight, layer.bias)
     elif layer.op == "linear":
