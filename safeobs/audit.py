@@ -12,12 +12,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .dispatch import ENGINES, ISAS, conv_kernel, linear_kernel
+from .dispatch import ENGINES, ISAS, Kernel, conv_kernel, linear_kernel
 from .layout import kernel_order, kernel_pairs
 from .qlayers import QLayer, is_script, layers
 from .verify import NEG_LIMIT, POS_LIMIT
 
 COMBOS = tuple(f"{e}/{i}" for e in ENGINES for i in ISAS)
+# torchao quantize_ models: the kernel depends on eager vs torch.compile(freezing) and the CPU (emulator_torchao)
+TORCHAO_COMBOS = tuple(f"{p}/{i}" for p in ("eager", "compiled") for i in ISAS)
 SHORT_PATH = {"pointwise": "1x1", "depthwise": "dw", "groupwise": "group"}
 NO_EMULATION_SCRIPT = ("TorchScript models are audited from their weights only: emulating with data needs the "
                        "eager model (pass module:function)")
@@ -25,6 +27,14 @@ NO_EMULATION_SCRIPT = ("TorchScript models are audited from their weights only: 
 
 def kernel_for(layer: QLayer, engine: str, isa: str):
     """The :class:`safeobs.dispatch.Kernel` torch runs for ``layer`` with ``engine`` on ``isa``."""
+    if layer.kind == "linear_torchao":  # engine is a torchao path; torch.ao engines: fbgemm/x86 eager, onednn compiled
+        from .emulator_torchao import int_mm_kernel
+
+        k = int_mm_kernel(isa, engine if engine in ("eager", "compiled") else
+                          "compiled" if engine == "onednn" else "eager")
+        return Kernel(k.backend, "matmul" if k.backend == "onednn" else "int_mm", k.saturates)
+    if engine in ("eager", "compiled"):  # a torchao column for a torch.ao layer: its default engine
+        engine = "x86"
     if layer.op == "linear":
         return linear_kernel(engine, isa)
     return conv_kernel(engine, isa, tuple(layer.weight.shape), groups=layer.groups, stride=layer.stride,
@@ -82,7 +92,13 @@ def emulate_saturation(model, inputs: tuple, combos=COMBOS, progress=None) -> di
     for i, combo in enumerate(combos):
         engine, isa = combo.split("/")
         try:
-            with torch.no_grad(), emulate(model, engine=engine, isa=isa) as rep:
+            if engine in ("eager", "compiled"):
+                from .emulator_torchao import emulate as emulate_torchao
+
+                ctx = emulate_torchao(model, isa=isa, path=engine)
+            else:
+                ctx = emulate(model, engine=engine, isa=isa)
+            with torch.no_grad(), ctx as rep:
                 model(*inputs)
             out[combo] = {"total": int(rep.total), "layers": {k: int(v) for k, v in rep.saturation.items()}}
         except Exception as e:  # report, don't abort the audit
@@ -92,13 +108,17 @@ def emulate_saturation(model, inputs: tuple, combos=COMBOS, progress=None) -> di
     return out
 
 
-def audit(model, inputs: tuple | None = None, combos=COMBOS, progress=None) -> dict:
-    """JSON-able audit of a converted model (see the module docstring); ``result["unsafe"]`` decides exit 1."""
+def audit(model, inputs: tuple | None = None, combos=None, progress=None) -> dict:
+    """JSON-able audit of a converted model (see the module docstring); ``result["unsafe"]`` decides exit 1.
+
+    ``combos`` default: :data:`TORCHAO_COMBOS` for a torchao ``quantize_`` model, else :data:`COMBOS`."""
+    found = layers(model)
+    if combos is None:
+        combos = TORCHAO_COMBOS if found and all(lay.kind == "linear_torchao" for lay in found) else COMBOS
     combos = tuple(combos)
     for c in combos:
-        if c not in COMBOS:
-            raise ValueError(f"unknown engine/isa {c!r}; choose from {', '.join(COMBOS)}")
-    found = layers(model)
+        if c not in COMBOS + TORCHAO_COMBOS:
+            raise ValueError(f"unknown engine/isa {c!r}; choose from {', '.join(COMBOS + TORCHAO_COMBOS)}")
     result = {"combos": list(combos), "layers": [audit_layer(layer, combos) for layer in found]}
     result["unsafe_layers"] = [lay["name"] for lay in result["layers"] if lay["unsafe"]]
     result["unsafe"] = bool(result["unsafe_layers"])

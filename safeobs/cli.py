@@ -194,12 +194,13 @@ def _model_and_inputs(args):
 def cmd_audit(args) -> int:
     from . import audit
 
-    combos = audit.COMBOS
+    combos = None  # audit picks COMBOS, or TORCHAO_COMBOS (eager|compiled/isa) for a torchao quantize_ model
     if args.engines:
         combos = tuple(c.strip() for c in args.engines.split(",") if c.strip())
-        bad = [c for c in combos if c not in audit.COMBOS]
+        known = audit.COMBOS + audit.TORCHAO_COMBOS
+        bad = [c for c in combos if c not in known]
         if bad or not combos:
-            raise UsageError(f"--engines: unknown {', '.join(bad) or 'empty list'}; choose from {','.join(audit.COMBOS)}")
+            raise UsageError(f"--engines: unknown {', '.join(bad) or 'empty list'}; choose from {','.join(known)}")
     model, source, inputs = _model_and_inputs(args)
     progress = _Progress(args.quiet)
     result = audit.audit(model, inputs, combos, progress=progress)

@@ -97,6 +97,10 @@ def save(model, out: str, example_inputs: tuple | None = None) -> str:
             traced = torch.jit.trace(model, example_inputs, check_trace=False)
         torch.jit.save(traced, out)
         return "torchscript"
+    if any(lay.kind == "linear_torchao" for lay in layers(model)):  # torchao's extra_repr partials
+        from .torchao import make_picklable
+
+        make_picklable(model)
     try:
         torch.save(model, out)
     except Exception as e:  # e.g. FX GraphModules holding unpicklable attributes

@@ -59,6 +59,8 @@ __all__ = [
     "quantize_weight",
     "quantized_linears",
     "verify",
+    "make_picklable",
+    "save",
 ]
 
 # Layouts that cover the oneDNN matmul pairing torchao's kernels use (K-block pairs on AVX2, flat
@@ -177,7 +179,29 @@ def _transform(module: torch.nn.Module, config, *, parameter_name: str = "weight
     setattr(module, parameter_name, torch.nn.Parameter(new_weight, requires_grad=False))
     module.extra_repr = types.MethodType(
         partial(_module_extra_repr, original_extra_repr=module.extra_repr, parameter_name=parameter_name), module)
+    make_picklable(module)
     return module
+
+
+def make_picklable(model: torch.nn.Module) -> torch.nn.Module:
+    """Let ``torch.save(model)`` work on a ``quantize_``'d model, in place.
+
+    torchao's handlers set ``module.extra_repr`` to a method over a ``functools.partial``, which
+    pickle cannot name (``'functools.partial' object has no attribute '__name__'``).  Naming it
+    ``extra_repr`` makes pickle store it as ``getattr(module, "extra_repr")``: a loaded model has
+    the class's ``extra_repr``; weights, config and behaviour are unchanged.
+    """
+    for mod in model.modules():
+        er = vars(mod).get("extra_repr")
+        if isinstance(er, types.MethodType) and isinstance(er.__func__, partial) and not hasattr(er.__func__, "__name__"):
+            er.__func__.__name__ = "extra_repr"
+    return model
+
+
+def save(model: torch.nn.Module, f) -> None:
+    """``torch.save(model, f)`` for a torchao-quantized model (see :func:`make_picklable`); load it with
+    ``torch.load(f, weights_only=False)`` or ``safeobs audit f``."""
+    torch.save(make_picklable(model), f)
 
 
 register_quantize_module_handler(Int8DynamicActivationInt8WeightConfig)(_transform)
