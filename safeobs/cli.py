@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=REPAIR_EPILOG, formatter_class=fmt)
     model_args(r)
     r.add_argument("-o", "--output", required=True, metavar="OUT", help="where to save the repaired model")
-    r.add_argument("--layout", default="x86", choices=("x86", "fbgemm", "onednn"),
-                   help="kernels to be safe for (default x86: all of them)")
+    r.add_argument("--layout", default=None, choices=("x86", "fbgemm", "onednn", "ort"),
+                   help="kernels to be safe for (default x86: all of them; ort for .onnx models)")
     r.add_argument("--all", action="store_true", help="list unchanged layers too")
     return p
 
@@ -191,9 +191,25 @@ def _model_and_inputs(args):
     return model, source, inputs
 
 
+def _onnx_command(name: str, args) -> int:
+    """MODEL.onnx: ONNX Runtime models (safeobs.onnx_audit); bad input is a usage error."""
+    try:
+        from . import onnx_audit
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+    if name == "repair":
+        args.layout, args.layout_default = args.layout or "ort", args.layout is None
+    try:
+        return getattr(onnx_audit, f"cmd_{name}")(args, _dump)
+    except (ValueError, ImportError) as e:
+        raise UsageError(str(e)) from None
+
+
 def cmd_audit(args) -> int:
     from . import audit
 
+    if args.model.lower().endswith(".onnx"):
+        return _onnx_command("audit", args)
     combos = None  # audit picks COMBOS, or TORCHAO_COMBOS (eager|compiled/isa) for a torchao quantize_ model
     if args.engines:
         combos = tuple(c.strip() for c in args.engines.split(",") if c.strip())
@@ -219,6 +235,11 @@ def cmd_repair(args) -> int:
     parent = os.path.dirname(os.path.abspath(args.output))
     if os.path.isdir(args.output) or not os.path.isdir(parent):
         raise UsageError(f"{args.output}: cannot write there (a directory, or its folder does not exist)")
+    if args.model.lower().endswith(".onnx"):
+        if not os.path.isfile(args.model):
+            raise UsageError(f"{args.model}: no such file")
+        return _onnx_command("repair", args)
+    args.layout = args.layout or "x86"
     model, source, inputs = _model_and_inputs(args)
     infos = repair.repair(model, args.layout)
     if not infos:
