@@ -167,9 +167,26 @@ def safe_weight_params(w: np.ndarray, role: Role, scale, zero_point, axis: int |
         codes = ort_codes(w, new_s, new_zp, axis)
         bad = pair_violations(codes, role, axis, layout, weight=w)
         if bad.size == 0:
-            return new_s, new_zp.astype(np.asarray(zero_point).dtype), codes
+            break
         new_s[bad] = np.nextafter(new_s[bad], np.float32(np.inf))
-    raise RuntimeError("no safe scale found (float32 rounding did not settle)")
+    else:
+        raise RuntimeError("no safe scale found (float32 rounding did not settle)")
+    if symmetric and not np.any(new_zp):
+        # round(w / s) is monotone in s, so safety is too: step raised channels down while still safe
+        # (the solver rounds like torch, w * (1/s), which may differ from ORT's division by one ulp).
+        for _ in range(64):
+            raised = np.flatnonzero(new_s > stock)
+            if raised.size == 0:
+                break
+            trial = new_s.copy()
+            trial[raised] = np.maximum(np.nextafter(new_s[raised], np.float32(0)), stock[raised])
+            bad = set(pair_violations(ort_codes(w, trial, new_zp, axis), role, axis, layout, weight=w).tolist())
+            ok = np.array([c for c in raised if c not in bad], dtype=np.int64)
+            if ok.size == 0:
+                break
+            new_s[ok] = trial[ok]
+        codes = ort_codes(w, new_s, new_zp, axis)
+    return new_s, new_zp.astype(np.asarray(zero_point).dtype), codes
 
 
 # -- hooks into ORT's quantizer -------------------------------------------------------------------

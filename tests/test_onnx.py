@@ -1,0 +1,455 @@
+"""ONNX Runtime: MLAS pairing by pair discovery, bit-exact emulator, safe drop-in quantizers, CLI.
+
+Real kernels: ``native`` (this host's MLAS dispatch) and ``haswell`` (qemu-x86_64 -cpu Haswell: an
+AVX2-only CPU on any host), each batched in ONE subprocess.  On an AVX-512 host without VNNI the
+native run checks MLAS's AVX512Core kernels; on VNNI hosts it checks that nothing saturates.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'safeobs[onnx]')")
+onnx = pytest.importorskip("onnx", reason="onnx not installed (pip install 'safeobs[onnx]')")
+
+from safeobs import emulator_ort as E  # noqa: E402
+from safeobs import layout, ortkernel  # noqa: E402
+from safeobs import onnx as so  # noqa: E402
+
+warnings.filterwarnings("ignore", module="onnxruntime")
+f32 = lambda v: np.array(v, np.float32)  # noqa: E731
+
+
+def _modes():
+    out = [pytest.param("native", id="native")]
+    out.append(pytest.param("haswell", id="haswell", marks=[pytest.mark.qemu, pytest.mark.skipif(
+        not ortkernel.available("haswell"), reason="qemu-x86_64 not on PATH")]))
+    return out
+
+
+# -- pair discovery -------------------------------------------------------------------------------
+# One output channel per candidate pair of weight positions: its two codes are +127 (or -128), all
+# others 0, activations 255.  The channel's real output differs from the exact one iff the kernel
+# adds the two products into one saturating int16 lane.
+
+
+def _matmul_probe(op, K, wv, cands):
+    N = len(cands)
+    B = np.zeros((K, N), np.int8)
+    for n, (i, j) in enumerate(cands):
+        B[i, n] = B[j, n] = wv
+    A = np.full((2, K), 255, np.uint8)
+    z8, zu = np.array(0, np.int8), np.array(0, np.uint8)
+    if op == "MatMulInteger":
+        m, _ = ortkernel.single_node(op, [("A", A, False), ("B", B, True), ("az", zu, True), ("bz", z8, True)],
+                                     out_dtype=np.int32)
+    elif op == "MatMulIntegerToFloat":
+        m, _ = ortkernel.single_node(op, [("A", A, False), ("B", B, True), ("sa", f32(1), True), ("sb", f32(1), True),
+                                          ("az", zu, True), ("bz", z8, True)], domain=ortkernel.MS)
+    else:  # QLinearMatMul, scale 1/1024 around y_zp 128: exact +-63, saturated +-32
+        m, _ = ortkernel.single_node(op, [("a", A, False), ("sa", f32(1), True), ("az", zu, True), ("b", B, True),
+                                          ("sb", f32(1 / 1024), True), ("bz", z8, True), ("ys", f32(1), True),
+                                          ("yz", np.array(128, np.uint8), True)], out_dtype=np.uint8)
+    exact = A[:1].astype(np.int64) @ B
+    if op == "QLinearMatMul":
+        exact = np.clip(np.rint(exact / 1024) + 128, 0, 255)
+    return dict(model=m, feeds={"A" if op != "QLinearMatMul" else "a": A}), exact[0]
+
+
+def _conv_probe(ic, k, group, wv, cands, xdtype=np.uint8, wzp=0):
+    icg, taps = ic // group, int(np.prod(k))
+    oc = len(cands) if group == 1 else group
+    W = np.full((oc, icg) + k, wzp, np.int8)
+    flat = W.reshape(oc, -1)
+    for c, (i, j) in enumerate(cands):
+        flat[c, i] = flat[c, j] = wv
+    xv = 255 if xdtype == np.uint8 else -128
+    X = np.full((1, ic) + k, xv, xdtype)
+    xg = X.reshape(group, icg * taps).astype(np.int64)
+    exact = ((flat.astype(np.int64) - wzp) * xg[np.arange(oc) * group // oc]).sum(1)
+    bias = (60 - exact).astype(np.int32)  # exact output: 60 in every channel (readout to the unit)
+    m, _ = ortkernel.single_node("QLinearConv", [
+        ("x", X, False), ("xs", f32(1), True), ("xz", np.array(0, xdtype), True), ("w", W, True), ("ws", f32(1), True),
+        ("wz", np.array(wzp, np.int8), True), ("ys", f32(1), True), ("yz", np.array(0, xdtype), True), ("B", bias, True)],
+        attrs=dict(group=group), out_dtype=xdtype)
+    return dict(model=m, feeds={"x": X}), np.full(oc, 60)
+
+
+def _onnx_to_kernel_pos(e, icg, taps):
+    """ONNX weight index ic*taps + t -> kernel order t*ICg + ic (safeobs.layout.kernel_order)."""
+    return (e % taps) * icg + e // taps
+
+
+def _expected_pairs(op_kind, shape, group, isa=None, act="uint8"):
+    """Pairs (ONNX row order) that safeobs predicts saturate on AVX2: layout 'ort' where kernel_for saturates."""
+    qw = so.QWeight("n", op_kind, "qoperator", "w", None, None, None,
+                    so.Role("conv" if op_kind == "QLinearConv" else "matmul", group),
+                    np.zeros(shape, np.int8), None, None, act)
+    if not qw.kernel("avx2")[1] or so.exact_depthwise(shape, qw.role):
+        return set()
+    if op_kind == "QLinearConv":
+        kshape = (1,) + tuple(shape[1:])  # weight_pairs indexes weight.ravel(): ONNX order already
+        return {tuple(sorted(p)) for p in layout.weight_pairs(kshape, "ort", "conv").tolist()}
+    return {tuple(p) for p in layout.weight_pairs((1, shape[0]), "ort", "linear").tolist()}
+
+
+def _discovery_cases():
+    cases = []
+    for op in ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul"):
+        for K, wv in ((9, 127), (21, -128)):
+            cands = list(itertools.combinations(range(K), 2))
+            run, exact = _matmul_probe(op, K, wv, cands)
+            cases.append((f"{op} K{K} {wv}", run, exact, cands, _expected_pairs(op, (K, 1), 1, None)))
+    near = [(i, j) for i in range(600) for j in range(i + 1, min(600, i + 4))]
+    run, exact = _matmul_probe("MatMulInteger", 600, 127, near)  # several K blocks
+    cases.append(("MatMulInteger K600", run, exact, near, _expected_pairs("MatMulInteger", (600, 1), 1, None)))
+    conv = [("ic3 3x3", 3, (3, 3), 1), ("ic4 3x3 (ConvSym)", 4, (3, 3), 1), ("ic5 3x3", 5, (3, 3), 1),
+            ("ic7 1x1", 7, (1, 1), 1), ("ic3 k5 1-D", 3, (5,), 1), ("dw 3x3", 36, (3, 3), 36), ("dw 5x5", 300, (5, 5), 300),
+            ("dw 7x7 1-D", 21, (7,), 21), ("g2 icg4", 8, (3, 3), 2)]
+    for name, ic, k, g in conv:
+        icg, taps = ic // g, int(np.prod(k))
+        cands = list(itertools.combinations(range(icg * taps), 2))
+        if g > 1:
+            cands = cands[:g]
+        for wv, wzp in ((127, 0), (-128, 0), (100, 3)):  # raw codes: 100+3 fits, 100+100 does not
+            run, exact = _conv_probe(ic, k, g, wv, cands, wzp=wzp)
+            shape = (g if g > 1 else len(cands), icg) + k
+            cases.append((f"QLinearConv {name} {wv} wzp{wzp}", run, exact, cands,
+                          _expected_pairs("QLinearConv", shape, g, None)))
+    for name, ic, k, g in (("s8s8 ic4 3x3", 4, (3, 3), 1), ("s8s8 dw 3x3", 36, (3, 3), 36)):
+        icg, taps = ic // g, int(np.prod(k))
+        cands = list(itertools.combinations(range(icg * taps), 2))[: (g if g > 1 else None)]
+        run, exact = _conv_probe(ic, k, g, -128, cands, xdtype=np.int8)  # -128*-128*2 = 32768 > 32767
+        cases.append((f"QLinearConv {name}", run, exact, cands, set()))
+    return cases
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_mlas_pairs_match_ort_layout(mode):
+    isa = ortkernel.mode_isa(mode)
+    cases = _discovery_cases()
+    outs = ortkernel.run([c[1] for c in cases], mode=mode)
+    wrong, seen = [], 0
+    for (name, _, exact, cands, expected_avx2), out in zip(cases, outs):
+        v = out[0][0] if "MatMul" in name else out[0].reshape(out[0].shape[1], -1)[:, 0]
+        got = {tuple(sorted(cands[i])) for i in np.flatnonzero(v[: len(cands)].astype(np.int64) != exact[: len(cands)])}
+        want = expected_avx2 & {tuple(sorted(c)) for c in cands} if isa != "vnni" else set()
+        if "s8s8" in name:
+            want = set()
+        seen += len(got)
+        if got != want:
+            wrong.append((name, sorted(got - want)[:5], sorted(want - got)[:5]))
+    assert not wrong, f"MLAS pairing differs from layout 'ort' / kernel_for on {mode} ({isa}): {wrong}"
+    if isa != "vnni":
+        assert seen > 0
+
+
+def test_avx512_without_vnni_reached_or_skipped():
+    """AVX-512 hosts without VNNI run MLAS's AVX512Core U8S8 kernel natively (the test above); say so here."""
+    from safeobs.realkernel import host_isa
+
+    if host_isa() != "avx512":
+        pytest.skip(f"host is {host_isa()}: AVX-512 without VNNI cannot be reached (qemu has no AVX-512)")
+    assert ortkernel.mode_isa("native") == "avx512"
+
+
+# -- emulator bit-exactness -----------------------------------------------------------------------
+
+
+def _emulator_cases(seed=0):
+    rng = np.random.default_rng(seed)
+    cases = []
+
+    def add(op, inputs, attrs, ea, ek, out_dtype, domain=""):
+        m, _ = ortkernel.single_node(op, inputs, attrs=attrs, out_dtype=out_dtype, domain=domain)
+        cases.append((op, dict(model=m, feeds={n: a for n, a, init in inputs if not init}), ea, ek))
+
+    for M, K, N in [(5, 9, 7), (9, 300, 20), (1, 513, 8)]:
+        A = rng.integers(0, 256, (M, K), dtype=np.uint8)
+        B = rng.integers(-128, 128, (K, N), dtype=np.int8)
+        az, bz = np.array(rng.integers(0, 256), np.uint8), rng.integers(-3, 3, N).astype(np.int8)
+        add("MatMulInteger", [("A", A, False), ("B", B, True), ("az", az, True), ("bz", bz, True)], None,
+            (A, B, az, bz), {}, np.int32)
+        As = rng.integers(-128, 128, (M, K), dtype=np.int8)
+        add("MatMulInteger", [("A", As, False), ("B", B, True), ("az", np.array(-3, np.int8), True)], None,
+            (As, B, np.array(-3, np.int8)), {}, np.int32)
+        sa, sb = f32(0.02), rng.uniform(0.001, 0.01, N).astype(np.float32)
+        bias, zb = rng.normal(size=N).astype(np.float32), np.zeros(N, np.int8)
+        add("MatMulIntegerToFloat", [("A", A, False), ("B", B, True), ("sa", sa, True), ("sb", sb, True),
+                                     ("az", az, True), ("bz", zb, True), ("bias", bias, True)], None,
+            (A, B, sa, sb, az, zb, bias), {}, np.float32, ortkernel.MS)
+        Af = (rng.standard_t(3, size=(M, K)) * 2 + 1).astype(np.float32)
+        add("DynamicQuantizeMatMul", [("A", Af, False), ("B", B, True), ("sb", sb, True), ("bz", zb, True),
+                                      ("bias", bias, True)], None, (Af, B, sb, zb, bias), {}, np.float32, ortkernel.MS)
+        ys, yz = f32(rng.uniform(20, 80)), np.array(rng.integers(0, 256), np.uint8)
+        add("QLinearMatMul", [("a", A, False), ("sa", sa, True), ("az", az, True), ("b", B, True), ("sb", sb, True),
+                              ("bz", zb, True), ("ys", ys, True), ("yz", yz, True)], None,
+            (A, sa, az, B, sb, zb, ys, yz), {}, np.uint8)
+    convs = [(3, 8, (3, 3), 1, (9, 9), (2, 2), (1, 1, 1, 1)), (4, 16, (3, 3), 1, (7, 8), (1, 1), (1, 1, 1, 1)),
+             (16, 16, (3, 3), 16, (8, 8), (1, 1), (1, 1, 1, 1)), (16, 32, (3, 3), 16, (6, 6), (2, 2), (1, 0, 1, 0)),
+             (10, 6, (2, 3), 2, (6, 7), (1, 2), (0, 1, 1, 0)), (32, 24, (3, 3), 1, (6, 6), (1, 1), (1, 1, 1, 1)),
+             (3, 5, (5,), 1, (11,), (1,), (2, 2))]
+    for ic, oc, k, g, hw, strides, pads in convs:
+        X = rng.integers(0, 256, (2, ic) + hw, dtype=np.uint8)
+        W = rng.integers(-128, 128, (oc, ic // g) + k, dtype=np.int8)
+        xz, xs = np.array(rng.integers(0, 256), np.uint8), f32(0.05)
+        ws = rng.uniform(0.002, 0.01, oc).astype(np.float32)
+        ys, yz = f32(rng.uniform(0.5, 3)), np.array(rng.integers(0, 256), np.uint8)
+        Bb, zw = rng.integers(-5000, 5000, oc).astype(np.int32), np.zeros(oc, np.int8)
+        attrs = dict(group=g, strides=list(strides), pads=list(pads), kernel_shape=list(k))
+        ek = dict(strides=strides, pads=pads, group=g)
+        add("QLinearConv", [("x", X, False), ("xs", xs, True), ("xz", xz, True), ("w", W, True), ("ws", ws, True),
+                            ("wz", zw, True), ("ys", ys, True), ("yz", yz, True), ("B", Bb, True)], attrs,
+            (X, xs, xz, W, ws, zw, ys, yz, Bb), ek, np.uint8)
+        add("QLinearConv", [("x", X, False), ("xs", xs, True), ("xz", xz, True), ("w", W, True), ("ws", f32(0.004), True),
+                            ("wz", np.array(2, np.int8), True), ("ys", ys, True), ("yz", yz, True)], attrs,
+            (X, xs, xz, W, f32(0.004), np.array(2, np.int8), ys, yz), ek, np.uint8)
+        add("ConvInteger", [("x", X, False), ("w", W, True), ("xz", xz, True)], attrs, (X, W, xz), ek, np.int32)
+        Xs = rng.integers(-128, 128, (2, ic) + hw, dtype=np.int8)
+        add("QLinearConv", [("x", Xs, False), ("xs", xs, True), ("xz", np.array(-5, np.int8), True), ("w", W, True),
+                            ("ws", ws, True), ("wz", zw, True), ("ys", ys, True), ("yz", np.array(3, np.int8), True)],
+            attrs, (Xs, xs, np.array(-5, np.int8), W, ws, zw, ys, np.array(3, np.int8)), ek, np.int8)
+    return cases
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_emulator_bit_exact_against_real_kernels(mode):
+    isa = ortkernel.mode_isa(mode)
+    cases = _emulator_cases()
+    outs = ortkernel.run([c[1] for c in cases], mode=mode)
+    wrong, saturated = [], 0
+    for (op, _, ea, ek), out in zip(cases, outs):
+        emu = E.OPS[op](*ea, isa=isa, **ek)
+        saturated += E.saturation_count()
+        real = out[0]
+        if real.dtype != emu.dtype or real.shape != emu.shape or not np.array_equal(real, emu):
+            wrong.append((op, real.shape, emu.shape))
+    assert not wrong, f"emulator differs from ORT on {mode} ({isa}): {wrong}"
+    if isa != "vnni":
+        assert saturated > 1000  # the cases really exercise saturation
+
+
+def test_emulator_isa_and_exactness():
+    rng = np.random.default_rng(1)
+    A = rng.integers(200, 256, (4, 32), dtype=np.uint8)
+    B = np.full((32, 3), 127, np.int8)
+    sat = E.MatMulInteger(A, B, isa="avx2")
+    assert E.saturation_count() == 4 * 16 * 3
+    exact = E.MatMulInteger(A, B, isa="vnni")
+    assert E.saturation_count() == 0
+    np.testing.assert_array_equal(exact, A.astype(np.int64) @ B.astype(np.int64))
+    assert np.all(sat < exact)
+    with pytest.raises(ValueError, match="isa"):
+        E.MatMulInteger(A, B, isa="sse")
+
+
+# -- safe weights (properties) --------------------------------------------------------------------
+
+_shapes = st.sampled_from([("matmul", (24, 10), 1), ("matmul", (7, 5), 1), ("gemm_t", (6, 17), 1),
+                           ("conv", (8, 3, 3, 3), 1), ("conv", (6, 5, 2, 3), 1), ("conv", (8, 1, 3, 3), 8),
+                           ("conv", (4, 2, 5), 2), ("other", (5, 9), 1)])
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(_shapes, st.sampled_from(["normal", "t1", "spiky", "uniform"]), st.booleans(), st.integers(0, 2 ** 31 - 1),
+       st.sampled_from(["ort", "x86", "any"]))
+def test_safe_weights_never_saturate(spec, dist, per_channel, seed, lay):
+    kind, shape, group = spec
+    rng = np.random.default_rng(seed)
+    w = {"normal": rng.normal(size=shape), "t1": rng.standard_t(1, size=shape),
+         "uniform": rng.uniform(-1, 1, size=shape), "spiky": rng.normal(size=shape) * (rng.random(shape) < 0.2) * 50
+         }[dist].astype(np.float32)
+    role = so.Role(kind, group)
+    axis = (1 if kind == "matmul" else 0) if per_channel else None
+    red = tuple(i for i in range(w.ndim) if i != axis) if per_channel else None
+    absmax = np.abs(w).max(axis=red) if per_channel else np.abs(w).max()
+    stock = np.maximum(absmax / np.float32(127), np.float32(1e-8)).astype(np.float32).reshape(-1)
+    s, z, codes = so.safe_weight_params(w, role, stock, np.zeros(stock.size, np.int8), axis, layout=lay)
+    assert codes.dtype == np.int8 and np.all(z == 0)
+    assert np.all(s >= stock)
+    np.testing.assert_array_equal(codes, so.ort_codes(w, s, z, axis))
+    # independent check on the kernel's real pairs: every flat (2m, 2m+1) of K / (taps, ic)
+    v = codes.T if kind == "matmul" else codes
+    if kind != "other" and not (lay == "ort" and so.exact_depthwise(shape, role)):
+        k = v.reshape(v.shape[0], -1) if kind != "conv" else np.moveaxis(v, 1, -1).reshape(v.shape[0], -1)
+        kk = k.shape[1] // 2 * 2
+        tot = k[:, 0:kk:2].astype(np.int32) + k[:, 1:kk:2]
+        assert tot.max(initial=0) <= 128 and tot.min(initial=0) >= -128
+    assert so.pair_violations(codes, role, axis, lay, weight=w).size == 0
+    # tightest: a raised channel is unsafe one float32 step below its scale
+    raised = np.flatnonzero(s > stock)
+    if raised.size and lay != "any":
+        below = s.copy()
+        below[raised] = np.nextafter(s[raised], np.float32(0))
+        bad = so.pair_violations(so.ort_codes(w, below, z, axis), role, axis, lay, weight=w)
+        assert set(raised.tolist()) <= set(bad.tolist()) | {int(i) for i in raised if below[i] < stock[i]}
+
+
+def test_bad_layout_and_missing_dependency_message():
+    with pytest.raises(ValueError, match="layout"):
+        so.quantize_dynamic("a.onnx", "b.onnx", layout="nope")
+    code = ("import sys; sys.modules['onnxruntime'] = None\n"
+            "import safeobs.onnx as so\n"
+            "try:\n    so.require()\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert "pip install 'safeobs[onnx]'" in out
+
+
+def test_import_safeobs_does_not_import_onnx():
+    out = subprocess.run([sys.executable, "-c", "import safeobs, sys; print('onnxruntime' in sys.modules, "
+                          "'onnx' in sys.modules)"], capture_output=True, text=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+# -- drop-in quantizers on models we do not ship --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_models(tmp_path_factory):
+    import torch
+
+    d = tmp_path_factory.mktemp("onnx")
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.GELU(), torch.nn.Linear(96, 40)).eval()
+    with torch.no_grad():
+        mlp[0].weight[:, :8] *= 6  # heavy-tailed input columns, like attention output dense
+    torch.onnx.export(mlp, (torch.randn(4, 48),), str(d / "mlp.onnx"), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "b"}})
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 12, 1), torch.nn.ReLU(), torch.nn.Conv2d(12, 8, 3, stride=2)).eval()
+    torch.onnx.export(cnn, (torch.rand(1, 3, 12, 12),), str(d / "cnn.onnx"), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "b"}})
+    rng = np.random.default_rng(0)
+    xs = {"mlp": (rng.standard_t(4, size=(16, 48)) * 2).astype(np.float32),
+          "cnn": rng.random((4, 3, 12, 12)).astype(np.float32) * 3}
+    return d, xs
+
+
+class _Reader:
+    def __init__(self, feeds):
+        self.it = iter(feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def _ops(path):
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def _run(path, x, exact=False):
+    o = ort.SessionOptions()
+    o.log_severity_level = 3
+    if exact:
+        o.add_session_config_entry("session.x64quantprecision", "1")
+    s = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+    return s.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_quantize_dynamic_drop_in(small_models, per_channel):
+    from onnxruntime.quantization import quantize_dynamic
+
+    d, xs = small_models
+    quantize_dynamic(str(d / "mlp.onnx"), str(d / "ort.onnx"), per_channel=per_channel)
+    rep = so.quantize_dynamic(str(d / "mlp.onnx"), str(d / "safe.onnx"), per_channel=per_channel)
+    assert rep.ok and not so.verify(d / "ort.onnx").ok
+    assert _ops(d / "ort.onnx") == _ops(d / "safe.onnx")  # ORT did the graph; only weights differ
+    a = {i.name: i for i in onnx.load(str(d / "ort.onnx")).graph.initializer}
+    b = {i.name: i for i in onnx.load(str(d / "safe.onnx")).graph.initializer}
+    assert a.keys() == b.keys() and all(a[k].dims == b[k].dims and a[k].data_type == b[k].data_type for k in a)
+    x = xs["mlp"]
+    # safe weights: what this host computes equals the exact (VNNI-equivalent) integer path
+    np.testing.assert_array_equal(_run(d / "safe.onnx", x), _run(d / "safe.onnx", x, exact=True))
+    from safeobs.onnx_audit import audit_model
+
+    res = audit_model(onnx.load(str(d / "safe.onnx")), {"x": x})
+    assert not res["unsafe"]
+    res0 = audit_model(onnx.load(str(d / "ort.onnx")), {"x": x})
+    assert sum(n["cells"]["avx2"]["saturated_lanes"] for n in res0["nodes"]) > 0
+
+
+@pytest.mark.parametrize("fmt,act", [("QDQ", "QUInt8"), ("QDQ", "QInt8"), ("QOperator", "QUInt8")])
+def test_quantize_static_drop_in(small_models, fmt, act):
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    d, xs = small_models
+    x = xs["cnn"]
+    feeds = [{"x": x[i:i + 1]} for i in range(len(x))]
+    kw = dict(quant_format=getattr(QuantFormat, fmt), activation_type=getattr(QuantType, act), per_channel=True)
+    quantize_static(str(d / "cnn.onnx"), str(d / "ort_s.onnx"), _Reader(feeds), **kw)
+    with pytest.warns(UserWarning, match="reduce_range"):
+        rep = so.quantize_static(str(d / "cnn.onnx"), str(d / "safe_s.onnx"), _Reader(feeds), reduce_range=True, **kw)
+    assert rep.ok
+    assert _ops(d / "ort_s.onnx") == _ops(d / "safe_s.onnx")
+    y, ye = _run(d / "safe_s.onnx", x * 2), _run(d / "safe_s.onnx", x * 2, exact=True)
+    np.testing.assert_array_equal(y, ye)  # beyond the calibration range too
+    ws = {w.codes_name: w for w in so.read_weights(d / "safe_s.onnx")}
+    wo = {w.codes_name: w for w in so.read_weights(d / "ort_s.onnx")}
+    for name, w in ws.items():
+        assert np.all(w.scale >= wo[name].scale)
+        if so.exact_depthwise(w.codes.shape, w.role):  # exact MLAS kernel: ORT's weights untouched
+            np.testing.assert_array_equal(w.codes, wo[name].codes)
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    """The safeobs command in-process (torch is imported once); returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from safeobs import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as e:  # argparse errors
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def test_cli_audit_and_repair(small_models, tmp_path):
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    d, xs = small_models
+    x = xs["cnn"]
+    src = tmp_path / "q.onnx"
+    quantize_static(str(d / "cnn.onnx"), str(src), _Reader([{"x": x[:2]}]), quant_format=QuantFormat.QOperator,
+                    activation_type=QuantType.QUInt8, per_channel=True)
+    np.savez(tmp_path / "in.npz", x=x)
+    r = _cli("audit", str(src), "--inputs", str(tmp_path / "in.npz"))
+    assert r.returncode == 1 and "UNSAFE" in r.stdout and "exact" in r.stdout and "Traceback" not in r.stderr
+    out = tmp_path / "safe.onnx"
+    r = _cli("repair", str(src), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert _cli("audit", str(out), "--inputs", str(tmp_path / "in.npz")).returncode == 0
+    before, after = onnx.load(str(src)), onnx.load(str(out))
+    assert [n.SerializeToString() for n in before.graph.node] == [n.SerializeToString() for n in after.graph.node]
+    changed = [a.name for a, b in zip(before.graph.initializer, after.graph.initializer)
+               if a.SerializeToString() != b.SerializeToString()]
+    # only codes / scales of unsafe weights and their int32 biases
+    assert changed and all(n.endswith(("_quantized", "_scale", "_zero_point")) for n in changed)
+    wb = {w.codes_name: w for w in so.read_weights(before)}
+    for w in so.read_weights(after):
+        keep = np.setdiff1d(np.arange(w.codes.shape[0]), so.pair_violations(wb[w.codes_name].codes, w.role, w.axis))
+        np.testing.assert_array_equal(w.codes[keep], wb[w.codes_name].codes[keep])
+        np.testing.assert_array_equal(w.scale[keep], wb[w.codes_name].scale[keep])
+    # the repaired model: host output == exact integer output
+    np.testing.assert_array_equal(_run(out, x), _run(out, x, exact=True))
+    # usage errors: exit 2, one line, no traceback
+    for args in (("audit", str(tmp_path / "missing.onnx")), ("audit", str(src), "--inputs", str(tmp_path / "x.npz")),
+                 ("repair", str(src), "-o", str(tmp_path / "nodir" / "o.onnx"))):
+        r = _cli(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") <= 1, (args, r.stderr)
