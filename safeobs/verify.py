@@ -103,7 +103,7 @@ def verify(obj, layout: str = "x86", *, op: str | None = None, groups: int | Non
     ``groups`` for conv_transpose), a converted quantized module, or a whole converted model
     (every quantized Linear/Conv/ConvTranspose, intrinsic fused and dynamic Linear included),
     eager or TorchScript (``torch.jit.load`` of a traced/scripted converted model: weights are
-    read from the packed params).
+    read from the packed params); torchao ``quantize_`` models and their ``Int8Tensor`` weights.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -112,6 +112,9 @@ def verify(obj, layout: str = "x86", *, op: str | None = None, groups: int | Non
         violations = [v for lay in found for v in check_codes(lay.weight.int_repr().numpy(), layout, op=lay.op,
                                                               groups=lay.groups, name=lay.name)]
         return Report(layout, [lay.name for lay in found], violations)
+    if isinstance(obj, torch.Tensor) and type(obj).__name__ == "Int8Tensor":  # torchao weight: stored codes
+        return Report(layout, [""], check_codes(obj.qdata.detach().cpu().numpy(), layout, op=op or "linear",
+                                                groups=groups))
     if isinstance(obj, torch.Tensor):
         if obj.is_quantized:
             if obj.dtype != torch.qint8:

@@ -1,0 +1,409 @@
+"""torchao adapter (issue 10): safe quantize_ configs, the pairing of torch._int_mm / onednn.qlinear_pointwise
+on the real kernels, the bit-exact emulator, verify / audit / repair of torchao models."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("torchao")
+
+from torchao.quantization import Int8DynamicActivationInt8WeightConfig as StockDynamic  # noqa: E402
+from torchao.quantization import Int8StaticActivationInt8WeightConfig as StockStatic  # noqa: E402
+from torchao.quantization import quantize_  # noqa: E402
+from torchao.quantization.granularity import PerRow, PerTensor  # noqa: E402
+from torchao.quantization.quant_primitives import MappingType, quantize_affine  # noqa: E402
+
+import safeobs  # noqa: E402
+from safeobs import _torchao_worker, audit, cli, dispatch, emulator, layout, realkernel, repair  # noqa: E402
+from safeobs import emulator_torchao as et  # noqa: E402
+from safeobs import torchao as sto  # noqa: E402
+
+from conftest import mode_param  # noqa: E402
+
+HOST = realkernel.host_isa()
+ONEDNN_MATMUL = dispatch.Kernel("onednn", "matmul", True)
+
+
+def _pair_sums_ok(codes: np.ndarray, pairs: np.ndarray) -> bool:
+    """Sign-split bound on (row, k0, k1) positions, computed here from the codes (not via safeobs.verify)."""
+    a, b = codes[:, pairs[:, 0]].astype(int), codes[:, pairs[:, 1]].astype(int)
+    pos = np.maximum(a, 0) + np.maximum(b, 0)
+    neg = np.minimum(a, 0) + np.minimum(b, 0)
+    return bool((pos <= 128).all() and (neg >= -128).all())
+
+
+def _kernel_pairs(k: int, isa: str) -> np.ndarray:
+    return layout.kernel_pairs(ONEDNN_MATMUL, (1, k), "linear", 1, isa)
+
+
+def _model(k=301, n=64, seed=0, heavy=False):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        w = torch.randn(n, k, generator=g)
+        if heavy:
+            w = w / torch.rand(n, k, generator=g).clamp_min(0.02)  # Cauchy-like tails
+        lin.weight.copy_(w * 0.05)
+    return torch.nn.Sequential(lin).eval()
+
+
+# -- packaging --------------------------------------------------------------------------------------
+
+
+def test_import_safeobs_does_not_import_torchao():
+    code = ("import sys, safeobs, safeobs.emulator, safeobs.emulator_torchao, safeobs.audit, safeobs.repair; "
+            "print('torchao' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_missing_torchao_is_one_line_naming_pip():
+    code = ("import sys; sys.modules['torchao'] = None\n"
+            "try:\n    import safeobs.torchao\nexcept ImportError as e:\n    print(str(e))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert "pip install torchao" in out and "\n" not in out
+
+
+# -- drop-in configs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ours,stock", [(sto.Int8DynamicActivationInt8WeightConfig, StockDynamic),
+                                        (sto.Int8StaticActivationInt8WeightConfig, StockStatic)])
+def test_config_has_torchaos_fields_and_defaults(ours, stock):
+    mine = {f.name: f for f in dataclasses.fields(ours)}
+    theirs = {f.name: f for f in dataclasses.fields(stock)}
+    assert set(mine) == set(theirs) | {"layout"}
+    for name, f in theirs.items():
+        assert repr(mine[name].default) == repr(f.default), name
+    assert mine["layout"].default == "x86" and issubclass(ours, stock)
+
+
+@pytest.mark.parametrize("bad", ["fbgemm", "nope"])
+def test_config_rejects_layouts_that_miss_onednn_pairs(bad):
+    with pytest.raises(ValueError, match="layout"):
+        sto.Int8DynamicActivationInt8WeightConfig(layout=bad)
+
+
+def test_quantize_drop_in(one_thread):
+    base = _model(k=384, n=96)
+    stock, safe = copy.deepcopy(base), copy.deepcopy(base)
+    quantize_(stock, StockDynamic(set_inductor_config=False))
+    quantize_(safe, sto.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+    ws, wt = safe[0].weight, stock[0].weight
+    assert type(ws) is type(wt) and type(ws).__name__ == "Int8Tensor"
+    assert ws.act_quant_kwargs == wt.act_quant_kwargs and ws.block_size == wt.block_size
+    assert safeobs.verify(safe).ok and sto.verify(safe).ok
+    assert not safeobs.verify(stock).ok  # torchao's own weights can saturate
+    s_safe, s_stock = ws.scale.reshape(-1), wt.scale.reshape(-1)
+    raised = s_safe != s_stock
+    assert raised.any() and bool((s_safe[raised] > s_stock[raised]).all())
+    assert torch.equal(ws.qdata[~raised], wt.qdata[~raised])  # untouched rows: torchao's codes and scales
+    x = torch.randn(4, 384)
+    with torch.no_grad():
+        y = safe(x)
+    assert y.shape == (4, 96) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("kw", [dict(granularity=PerTensor()), dict(act_mapping_type=MappingType.ASYMMETRIC),
+                                dict(granularity=[PerTensor(), PerRow()])])
+def test_quantize_variants_are_safe(kw, one_thread):
+    m = _model(k=257, n=24, seed=3)
+    quantize_(m, sto.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False, **kw))
+    assert sto.verify(m).ok
+    with torch.no_grad(), et.emulate(m, isa="avx2", path="onednn") as rep:
+        m(torch.randn(3, 257) * 4)
+    assert rep.total == 0
+
+
+def test_static_config_and_reduce_range(one_thread):
+    m = _model(k=128, n=16, seed=4)
+    cfg = sto.Int8StaticActivationInt8WeightConfig(act_quant_scale=torch.tensor([[0.02]]), granularity=PerTensor(),
+                                                   set_inductor_config=False)
+    quantize_(m, cfg)
+    assert sto.verify(m).ok and m[0].weight.act_quant_scale is not None
+    x = torch.randn(5, 128) * 3  # beyond the static range: codes clamp to int8, still safe
+    with torch.no_grad(), et.emulate(m, isa="avx2", path="compiled") as rep:
+        m(x)
+    with torch.no_grad(), et.emulate(m, isa=HOST, path="eager"):
+        y_emu = m(x)
+    with torch.no_grad():
+        y = m(x)
+    assert rep.total == 0 and torch.equal(y, y_emu)
+    with pytest.raises(ValueError, match="act_quant_scale"):
+        quantize_(_model(k=8, n=2), sto.Int8StaticActivationInt8WeightConfig(set_inductor_config=False))
+    r = _model(k=64, n=8, seed=5)
+    quantize_(r, sto.Int8DynamicActivationInt8WeightConfig(reduce_range=True, set_inductor_config=False))
+    rs = _model(k=64, n=8, seed=5)
+    quantize_(rs, StockDynamic(reduce_range=True, set_inductor_config=False))
+    assert torch.equal(r[0].weight.qdata, rs[0].weight.qdata)  # torchao's own 7-bit answer, passed through
+
+
+def test_bf16_model(one_thread):
+    m = _model(k=96, n=32, seed=6).to(torch.bfloat16)
+    quantize_(m, sto.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+    assert sto.verify(m).ok and m(torch.randn(2, 96, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+# -- properties of the produced codes ------------------------------------------------------------------
+
+
+@st.composite
+def _weights(draw):
+    n, k = draw(st.integers(1, 6)), draw(st.sampled_from([2, 3, 7, 64, 257, 301, 513, 769]))  # K=1 per row: torchao itself fails
+    kind = draw(st.sampled_from(["normal", "heavy", "adversarial", "constant"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    if kind == "normal":
+        w = rng.standard_normal((n, k))
+    elif kind == "heavy":
+        w = rng.standard_t(draw(st.sampled_from([1.0, 2.0, 3.0])), (n, k))
+    elif kind == "adversarial":  # rows of near-maximal same-sign neighbours: every pair binds
+        w = rng.choice([-1.0, 1.0], (n, 1)) * (1 - 0.01 * rng.random((n, k)))
+        w[:, rng.integers(0, k)] *= -1
+    else:
+        w = np.full((n, k), draw(st.sampled_from([1e-3, -2.0, 7.5])))
+    return torch.from_numpy(w.astype(np.float32) * draw(st.sampled_from([1e-3, 1.0, 40.0])))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(w=_weights(), per_row=st.booleans())
+def test_safe_codes_property(w, per_row):
+    g = PerRow() if per_row else PerTensor()
+    scale = sto.safe_weight_scale(w, g)
+    stock = sto.Int8Tensor.from_hp(w, g).scale
+    assert scale.shape == stock.shape and bool((scale >= stock).all())
+    block = list(w.shape) if not per_row else [1, w.shape[1]]
+    codes = quantize_affine(w, block, scale, torch.zeros_like(scale, dtype=torch.int8), torch.int8, -128, 127).numpy()
+    for isa in ("avx2", "avx512"):  # the oneDNN matmul pairs measured below (AVX-512: flat, spec §8.3)
+        assert _pair_sums_ok(codes, _kernel_pairs(w.shape[1], isa))
+    # tightest: a raised scale's float32 predecessor is unsafe
+    raised = (scale > stock).reshape(-1)
+    if raised.any():
+        prev = torch.nextafter(scale, torch.zeros_like(scale))
+        codes_prev = quantize_affine(w, block, prev, torch.zeros_like(prev, dtype=torch.int8), torch.int8, -128, 127).numpy()
+        pairs = np.concatenate([_kernel_pairs(w.shape[1], "avx2"), _kernel_pairs(w.shape[1], "avx512")])
+        rows = np.flatnonzero(raised) if per_row else np.arange(w.shape[0])
+        assert not _pair_sums_ok(codes_prev[rows] if per_row else codes_prev, pairs)
+    # any activation: every code at +-127 per token (u8 255 / 1 in the kernel) gives the exact result
+    x = np.where(np.arange(w.shape[1]) % 3 == 0, -127, 127).astype(np.int8)[None].repeat(2, 0)
+    x[1] = 127
+    ws = scale.numpy().reshape(-1).astype(np.float32)
+    for isa in ("avx2", "avx512"):
+        got = et.qlinear_pointwise(x, 1.0, 0, codes, np.broadcast_to(ws, (w.shape[0],)), isa=isa)
+        ref = et.qlinear_pointwise(x, 1.0, 0, codes, np.broadcast_to(ws, (w.shape[0],)), isa=isa, exact=True)
+        assert np.array_equal(got, ref)
+
+
+def test_x86_layout_covers_torchao_kernels():
+    for k in (1, 2, 7, 256, 257, 301, 513, 767, 769, 1001, 1537, 3072):
+        x86 = {tuple(p) for p in layout.weight_pairs((1, k), "x86").tolist()}
+        for isa in ("avx2", "avx512"):
+            assert {tuple(p) for p in _kernel_pairs(k, isa).tolist()} <= x86, (k, isa)
+
+
+def test_emulator_reproduces_the_issue_numbers():
+    a, b = np.full((32, 64), 127, np.int8), np.full((64, 32), 127, np.int8)
+    assert et.int_mm(a, b, isa="avx2", backend="onednn")[0, 0] == 8160  # issue: 8160 instead of 1032256
+    assert et.int_mm(a, b, isa="avx2")[0, 0] == 127 * 127 * 64  # eager on an AVX2 CPU: the exact ATen loop
+    assert et.int_mm(a, b, isa="vnni")[0, 0] == 127 * 127 * 64
+
+
+# -- the real kernels --------------------------------------------------------------------------------
+
+
+def _probe(k: int, src: str):
+    """One output column per candidate pair (k0, k0+1) and (k0, k0+2): both weights 127 or -128, others 0."""
+    cands = [(f, f + 1) for f in range(k - 1)] + [(f, f + 2) for f in range(0, k - 2, 5)]
+    w = np.zeros((len(cands), k), np.int8)
+    for n, (f0, f1) in enumerate(cands):
+        w[n, [f0, f1]] = 127 if n % 2 == 0 else -128
+    return cands, w
+
+
+def _discovery_cases(mode):
+    ks = [7, 64, 257, 301, 513, 769, 1537] if mode != "haswell" else [7, 257, 301, 769]
+    cases, meta = [], []
+    for src in ("s8", "u8"):
+        for k in ks:
+            cands, w = _probe(k, src)
+            for m, threads in ((1, 1), (4, 2), (64 if mode != "haswell" else 8, 1)):
+                x = np.full((m, k), 127 if src == "s8" else 255, np.int8 if src == "s8" else np.uint8)
+                cases.append(dict(kind="qlinear", x=x, w=w, w_scale=np.ones(len(cands), np.float32), threads=threads))
+                meta.append(("qlinear", src, k, cands, w))
+            xa = np.full((2, k), 127 if src == "s8" else 255, np.int8 if src == "s8" else np.uint8)
+            cases.append(dict(kind="int_mm", a=xa, b=np.ascontiguousarray(w.T), threads=2))
+            meta.append(("int_mm", src, k, cands, w))
+    return cases, meta
+
+
+def _exact_cases(mode, rng):
+    """Adversarial full-range data, bit-exact comparison: decode (M=1, small N, large K: the threading split
+    of K) to prefill shapes, threads 1, 2 and 4, s8 and u8 sources, per-token scale, bias."""
+    shapes = [(1, 4096, 8, 4), (1, 2048, 16, 2), (3, 301, 40, 1), (7, 513, 33, 2), (64, 768, 64, 2),
+              (1, 257, 8, 1), (32, 64, 32, 1)]
+    if mode == "haswell":
+        shapes = shapes[2:4] + shapes[5:]
+    cases = []
+    for m, k, n, threads in shapes:
+        w = rng.choice(np.array([127, -128, 120, -120, 64, 0, 1, -1], np.int8), (n, k))
+        xs = rng.choice(np.array([127, -127, -128, 100, 0], np.int8), (m, k))
+        xu = rng.integers(0, 256, (m, k)).astype(np.uint8)
+        ws = rng.uniform(1e-3, 2e-2, n).astype(np.float32)
+        bias = rng.standard_normal(n).astype(np.float32)
+        cases += [dict(kind="qlinear", x=xs, x_scale=0.0173, w=w, w_scale=ws, bias=bias, threads=threads),
+                  dict(kind="qlinear", x=xu, x_scale=1.0, w=w, w_scale=ws, threads=threads),
+                  dict(kind="int_mm", a=xs, b=np.ascontiguousarray(w.T), threads=threads),
+                  dict(kind="int_mm", a=xu, b=np.ascontiguousarray(w.T), threads=threads)]
+    cases.append(dict(kind="qlinear", x=np.full((32, 64), 127, np.int8), w=np.full((32, 64), 127, np.int8),
+                      w_scale=np.ones(32, np.float32)))  # the issue's all-127 product
+    return cases
+
+
+def _linear_cases(rng):
+    cases = []
+    for safe in (False, True):
+        for gran, asym, k in (("row", False, 301), ("tensor", False, 64), ("row", True, 257)):
+            w = (rng.standard_t(2.0, (24, k)) * 0.05).astype(np.float32)
+            x = rng.standard_normal((5, k)).astype(np.float32)
+            x[0] = np.where(np.arange(k) % 2 == 0, 3.0, -3.0)  # every activation at +-127 in one token
+            x[1] = 2.0
+            cases.append(dict(kind="linear", x=x, w=w, bias=rng.standard_normal(24).astype(np.float32),
+                              safe=safe, granularity=gran, asym=asym, threads=2))
+    return cases
+
+
+def _emulate(c, info, mode):
+    isa = realkernel.mode_isa(mode)
+    if c["kind"] == "qlinear":
+        return et.qlinear_pointwise(c["x"], c.get("x_scale", 1.0), 0, c["w"], c["w_scale"], c.get("bias"), isa=isa)
+    if c["kind"] == "int_mm":  # oneDNN only where cpuinfo reports AVX512-VNNI (its ISA may be forced down)
+        return et.int_mm(c["a"], c["b"], isa=isa, backend="onednn" if info["cpu_vnni"] else "aten")
+    raise AssertionError(c["kind"])
+
+
+REAL_MODES = [mode_param("native"), mode_param("haswell"), mode_param("avx2"), mode_param("avx512")]
+
+
+@pytest.mark.parametrize("mode", REAL_MODES)
+def test_real_kernels(mode):
+    """Pair discovery against safeobs.layout, and bit-exactness of the emulator, in one subprocess per mode."""
+    if mode == "avx2" and HOST == "avx2":
+        pytest.skip("ONEDNN_MAX_CPU_ISA=AVX2 equals native on this AVX2-only host")
+    rng = np.random.default_rng(10)
+    disc, meta = _discovery_cases(mode)
+    exact = _exact_cases(mode, rng)
+    lin = _linear_cases(rng)
+    info, out = _torchao_worker.run(disc + exact + lin, mode=mode)
+    isa = realkernel.mode_isa(mode)
+    assert info["cpu_vnni"] == (HOST == "vnni" and mode != "haswell")
+    # 1. pair discovery: a column saturates iff its candidate is a pair of the kernel's layout
+    wrong, seen = [], 0
+    for (kind, src, k, cands, w), y in zip(meta, out[:len(disc)]):
+        acc = y[0] if kind == "qlinear" else y[0].astype(np.float64)
+        x = 127 if src == "s8" else 255
+        saturated = acc != w.astype(np.int64).sum(axis=1) * x
+        onednn = kind == "qlinear" or info["cpu_vnni"]
+        pairs = {tuple(p) for p in _kernel_pairs(k, isa).tolist()} if onednn and isa != "vnni" else set()
+        expected = np.array([c in pairs for c in cands])
+        seen += int(saturated.sum())
+        if not np.array_equal(saturated, expected):
+            wrong.append((kind, src, k, [cands[i] for i in np.flatnonzero(saturated != expected)][:6]))
+    assert not wrong, f"real pairing differs from safeobs.layout: {wrong}"
+    if isa != "vnni":
+        assert seen > 0  # the probe really sees saturation (qlinear_pointwise saturates here)
+    # 2. emulator bit-exact (integer codes and float outputs, exact equality)
+    base = len(disc)
+    bad = [i for i, (c, y) in enumerate(zip(exact, out[base:base + len(exact)])) if not np.array_equal(y, _emulate(c, info, mode))]
+    assert not bad, f"emulator differs from the real kernel on cases {bad}"
+    issue = out[base + len(exact) - 1]
+    assert issue[0, 0] == (127 * 127 * 64 if isa == "vnni" else 8160)
+    # 3. torchao Linears, eager: emulator bit-exact; safe codes safe; torchao's own codes are not
+    path = "onednn" if info["cpu_vnni"] else "eager"  # cpuinfo VNNI: torchao's u8s8 branch on oneDNN at `isa`
+    stock_unsafe = 0
+    for c, (y, qdata, scale) in zip(lin, out[base + len(exact):]):
+        emu = et.int8_dynamic_linear(c["x"], qdata, scale, c["bias"], act_per_row=c["granularity"] == "row",
+                                     act_symmetric=not c["asym"], isa=isa, path=path)
+        assert np.array_equal(y, emu), (c["safe"], c["granularity"], c["asym"])
+        ok = all(_pair_sums_ok(qdata, _kernel_pairs(qdata.shape[1], i)) for i in ("avx2", "avx512"))
+        assert ok or not c["safe"]
+        stock_unsafe += not ok
+    assert stock_unsafe > 0
+
+
+# -- torch.compile (Inductor freezing: onednn.qlinear_pointwise) ------------------------------------------
+
+
+def test_torch_compile_freezing_kernel_and_safety():
+    torch._dynamo.reset()
+    x = torch.randn(6, 301) * 2
+    x[0] = 5.0  # every activation code 127 (u8 255 inside oneDNN)
+    x[1] = torch.where(torch.arange(301) % 2 == 0, 5.0, -5.0)
+    outs = {}
+    for name, cfg in (("stock", StockDynamic()), ("safe", sto.Int8DynamicActivationInt8WeightConfig())):
+        m = _model(k=301, n=48, seed=11)
+        quantize_(m, cfg)
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            y = torch.compile(m)(x)
+        with torch.no_grad(), et.emulate(m, isa=HOST, path="compiled") as rep:
+            y_emu = m(x)
+        with torch.no_grad(), et.emulate(m, isa=HOST, path="compiled", exact=True):
+            y_exact = m(x)
+        assert torch.equal(y, y_emu), name  # the emulator knows which kernel Inductor runs, bit for bit
+        outs[name] = (y, y_exact, rep.total)
+        torch._dynamo.reset()
+    y, y_exact, sat = outs["safe"]
+    assert sat == 0 and torch.equal(y, y_exact)  # safe weights: identical to an exact (VNNI) accumulation
+    if HOST != "vnni":
+        y, y_exact, sat = outs["stock"]
+        assert sat > 0 and not torch.equal(y, y_exact)  # torchao's own weights saturate the compiled kernel
+
+
+# -- verify / audit / repair ------------------------------------------------------------------------------
+
+
+def test_audit_and_repair_saved_torchao_model(tmp_path, capsys, one_thread):
+    m = _model(k=301, n=32, seed=12)
+    quantize_(m, StockDynamic(set_inductor_config=False))
+    path = str(tmp_path / "ao.pt")
+    sto.save(m, path)
+    res = audit.audit(torch.load(path, weights_only=False), inputs=(torch.randn(3, 301) * 3,))
+    assert res["combos"] == list(audit.TORCHAO_COMBOS) and res["unsafe"]
+    k = res["layers"][0]["kernels"]
+    assert k["eager/avx2"]["saturates"] is False and k["compiled/avx2"]["channels"]
+    assert res["saturation"]["compiled/avx2"]["total"] > 0 and res["saturation"]["eager/avx2"]["total"] == 0
+    assert cli.main(["audit", path, "-q"]) == cli.EXIT_UNSAFE
+    out = str(tmp_path / "ao_safe.pt")
+    assert cli.main(["repair", path, "-o", out, "-q"]) == cli.EXIT_OK
+    assert cli.main(["audit", out, "-q", "--engines", "compiled/avx2,compiled/avx512"]) == cli.EXIT_OK
+    capsys.readouterr()
+    before = torch.load(path, weights_only=False)[0].weight
+    after = torch.load(out, weights_only=False)[0].weight
+    assert type(after).__name__ == "Int8Tensor"
+    viol = {v.channel for v in safeobs.verify(before)}
+    changed = set(np.flatnonzero((after.scale != before.scale).reshape(-1).numpy()).tolist())
+    assert changed == viol  # only the unsafe rows are re-quantized
+    keep = torch.tensor(sorted(set(range(32)) - viol), dtype=torch.long)
+    assert torch.equal(after.qdata[keep], before.qdata[keep]) and torch.equal(after.scale[keep], before.scale[keep])
+    assert safeobs.verify(after).ok
+
+
+def test_repair_in_place_and_emulate_hook(one_thread):
+    m = _model(k=257, n=16, seed=13)
+    quantize_(m, StockDynamic(set_inductor_config=False))
+    x = torch.randn(2, 257) * 3
+    x[0] = 5.0  # every activation code 127: u8 255 in the kernel
+    with torch.no_grad(), emulator.emulate(m, engine="onednn", isa="avx2") as rep:
+        m(x)
+    assert rep.total > 0  # safeobs.emulator.emulate runs torchao Linears (engine onednn: the compiled kernel)
+    infos = repair.repair(m)
+    assert infos[0]["changed"] > 0 and sto.verify(m).ok
+    with torch.no_grad(), emulator.emulate(m, engine="onednn", isa="avx2") as rep:
+        m(x)
+    assert rep.total == 0
