@@ -297,9 +297,6 @@ def _bind(fn, args, kwargs):
         warnings.warn("safeobs: reduce_range=True ignored: safe weights keep the full 8-bit range exact",
                       UserWarning, stacklevel=3)
     bound.arguments["reduce_range"] = False
-    extra = dict(bound.arguments.get("extra_options") or {})
-    if extra.get("WeightSymmetric") is False:
-        pass  # asymmetric int8 weights: the solver picks the zero point too
     return bound
 
 
