@@ -10,9 +10,11 @@ and the ReLU variant FX fuses into conv+bn+relu).  Configurations, all calibrate
 * MiniLM dynamic: torch ``quantize_dynamic`` (7-bit inputs), the same with 8-bit inputs and per-channel stock
   weights (unsafe), ``safeobs.quantize_dynamic``.
 
-Runs: real kernels in this process with engines fbgemm and x86 (this host is an AVX2-only CPU, so these ARE the
-saturating AVX2 kernels); a qemu Haswell confirmation on a subset; the VNNI columns and the saturation-free
-reference through :mod:`safeobs.emulator` (no VNNI hardware here; the emulator is bit-exact vs the real kernels).
+Runs, on any host: the AVX2 columns on this host's real AVX2 kernels (native on an AVX2 host, worker processes
+forced to AVX2 elsewhere; a column a forced process cannot reach is emulated and labelled so); the VNNI columns on
+the real kernels of a VNNI host, else through :mod:`safeobs.emulator` (bit-exact vs the real kernels); a qemu
+Haswell confirmation on a subset; the saturation-free reference through the emulator.  Every row records which
+kernel produced each column (``source``).
 Writes benchmarks/results/fidelity.md and fidelity.png.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import copy
+import hashlib
 import json
 import multiprocessing
 import os
@@ -196,47 +199,88 @@ def _equal(a, b) -> bool:
     return a.shape == b.shape and torch.equal(a, b)
 
 
+COLUMNS = tuple(f"{isa}-{engine}" for isa in ("avx2", "vnni") for engine in ENGINES)
+
+
 def evaluate(qmodels: dict, run, ref, metric, *, exact_always: bool) -> dict:
-    """Native real kernels (both engines), emulated AVX2 (saturation count, and a check that the emulator
-    reproduces the native output), emulated VNNI (both engines), saturation-free reference."""
-    r = {}
+    """Every column (AVX2 / VNNI x engine fbgemm / x86) from the real kernels where this process runs them,
+    else from the bit-exact emulator; saturation counts from the emulator; the saturation-free reference.
+
+    This process's kernels are ``realkernel.process_isa()``: the host's, or AVX2 when the benchmark forced
+    it (``main`` does that on AVX-512 hosts).  A forced process cannot run engine x86's convs as an AVX2
+    CPU does (VNNI hosts route them to oneDNN by cpuinfo: ``realkernel.forced_mismatch``); such a column
+    is emulated.  ``r["source"]`` records, per column, which kernel produced it."""
+    r = {"outputs": {}, "source": {}, "emu_checks": {}}
+    sat = {}
     with torch.no_grad():
-        native = {}
-        for engine in ENGINES:
+        for col in COLUMNS:
+            isa, engine = col.split("-")
+            m = qmodels[engine]
             torch.backends.quantized.engine = engine
-            native[engine] = run(qmodels[engine])
+            real = None
+            if realkernel.process_isa(engine) == isa and realkernel.forced_mismatch(
+                    isa, engine, realkernel.model_convs(m)) is None:
+                real = run(m)
+                r["source"][col] = realkernel.describe(_process_mode(engine), engine)
+            skip_emu = real is not None and engine == "x86" and isa == "avx2"  # x86 == fbgemm on AVX2 (§3)
+            if not skip_emu:
+                with emulator.emulate(m, engine=engine, isa=isa) as em:
+                    emu = run(m)
+                sat[col] = (em.total, sum(1 for v in em.saturation.values() if v))
+                if real is not None:
+                    r["emu_checks"][col] = _equal(emu, real)
+            if real is None:
+                r["source"][col] = f"{engine} on {isa} (emulated)"
+            r["outputs"][col] = emu if real is None else real
         torch.backends.quantized.engine = "fbgemm"
         m = qmodels["fbgemm"]
-        with emulator.emulate(m, engine="fbgemm", isa="avx2") as em:
-            emu_avx2 = run(m)
-        sat = em.total
-        with emulator.emulate(m, engine="fbgemm", isa="vnni") as em_v:
-            vnni_fb = run(m)
-        torch.backends.quantized.engine = "x86"
-        with emulator.emulate(qmodels["x86"], engine="x86", isa="vnni") as em_vx:
-            vnni_x86 = run(qmodels["x86"])
-        torch.backends.quantized.engine = "fbgemm"
-        if sat or exact_always:
+        if sat["avx2-fbgemm"][0] or exact_always:
             with emulator.emulate(m, engine="fbgemm", isa="avx2", exact=True):
                 exact = run(m)
         else:
             # no lane saturated: the emulator's correction term sat16(s) - s is zero everywhere, so the
-            # exact run IS the AVX2 run (and the AVX2 run equals the native output, checked below)
-            exact = emu_avx2
-    r["outputs"] = {"avx2-fbgemm": native["fbgemm"], "avx2-x86": native["x86"], "vnni-fbgemm": vnni_fb,
-                    "vnni-x86": vnni_x86, "exact": exact}
-    r["metrics"] = {k: metric(ref, v) for k, v in r["outputs"].items()}
-    r["sat"] = sat
-    r["sat_layers"] = sum(1 for v in em.saturation.values() if v)
-    r["sat_vnni_fbgemm"] = em_v.total
-    r["sat_vnni_x86"] = em_vx.total
-    r["emu_eq_native"] = _equal(emu_avx2, native["fbgemm"])
-    r["x86_eq_fbgemm"] = _equal(native["x86"], native["fbgemm"])
-    r["avx2_eq_vnni_fbgemm"] = _equal(native["fbgemm"], vnni_fb)
-    r["avx2_eq_vnni_x86"] = _equal(native["x86"], vnni_x86)
-    r["exact_ran"] = bool(sat or exact_always)
+            # exact run IS the AVX2 run
+            exact = r["outputs"]["avx2-fbgemm"]
+    out = r["outputs"]
+    out["exact"] = exact
+    r["metrics"] = {k: metric(ref, v) for k, v in out.items()}
+    r["sat"], r["sat_layers"] = sat["avx2-fbgemm"]
+    r["sat_vnni_fbgemm"] = sat["vnni-fbgemm"][0]
+    r["sat_vnni_x86"] = sat["vnni-x86"][0]
+    # None: no column's kernel runs in this process (an AVX-512 host without forcing; main() forces AVX2)
+    r["emu_eq_native"] = all(r["emu_checks"].values()) if r["emu_checks"] else None
+    r["x86_eq_fbgemm"] = _equal(out["avx2-x86"], out["avx2-fbgemm"])
+    r["avx2_eq_vnni_fbgemm"] = _equal(out["avx2-fbgemm"], out["vnni-fbgemm"])
+    r["avx2_eq_vnni_x86"] = _equal(out["avx2-x86"], out["vnni-x86"])
+    r["exact_ran"] = bool(sat["avx2-fbgemm"][0] or exact_always)
+    r["digest"] = {k: hashlib.sha256(v.detach().contiguous().numpy().tobytes()).hexdigest() for k, v in out.items()}
     del r["outputs"]
     return r
+
+
+def merge_passes(avx2_pass: list, vnni_pass: list) -> list:
+    """Results of the AVX2 pass with the VNNI columns of a native pass on a VNNI host (real VNNI kernels).
+
+    Both passes build the same models deterministically and run the same float code (only the int8
+    kernels' ISA differs), so outputs are compared through their digests."""
+    out = copy.deepcopy(avx2_pass)
+    for res, other in zip(out, vnni_pass):
+        for r, o in zip(res["rows"], other["rows"]):
+            assert r["key"] == o["key"]
+            for col in ("vnni-fbgemm", "vnni-x86"):
+                r["metrics"][col], r["source"][col], r["digest"][col] = o["metrics"][col], o["source"][col], o["digest"][col]
+                if col in o["emu_checks"]:
+                    r["emu_checks"][col] = o["emu_checks"][col]
+            r["emu_eq_native"] = all(r["emu_checks"].values())
+            r["avx2_eq_vnni_fbgemm"] = r["digest"]["avx2-fbgemm"] == r["digest"]["vnni-fbgemm"]
+            r["avx2_eq_vnni_x86"] = r["digest"]["avx2-x86"] == r["digest"]["vnni-x86"]
+    return out
+
+
+def _process_mode(engine: str) -> str:
+    """The realkernel mode this process is in, for labels."""
+    isa = realkernel.process_isa(engine)
+    return "native" if isa == realkernel.host_isa() else isa
 
 
 def run_qemu(jobs, tmp: str):
@@ -324,8 +368,15 @@ def bench_mobilenet(relu6: bool, n_calib=None, n_held=None, qemu_photos=4):
             for key in ("torch-onednn", "safe-x86"):
                 for engine in ENGINES:
                     torch.backends.quantized.engine = engine
-                    with torch.no_grad():
-                        jobs.append((key, engine, qms[key][engine], x, qms[key][engine](x)))
+                    m = qms[key][engine]
+                    with torch.no_grad():  # this process's AVX2 kernels where it runs them, else the emulator
+                        if realkernel.process_isa(engine) == "avx2" and realkernel.forced_mismatch(
+                                "avx2", engine, realkernel.model_convs(m)) is None:
+                            want = m(x)
+                        else:
+                            with emulator.emulate(m, engine=engine, isa="avx2"):
+                                want = m(x)
+                    jobs.append((key, engine, m, x, want))
             qemu = run_qemu(jobs, tmp)
         rows = []
         for key, qm in qms.items():
@@ -390,14 +441,26 @@ def _yn(v: bool) -> str:
     return "yes" if v else "**no**"
 
 
+def _col_head(res, col: str) -> str:
+    """"AVX2 real, fbgemm" / "VNNI emulated, x86": what produced the column in every row of ``res``."""
+    isa, engine = col.split("-")
+    kinds = {"emulated" if "(emulated)" in r["source"][col] else "real" for r in res["rows"]}
+    return f"{isa.upper()} {'/'.join(sorted(kinds))}, {engine}"
+
+
+def _sources(results) -> str:
+    seen = dict.fromkeys(f"{col}: {r['source'][col]}" for res in results for r in res["rows"] for col in COLUMNS)
+    return "; ".join(f"`{s}`" for s in seen)
+
+
 def detail_table(res) -> list:
     kind = res["kind"]
     unit = "SQNR dB / top-1 agreement" if kind == "image" else "SQNR dB / mean cosine / NN agreement"
     lines = [f"### {res['name']}", "",
              f"{res['n'][0]} calibration / {res['n'][1]} held-out {'photos' if kind == 'image' else 'sentences'}; "
              f"cells: {unit} vs FP32.", "",
-             "| configuration | act. bits | weights | AVX2 real, fbgemm | AVX2 real, x86 | VNNI emulated, fbgemm "
-             "| VNNI emulated, x86 | no saturation (exact) | saturated lanes AVX2 (layers) | AVX2 ≡ VNNI fbgemm "
+             "| configuration | act. bits | weights | " + " | ".join(_col_head(res, c) for c in COLUMNS) +
+             " | no saturation (exact) | saturated lanes AVX2 (layers) | AVX2 ≡ VNNI fbgemm "
              "| AVX2 ≡ VNNI x86 | emulator ≡ real |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -444,7 +507,7 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 4.4))
-    cols = [("avx2-fbgemm", "AVX2 real kernels", "C0"), ("vnni-fbgemm", "VNNI fbgemm (emulated)", "C1"),
+    cols = [("avx2-fbgemm", "AVX2 real kernels", "C0"), ("vnni-fbgemm", "VNNI fbgemm", "C1"),
             ("exact", "no saturation (exact)", "C2")]
     for ax, res in zip(np.atleast_1d(axes), results):
         rows = res["rows"]
@@ -479,10 +542,13 @@ def write_report(results, qemu, targets, runtime, host, path):
     md += ["", "## Targets", "", "| target | met | detail |", "|---|---|---|"]
     md += [f"| {t} | {'**met**' if ok else '**missed**'} | {d} |" for t, ok, d in targets]
     md += ["", "## What the columns are, and why some are emulated", "",
-           f"* **This machine is an AVX2-only CPU** (`realkernel.host_isa() == \"{host}\"`: no AVX-512, no VNNI), "
-           "and so is CI.  \"AVX2 real\" columns run torch's own quantized kernels in this process: they ARE the "
-           "saturating `vpmaddubsw` kernels.  On a non-VNNI CPU the `x86` engine dispatches every conv to FBGEMM, "
-           "so engine x86 and fbgemm compute the same thing (the tables show it bit for bit).",
+           f"* **Host: `{host}`** (`realkernel.host_isa()`).  Which kernel produced each column, as recorded by "
+           "`evaluate` (`realkernel.describe`): " + _sources(results) + ".  \"real\" columns are torch's own "
+           "quantized kernels; on a non-VNNI CPU the `x86` engine dispatches every conv to FBGEMM, so engine x86 "
+           "and fbgemm compute the same thing (the tables show it bit for bit).  An AVX-512 host runs the AVX2 "
+           "columns in worker processes forced to AVX2 (these models have no FBGEMM groupwise conv); a VNNI host "
+           "cannot run engine x86's AVX2 conv routing that way (cpuinfo decides it), so that column is emulated "
+           "there, and its VNNI columns come from a second, native pass.",
            "* **qemu Haswell confirmation**: the MobileNetV2 ReLU6 models (torch onednn mapping, which saturates, and "
            "safeobs x86) were TorchScript-traced and run under `qemu-x86_64 -cpu Haswell` on a subset of held-out photos, "
            "with both engines:", ""]
@@ -492,7 +558,7 @@ def write_report(results, qemu, targets, runtime, host, path):
     else:
         md += ["  | (skipped: qemu-x86_64 not available) | | | |"]
     md += ["",
-           "* **VNNI columns are emulated.**  There is no VNNI hardware here, so these columns run the same converted "
+           "* **Emulated columns** (VNNI on a host without VNNI) run the same converted "
            "int8 model through `safeobs.emulator` with `isa=\"vnni\"`, the bit-exact model of the kernels that the test "
            "suite checks against the real kernels.  On VNNI, FBGEMM's GEMMs (Linear, 1x1 and im2col convs) accumulate "
            "exactly, but its depthwise and direct-ConvTranspose kernels are AVX2 `vpmaddubsw` code on every CPU and "
@@ -555,6 +621,24 @@ def _jsonable(results, qemu, runtime, host) -> dict:
             "torch": torch.__version__, "cores": os.cpu_count()}
 
 
+def _run_tasks(tasks, targs, workers: int, env: dict) -> dict:
+    """{task: result}; every task in a spawned worker process whose environment forces ``env``."""
+    saved = {k: os.environ.get(k) for k in ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")}
+    for k in saved:
+        os.environ.pop(k, None)
+    os.environ.update(env)  # read by the spawned workers at start
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=ctx) as pool:
+            futures = {t: pool.submit(_task, t, targs) for t in tasks}
+            return {t: f.result() for t, f in futures.items()}
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=int, default=None, help="held-out photos (default: all 80)")
@@ -575,19 +659,24 @@ def main(argv=None) -> int:
         results, qemu, runtime, host = saved["results"], saved["qemu"], saved["runtime"], saved["host"]
     else:
         host = realkernel.host_isa()
-        if host != "avx2":
-            log(f"WARNING: host ISA is {host}, not avx2: the 'AVX2 real' columns are this host's kernels")
         use_qemu = not args.no_qemu and realkernel.available("haswell")
         targs = dict(photos=args.photos, calib_photos=args.calib_photos, sentences=args.sentences,
                      calib_sentences=args.calib_sentences, qemu_photos=4 if use_qemu else 0)
         tasks = ("relu6", "relu", "minilm")  # longest first
-        if args.workers > 1:
-            ctx = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-                done = [f.result() for f in [pool.submit(_task, t, targs) for t in tasks]]
-        else:
-            done = [_task(t, targs) for t in tasks]
-        by = dict(zip(tasks, done))
+        # The AVX2 columns need this host's real AVX2 kernels: native on an AVX2 host, else worker
+        # processes forced to AVX2 (these models have no FBGEMM groupwise conv; engine x86's convs are
+        # then emulated, see evaluate).  A VNNI host also runs a native pass for real VNNI columns.
+        passes = [("avx2", "native" if host == "avx2" else "avx2")] + ([("vnni", "native")] if host == "vnni" else [])
+        done = {}
+        for name, mode in passes:
+            log(f"pass {name}: kernels {realkernel.describe(mode, 'fbgemm')}")
+            done[name] = _run_tasks(tasks, dict(targs, qemu_photos=targs["qemu_photos"] if name == "avx2" else 0),
+                                    args.workers, realkernel.MODES[mode])
+        if "vnni" in done:
+            for t in tasks:
+                done["avx2"][t] = (merge_passes(done["avx2"][t][0], done["vnni"][t][0]), done["avx2"][t][1])
+        done = done["avx2"]
+        by = done
         results = by["minilm"][0] + by["relu6"][0] + by["relu"][0]
         qemu = by["relu6"][1]
         runtime = time.perf_counter() - T0

@@ -41,6 +41,7 @@ MODES = {
     "haswell": {},
 }
 QEMU = "qemu-x86_64"
+ISAS = ("avx2", "avx512", "vnni")
 
 
 def _cpu_flags() -> set[str]:
@@ -61,6 +62,27 @@ def host_isa() -> str:
     return "avx2"
 
 
+_FORCED = {"FBGEMM_ENABLE_INSTRUCTIONS": {"AVX2": "avx2", "AVX512": "avx512"},
+           "ONEDNN_MAX_CPU_ISA": {"AVX2": "avx2", "AVX512_CORE": "avx512"}}
+
+
+def process_isa(engine: str = "fbgemm", environ=None) -> str:
+    """The ISA this process's ``engine`` GEMM/conv kernels run: the host's, lowered by the ISA variable
+    that library read at start (FBGEMM_ENABLE_INSTRUCTIONS for fbgemm, ONEDNN_MAX_CPU_ISA for onednn;
+    engine x86 needs both to agree).  A variable can only lower the ISA (kernel-spec §2.1)."""
+    env = os.environ if environ is None else environ
+    host = host_isa()
+    names = {"fbgemm": ["FBGEMM_ENABLE_INSTRUCTIONS"], "onednn": ["ONEDNN_MAX_CPU_ISA"],
+             "x86": ["FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"]}[engine]
+    isas = set()
+    for name in names:
+        forced = _FORCED[name].get(env.get(name, "").strip().upper())
+        isas.add(forced if forced and ISAS.index(forced) < ISAS.index(host) else host)
+    if len(isas) > 1:
+        raise ValueError(f"engine {engine}: FBGEMM_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA force different ISAs")
+    return isas.pop()
+
+
 def mode_isa(mode: str) -> str:
     """The ISA the kernels see in ``mode`` (groupwise excepted, it always follows the host)."""
     _check_mode(mode)
@@ -77,9 +99,6 @@ def available(mode: str) -> bool:
         return True
     order = ["avx2", "avx512", "vnni"]
     return "avx2" in _cpu_flags() and order.index(host_isa()) >= order.index(mode)
-
-
-ISAS = ("avx2", "avx512", "vnni")
 
 
 def _conv_facts(op: str, w_shape, groups=1, stride=1, padding=0, dilation=1, output_padding=0,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-from safeobs import data, models
+from safeobs import data, models, realkernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_fidelity as bf  # noqa: E402
@@ -57,7 +57,13 @@ def test_evaluate_and_report_on_dynamic_minilm(minilm, tmp_path):
     safe, stock = rows[1], rows[0]
     assert safe["sat"] == 0 and safe["avx2_eq_vnni_fbgemm"] and safe["x86_eq_fbgemm"]
     assert stock["sat"] > 0 and stock["exact_ran"]  # 8-bit inputs with stock weights saturate on AVX2
-    assert all(r["emu_eq_native"] for r in rows)  # the emulator reproduces the real kernels, saturation included
+    here = realkernel.process_isa()
+    if here in ("avx2", "vnni"):  # this process runs one column's real kernels (an AVX-512 host runs neither)
+        assert all(r["emu_eq_native"] for r in rows)  # the emulator reproduces the real kernels, saturation included
+        assert all(f"{here} (" in r["source"][f"{here}-fbgemm"] and "emulated" not in r["source"][f"{here}-fbgemm"]
+                   for r in rows)
+    other = "vnni" if here == "avx2" else "avx2"
+    assert all(r["source"][f"{other}-fbgemm"] == f"fbgemm on {other} (emulated)" for r in rows)
     assert 0.9 < safe["metrics"]["avx2-fbgemm"]["cos"] <= 1.0
     res = [dict(name="MiniLM dynamic", kind="text", rows=rows, ref="dyn-8bit", n=(0, 3))]
     targets = bf.check_targets(res)
@@ -72,3 +78,18 @@ def test_metrics():
     assert bf.sqnr(a, a) == float("inf")
     assert bf.text_metrics(a, a)["nn"] == 1.0
     assert bf.image_metrics(a, 2 * a)["top1"] == 1.0
+
+
+def test_merge_passes_takes_real_vnni_columns_and_compares_digests():
+    def row(key, src, d_avx2, d_vnni, check):
+        return dict(key=key, metrics={c: {"sqnr": float(len(src))} for c in bf.COLUMNS},
+                    source={c: src for c in bf.COLUMNS}, digest={"avx2-fbgemm": d_avx2, "avx2-x86": d_avx2,
+                                                                 "vnni-fbgemm": d_vnni, "vnni-x86": d_vnni},
+                    emu_checks={"avx2-fbgemm": True} if check is None else {"vnni-fbgemm": check, "vnni-x86": check})
+    avx2 = [dict(rows=[row("a", "forced avx2", "x", "y", None), row("b", "forced avx2", "p", "q", None)])]
+    vnni = [dict(rows=[row("a", "native vnni", "z", "x", True), row("b", "native vnni", "r", "s", False)])]
+    a, b = bf.merge_passes(avx2, vnni)[0]["rows"]
+    assert a["source"]["vnni-x86"] == "native vnni" and a["source"]["avx2-fbgemm"] == "forced avx2"
+    assert a["avx2_eq_vnni_fbgemm"] and a["emu_eq_native"]  # AVX2 "x" (avx2 pass) == VNNI "x" (vnni pass)
+    assert not b["avx2_eq_vnni_fbgemm"] and not b["emu_eq_native"]
+    assert avx2[0]["rows"][0]["source"]["vnni-x86"] == "forced avx2"  # inputs untouched
