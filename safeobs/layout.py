@@ -232,6 +232,138 @@ def weight_pairs(
     return _weight_pairs(tuple(int(s) for s in weight_shape), layout, op, None if op != "conv_transpose" else groups)
 
 
+@functools.lru_cache(maxsize=256)
+def _position_csr(shape: tuple, layout: str, op: str, groups: int):
+    """Per kernel position, the positions it is paired with (both directions): ``(indptr, partner)``."""
+    pos = _pairs_in_layout(layout, op, shape, groups)
+    _, _, icg, taps = group_sizes(shape, op, groups)
+    kg = icg * taps
+    if len(pos):
+        key = np.unique(pos.min(axis=1) * kg + pos.max(axis=1))  # dedupe the union: Kg-sized, cheap
+        pos = np.stack([key // kg, key % kg], axis=1)
+    both = np.concatenate([pos, pos[:, ::-1]])
+    both = both[np.argsort(both[:, 0], kind="stable")]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(both[:, 0], minlength=kg))])
+    return indptr, both[:, 1].copy(), icg, taps
+
+
+@functools.lru_cache(maxsize=256)
+def _row_columns(shape: tuple, layout: str, op: str) -> np.ndarray:
+    indptr, partner, icg, taps = _position_csr(shape, layout, op, 1)
+    p0 = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    one = p0 < partner  # each pair once
+    pos = np.stack([p0[one], partner[one]], axis=1)
+    cols = (pos % icg) * taps + pos // icg  # kernel position t*ICg + ic -> natural column ic*taps + t
+    cols = np.sort(cols, axis=1)
+    cols = cols[np.lexsort((cols[:, 1], cols[:, 0]))]
+    cols.setflags(write=False)
+    return cols
+
+
+class PairTable:
+    """The pairs :func:`weight_pairs` gives, without building them: ``touching(elems)`` answers "which pairs
+    contain these weights" from the pairs of one output channel's kernel positions (the same for every
+    channel, §5.1/§8.2), in O(len(elems)).  A MiniLM-sized weight has millions of pairs; the solver only
+    needs the few that hold a code of magnitude >= 65.  :meth:`array` materialises them all (cached)."""
+
+    def __init__(self, weight_shape: Sequence[int], layout: str = "x86", op: str | None = None,
+                 groups: int | None = None):
+        op = infer_op(weight_shape, op)
+        if layout not in LAYOUTS or layout == "any":
+            raise ValueError(f"layout must be one of {tuple(x for x in LAYOUTS if x != 'any')} here, got {layout!r}")
+        self.shape, self.layout, self.op = tuple(int(s) for s in weight_shape), layout, op
+        if op == "conv" and groups is not None:
+            group_sizes(self.shape, op, groups)
+        self.groups = groups if op == "conv_transpose" else None
+        # ConvTranspose without groups: the union over every grouping is only available materialised
+        self.structured = op != "conv_transpose" or groups is not None
+
+    def array(self) -> np.ndarray:
+        return weight_pairs(self.shape, self.layout, self.op, self.groups)
+
+    def __array__(self, dtype=None, copy=None):  # np.asarray(table): the materialised (n, 2) pairs
+        a = self.array()
+        return a.astype(dtype) if dtype is not None else (a.copy() if copy else a)
+
+    def __len__(self) -> int:
+        return len(self.array())
+
+    def __repr__(self) -> str:
+        return f"PairTable(shape={self.shape}, layout={self.layout!r}, op={self.op!r}, groups={self.groups})"
+
+    def _row_columns(self) -> np.ndarray | None:
+        """The layout's pairs of one output channel as ``(n, 2)`` columns of its natural weight row
+        (linear / conv: row ``oc`` of ``weight.reshape(OC, -1)``); None for ConvTranspose (rows not contiguous)."""
+        if self.op == "conv_transpose":
+            return None
+        return _row_columns(self.shape, self.layout, self.op)
+
+    def near(self, weight, threshold) -> np.ndarray:
+        """``(m, 2)`` flat indices of the pairs whose two weights add up to more than ``threshold`` in magnitude
+        (one threshold per output channel, or one for all).  Only same-sign pairs can exceed it by more than
+        a single weight, so with ``threshold = 127 * scale`` these hold every pair that can sum past 128 codes.
+        One gather of the weight in torch (multi-threaded like torch's own observer); ConvTranspose falls
+        back to :meth:`touching` of the elements above half the threshold."""
+        import torch
+
+        w = torch.as_tensor(weight)
+        cols = self._row_columns() if self.structured else None
+        if cols is None:
+            thr = torch.as_tensor(np.broadcast_to(np.asarray(threshold, np.float32).reshape(-1), (1,)) if np.size(threshold) == 1
+                                  else np.asarray(threshold, np.float32))
+            if self.op == "conv_transpose" and thr.numel() > 1:
+                raise ValueError("per-channel thresholds of a ConvTranspose weight: use touching()")
+            big = torch.nonzero((w.abs() > thr.max() / 2).view(-1)).view(-1).numpy()
+            return self.touching(big)
+        rows = w.reshape(self.shape[0], -1)
+        if len(cols) == 0:
+            return np.zeros((0, 2), dtype=np.int64)
+        kc = rows.shape[1]
+        if kc % 2 == 0 and len(cols) == kc // 2 and np.array_equal(cols[:, 0], np.arange(0, kc, 2)) \
+                and np.array_equal(cols[:, 1], cols[:, 0] + 1):
+            total = rows[:, 0::2] + rows[:, 1::2]  # flat pairs: strided views, no gather
+        else:
+            c = torch.from_numpy(cols)
+            total = rows.index_select(1, c[:, 0]) + rows.index_select(1, c[:, 1])
+        thr = torch.as_tensor(np.asarray(threshold, np.float32).reshape(-1, 1))
+        hit = torch.nonzero(total.abs() > thr).numpy()
+        r, j = hit[:, 0].astype(np.int64), hit[:, 1]
+        return np.stack([r * kc + cols[j, 0], r * kc + cols[j, 1]], axis=1)
+
+    def touching(self, elems: np.ndarray) -> np.ndarray:
+        """``(m, 2)`` indices into ``weight.ravel()`` of every pair that contains one of ``elems`` (each pair
+        once, smaller index first; ``elems`` must be unique)."""
+        elems = np.asarray(elems, dtype=np.int64)
+        if not self.structured:
+            raise ValueError("touching needs ConvTranspose groups; use array()")
+        g = self.groups or 1
+        indptr, partner, icg, taps = _position_csr(self.shape, self.layout, self.op, g)
+        if self.op == "conv_transpose":  # (G, ICg, OCg, taps)
+            ocg = self.shape[1]
+            blk, ic = elems // (icg * ocg * taps), (elems // (ocg * taps)) % icg
+            o, t = (elems // taps) % ocg, elems % taps
+        else:  # (OC, ICg, taps); Linear: taps = 1
+            row, rem = elems // (icg * taps), elems % (icg * taps)
+            ic, t = rem // taps, rem % taps
+        p = t * icg + ic
+        lens = indptr[p + 1] - indptr[p]
+        rep = np.repeat(np.arange(len(elems)), lens)
+        offs = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+        q = partner[indptr[p][rep] + offs]
+        qic, qt = q % icg, q // icg
+        if self.op == "conv_transpose":
+            other = ((blk[rep] * icg + qic) * ocg + o[rep]) * taps + qt
+        else:
+            other = (row[rep] * icg + qic) * taps + qt
+        a = elems[rep]
+        # a pair whose both members are in elems is found twice: keep it from its smaller member only
+        srt = np.sort(elems)
+        at = np.minimum(np.searchsorted(srt, other), len(srt) - 1)
+        keep = (srt[at] != other) | (a < other)
+        a, b = a[keep], other[keep]
+        return np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1)
+
+
 def output_channel_rows(weight_shape: Sequence[int], op: str | None = None, groups: int | None = None) -> np.ndarray:
     """``(OC, Kg)`` indices into ``weight.ravel()``, one row per output channel (layout ``"any"``).
 

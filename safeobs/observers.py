@@ -22,6 +22,7 @@ the scale on the clipped codes.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import numpy as np
@@ -43,15 +44,20 @@ __all__ = [
 _EXTRA = "_extra_state"
 
 
+@functools.lru_cache(maxsize=None)
+def _base_signature(cls) -> inspect.Signature:
+    """The stock observer's ``__init__`` signature (torch.ao's, or torchao's for PT2E), once per class."""
+    mro = cls.__mro__
+    return inspect.signature(mro[mro.index(_SafeMixin) + 1].__init__)
+
+
 class _SafeMixin:
     """Shared by the safe observers: records the weight, raises torch's scales, keeps state."""
 
     _default_qscheme = torch.per_tensor_symmetric
 
     def __init__(self, *args, layout: str = "x86", op: str | None = None, groups: int | None = None, **kwargs):
-        mro = type(self).__mro__
-        base = mro[mro.index(_SafeMixin) + 1]  # the stock observer: torch.ao's, or torchao's for PT2E
-        bound = inspect.signature(base.__init__).bind_partial(None, *args, **kwargs).arguments
+        bound = _base_signature(type(self)).bind_partial(None, *args, **kwargs).arguments
         bound.pop("self")
         extra = bound.pop("kwargs", {})
         bound.setdefault("dtype", torch.qint8)

@@ -203,7 +203,28 @@ def test_user_pairs_match_layout_pairs():
     stock, _ = _stock(torch.from_numpy(w), torch.per_channel_symmetric, -128, 127)
     a, _ = raise_scales(w, pairs, stock.numpy())
     b, _ = raise_scales(w, pairs.copy(), stock.numpy())
-    assert np.array_equal(a, b) and np.any(a > stock.numpy())
+    c, _ = raise_scales(w, L.PairTable(w.shape, "x86"), stock.numpy())
+    assert np.array_equal(a, b) and np.array_equal(a, c) and np.any(a > stock.numpy())
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.sampled_from([((9, 40), "linear", None), ((5, 600), "linear", None), ((6, 3, 3, 3), "conv", None),
+                        ((16, 1, 3, 3), "conv", 16), ((6, 4, 1, 5), "conv", 2), ((4, 2, 2, 2, 2), "conv", None),
+                        ((8, 3, 2, 3), "conv_transpose", 2), ((8, 3, 2, 3), "conv_transpose", None)]),
+       st.sampled_from(["fbgemm", "onednn", "x86", "ort"]), st.integers(0, 2**32 - 1), st.booleans())
+def test_lazy_pair_table_gives_the_same_scales_as_every_pair_checked(case, lay, seed, per_channel):
+    """PairTable (looked up only where a code can exceed 64) == the full check over every layout pair."""
+    shape, op, groups = case
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(1.5, shape) * rng.uniform(0.01, 3)).astype(np.float32)
+    qs = torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric
+    ch = 0 if per_channel and op != "conv_transpose" else None
+    if ch is None:
+        qs = torch.per_tensor_symmetric
+    stock, _ = _stock(torch.from_numpy(w), qs, -128, 127)
+    full, _ = raise_scales(w, L.weight_pairs(shape, lay, op, groups).copy(), stock.numpy(), ch_axis=ch)
+    lazy, _ = raise_scales(w, L.PairTable(shape, lay, op, groups), stock.numpy(), ch_axis=ch)
+    assert np.array_equal(full, lazy)
 
 
 @pytest.mark.parametrize("bad,err", [
