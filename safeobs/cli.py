@@ -257,6 +257,18 @@ def cmd_repair(args) -> int:
     return EXIT_OK
 
 
+_EXTRAS = {"skimage": "demo", "sklearn": "demo", "torchao": "torchao", "onnx": "onnx", "onnxruntime": "onnx"}
+
+
+def missing_dependency(e: ImportError) -> str:
+    """One line for a missing optional dependency: what is missing and the pip command that installs it."""
+    name = (getattr(e, "name", None) or "").split(".")[0]
+    if name in _EXTRAS:
+        return f"{name} is not installed (needed here); install it with: pip install 'safeobs[{_EXTRAS[name]}]'"
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return msg if "pip install" in msg else f"{msg}; install the missing package with pip"
+
+
 class UsageError(Exception):
     """Bad arguments: reported in one line, exit code 2."""
 
@@ -280,6 +292,9 @@ def main(argv=None) -> int:
         return {"demo": cmd_demo, "audit": cmd_audit, "repair": cmd_repair}[args.command](args)
     except (UsageError, ModelError) as e:
         sys.stderr.write(f"safeobs {args.command}: error: {e}\n")
+        return EXIT_USAGE
+    except ImportError as e:  # a missing optional dependency: one line that names the pip command
+        sys.stderr.write(f"safeobs {args.command}: error: {missing_dependency(e)}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")

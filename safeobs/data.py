@@ -52,12 +52,12 @@ def load_photo(name: str) -> np.ndarray:
         try:
             from sklearn.datasets import load_sample_image
         except ImportError as e:  # pragma: no cover - depends on environment
-            raise ImportError("photo %r needs scikit-learn: pip install scikit-learn" % name) from e
+            raise ImportError(f"photo {name!r} needs scikit-learn: pip install 'safeobs[demo]'", name="sklearn") from e
         return load_sample_image(f"{name}.jpg")
     try:
         import skimage.data as skd
     except ImportError as e:  # pragma: no cover - depends on environment
-        raise ImportError("photo %r needs scikit-image: pip install scikit-image" % name) from e
+        raise ImportError(f"photo {name!r} needs scikit-image: pip install 'safeobs[demo]'", name="skimage") from e
     if name in ("motorcycle_left", "motorcycle_right"):
         left, right, _ = skd.stereo_motorcycle()
         img = left if name == "motorcycle_left" else right

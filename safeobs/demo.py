@@ -123,7 +123,7 @@ def run(quick: bool = False, calib: int | None = None, evaluate: int | None = No
             progress(step[0], total, label)
 
     torch.manual_seed(0)
-    model = models.mobilenet_v2()
+    model = models.mobilenet_v2_demo()  # the layers it needs ship inside safeobs: no weights wheel
     x_cal, x_eval = _pick(data.photos("calib"), calib), _pick(data.photos("heldout"), evaluate)
     tick("photos and model")
     cases, meta = [], []

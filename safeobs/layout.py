@@ -323,7 +323,7 @@ class PairTable:
                 and np.array_equal(cols[:, 1], cols[:, 0] + 1):
             total = rows[:, 0::2] + rows[:, 1::2]  # flat pairs: strided views, no gather
         else:
-            c = torch.from_numpy(cols)
+            c = torch.from_numpy(np.array(cols))  # a writable copy (the cached columns are read-only)
             total = rows.index_select(1, c[:, 0]) + rows.index_select(1, c[:, 1])
         thr = torch.as_tensor(np.asarray(threshold, np.float32).reshape(-1, 1))
         hit = torch.nonzero(total.abs() > thr).numpy()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "mobilenet_v2", "MobileNetV2", "InvertedResidual", "mobilenet_weights_path",
+    "mobilenet_v2", "mobilenet_v2_demo", "MobileNetV2", "InvertedResidual", "mobilenet_weights_path",
     "minilm", "MiniLM", "BertTokenizer", "tokenizer", "embed", "minilm_dir",
     "load_safetensors",
 ]
@@ -130,6 +130,29 @@ def mobilenet_v2(weights_path: str | Path | None = None, relu6: bool = True) -> 
     model = MobileNetV2(relu6=relu6)
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+_DEMO_WEIGHTS = Path(__file__).resolve().parent / "_data" / "mobilenet_v2_demo.npz"
+
+
+def mobilenet_v2_demo(relu6: bool = True) -> MobileNetV2:
+    """MobileNetV2 whose first blocks (``features.0``, ``features.1``, ``features.2.conv.0-1``) carry the
+    real ImageNet weights shipped inside safeobs (``_data/mobilenet_v2_demo.npz``: 5,157 values of
+    torchvision's ``mobilenet_v2-b0353104.pth``; provenance in ``_data/mobilenet_v2_demo.json``), so that
+    ``safeobs demo`` runs after a plain ``pip install``.  The other blocks are a fixed random init: use
+    only the shipped blocks."""
+    if not isinstance(relu6, bool):
+        raise TypeError(f"relu6 must be a bool, got {type(relu6).__name__}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MobileNetV2(relu6=relu6)
+    with np.load(_DEMO_WEIGHTS) as z:
+        state = {k: torch.from_numpy(z[k].copy()) for k in z.files}
+    missing = set(state) - set(model.state_dict())
+    if missing:
+        raise RuntimeError(f"shipped demo weights do not fit MobileNetV2: {sorted(missing)[:3]}")
+    model.load_state_dict(state, strict=False)
     return model.eval()
 
 
