@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safeobs import dispatch, layout, realkernel
 
 FAMILIES = ("linear", "linear_dynamic", "stem", "conv2d", "conv1d", "conv3d", "pointwise", "depthwise",
-            "depthwise3d", "groupwise", "convT_im2col", "convT_direct")
+            "depthwise3d", "depthwise_wide", "groupwise", "convT_im2col", "convT_direct")
 
 
 @st.composite
@@ -46,6 +46,9 @@ def _shape(draw, family: str, engine: str, isa: str):
         return {**d, "op": "conv2d" if family == "depthwise" else "conv3d", "N": ints(1, 2), "G": 8 * ints(1, 3),
                 "ICg": 1, "OCg": ints(1, 2), "k": k, "stride": ints(1, 2), "padding": tuple((x - 1) // 2 for x in k),
                 "dilation": 1, "S": tuple(ints(x, x + 5) for x in k)}
+    if family == "depthwise_wide":  # > 100 groups: engine x86 keeps it on FBGEMM depthwise even on VNNI (§3)
+        return {**d, "op": "conv2d", "N": 1, "G": draw(st.sampled_from([104, 112])), "ICg": 1, "OCg": 1,
+                "k": (3, 3), "stride": ints(1, 2), "padding": (1, 1), "dilation": 1, "S": (ints(3, 6), ints(3, 6))}
     if family == "groupwise":
         cpg = draw(st.sampled_from([2, 4, 8, 16]))
         gt = dispatch.g_together(isa, cpg, cpg)
