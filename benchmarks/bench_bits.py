@@ -156,16 +156,6 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def main():
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -185,7 +175,7 @@ def main():
                   f"({'met' if x86 <= targets[res['label']] else 'MISSED'}).\n")
     host = realkernel.host_isa()
     md += ["### Observer time (forward + calculate_qparams over every weight of the model)", "",
-           f"Host: {_cpu_name()}, ISA `{host}`, {os.cpu_count()} cores, torch {torch.__version__} "
+           f"Host: {realkernel.cpu_name()}, ISA `{host}`, {os.cpu_count()} cores, torch {torch.__version__} "
            f"({torch.get_num_threads()} threads).  Cold = the first call in a fresh process (nothing cached); warm "
            "= best of 7, alternating with torch's observer in the same run.", "",
            "| model | torch PerChannelMinMaxObserver (s) | SafePerChannelMinMaxObserver, warm (s) | safe, first call (s) "

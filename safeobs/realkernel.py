@@ -54,6 +54,17 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_name() -> str:
+    """The host CPU's model name (for benchmark reports), e.g. "AMD EPYC"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def host_isa() -> str:
     """The host CPU as :mod:`safeobs.dispatch` names it: "vnni", "avx512" or "avx2"."""
     flags = _cpu_flags()
