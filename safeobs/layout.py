@@ -9,6 +9,11 @@ positions in ``[0, Kg)``; :func:`kernel_order` maps positions to indices of ``we
 
 :func:`kernel_pairs` answers for one kernel (used by the emulator); :func:`weight_pairs` gives
 the union over every kernel a *layout* covers (used by the solver and :func:`safeobs.verify`).
+
+torchao's int8 Linear runs oneDNN's matmul (``torch._int_mm`` on VNNI hosts, ``onednn.qlinear_pointwise``
+under torch.compile freezing): s8 sources are shifted to u8 inside oneDNN and paired like the u8
+matmul, (k 2m, 2m+1) within :func:`onednn_matmul_block` K blocks (pair discovery in tests/test_torchao.py),
+so layout ``"x86"`` (and ``"onednn"``) covers it.
 """
 
 from __future__ import annotations

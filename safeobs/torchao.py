@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import warnings
 from functools import partial
 
 import numpy as np
@@ -220,6 +221,12 @@ def as_qtensor(weight: Int8Tensor) -> torch.Tensor:
     """The ``Int8Tensor``'s codes and scales as a torch qint8 tensor (per-channel axis 0, or per-tensor)."""
     codes, scale = emulator_torchao.weight_codes(weight)
     q = torch.from_numpy(np.ascontiguousarray(codes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensor creation is deprecated (pytorch/pytorch#184982)
+        return _as_qtensor(q, scale)
+
+
+def _as_qtensor(q, scale):
     if scale.size == 1:
         return torch._make_per_tensor_quantized_tensor(q, float(scale[0]), 0)
     return torch._make_per_channel_quantized_tensor(q, torch.from_numpy(scale.astype(np.float64)),
