@@ -77,8 +77,11 @@ __all__ = [
 ]
 
 # Scale candidates, as multiples of the tightest RTN-safe scale.  Below 1 the pair clip (not the
-# scale) keeps the codes safe; the objective decides.  Measured in benchmarks/bench_fidelity.py.
-DEFAULT_MULTIPLIERS = (0.90, 0.94, 0.97, 1.0, 1.03)
+# scale) keeps the codes safe; the objective picks per channel.  Ablation in
+# benchmarks/results/fidelity.md ("without scale search": SINGLE_SCALE).
+SCALE_SEARCH = (0.90, 0.94, 0.97, 1.0, 1.03)
+SINGLE_SCALE = (1.0,)
+DEFAULT_MULTIPLIERS = SCALE_SEARCH
 DAMP = 0.01  # GPTQ's dampening: H + DAMP * mean(diag H) * I
 _BLOCK = 128  # GPTQ lazy-batch width for shared-H layers
 
@@ -125,17 +128,38 @@ def _float_layer(mod):
     return None
 
 
-def _receptive_fields(x: torch.Tensor, conv) -> torch.Tensor:
-    """(G, K, L) receptive fields of ``x`` for ``conv``, zero padded like the float conv (x_zp in int8)."""
+def _receptive_fields(x: torch.Tensor, conv, max_positions: int) -> torch.Tensor:
+    """(G, S, K) receptive fields of ``x`` for ``conv``, zero padded like the float conv (x_zp in int8).
+
+    K is ordered like ``weight[oc].ravel()`` (ic, kh, kw).  With more than ``max_positions`` output
+    positions (batch x spatial), a fixed pseudo-random subset of that many is gathered (deterministic:
+    the generator is seeded by the position count), without building the full im2col matrix.
+    """
     if x.dim() == 3:  # conv1d as a 1-row conv2d
         x = x.unsqueeze(2)
         ks, st, pd, dl = (1, conv.kernel_size[0]), (1, conv.stride[0]), (0, conv.padding[0]), (1, conv.dilation[0])
     else:
         ks, st, pd, dl = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-    cols = F.unfold(x, ks, dilation=dl, padding=pd, stride=st)  # (N, C*taps, L), (c, kh, kw) order
-    n, ck, l = cols.shape
+    n, c, h, w = x.shape
+    oh = (h + 2 * pd[0] - dl[0] * (ks[0] - 1) - 1) // st[0] + 1
+    ow = (w + 2 * pd[1] - dl[1] * (ks[1] - 1) - 1) // st[1] + 1
+    xp = F.pad(x, (pd[1], pd[1], pd[0], pd[0]))
+    hp, wp = xp.shape[2], xp.shape[3]
+    total = n * oh * ow
+    if total > max_positions:
+        idx = torch.randperm(total, generator=torch.Generator().manual_seed(total))[:max_positions]
+    else:
+        idx = torch.arange(total)
+    b, r, col = idx // (oh * ow), (idx // ow) % oh, idx % ow
+    kh = torch.arange(ks[0]).repeat_interleave(ks[1]) * dl[0]
+    kw = torch.arange(ks[1]).repeat(ks[0]) * dl[1]
+    # one gather from the (C, N*Hp*Wp) image: offset of (position, tap)
+    off = (b * (hp * wp) + r * st[0] * wp + col * st[1])[:, None] + (kh * wp + kw)[None, :]  # (S, taps)
+    flat = xp.transpose(0, 1).reshape(c, -1)
+    vals = flat[:, off.reshape(-1)].reshape(c, -1, kh.numel())  # (C, S, taps)
     g = conv.groups
-    return cols.reshape(n, g, ck // g, l).permute(1, 2, 0, 3).reshape(g, ck // g, n * l)
+    vals = vals.reshape(g, c // g, vals.shape[1], kh.numel()).transpose(1, 2)  # (G, S, ICg, taps)
+    return vals.reshape(g, vals.shape[1], -1)  # (G, S, K), K in (ic, tap) order
 
 
 class StatsCollector:
@@ -143,12 +167,14 @@ class StatsCollector:
 
     Use as a context manager around the calibration forwards of a prepared (FX or eager) or float
     model; ``stats`` maps module names (the names the converted model keeps) to :class:`LayerStats`.
+    A forward with more than ``max_positions`` receptive fields (early conv layers: batch x H x W)
+    contributes a fixed pseudo-random subset of that many: ``H`` is an average, and 16k samples per
+    batch estimate a 25x25 (or 960x960) second-moment matrix well at a fraction of the cost.
     """
 
-    _MAX_ELEMS = 1 << 23  # receptive-field elements per chunk (float32: 32 MB)
-
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, max_positions: int = 16384):
         self.model, self.stats, self._handles = model, {}, []
+        self.max_positions = int(max_positions)  # receptive fields summed per layer and forward call
         for name, mod in model.named_modules():
             found = _float_layer(mod)
             if found is None or any(name.startswith(p + ".") for p in self.stats):
@@ -170,15 +196,15 @@ class StatsCollector:
             x = args[0].detach().to(torch.float32)
             with torch.no_grad():
                 if op == "linear":
-                    cols = x.reshape(-1, x.shape[-1]).T.unsqueeze(0)  # (1, K, M)
-                    chunks = [cols]
+                    c = x.reshape(1, -1, x.shape[-1])  # (1, M, K)
+                    if c.shape[1] > self.max_positions:
+                        gen = torch.Generator().manual_seed(c.shape[1])
+                        c = c[:, torch.randperm(c.shape[1], generator=gen)[:self.max_positions]]
                 else:
-                    per = max(1, self._MAX_ELEMS // max(1, x[:1].numel() * int(np.prod(layer.kernel_size))))
-                    chunks = (_receptive_fields(x[i:i + per], layer) for i in range(0, x.shape[0], per))
-                for c in chunks:
-                    st.xx += torch.bmm(c, c.transpose(1, 2)).double().numpy()
-                    st.xsum += c.sum(2, dtype=torch.float64).numpy()
-                    st.n += c.shape[2]
+                    c = _receptive_fields(x, layer, self.max_positions)
+                st.xx += torch.bmm(c.transpose(1, 2), c).double().numpy()
+                st.xsum += c.sum(1).double().numpy()
+                st.n += c.shape[1]
             st.seconds += time.perf_counter() - t
         return hook
 
