@@ -22,6 +22,7 @@ from .qconfig import (
     get_default_qconfig_mapping,
     quantize_dynamic,
 )
+from .rounding import quantize_fx
 from .solver import safe_qparams
 from .verify import verify
 
@@ -37,6 +38,7 @@ __all__ = [
     "get_default_qconfig",
     "get_default_qconfig_mapping",
     "quantize_dynamic",
+    "quantize_fx",
     "safe_qparams",
     "verify",
 ]

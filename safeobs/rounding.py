@@ -332,7 +332,11 @@ def _gptq(w: np.ndarray, u: np.ndarray, scale: np.ndarray, partners: np.ndarray)
     s = scale.astype(np.float64)
     rows = np.arange(r)
     shared = u.ndim == 2
-    earlier = partners < np.arange(k)[None, :, None]  # partners rounded before column j (natural order)
+    every = partners is None  # layout "any": every other code of the row is a partner
+    if every:
+        top, bottom = np.full(r, -128.0), np.full(r, 127.0)  # max / min of the codes chosen so far
+    else:
+        earlier = partners < np.arange(k)[None, :, None]  # partners rounded before column j (natural order)
     for b0 in range(0, k, _BLOCK if shared else k):
         b1 = min(k, b0 + (_BLOCK if shared else k))
         err = np.zeros((r, b1 - b0))
@@ -340,14 +344,20 @@ def _gptq(w: np.ndarray, u: np.ndarray, scale: np.ndarray, partners: np.ndarray)
             code = np.clip(np.rint(w[:, j] * inv), -128, 127)
             lo = np.full(r, -128.0)
             hi = np.full(r, 127.0)
-            for d in range(partners.shape[2]):
-                p = partners[:, j, d]
-                ok = earlier[:, j, d]
-                qp = q[rows, np.where(ok, p, 0)]
-                lo = np.where(ok, np.maximum(lo, PAIR_MIN - qp), lo)
-                hi = np.where(ok, np.minimum(hi, PAIR_MAX - qp), hi)
+            if every:
+                if j:
+                    lo, hi = np.maximum(lo, PAIR_MIN - bottom), np.minimum(hi, PAIR_MAX - top)
+            else:
+                for d in range(partners.shape[2]):
+                    p = partners[:, j, d]
+                    ok = earlier[:, j, d]
+                    qp = q[rows, np.where(ok, p, 0)]
+                    lo = np.where(ok, np.maximum(lo, PAIR_MIN - qp), lo)
+                    hi = np.where(ok, np.minimum(hi, PAIR_MAX - qp), hi)
             code = np.clip(code, lo, hi)
             q[:, j] = code
+            if every:
+                top, bottom = np.maximum(top, code), np.minimum(bottom, code)
             if shared:
                 e = (w[:, j] - s * code) / u[j, j]
                 w[:, j + 1:b1] -= e[:, None] * u[j, j + 1:b1][None, :]
@@ -418,8 +428,9 @@ def round_weight(
     w2 = w.reshape(oc, k).astype(np.float64)
 
     scale0 = safe_qparams(wt, layout=layout, op=op, groups=groups)[0].numpy().astype(np.float32)
-    pairs = layout_pairs(w, layout, op, groups)
-    part = _partners(np.asarray(pairs), oc, k)
+    every = layout == "any"  # pairs depend on the codes: every pair of a row is constrained
+    pairs = None if every else layout_pairs(w, layout, op, groups)
+    part = None if every else _partners(np.asarray(pairs), oc, k)
 
     m = h - np.einsum("gi,gj->gij", mu, mu) if bias_correction else h  # objective matrix per group
     per_group = h.shape[0] > 1
@@ -439,14 +450,13 @@ def round_weight(
             if gptq:
                 q = _gptq(w2, u[row_group] if per_group else u[0], s, part)
             else:
-                q = quantize(w2.astype(np.float32), s[:, None]).astype(np.float64)
-                q = _clip_pairs(q, part)
+                q = _clip_pairs(quantize(w2.astype(np.float32), s[:, None]).astype(np.float64), part)
             err = _objective(w2 - s[:, None].astype(np.float64) * q, m_rows)
             better = err < best_err
             best_q[better], best_s[better], best_err[better] = q[better], s[better], err[better]
             choice[better] = ci
     codes = best_q.astype(np.int8).reshape(w.shape)
-    check_safe(codes, np.asarray(pairs))
+    check_safe(codes, layout_pairs(codes, "any", op, groups) if every else np.asarray(pairs))
     delta = np.zeros(oc)
     if bias_correction:
         delta = np.einsum("rk,rk->r", w2 - best_s[:, None].astype(np.float64) * best_q, mu_rows)
@@ -457,6 +467,10 @@ def _clip_pairs(q: np.ndarray, partners: np.ndarray) -> np.ndarray:
     """RTN codes made safe by the same sequential clip as :func:`_gptq` (no error feedback)."""
     q = q.copy()
     rows = np.arange(q.shape[0])
+    if partners is None:  # layout "any": clip against the running max / min of the row
+        for j in range(1, q.shape[1]):
+            q[:, j] = np.clip(q[:, j], PAIR_MIN - q[:, :j].min(1), PAIR_MAX - q[:, :j].max(1))
+        return q
     for j in range(q.shape[1]):
         for d in range(partners.shape[2]):
             p = partners[:, j, d]
