@@ -1,0 +1,276 @@
+"""safeobs.rounding: safe data-aware codes for every layout, never worse than RTN, deterministic, API, real kernel."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.ao.quantization import DeQuantStub, QConfig, QuantStub, HistogramObserver
+
+import safeobs
+from safeobs import emulator, realkernel, rounding
+from safeobs.layout import LAYOUTS
+from safeobs.solver import layout_pairs
+
+SETTINGS = dict(max_examples=40, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+SHAPES = [  # (weight shape, groups)
+    ((6, 9), 1), ((5, 8), 1), ((4, 33), 1),                   # linear, odd/even K
+    ((8, 1, 3, 3), 8), ((6, 1, 5, 5), 6), ((8, 1, 3, 3), 4),  # depthwise 3x3 / 5x5, channel multiplier 2
+    ((5, 3, 3, 3), 1), ((4, 4, 1, 1), 1), ((6, 2, 3, 3), 2),  # dense (ic 3: pairs straddle taps), 1x1, grouped
+    ((4, 3, 5), 1),                                           # conv1d
+]
+
+
+def _weights(draw, shape):
+    n = int(np.prod(shape))
+    kind = draw(st.sampled_from(["normal", "heavy", "adversarial", "tiny"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    if kind == "normal":
+        w = rng.normal(size=n)
+    elif kind == "heavy":
+        w = rng.standard_t(1.2, size=n)
+    elif kind == "tiny":
+        w = rng.normal(size=n) * 1e-30
+    else:  # same-sign near-maximal pairs everywhere: RTN at torch's scale saturates every pair
+        w = np.abs(rng.normal(size=n)) * 0.05 + 1.0
+        w[rng.random(n) < 0.3] *= -1
+    return w.reshape(shape).astype(np.float32), rng
+
+
+def _stats(rng, k, g, kind):
+    """Second moments H (G, K, K) and means (G, K) from synthetic inputs of several shapes."""
+    m = 4 * k + 8
+    if kind == "correlated":  # post-ReLU-like: positive, strongly correlated neighbours
+        base = rng.normal(size=(g, m, 1))
+        x = np.maximum(base + 0.3 * rng.normal(size=(g, m, k)), 0)
+    elif kind == "rank1":  # degenerate: every input the same (H singular)
+        x = np.repeat(rng.normal(size=(g, m, 1)), k, axis=2)
+    elif kind == "scaled":  # badly conditioned: per-input scales over 6 decades
+        x = rng.normal(size=(g, m, k)) * 10.0 ** rng.uniform(-3, 3, size=(1, 1, k))
+    else:
+        x = rng.normal(size=(g, m, k)) + rng.normal(size=(1, 1, k))
+    return np.einsum("gmi,gmj->gij", x, x) / m, x.mean(1)
+
+
+def _objective(w, scale, codes, m):
+    """e^T M e per output channel, computed independently from the weight, scales and codes (float64)."""
+    oc = w.shape[0]
+    e = w.reshape(oc, -1).astype(np.float64) - scale.astype(np.float64)[:, None] * codes.reshape(oc, -1)
+    return np.einsum("rk,rkj,rj->r", e, m, e)
+
+
+@settings(**SETTINGS)
+@given(st.data())
+def test_codes_safe_for_every_layout_and_never_worse_than_rtn(data):
+    shape, groups = data.draw(st.sampled_from(SHAPES))
+    layout = data.draw(st.sampled_from(LAYOUTS))
+    w, rng = _weights(data.draw, shape)
+    op = "linear" if len(shape) == 2 else "conv"
+    oc, k = shape[0], int(np.prod(shape[1:]))
+    ocg = oc // groups
+    h, mu = _stats(rng, k, groups, data.draw(st.sampled_from(["correlated", "rank1", "scaled", "plain"])))
+    bias_correction = data.draw(st.booleans())
+    if data.draw(st.booleans()) and groups == 1:
+        h, mu = h[0], mu[0]  # the shared (K, K) form
+    r = rounding.round_weight(w, h, mu, layout=layout, op=op, groups=groups, bias_correction=bias_correction,
+                              multipliers=data.draw(st.sampled_from([rounding.SCALE_SEARCH, (1.0,), (0.5, 2.0)])))
+    assert r.codes.dtype == np.int8 and r.codes.shape == shape
+    # independent check of the stored codes (safeobs.verify shares no code with rounding / solver)
+    q = torch._make_per_channel_quantized_tensor(torch.from_numpy(r.codes.copy()), torch.from_numpy(
+        r.scale.astype(np.float64)), torch.zeros(oc, dtype=torch.long), 0)
+    assert safeobs.verify(q, layout, op=op, groups=groups).ok
+    # never worse than torch's RTN at the tightest safe scale, on the objective that the bias leaves
+    scale0, _ = safeobs.safe_qparams(torch.from_numpy(w), layout=layout, op=op, groups=groups)
+    rtn = torch.quantize_per_channel(torch.from_numpy(w), scale0.double(), torch.zeros(oc, dtype=torch.long), 0,
+                                     torch.qint8).int_repr().numpy().astype(np.float64)
+    hg = np.broadcast_to(np.asarray(h).reshape(-1, k, k), (groups, k, k))
+    mug = np.broadcast_to(np.asarray(mu).reshape(-1, k), (groups, k))
+    m = hg - np.einsum("gi,gj->gij", mug, mug) if bias_correction else hg
+    m_rows = m[np.arange(oc) // ocg]
+    ours = _objective(w, r.scale, r.codes.astype(np.float64), m_rows)
+    base = _objective(w, scale0.numpy(), rtn, m_rows)
+    assert np.all(ours <= base + 1e-9 * np.abs(base) + 1e-300), (ours, base)
+    if bias_correction:  # the bias delta is the mean error of the chosen codes
+        e = w.reshape(oc, -1).astype(np.float64) - r.scale.astype(np.float64)[:, None] * r.codes.reshape(oc, -1)
+        np.testing.assert_allclose(r.bias_delta, np.einsum("rk,rk->r", e, mug[np.arange(oc) // ocg]),
+                                   rtol=1e-9, atol=1e-300)
+
+
+def test_adversarial_pairs_are_clipped_not_only_scaled():
+    """At a scale below the tightest safe one, RTN breaks pairs; the sequential clip must repair all of them."""
+    w = np.full((3, 1, 5, 5), 0.9, dtype=np.float32)
+    w[:, :, 2, 2] = 1.0
+    h = np.eye(25)[None].repeat(3, 0)
+    r = rounding.round_weight(w, h, None, layout="x86", groups=3, bias_correction=False, multipliers=(0.5, 0.7))
+    codes = r.codes.reshape(3, -1).astype(int)
+    pairs = np.asarray(layout_pairs(r.codes, "x86", "conv", 3))
+    flat = r.codes.ravel().astype(int)
+    assert np.all(np.abs(flat[pairs[:, 0]] + flat[pairs[:, 1]]) <= 128)
+    assert codes.max() > 64  # some codes are larger than RTN at the safe scale allows everywhere
+
+
+def test_deterministic_and_errors():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 1, 3, 3)).astype(np.float32)
+    x = rng.normal(size=(16, 200, 9))
+    h, mu = np.einsum("gmi,gmj->gij", x, x) / 200, x.mean(1)
+    a = rounding.round_weight(w, h, mu, groups=16)
+    b = rounding.round_weight(w.copy(), h.copy(), mu.copy(), groups=16)
+    assert np.array_equal(a.codes, b.codes) and np.array_equal(a.scale, b.scale)
+    assert np.array_equal(a.bias_delta, b.bias_delta)
+    codes, scales = rounding.safe_round(torch.from_numpy(w), h, groups=16)  # the torchao / ORT hook
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float32 and codes.shape == w.shape
+    with pytest.raises(ValueError, match="h must be"):
+        rounding.round_weight(w, h[:, :4, :4], mu, groups=16)
+    with pytest.raises(ValueError, match="mean"):
+        rounding.round_weight(w, h, None, groups=16)
+    with pytest.raises(ValueError, match="layout"):
+        rounding.round_weight(w, h, mu, groups=16, layout="arm")
+    with pytest.raises(ValueError, match="finite"):
+        rounding.round_weight(w, h * np.nan, mu, groups=16)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.BatchNorm2d(16), torch.nn.ReLU6())
+        self.dw = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 5, 1, 2, groups=16), torch.nn.BatchNorm2d(16),
+                                      torch.nn.ReLU())
+        self.pw = torch.nn.Conv2d(16, 24, 1)
+        self.fc = torch.nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = self.pw(self.dw(self.stem(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _net():
+    torch.manual_seed(0)
+    m = _Net()
+    with torch.no_grad():  # a large centre tap per depthwise channel: a same-sign pair must bind
+        m.dw[0].weight[:, :, 2, 2] += 1.0
+        m.dw[0].weight[:, :, 2, 3] += 0.9
+        for bn in (m.stem[1], m.dw[1]):
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.running_mean.uniform_(-0.2, 0.2)
+    return m.eval()
+
+
+def _data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 24, 24, generator=g) * 2 - 0.5
+
+
+def test_quantize_fx_api(one_thread):
+    model = _net()
+    calib = [(_data(8, i),) for i in range(3)]
+    torch.backends.quantized.engine = "fbgemm"
+    q = safeobs.quantize_fx(model, calib[0], calib, backend="x86", progress=False)
+    q2 = safeobs.quantize_fx(model, calib[0], calib, backend="x86", progress=False)
+    rtn = safeobs.quantize_fx(model, calib[0], calib, backend="x86", data_aware=False, progress=False)
+    assert isinstance(q, torch.fx.GraphModule)
+    assert safeobs.verify(q, "x86").ok and len(safeobs.verify(q, "x86").modules) == 4
+    x = _data(16, 99)
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))  # deterministic
+        assert not torch.equal(q(x), rtn(x))
+    # the pieces: calibrate + convert_fx + apply gives the same model
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    prepared = prepare_fx(copy.deepcopy(model), safeobs.get_default_qconfig_mapping("x86"), calib[0])
+    stats = rounding.calibrate(prepared, calib, progress=False)
+    conv = convert_fx(prepared)
+    out = rounding.apply(conv, stats, layout="x86")
+    assert set(out) == {"stem.0", "dw.0", "pw", "fc"} or len(out) == 4
+    with torch.no_grad():
+        assert torch.equal(conv(x), q(x))
+    # per layer, on the calibration statistics: the data-aware weights' objective is <= RTN's
+    assert all(np.all(r.error <= r.rtn_error) for r in out.values())
+    with pytest.raises(TypeError, match="tuples"):
+        safeobs.quantize_fx(model, calib[0], torch.rand(4, 3, 24, 24))
+    with pytest.raises(ValueError, match="empty"):
+        safeobs.quantize_fx(model, calib[0], [])
+    with pytest.raises(ValueError, match="backend"):
+        safeobs.quantize_fx(model, calib[0], calib, backend="qnnpack")
+
+
+def _eager_model(calib):
+    """Eager flow (a picklable Sequential): fuse, prepare, rounding.calibrate, convert, rounding.apply."""
+    torch.manual_seed(1)
+    m = torch.nn.Sequential(QuantStub(), torch.nn.Conv2d(3, 16, 3, 1, 1), torch.nn.ReLU(),
+                            torch.nn.Conv2d(16, 16, 5, 1, 2, groups=16), torch.nn.Conv2d(16, 8, 1), DeQuantStub())
+    with torch.no_grad():
+        m[3].weight[:, :, 2, 2] += 1.0
+        m[3].weight[:, :, 2, 3] += 0.9  # flat positions 12, 13: paired by every layout
+    m.eval()
+    torch.ao.quantization.fuse_modules(m, [["1", "2"]], inplace=True)
+    m.qconfig = QConfig(activation=HistogramObserver.with_args(reduce_range=False),
+                        weight=safeobs.SafePerChannelMinMaxObserver.with_args(layout="x86"))
+    torch.ao.quantization.prepare(m, inplace=True)
+    stats = rounding.calibrate(m, calib, progress=False)
+    torch.ao.quantization.convert(m, inplace=True)
+    out = rounding.apply(m, stats, layout="x86")
+    assert len(out) == 3
+    return m
+
+
+def test_dynamic_flow(one_thread):
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 16)).eval()
+    calib = [(torch.randn(20, 32, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    q = rounding.quantize_dynamic(model, calib, backend="x86", progress=False)
+    assert type(q[0]).__name__ == "DynamicLinear" and safeobs.verify(q).ok
+
+
+def test_progress_bar_only_when_asked(capsys):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    rounding.calibrate(model, [(torch.randn(3, 8),)], progress=True)
+    assert "safeobs calibration" in capsys.readouterr().err
+    rounding.calibrate(model, [(torch.randn(3, 8),)])  # pytest's stderr is no tty: silent by default
+    assert capsys.readouterr().err == ""
+
+
+def test_real_kernel_bit_exact_no_saturation(one_thread):
+    """A data-aware model on the real AVX2 kernels (native on an AVX2 host, else qemu Haswell) equals the
+    emulated exact computation bit for bit, and the emulator counts 0 saturated lanes; the stock weights of
+    the same model do saturate (so the check can fail)."""
+    host = realkernel.host_isa()
+    mode = "native" if host == "avx2" else "haswell"
+    if not realkernel.available(mode):
+        pytest.skip(f"{host} host without qemu-x86_64: AVX2 kernels unreachable")
+    calib = [(_data(6, i) * 3,) for i in range(2)]
+    torch.backends.quantized.engine = "fbgemm"
+    m = _eager_model(calib)
+    x = _data(4, 7) * 6  # beyond the calibrated range: many activation codes at 255
+    with torch.no_grad(), emulator.emulate(m, engine="fbgemm", isa="avx2") as em:
+        m(x)
+    assert em.total == 0
+    m[5] = torch.nn.Identity()  # quantized output: compare integer codes
+    with torch.no_grad(), emulator.emulate(m, engine="fbgemm", isa="avx2", exact=True):
+        exact = m(x).int_repr().numpy()
+    if mode == "native":  # this process's kernels are the real AVX2 ones
+        with torch.no_grad():
+            real = m(x).int_repr().numpy()
+    else:
+        with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+            path = os.path.join(tmp, "m.pt")
+            torch.jit.save(torch.jit.trace(m, x), path)
+            real = realkernel.run_module(path, [x.numpy()], mode=mode, engine="fbgemm")[0]
+    assert real.dtype == exact.dtype and np.array_equal(real, exact)
+    # the same layers with torch's min-max weights saturate on these inputs (the check is not vacuous)
+    conv = m[3]
+    w = conv.weight().dequantize()
+    stock = torch.quantize_per_channel(w, (w.abs().amax((1, 2, 3)) / 127.5).double(),
+                                       torch.zeros(16, dtype=torch.long), 0, torch.qint8)
+    m2 = copy.deepcopy(m)
+    m2[3].set_weight_bias(stock, conv.bias())
+    with torch.no_grad(), emulator.emulate(m2, engine="fbgemm", isa="avx2") as em2:
+        m2(x)
+    assert em2.total > 0
