@@ -581,6 +581,11 @@ def write_report(results, qemu, targets, runtime, host, path):
         md += detail_table(res)
     md += ["## In plain words", ""] + PLAIN + [""]
     md += ["![fidelity](fidelity.png)", ""]
+    draws = path.parent / "fidelity_draws.json"
+    if draws.is_file():  # issue 11: data-aware rounding, mean ± std over draws (benchmarks/fidelity_draws.py)
+        import fidelity_draws
+
+        md += fidelity_draws.report_section(json.loads(draws.read_text()))
     path.write_text("\n".join(md))
 
 
@@ -648,6 +653,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-qemu", action="store_true")
     ap.add_argument("--workers", type=int, default=2, help="worker processes (the emulator is mostly one core)")
     ap.add_argument("--report-only", action="store_true", help="re-render fidelity.md/png from fidelity.json")
+    ap.add_argument("--no-draws", action="store_true", help="skip fidelity_draws.py (data-aware rounding, draws)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -681,6 +687,10 @@ def main(argv=None) -> int:
         qemu = by["relu6"][1]
         runtime = time.perf_counter() - T0
         (args.out / "fidelity.json").write_text(json.dumps(_jsonable(results, qemu, runtime, host), indent=1))
+        if not args.no_draws:  # issue 11: every configuration over calibration draws, data-aware rounding
+            import fidelity_draws
+
+            fidelity_draws.main(["--workers", str(args.workers), "--out", str(args.out), "--no-report"])
     targets = check_targets(results)
     if qemu and not all(q[2] for q in qemu):
         targets.append(("native AVX2 == qemu Haswell", False, "see qemu table"))

@@ -1,7 +1,8 @@
 """Issue 11: safe data-aware weight rounding vs round-to-nearest and every stock configuration, over draws.
 
-Part of ``bench_fidelity.py`` (which calls :func:`run` and renders :func:`report_section` into fidelity.md);
-also runnable alone: ``python benchmarks/fidelity_draws.py [--draws 5] [--ablation]``.
+Part of ``bench_fidelity.py`` (which runs it after its own tasks and renders :func:`report_section` into
+fidelity.md); also runnable alone: ``python benchmarks/fidelity_draws.py [--draws 5] [--ablation]``, which writes
+results/fidelity_draws.json/png and re-renders fidelity.md from the saved fidelity.json.
 
 Every configuration gets mean ± std over ``--draws`` calibration draws (draw d calibrates on a random 2/3 subset
 of the calibration split, seed d; held-out data never change).  Per draw, one prepared model is calibrated (with
@@ -485,9 +486,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--photos", type=int, default=None, help="held-out photos (default: all 80)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--no-report", action="store_true", help="(bench_fidelity) do not re-render fidelity.md")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    name = "fidelity_draws_ablation" if args.ablation else "fidelity_draws"
+    name = "fidelity_draws"
     if args.report_only:
         saved = json.loads((args.out / f"{name}.json").read_text())
     else:
@@ -495,6 +497,8 @@ def main(argv=None) -> int:
         (args.out / f"{name}.json").write_text(json.dumps(saved, indent=1, default=float))
     print("\n".join(report_section(saved)))
     plot(saved, args.out / f"{name}.png")
+    if not args.no_report and (args.out / "fidelity.json").is_file():  # fidelity.md with this section
+        bf.main(["--report-only", "--out", str(args.out)])
     return 0
 
 
