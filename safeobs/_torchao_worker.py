@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
 import sys
-import tempfile
 import warnings
-from pathlib import Path
 
 import numpy as np
 
@@ -32,29 +29,7 @@ def run(cases, *, mode: str = "native", timeout: float = 900.0):
 
     if mode not in realkernel.MODES:
         raise ValueError(f"mode must be one of {tuple(realkernel.MODES)}, got {mode!r}")
-    if not realkernel.available(mode):
-        raise RuntimeError(f"mode {mode!r} is not available on this host")
-    env = dict(os.environ)
-    for key in ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"):
-        env.pop(key, None)
-    env.update(realkernel.MODES[mode])
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    with tempfile.TemporaryDirectory(prefix="safeobs-ao-") as tmp:
-        src, dst = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
-        with open(src, "wb") as f:
-            pickle.dump(list(cases), f, protocol=pickle.HIGHEST_PROTOCOL)
-        cmd = [sys.executable, "-m", "safeobs._torchao_worker", src, dst]
-        if mode == "haswell":
-            cmd = [realkernel.QEMU, "-cpu", "Haswell", *cmd]
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            raise RuntimeError(f"torchao kernel subprocess ({mode}) timed out after {timeout}s") from e
-        if proc.returncode != 0 or not os.path.exists(dst):
-            tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
-            raise RuntimeError(f"torchao kernel subprocess ({mode}) failed with code {proc.returncode}:\n{tail}")
-        with open(dst, "rb") as f:
-            return pickle.load(f)
+    return realkernel.run_worker("safeobs._torchao_worker", list(cases), mode, timeout, label="torchao kernel")
 
 
 def _info(torch):

@@ -201,12 +201,12 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
 
 
-def _command(mode: str, args: list[str]) -> tuple[list[str], dict]:
+def _command(mode: str, args: list[str], worker: str = "safeobs._realkernel_worker") -> tuple[list[str], dict]:
     env = dict(os.environ)
     for key in ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"):
         env.pop(key, None)
     env.update(MODES[mode])
-    cmd = [sys.executable, "-m", "safeobs._realkernel_worker", *args]
+    cmd = [sys.executable, "-m", worker, *args]
     if mode == "haswell":
         cmd = [QEMU, "-cpu", "Haswell", *cmd]
     root = str(Path(__file__).resolve().parent.parent)
@@ -214,7 +214,10 @@ def _command(mode: str, args: list[str]) -> tuple[list[str], dict]:
     return cmd, env
 
 
-def _run(job: dict, mode: str, timeout: float):
+def run_worker(worker: str, job, mode: str, timeout: float, label: str = "real-kernel"):
+    """Pickle ``job`` to ``python -m worker IN OUT`` in ONE fresh subprocess under ``mode``; its result.
+
+    The one way every runtime's real kernels are run (torch ops here, torchao's in ``_torchao_worker``)."""
     _check_mode(mode)
     if not available(mode):
         raise RuntimeError(f"mode {mode!r} is not available on this host")
@@ -222,16 +225,20 @@ def _run(job: dict, mode: str, timeout: float):
         src, dst = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
         with open(src, "wb") as f:
             pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
-        cmd, env = _command(mode, [src, dst])
+        cmd, env = _command(mode, [src, dst], worker)
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
-            raise RuntimeError(f"real-kernel subprocess ({mode}) timed out after {timeout}s") from e
+            raise RuntimeError(f"{label} subprocess ({mode}) timed out after {timeout}s") from e
         if proc.returncode != 0 or not os.path.exists(dst):
             tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
-            raise RuntimeError(f"real-kernel subprocess ({mode}) failed with code {proc.returncode}:\n{tail}")
+            raise RuntimeError(f"{label} subprocess ({mode}) failed with code {proc.returncode}:\n{tail}")
         with open(dst, "rb") as f:
-            out = pickle.load(f)
+            return pickle.load(f)
+
+
+def _run(job: dict, mode: str, timeout: float):
+    out = run_worker("safeobs._realkernel_worker", job, mode, timeout)
     if isinstance(out, dict) and "mismatch" in out:
         raise ValueError(f"mode {mode!r} cannot run this model as a real {mode} CPU would: {out['mismatch']}; "
                          f"use realkernel.mode_for({mode!r}, ...) (qemu Haswell for avx2)")
