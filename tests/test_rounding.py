@@ -274,3 +274,26 @@ def test_real_kernel_bit_exact_no_saturation(one_thread):
     with torch.no_grad(), emulator.emulate(m2, engine="fbgemm", isa="avx2") as em2:
         m2(x)
     assert em2.total > 0
+
+
+def test_pt2e_flow(one_thread):
+    pytest.importorskip("torchao")
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from safeobs import pt2e
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 5, groups=16), torch.nn.Flatten(),
+                                torch.nn.Linear(16 * 8 * 8, 10)).eval()
+    with torch.no_grad():
+        model[2].weight[:, :, 2, 2:4] += 1.0
+    x = _data(4, 3)[:, :, :14, :14]
+    quantizer = pt2e.X86InductorQuantizer().set_global(pt2e.get_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
+    stats = rounding.calibrate_pt2e(prepared, [(x,), (x * 0.5,)], progress=False)
+    conv = convert_pt2e(prepared)
+    before = conv(x)
+    out = rounding.apply_pt2e(conv, stats, layout="x86")
+    assert len(out) == 3 and pt2e.verify(conv, "x86").ok
+    assert all(np.all(r.error <= r.rtn_error) for r in out.values())
+    assert not torch.equal(conv(x), before)
