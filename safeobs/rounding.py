@@ -46,7 +46,9 @@ so its ``e^T H e`` (or ``e^T (H - mu mu^T) e`` with bias correction, which is ne
 Stats come from the calibration the user already runs: :func:`calibrate` runs a prepared model
 (FX or eager) over the calibration batches with forward hooks that accumulate ``sum x x^T`` and
 ``sum x`` of every Conv/Linear input, next to torch's observers.  :func:`apply` then rewrites the
-converted model's weights.  :func:`quantize_fx` does all of it in one call.
+converted model's weights.  :func:`quantize_fx` does all of it in one call;
+:func:`quantize_dynamic` for dynamic Linear; :func:`calibrate_pt2e` / :func:`apply_pt2e` for PT2E;
+:func:`safe_round` gives bare ``(codes, scales)`` for flows that store them (torchao, ONNX Runtime).
 """
 
 from __future__ import annotations
