@@ -169,6 +169,12 @@ def kernel_pairs(
 # -- layouts: union over every kernel that may run ------------------------------------------------
 
 
+def _unique(key: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (``np.unique`` without its first-call import of ``numpy.ma``)."""
+    key = np.sort(key)
+    return key[np.concatenate(([True], key[1:] != key[:-1]))] if key.size else key
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -208,7 +214,7 @@ def _weight_pairs(shape: tuple, layout: str, op: str, groups: int | None) -> np.
     pairs = np.concatenate(out)
     if len(out) > 1 or layout not in ("fbgemm", "ort"):
         n = int(np.prod(shape))  # unique over one int64 key per pair: same order, ~20x faster
-        key = np.unique(pairs.min(axis=1) * n + pairs.max(axis=1))
+        key = _unique(pairs.min(axis=1) * n + pairs.max(axis=1))
         pairs = np.stack([key // n, key % n], axis=1)
     pairs.setflags(write=False)
     return pairs
@@ -244,7 +250,7 @@ def _position_csr(shape: tuple, layout: str, op: str, groups: int):
     _, _, icg, taps = group_sizes(shape, op, groups)
     kg = icg * taps
     if len(pos):
-        key = np.unique(pos.min(axis=1) * kg + pos.max(axis=1))  # dedupe the union: Kg-sized, cheap
+        key = _unique(pos.min(axis=1) * kg + pos.max(axis=1))  # dedupe the union: Kg-sized, cheap
         pos = np.stack([key // kg, key % kg], axis=1)
     both = np.concatenate([pos, pos[:, ::-1]])
     both = both[np.argsort(both[:, 0], kind="stable")]
@@ -252,17 +258,43 @@ def _position_csr(shape: tuple, layout: str, op: str, groups: int):
     return indptr, both[:, 1].copy(), icg, taps
 
 
+def _all_flat(layout: str, op: str, icg: int, taps: int) -> bool:
+    """Closed form: every kernel of the layout pairs this shape's row as (0,1), (2,3), ...  (a K block
+    of even length restarts on a pair boundary; one tap: per-tap and per-row pairs are the flat ones)."""
+    if op == "linear":
+        block = onednn_matmul_block(icg)
+        return layout in ("fbgemm", "ort") or block == icg or block % 2 == 0
+    # kernel order is tap-major (t*ICg + ic), the row ic-major: they agree only with one tap or one channel
+    return op == "conv" and (taps == 1 or (icg == 1 and layout in ("fbgemm", "ort")))
+
+
 @functools.lru_cache(maxsize=256)
 def _row_columns(shape: tuple, layout: str, op: str) -> np.ndarray:
-    indptr, partner, icg, taps = _position_csr(shape, layout, op, 1)
-    p0 = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-    one = p0 < partner  # each pair once
-    pos = np.stack([p0[one], partner[one]], axis=1)
+    _, _, icg, taps = group_sizes(shape, op, 1)
+    kc = icg * taps
+    if _all_flat(layout, op, icg, taps):
+        cols = flat_pairs(kc)
+        cols.setflags(write=False)
+        return cols
+    pos = _pairs_in_layout(layout, op, shape, 1)
     cols = (pos % icg) * taps + pos // icg  # kernel position t*ICg + ic -> natural column ic*taps + t
-    cols = np.sort(cols, axis=1)
-    cols = cols[np.lexsort((cols[:, 1], cols[:, 0]))]
+    key = _unique(cols.min(axis=1) * kc + cols.max(axis=1)) if len(cols) else np.zeros(0, np.int64)
+    cols = np.stack([key // kc, key % kc], axis=1)  # each pair once, sorted
     cols.setflags(write=False)
     return cols
+
+
+@functools.lru_cache(maxsize=256)
+def _near_plan(shape: tuple, layout: str, op: str):
+    """:meth:`PairTable.near`'s gather for one shape: the row columns, whether they are the flat pairs
+    ``(0,1), (2,3), ...`` (then strided views replace the gather), and the columns as torch indices."""
+    import torch
+
+    cols = _row_columns(shape, layout, op)
+    kc = int(np.prod(shape[1:]))
+    flat = kc % 2 == 0 and len(cols) == kc // 2 and np.array_equal(cols[:, 0], np.arange(0, kc, 2)) \
+        and np.array_equal(cols[:, 1], cols[:, 0] + 1)
+    return cols, flat, torch.from_numpy(cols[:, 0].copy()), torch.from_numpy(cols[:, 1].copy())
 
 
 class PairTable:
@@ -305,35 +337,35 @@ class PairTable:
 
     def near(self, weight, threshold) -> np.ndarray:
         """``(m, 2)`` flat indices of the pairs whose two weights add up to more than ``threshold`` in magnitude
-        (one threshold per output channel, or one for all).  Only same-sign pairs can exceed it by more than
-        a single weight, so with ``threshold = 127 * scale`` these hold every pair that can sum past 128 codes.
-        One gather of the weight in torch (multi-threaded like torch's own observer); ConvTranspose falls
-        back to :meth:`touching` of the elements above half the threshold."""
+        (one threshold per output channel, or one for all), in row-major order.  Only same-sign pairs can exceed
+        it by more than a single weight, so with ``threshold = 127 * scale`` these hold every pair that can sum
+        past 128 codes.  One gather of the weight (in torch for large weights: multi-threaded like torch's own
+        observer); ConvTranspose falls back to :meth:`touching` of the elements above half the threshold."""
         import torch
 
-        w = torch.as_tensor(weight)
-        cols = self._row_columns() if self.structured else None
-        if cols is None:
-            thr = torch.as_tensor(np.broadcast_to(np.asarray(threshold, np.float32).reshape(-1), (1,)) if np.size(threshold) == 1
-                                  else np.asarray(threshold, np.float32))
-            if self.op == "conv_transpose" and thr.numel() > 1:
+        if not self.structured or self.op == "conv_transpose":
+            thr = np.asarray(threshold, np.float32).reshape(-1)
+            if self.op == "conv_transpose" and thr.size > 1:
                 raise ValueError("per-channel thresholds of a ConvTranspose weight: use touching()")
-            big = torch.nonzero((w.abs() > thr.max() / 2).view(-1)).view(-1).numpy()
+            w = torch.as_tensor(weight)
+            big = torch.nonzero((w.abs() > float(thr.max()) / 2).view(-1)).view(-1).numpy()
             return self.touching(big)
-        rows = w.reshape(self.shape[0], -1)
+        cols, flat, c0, c1 = _near_plan(self.shape, self.layout, self.op)
         if len(cols) == 0:
             return np.zeros((0, 2), dtype=np.int64)
-        kc = rows.shape[1]
-        if kc % 2 == 0 and len(cols) == kc // 2 and np.array_equal(cols[:, 0], np.arange(0, kc, 2)) \
-                and np.array_equal(cols[:, 1], cols[:, 0] + 1):
-            total = rows[:, 0::2] + rows[:, 1::2]  # flat pairs: strided views, no gather
+        kc = int(np.prod(self.shape[1:]))
+        thr = np.asarray(threshold, np.float32).reshape(-1, 1)
+        if np.size(weight) < 1 << 16:  # small: numpy's per-op cost is a fraction of torch's
+            rows = np.asarray(weight, dtype=np.float32).reshape(self.shape[0], kc)
+            total = rows[:, 0::2] + rows[:, 1::2] if flat else rows[:, cols[:, 0]] + rows[:, cols[:, 1]]
+            hit = np.flatnonzero(np.abs(total, out=total) > thr)
         else:
-            c = torch.from_numpy(np.array(cols))  # a writable copy (the cached columns are read-only)
-            total = rows.index_select(1, c[:, 0]) + rows.index_select(1, c[:, 1])
-        thr = torch.as_tensor(np.asarray(threshold, np.float32).reshape(-1, 1))
-        hit = torch.nonzero(total.abs() > thr).numpy()
-        r, j = hit[:, 0].astype(np.int64), hit[:, 1]
-        return np.stack([r * kc + cols[j, 0], r * kc + cols[j, 1]], axis=1)
+            rows = torch.as_tensor(weight).reshape(self.shape[0], kc)
+            total = rows[:, 0::2] + rows[:, 1::2] if flat else rows.index_select(1, c0).add_(rows.index_select(1, c1))
+            hit = np.flatnonzero((total.abs_() > torch.from_numpy(thr)).numpy())  # numpy's nonzero: ~4x torch's
+        r, j = np.divmod(hit, len(cols))
+        r *= kc
+        return np.stack([r + cols[j, 0], r + cols[j, 1]], axis=1)
 
     def touching(self, elems: np.ndarray) -> np.ndarray:
         """``(m, 2)`` indices into ``weight.ravel()`` of every pair that contains one of ``elems`` (each pair

@@ -30,8 +30,8 @@ import torch
 from torch.ao.quantization import observer as tobs
 
 from .layout import LAYOUTS, infer_op
-from .solver import (PER_CHANNEL, SYMMETRIC, check_qscheme, layout_pairs, pairs_stay_in_rows,
-                     raise_scales)
+from .solver import (PER_CHANNEL, SYMMETRIC, _raise_scales, check_qscheme, check_range, layout_pairs,
+                     pairs_stay_in_rows, raise_scales)
 
 __all__ = [
     "SafeMinMaxObserver",
@@ -74,7 +74,9 @@ class _SafeMixin:
     def forward(self, x_orig):
         out = super().forward(x_orig)
         if isinstance(x_orig, torch.Tensor) and x_orig.numel():
-            self._safe_weight = x_orig.detach().to("cpu", torch.float32, copy=True)
+            # a float32 CPU weight is kept by reference (its values when calculate_qparams runs are the ones
+            # that get quantized); anything else is converted
+            self._safe_weight = x_orig.detach().to("cpu", torch.float32).contiguous()
         return out
 
     # -- qparams --------------------------------------------------------------------------------
@@ -85,7 +87,9 @@ class _SafeMixin:
 
     def calculate_qparams(self):
         (scale, zp), min_val = self._stock_qparams()
-        if not torch.isfinite(self.min_val).all() and self._safe_weight is None:
+        finite = bool(np.isfinite(self.min_val.detach().cpu().numpy()).all()
+                      and np.isfinite(self.max_val.detach().cpu().numpy()).all())
+        if not finite and self._safe_weight is None:
             return scale, zp  # never observed: torch's defaults (and its warning)
         per_channel = self.qscheme in PER_CHANNEL
         ch_axis = self.ch_axis if per_channel else None
@@ -102,11 +106,15 @@ class _SafeMixin:
             pairs, ch_axis, check = pairs.reshape(-1, 2), (0 if per_channel else None), False
         if min_val is None:
             min_val = self.min_val
-        new_scale, new_zp = raise_scales(
-            w, pairs, scale.numpy(), zp.numpy(), ch_axis=ch_axis, symmetric=self.qscheme in SYMMETRIC,
-            quant_min=self.quant_min, quant_max=self.quant_max,
-            min_val=min_val.detach().cpu().numpy(), check_pairs=check,
-        )
+        args = (w, pairs, scale.numpy(), zp.numpy())
+        kw = dict(ch_axis=ch_axis, symmetric=self.qscheme in SYMMETRIC, quant_min=self.quant_min,
+                  quant_max=self.quant_max, min_val=min_val.detach().cpu().numpy(), check_pairs=check)
+        if finite and w.size:
+            # NaN/Inf in the observed weight would have reached min_val/max_val: no second pass over it
+            check_range(self.quant_min, self.quant_max)
+            new_scale, new_zp = _raise_scales(*args, **kw)
+        else:
+            new_scale, new_zp = raise_scales(*args, **kw)
         return (torch.from_numpy(new_scale).to(scale.dtype).reshape(scale.shape),
                 torch.from_numpy(new_zp).to(zp.dtype).reshape(zp.shape))
 

@@ -79,13 +79,14 @@ def quantize(w: np.ndarray, scale, quant_min: int = -128, quant_max: int = 127) 
     """torch's float32 quantization with zero point 0: ``clamp(rint(w * f32(1/scale)), qmin, qmax)``."""
     inv = np.float32(1.0) / np.asarray(scale, dtype=np.float32)
     codes = np.rint(np.asarray(w, dtype=np.float32) * inv)
-    return np.clip(codes, np.float32(quant_min), np.float32(quant_max))
+    return np.minimum(np.maximum(codes, np.float32(quant_min)), np.float32(quant_max))  # ufuncs: np.clip costs 5x
 
 
 def _pair_safe(wa, wb, s, qmin, qmax) -> np.ndarray:
     """Symmetric (zp 0): is the pair safe at scale ``s``?  Sum form of the sign-split bound."""
-    total = quantize(wa, s, qmin, qmax) + quantize(wb, s, qmin, qmax)
-    return (total <= PAIR_MAX) & (total >= PAIR_MIN)
+    inv = np.float32(1.0) / np.asarray(s, dtype=np.float32)
+    total = np.minimum(np.maximum(np.rint(wa * inv), qmin), qmax) + np.minimum(np.maximum(np.rint(wb * inv), qmin), qmax)
+    return np.abs(total) <= PAIR_MAX  # PAIR_MIN = -PAIR_MAX
 
 
 def _bisect_bits(lo: np.ndarray, hi: np.ndarray, feasible) -> np.ndarray:
@@ -104,21 +105,42 @@ def _bisect_bits(lo: np.ndarray, hi: np.ndarray, feasible) -> np.ndarray:
         lo[active[~ok]] = mid[~ok]
 
 
+_SPLITS = np.arange(-1.0, 3.0)  # the crossing's floor and ceiling, one step of margin each side
+
+
 def _threshold_estimate(wa: np.ndarray, wb: np.ndarray) -> np.ndarray:
     """Real-arithmetic threshold of a same-sign pair: the smallest ``s`` with
     ``|rint(x/s)| + |rint(y/s)| <= 128``, codes capped at 127 (positive) or 128 (negative).  Code ``k``
     of ``x`` needs ``s >= x/(k + 1/2)``, so the threshold is ``min_k max(x/(k+1/2), y/(128-k+1/2))``
     over the splits ``k`` (a cap makes its side free).  float32 rounding moves it by a few ulps only."""
-    x = np.maximum(np.abs(wa), np.abs(wb)).astype(np.float64)[:, None]
-    y = np.minimum(np.abs(wa), np.abs(wb)).astype(np.float64)[:, None]
-    cap = np.where((wa + wb) >= 0, 127, 128)[:, None]
-    # x/(k+1/2) falls and y/(128-k+1/2) rises with k: they cross at k* = (128.5x - 0.5y)/(x+y)
+    a, b = np.abs(wa).astype(np.float64), np.abs(wb).astype(np.float64)
+    x, y = np.maximum(a, b)[:, None], np.minimum(a, b)[:, None]
+    cap = (127.0 + ((wa + wb) < 0))[:, None]
+    # x/(k+1/2) falls and y/(128-k+1/2) rises with k: they cross at k* = (128.5x - 0.5y)/(x+y); only the
+    # splits that respect both caps (128 - cap <= k <= cap) exist
     kstar = np.floor((128.5 * x - 0.5 * y) / np.maximum(x + y, 1e-300))
-    k = np.clip(kstar + np.arange(-2, 3)[None, :], 0, 128)
-    valid = (k <= cap) & (128 - k <= cap)
-    tx = np.where(k < cap, x / (k + 0.5), 0.0)
-    ty = np.where(128 - k < cap, y / (128.5 - k), 0.0)
-    return np.where(valid, np.maximum(tx, ty), np.inf).min(axis=1)
+    k = np.minimum(np.maximum(kstar + _SPLITS, 128.0 - cap), cap)
+    tx, ty = x / (k + 0.5), y / (128.5 - k)
+    tx[k == cap] = 0.0  # x sits at its cap: any scale keeps it there
+    ty[128.0 - k == cap] = 0.0
+    return np.maximum(tx, ty).min(axis=1)
+
+
+def _segments(g: np.ndarray) -> np.ndarray:
+    """Start of each run of equal values in the sorted ``g``."""
+    return np.concatenate((_ZERO, np.flatnonzero(g[1:] != g[:-1]) + 1))
+
+
+def _group_max(out: np.ndarray, g: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``out[c] = max(out[c], max(v[g == c]))`` in place for sorted ``g`` (``np.maximum.at`` is ~10x slower)."""
+    if v.size:
+        starts = _segments(g)
+        ch = g[starts]
+        out[ch] = np.maximum(out[ch], np.maximum.reduceat(v, starts))
+    return out
+
+
+_ZERO = np.zeros(1, dtype=np.int64)
 
 
 def _tight_bracket(wa, wb, lo_bits, hi_bits, feasible):
@@ -191,8 +213,13 @@ def _pairs_touching(pairs: np.ndarray, elems: np.ndarray, size: int) -> np.ndarr
 def check_inputs(weight: np.ndarray, quant_min: int, quant_max: int) -> None:
     if weight.size == 0:
         raise ValueError("weight is empty")
-    if not (np.isfinite(np.max(weight)) and np.isfinite(np.min(weight))):  # NaN and Inf reach max or min
+    lo, hi = torch.aminmax(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)))  # one pass
+    if not (torch.isfinite(lo) and torch.isfinite(hi)):  # NaN and Inf reach max or min
         raise ValueError("weight contains NaN or Inf; no finite scale can be proven safe")
+    check_range(quant_min, quant_max)
+
+
+def check_range(quant_min, quant_max) -> None:
     if not (isinstance(quant_min, (int, np.integer)) and isinstance(quant_max, (int, np.integer))):
         raise TypeError(f"quant_min/quant_max must be ints, got {quant_min!r}, {quant_max!r}")
     if not -128 <= quant_min <= 0 <= quant_max <= 127 or quant_min >= quant_max:
@@ -228,6 +255,14 @@ def raise_scales(
     """
     w = np.ascontiguousarray(weight, dtype=np.float32)
     check_inputs(w, quant_min, quant_max)
+    return _raise_scales(w, pairs, stock_scale, stock_zero_point, ch_axis, symmetric, quant_min, quant_max, min_val,
+                         check_pairs)
+
+
+def _raise_scales(w, pairs, stock_scale, stock_zero_point, ch_axis, symmetric, quant_min, quant_max, min_val,
+                  check_pairs):
+    """:func:`raise_scales` on a float32 weight already known to be finite (the observers know it from
+    their min/max: NaN and Inf propagate into them), without another pass over the weight."""
     table = None
     if isinstance(pairs, PairTable):
         if pairs.shape != w.shape:
@@ -274,18 +309,19 @@ def _raise_symmetric(w, w3, pairs, shape, ch_axis, scale, qmin, qmax):
         bind = np.flatnonzero((total > PAIR_MAX) | (total < PAIR_MIN))
     else:  # the layout's pairs: only pairs with a code of magnitude >= 65 can exceed 128
         if isinstance(pairs, PairTable) and pairs.op != "conv_transpose" and (ch_axis is None or ch_axis == 0):
-            # one pass over pair sums (torch): the pairs whose same-sign weights exceed 127 s
-            pairs = pairs.near(w, np.float32(127) * scale)
+            # one pass over pair sums: the pairs whose weights add up past 127 s in magnitude (for same-sign
+            # pairs that is the same-sign sum; mixed pairs never bind), in row order
+            near = pairs.near(w, np.float32(127) * scale)
+            g = near[:, 0] // (w.size // shape[0]) if ch_axis == 0 else np.zeros(len(near), dtype=np.int64)
+            return _thresholds(flat[near[:, 0]], flat[near[:, 1]], g, scale, qmin, qmax)
+        t3 = torch.from_numpy(w3)
+        big = torch.nonzero((t3.abs() > torch.from_numpy(np.float32(64) * scale)[None, :, None]).view(-1))
+        big = big.view(-1).numpy()
+        if isinstance(pairs, PairTable):
+            pairs = pairs.touching(big)
             cand = np.arange(len(pairs))
         else:
-            t3 = torch.from_numpy(w3)
-            big = torch.nonzero((t3.abs() > torch.from_numpy(np.float32(64) * scale)[None, :, None]).view(-1))
-            big = big.view(-1).numpy()
-            if isinstance(pairs, PairTable):
-                pairs = pairs.touching(big)
-                cand = np.arange(len(pairs))
-            else:
-                cand = _pairs_touching(pairs, big, w.size)
+            cand = _pairs_touching(pairs, big, w.size)
         gc = _group_of(pairs[cand, 0], shape, ch_axis)
         # a pair's same-sign codes can sum past 128 only if its same-sign weights sum past ~128 s (each code
         # is within 1/2 + float32 rounding of w/s): 127 s is a safe margin, and drops most candidates
@@ -293,18 +329,63 @@ def _raise_symmetric(w, w3, pairs, shape, ch_axis, scale, qmin, qmax):
         same = np.maximum(np.maximum(wa, 0) + np.maximum(wb, 0), -(np.minimum(wa, 0) + np.minimum(wb, 0)))
         near = same > np.float32(127) * scale[gc]
         cand, gc = cand[near], gc[near]
-        bind = cand[~_pair_safe(flat[pairs[cand, 0]], flat[pairs[cand, 1]], scale[gc], qmin, qmax)]
+        return _thresholds(flat[pairs[cand, 0]], flat[pairs[cand, 1]], gc, scale, qmin, qmax)
     if bind.size == 0:
         return scale
-    wa, wb = flat[pairs[bind, 0]], flat[pairs[bind, 1]]
-    g = _group_of(pairs[bind, 0], shape, ch_axis)
+    return _thresholds(flat[pairs[bind, 0]], flat[pairs[bind, 1]], _group_of(pairs[bind, 0], shape, ch_axis),
+                       scale, qmin, qmax)
+
+
+_WINDOW = np.arange(-8, 9)  # float32 steps around the estimate: measured within 3 of the threshold
+
+
+def _thresholds(wa, wb, g, scale, qmin, qmax):
+    """``scale`` raised so that every pair ``(wa, wb)`` of channel ``g`` is safe: per channel the smallest
+    float32 >= stock.  Fast path: only the pairs whose :func:`_threshold_estimate` can set their channel's
+    scale are searched, each on a window of float32 steps around the estimate in one evaluation (the first
+    safe step whose predecessor is unsafe is the threshold, by monotonicity).  Then every pair is checked at
+    the result; if a window missed or a check fails, :func:`_exact_search` runs on all pairs unsafe at stock."""
+    if wa.size == 0:
+        return scale
+    if (g[1:] < g[:-1]).any():
+        order = np.argsort(g, kind="stable")
+        wa, wb, g = wa[order], wb[order], g[order]
+    # a same-sign pair's threshold lies in [mag/129.5, mag/126.5] (clamping aside), mag = |wa + wb|: only
+    # pairs near their channel's largest mag can set its scale (a wrong guess only costs the fallback)
+    mag = np.abs(wa + wb)
+    top = _group_max(np.zeros(scale.size, dtype=np.float32), g, mag)[g]
+    pre = np.flatnonzero((mag >= top * np.float32(126.0 / 130.0)) & (np.sign(wa) == np.sign(wb)))
+    est = _threshold_estimate(wa[pre], wb[pre])  # mixed signs never bind: left out
+    fast = None
+    if np.isfinite(est).all():
+        keep = est * (1 + 2.0 ** -19) > scale[g[pre]]
+        may, est = pre[keep], est[keep]
+        fast = scale.copy()
+        if may.size:
+            with np.errstate(over="ignore", invalid="ignore"):
+                steps = _from_bits(_bits(est.astype(np.float32))[:, None] + _WINDOW)
+            ok = _pair_safe(wa[may, None], wb[may, None], steps, qmin, qmax)
+            if (ok[:, -1] > ok[:, 0]).all():  # bracketed: unsafe at the first step, safe at the last
+                _group_max(fast, g[may], steps[np.arange(may.size), ok.argmax(axis=1)])
+            else:
+                fast = None
+    if fast is not None and _pair_safe(wa, wb, fast[g], qmin, qmax).all():
+        return fast
+    bind = np.flatnonzero(~_pair_safe(wa, wb, scale[g], qmin, qmax))
+    return _exact_search(wa[bind], wb[bind], g[bind], scale.copy(), qmin, qmax)
+
+
+def _exact_search(wa, wb, g, scale, qmin, qmax):
+    """Bisection over float32 bit patterns from a proven bracket, for pairs all unsafe at ``scale[g]``."""
+    if wa.size == 0:
+        return scale
 
     def feasible(i, s):
         return _pair_safe(wa[i], wb[i], s, qmin, qmax)
 
     # Closed-form bracket: rint moves each code by <= 1/2, so |wa|+|wb| <= 126.5*s is safe and
     # |wa|+|wb| >= 129.5*s is not (clamping can only make it safe: then lo falls back to stock).
-    everyone = np.arange(bind.size)
+    everyone = np.arange(wa.size)
     mag = np.abs(wa).astype(np.float64) + np.abs(wb)
     lo = np.maximum(scale[g], (mag / 129.5).astype(np.float32))
     lo = np.where(feasible(everyone, lo), scale[g], lo)  # lo must stay infeasible

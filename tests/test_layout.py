@@ -142,3 +142,19 @@ def test_any_pairs_are_the_top_same_sign_weights():
 def test_bad_input_is_rejected(bad):
     with pytest.raises(ValueError):
         layout.weight_pairs(**bad)
+
+
+@given(st.sampled_from(["fbgemm", "onednn", "x86", "ort"]), st.sampled_from(["linear", "conv1", "conv"]),
+       st.integers(1, 2000), st.integers(1, 3))
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+def test_closed_form_row_columns_equal_the_built_union(lay, kind, icg, k):
+    """Where every kernel pairs a row flat, the closed form (no pair table built) is exactly the union."""
+    shape = (3, icg) if kind == "linear" else (3, icg, 1, 1) if kind == "conv1" else (3, icg % 4 + 1, k, k + 1)
+    op = layout.infer_op(shape)
+    _, _, g_icg, taps = layout.group_sizes(shape, op, 1)
+    kc = g_icg * taps
+    pos = layout._pairs_in_layout(lay, op, shape, 1)
+    cols = (pos % g_icg) * taps + pos // g_icg
+    key = np.unique(cols.min(axis=1) * kc + cols.max(axis=1)) if len(cols) else np.zeros(0, np.int64)
+    built = np.stack([key // kc, key % kc], axis=1)
+    np.testing.assert_array_equal(layout._row_columns(shape, lay, op), built)

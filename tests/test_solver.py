@@ -250,3 +250,46 @@ def test_bad_input(bad, err):
 def test_per_channel_conv_transpose_pairs_cross_channels():
     with pytest.raises(ValueError, match="across channels"):
         safe_qparams(torch.randn(4, 2, 3, 3), op="conv_transpose", groups=1)
+
+
+@st.composite
+def pair_sets(draw):
+    """(wa, wb, g, stock scale) of many pairs in a few channels: random, heavy-tailed, adversarial."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n, nch = draw(st.integers(1, 300)), draw(st.integers(1, 8))
+    kind = draw(st.sampled_from(["normal", "cauchy", "equal", "capped", "mixed"]))
+    wa = rng.standard_cauchy(n) if kind == "cauchy" else rng.normal(size=n)
+    wb = rng.normal(size=n)
+    if kind == "equal":  # same-sign twins: every pair sits on the threshold
+        wb = wa * (1 + rng.integers(-2, 3, n) * 2e-7)
+    elif kind == "capped":  # one member at the channel max: clamped code, the other decides
+        wb = np.sign(wa) * np.abs(rng.normal(size=n)) * 0.02
+    elif kind == "mixed":
+        wb = -wa * rng.random(n)
+    wa, wb = wa.astype(np.float32), wb.astype(np.float32)
+    g = rng.integers(0, nch, n)
+    big = np.zeros(nch, np.float32)
+    np.maximum.at(big, g, np.maximum(np.abs(wa), np.abs(wb)))
+    scale = np.maximum(big / np.float32(127.5), np.float32(F32_EPS)).astype(np.float32)
+    return wa, wb, g, scale
+
+
+@given(pair_sets(), st.sampled_from([None, 0, 1]))
+@settings(max_examples=200, **SETTINGS)
+def test_fast_thresholds_equal_exact_bisection(case, window):
+    """The window fast path gives exactly the bisection's scales; a window too narrow to bracket (forced
+    here) falls back to the bisection and still gives them."""
+    from safeobs import solver as S
+
+    wa, wb, g, scale = case
+    bind = np.flatnonzero(~S._pair_safe(wa, wb, scale[g], -128, 127))
+    want = S._exact_search(wa[bind], wb[bind], g[bind], scale.copy(), -128, 127)
+    saved = S._WINDOW
+    try:
+        if window is not None:
+            S._WINDOW = np.arange(-window, window + 1)
+        got = S._thresholds(wa, wb, g, scale.copy(), -128, 127)
+    finally:
+        S._WINDOW = saved
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+    assert S._pair_safe(wa, wb, got[g], -128, 127).all()
