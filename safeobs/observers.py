@@ -6,9 +6,11 @@ keyword-only ``layout`` ("x86" default, "fbgemm", "onednn", "any"), ``op`` and `
 ``dtype=torch.qint8`` and a symmetric ``qscheme``, because these are *weight* observers
 (only s8 weights feed ``vpmaddubsw``; other dtypes raise ``TypeError``).
 
-The safe scale depends on the weight values, not only on min/max, so ``forward`` keeps a detached
-float32 CPU copy of the last observed tensor.  Weights are observed once, on the weight being
-quantized, so "last tensor" is exactly the right thing; for the moving-average observers the
+The safe scale depends on the weight values, not only on min/max, so ``forward`` keeps the last
+observed tensor, detached, as float32 on the CPU (a float32 CPU weight by reference, not copied: the
+values :meth:`calculate_qparams` sees are the ones that get quantized, in-place updates such as QAT
+steps included).  Weights are observed once, on the weight being quantized, so "last tensor" is
+exactly the right thing; for the moving-average observers the
 floor is torch's scale from the averaged min/max and the pairs come from the last tensor (the
 proof covers the codes of that tensor at the returned scale).  The copy is saved in
 ``state_dict`` as extra state; a stock torch observer's state_dict (no copy) loads too, and then
