@@ -38,7 +38,7 @@ import torch
 import torch.ao.nn.quantized.dynamic as nnqd
 import torch.ao.quantization as tq
 import torch.nn.functional as F
-from torch.ao.quantization import HistogramObserver, PerChannelMinMaxObserver, QConfig, QConfigMapping
+from torch.ao.quantization import PerChannelMinMaxObserver, QConfig, QConfigMapping
 from torch.ao.quantization.observer import ObserverBase
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -663,6 +663,9 @@ def main(argv=None) -> int:
             for r in res["rows"]:
                 r["cfg"] = tuple(r["cfg"])
         results, qemu, runtime, host = saved["results"], saved["qemu"], saved["runtime"], saved["host"]
+        if any("source" not in r for res in results for r in res["rows"]):
+            raise SystemExit(f"{args.out / 'fidelity.json'} predates per-column kernel labels (which kernel ran); "
+                             "re-run benchmarks/bench_fidelity.py without --report-only")
     else:
         host = realkernel.host_isa()
         use_qemu = not args.no_qemu and realkernel.available("haswell")

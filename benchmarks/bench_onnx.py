@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ import torch  # noqa: E402
 from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,  # noqa: E402
                                       quantize_dynamic, quantize_static)
 
-from safeobs import data, models, ortkernel  # noqa: E402
+from safeobs import data, models, ortkernel, realkernel  # noqa: E402
 from safeobs import onnx as so  # noqa: E402
 from safeobs.onnx_audit import audit_model  # noqa: E402
 from safeobs.realkernel import host_isa  # noqa: E402
@@ -69,16 +68,6 @@ class Reader(CalibrationDataReader):
 
     def rewind(self):
         self.it = iter(self.feeds)
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -324,7 +313,7 @@ def main(argv=None):
     L = lines.append
     L("# ONNX Runtime: ORT's quantizer vs safeobs.onnx (`benchmarks/bench_onnx.py`)")
     L("")
-    L(f"Host: {cpu_name()}, ISA seen by MLAS: **{isa}** ({'AVX2-only: native runs are the real saturating U8S8 kernels' if isa == 'avx2' else 'has ' + isa})."
+    L(f"Host: {realkernel.cpu_name()}, ISA seen by MLAS: **{isa}** ({'AVX2-only: native runs are the real saturating U8S8 kernels' if isa == 'avx2' else 'has ' + isa})."
       f" onnxruntime {ort.__version__}, 1 thread, torch.onnx.export (TorchScript exporter), opset 17.")
     L("")
     L("Columns: **SQNR** vs the FP32 ONNX model on this host; **exact** = the same model with "

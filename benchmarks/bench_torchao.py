@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import logging
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -67,16 +66,6 @@ def _nearest(e):
 def metrics(ref, y) -> dict:
     return {"sqnr": sqnr(ref, y), "cos": float(F.cosine_similarity(ref.double(), y.double(), dim=1).mean()),
             "nn": float((_nearest(y.double()) == _nearest(ref.double())).double().mean())}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def quantized(model, name):
@@ -242,11 +231,11 @@ def main(argv=None):
     t0 = time.time()
     host = realkernel.host_isa()
     sentences = data.sentences("heldout")[:args.sentences]
-    log(f"{len(sentences)} sentences on {cpu_name()} ({host})")
+    log(f"{len(sentences)} sentences on {realkernel.cpu_name()} ({host})")
     rows, qtime = fidelity(sentences, host)
     torch.set_num_threads(1)
     sp = speed(args.repeats)
-    res = {"cpu": cpu_name(), "host": host, "threads": args.threads, "torch": torch.__version__,
+    res = {"cpu": realkernel.cpu_name(), "host": host, "threads": args.threads, "torch": torch.__version__,
            "torchao": torchao.__version__, "n": len(sentences), "rows": rows, "qtime": qtime, "speed": sp,
            "repeats": args.repeats, "seconds": time.time() - t0}
     OUT.mkdir(exist_ok=True)

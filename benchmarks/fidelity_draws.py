@@ -330,7 +330,7 @@ def from_partial(n_draws: int, n_held) -> dict:
     return {"results": [r for k in ORDER if k in by for r in by[k]], "draws": n_draws, "runtime": float("nan"),
             "host": realkernel.host_isa(), "held_photos": n_held or 80,
             "kernel": "native (this host's real kernels), engine fbgemm", "torch": torch.__version__,
-            "cpu": _cpu_name(), "complete": False}
+            "cpu": realkernel.cpu_name(), "complete": False}
 
 
 def _task(name: str, n_draws: int, ablation: bool, n_held=None):
@@ -360,7 +360,7 @@ def run(n_draws: int = N_DRAWS, ablation: bool = False, workers: int = 2, n_held
         return {"results": [r for k in ORDER if k in by for r in by[k]], "draws": n_draws,
                 "runtime": time.perf_counter() - t, "host": realkernel.host_isa(), "held_photos": n_held or 80,
                 "kernel": "native (this host's real kernels), engine fbgemm", "torch": torch.__version__,
-                "cpu": _cpu_name(), "complete": len(by) == len(TASKS)}
+                "cpu": realkernel.cpu_name(), "complete": len(by) == len(TASKS)}
 
     with concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=ctx) as pool:
         futs = {pool.submit(_task, k, n_draws, ablation, n_held): k for k in TASKS}
@@ -370,16 +370,6 @@ def run(n_draws: int = N_DRAWS, ablation: bool = False, workers: int = 2, n_held
             if partial:
                 partial.write_text(json.dumps(saved(), indent=1, default=float))
     return saved()
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 # -- report --------------------------------------------------------------------------------------------------------

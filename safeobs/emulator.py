@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import warnings
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -763,16 +763,24 @@ def emulate(model, *, engine: str = "x86", isa: str = "avx2", exact: bool = Fals
     Other ops stay torch's.  The original ``forward`` methods are restored on exit."""
     dispatch.check_engine_isa(engine, isa)
     rep = Emulation()
+    with patched_forwards(model, rep, lambda mod, name: _module_forward(mod, name, rep, engine, isa, exact)):
+        yield rep
+
+
+@contextlib.contextmanager
+def patched_forwards(model, rep: Emulation, make):
+    """Within the block, each module ``mod`` of ``model`` for which ``make(mod, name)`` returns a function runs
+    that function as its ``forward``; the original ``forward`` attributes are restored on exit."""
     patched = []
     try:
         for name, mod in model.named_modules():
-            fwd = _module_forward(mod, name or type(mod).__name__, rep, engine, isa, exact)
+            fwd = make(mod, name or type(mod).__name__)
             if fwd is not None:
                 had = "forward" in vars(mod)
                 patched.append((mod, had, vars(mod).get("forward")))
                 mod.forward = fwd
                 rep.saturation.setdefault(name, 0)
-        yield rep
+        yield
     finally:
         for mod, had, old in patched:
             if had:

@@ -278,19 +278,6 @@ def emulate(model, *, isa: str = "avx2", path: str = "eager", exact: bool = Fals
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     dispatch.check_engine_isa("x86", isa)
     rep = _emu.Emulation()
-    patched = []
-    try:
-        for name, mod in model.named_modules():
-            fwd = module_forward(mod, name or type(mod).__name__, rep, "x86", isa, exact, path=path)
-            if fwd is not None:
-                had = "forward" in vars(mod)
-                patched.append((mod, had, vars(mod).get("forward")))
-                mod.forward = fwd
-                rep.saturation.setdefault(name, 0)
+    with _emu.patched_forwards(model, rep, lambda mod, name: module_forward(mod, name, rep, "x86", isa, exact,
+                                                                            path=path)):
         yield rep
-    finally:
-        for mod, had, old in patched:
-            if had:
-                mod.forward = old
-            else:
-                del mod.forward

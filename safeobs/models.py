@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import unicodedata
 from functools import lru_cache
 from importlib import metadata

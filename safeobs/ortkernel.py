@@ -9,17 +9,12 @@ where MLAS's cpuid dispatch (onnxruntime/core/mlas/lib/platform.cpp) picks its A
 
 from __future__ import annotations
 
-import os
-import pickle
 import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .realkernel import QEMU, host_isa
+from .realkernel import QEMU, host_isa, run_worker
 
 MODES = ("native", "haswell")
 MS = "com.microsoft"
@@ -82,34 +77,13 @@ def single_node(op: str, inputs: list, attrs: dict | None = None, out_dtype=np.f
     return model.SerializeToString(), feeds
 
 
-def _worker_command(mode: str, src: str, dst: str):
-    script = str(Path(__file__).with_name("_ort_worker.py"))
-    cmd = [sys.executable, script, src, dst]
-    if mode == "haswell":
-        cmd = [QEMU, "-cpu", "Haswell", *cmd]
-    return cmd
-
-
 def run(runs: list[dict], *, mode: str = "native", timeout: float = 1200.0) -> list:
     """Run ``[{"model": bytes, "feeds": {name: array} or [feeds, ...], "config": {...}}, ...]`` in ONE
     subprocess.  Returns one list of outputs per run (a list of such lists for a list of feeds)."""
     if not available(mode):
         raise RuntimeError(f"ORT mode {mode!r} is not available on this host (onnxruntime or qemu missing)")
-    with tempfile.TemporaryDirectory(prefix="safeobs-ort-") as tmp:
-        src, dst = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
-        with open(src, "wb") as f:
-            pickle.dump({"runs": runs}, f, protocol=pickle.HIGHEST_PROTOCOL)
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        try:
-            proc = subprocess.run(_worker_command(mode, src, dst), env=env, capture_output=True, text=True,
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            raise RuntimeError(f"ORT subprocess ({mode}) timed out after {timeout}s") from e
-        if proc.returncode != 0 or not os.path.exists(dst):
-            tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-            raise RuntimeError(f"ORT subprocess ({mode}) failed with code {proc.returncode}:\n{tail}")
-        with open(dst, "rb") as f:
-            out = pickle.load(f)
+    out = run_worker(str(Path(__file__).with_name("_ort_worker.py")), {"runs": runs}, mode, timeout, label="ORT",
+                     env={"OMP_NUM_THREADS": "1"})
     for r in out:
         if isinstance(r, str):
             raise RuntimeError(f"ORT run failed: {r}")

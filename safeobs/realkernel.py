@@ -206,7 +206,8 @@ def _command(mode: str, args: list[str], worker: str = "safeobs._realkernel_work
     for key in ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"):
         env.pop(key, None)
     env.update(MODES[mode])
-    cmd = [sys.executable, "-m", worker, *args]
+    # a module runs with ``-m`` (imports safeobs, hence torch); a script path runs bare (ORT's worker: no torch)
+    cmd = [sys.executable, worker, *args] if worker.endswith(".py") else [sys.executable, "-m", worker, *args]
     if mode == "haswell":
         cmd = [QEMU, "-cpu", "Haswell", *cmd]
     root = str(Path(__file__).resolve().parent.parent)
@@ -214,10 +215,12 @@ def _command(mode: str, args: list[str], worker: str = "safeobs._realkernel_work
     return cmd, env
 
 
-def run_worker(worker: str, job, mode: str, timeout: float, label: str = "real-kernel"):
-    """Pickle ``job`` to ``python -m worker IN OUT`` in ONE fresh subprocess under ``mode``; its result.
+def run_worker(worker: str, job, mode: str, timeout: float, label: str = "real-kernel", env: dict | None = None):
+    """Pickle ``job`` to ``python -m worker IN OUT`` (or ``python worker.py IN OUT``) in ONE fresh subprocess
+    under ``mode``, with ``env`` added to its environment; its result.
 
-    The one way every runtime's real kernels are run (torch ops here, torchao's in ``_torchao_worker``)."""
+    The one way every runtime's real kernels are run (torch ops here, torchao's in ``_torchao_worker``,
+    ONNX Runtime's in ``_ort_worker.py``)."""
     _check_mode(mode)
     if not available(mode):
         raise RuntimeError(f"mode {mode!r} is not available on this host")
@@ -225,9 +228,10 @@ def run_worker(worker: str, job, mode: str, timeout: float, label: str = "real-k
         src, dst = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
         with open(src, "wb") as f:
             pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
-        cmd, env = _command(mode, [src, dst], worker)
+        cmd, full_env = _command(mode, [src, dst], worker)
+        full_env.update(env or {})
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
             raise RuntimeError(f"{label} subprocess ({mode}) timed out after {timeout}s") from e
         if proc.returncode != 0 or not os.path.exists(dst):
