@@ -581,6 +581,9 @@ def write_report(results, qemu, targets, runtime, host, path):
         md += detail_table(res)
     md += ["## In plain words", ""] + PLAIN + [""]
     md += ["![fidelity](fidelity.png)", ""]
+    gap = path.parent / "mobilenet_gap.md"
+    if gap.is_file():  # follow-up analysis (benchmarks/analysis_mobilenet_gap.py), kept beside the results
+        md += [gap.read_text().rstrip(), ""]
     draws = path.parent / "fidelity_draws.json"
     if draws.is_file():  # issue 11: data-aware rounding, mean ± std over draws (benchmarks/fidelity_draws.py)
         import fidelity_draws
