@@ -181,7 +181,9 @@ def conv_kernel(
         engine = "onednn" if onednn else "fbgemm"
     if engine == "onednn":
         path = onednn_conv_path(weight_shape, groups=groups, transposed=transposed)
-        return Kernel("onednn", path, isa != "vnni" and path == "conv")
+        # AVX-512 without VNNI: grouped / 3-D depthwise convs leave the exact ref loop for saturating
+        # brgemm / groupwise kernels (§8.3; seen on real AVX512_CORE for channel multiplier 2, 3-D depthwise)
+        return Kernel("onednn", path, (isa != "vnni" and path == "conv") or (isa == "avx512" and path == "ref"))
     path = fbgemm_conv_path(
         weight_shape, groups=groups, stride=stride, padding=padding, dilation=dilation,
         transposed=transposed, isa=isa,

@@ -435,9 +435,14 @@ def qconv_codes(x, x_scale, x_zp, w, w_scale, w_zp, bias, y_scale, y_zp, *, stri
     if kernel.backend == "onednn":
         if np.any(wzp != 0):
             raise ValueError("oneDNN requires weight zero points of 0")
-        if kernel.saturates and isa == "avx512" and not exact:
-            raise NotImplementedError("oneDNN conv on AVX-512 without VNNI picks its pairing by the 'relo' "
-                                      "heuristic (kernel-spec §8.3); not emulated")
+        # On AVX512_CORE (no VNNI) oneDNN picks brgemm / groupwise kernels by heuristics (kernel-spec §8.3,
+        # 'relo'): the AVX2 conv pairing does not carry over, and the grouped / 3-D depthwise convs that are an
+        # exact reference loop on AVX2 become saturating kernels (a user's report: channel multiplier 2 and 3-D
+        # depthwise differed).  Only the 2-D depthwise kernel is the same exact kernel there.
+        if isa == "avx512" and not exact and (kernel.saturates or kernel.path == "ref"):
+            raise NotImplementedError(f"oneDNN {kernel.path!r} conv on AVX-512 without VNNI picks its kernel and pairing "
+                                      "by heuristics (kernel-spec §8.3, 'relo'); not emulated (pair discovery needs "
+                                      "AVX-512 hardware; qemu cannot emulate it)")
     k = tuple(w.shape[2:])
     fill = int(x_zp) if kernel.backend == "fbgemm" and kernel.path != "direct" else 0  # §5.2, §8.2
     act, out_sp = _conv_act(x, k, stride, padding, dilation, g, transposed, output_padding, fill, int(x_zp))

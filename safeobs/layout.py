@@ -10,6 +10,15 @@ positions in ``[0, Kg)``; :func:`kernel_order` maps positions to indices of ``we
 :func:`kernel_pairs` answers for one kernel (used by the emulator); :func:`weight_pairs` gives
 the union over every kernel a *layout* covers (used by the solver and :func:`safeobs.verify`).
 
+**Which pairs are conservative, and why.**  Where the real pairing was found by pair discovery on the
+real kernels (FBGEMM everywhere, oneDNN on AVX2, oneDNN's AVX-512 matmul, torchao, MLAS) a layout holds
+exactly those pairs.  oneDNN *convolutions* on AVX512_CORE without VNNI choose brgemm / groupwise kernels
+by heuristics (kernel-spec §8.3, "relo"): per-tap ic pairs, kw folded into K per kernel row, and 3-D
+depthwise as a flat gemm were each observed, but which one a shape gets was not reproduced (that needs
+AVX-512 hardware; qemu has none).  So layouts ``"onednn"`` and ``"x86"`` take the union of all three for
+every conv (a scale safe for the union is safe for whichever runs, at up to a few hundredths of a bit
+of extra coarsening), and :func:`kernel_pairs` answers the same union for ``isa="avx512"``.
+
 torchao's int8 Linear runs oneDNN's matmul (``torch._int_mm`` on VNNI hosts, ``onednn.qlinear_pointwise``
 under torch.compile freezing): s8 sources are shifted to u8 inside oneDNN and paired like the u8
 matmul, (k 2m, 2m+1) within :func:`onednn_matmul_block` K blocks (pair discovery in tests/test_torchao.py),
@@ -152,8 +161,8 @@ def kernel_pairs(
 ) -> np.ndarray:
     """Pairs, as positions of :func:`kernel_order`, that ``kernel`` adds with ``vpmaddubsw``.
 
-    Empty when the kernel accumulates exactly (VNNI, oneDNN depthwise/ref).  oneDNN conv on
-    AVX-512 without VNNI may fold kw into K by a heuristic (§8.3); this returns its per-tap pairs.
+    Empty when the kernel accumulates exactly (VNNI, oneDNN depthwise, oneDNN ref on AVX2).  oneDNN conv on
+    AVX-512 without VNNI picks its pairing by a heuristic (§8.3); this returns the union of the observed ones.
     """
     if not kernel.saturates:
         return _EMPTY
@@ -163,6 +172,11 @@ def kernel_pairs(
         return flat_pairs(taps * icg)
     if kernel.path == "matmul":
         return k_block_pairs(icg, onednn_matmul_block(icg) if isa == "avx2" else icg)
+    if isa == "avx512":  # conv: the union of the pairings §8.3 observed (see the module docstring)
+        pos = _pairs_in_layout("onednn", op, tuple(int(s) for s in weight_shape), groups)
+        kg = taps * icg
+        key = _unique(pos.min(axis=1) * kg + pos.max(axis=1)) if len(pos) else np.zeros(0, np.int64)
+        return np.stack([key // kg, key % kg], axis=1)
     return per_tap_pairs(taps, icg)
 
 

@@ -79,3 +79,19 @@ def test_onednn_exact_paths_on_avx2():
 def test_bad_engine_or_isa(engine, isa):
     with pytest.raises(ValueError, match="engine|isa"):
         linear_kernel(engine, isa)
+
+
+def test_onednn_avx512_grouped_and_3d_depthwise_are_not_called_exact():
+    """On AVX512_CORE the AVX2 ref loop is replaced by saturating kernels (kernel-spec §8.3): the audit must not
+    call them exact, and their pairs are the union of the observed §8.3 pairings."""
+    from safeobs import layout
+
+    for shape, groups in (((8, 1, 3, 3), 4), ((4, 1, 3, 3, 3), 4)):  # channel multiplier 2; 3-D depthwise
+        assert conv_kernel("onednn", "avx2", shape, groups=groups).saturates is False
+        k = conv_kernel("onednn", "avx512", shape, groups=groups)
+        assert k.saturates and k.path == "ref"
+        pos = layout.kernel_pairs(k, shape, "conv", groups, "avx512")
+        assert len(pos) > 0
+        have = {tuple(p) for p in pos}
+        assert {tuple(p) for p in layout.row_pairs(shape[2:], 1)} <= have
+    assert conv_kernel("onednn", "avx512", (4, 1, 3, 3), groups=4).saturates is False  # 2-D depthwise: same exact kernel

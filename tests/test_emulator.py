@@ -232,6 +232,12 @@ def test_errors():
     with pytest.raises(NotImplementedError, match="8.3"):
         emulator.qconv_codes(xc, 1.0, 0, wc, 1.0, 0, None, 1.0, 0, engine="onednn", isa="avx512")
     emulator.qconv_codes(xc, 1.0, 0, wc, 1.0, 0, None, 1.0, 0, engine="onednn", isa="avx512", exact=True)
+    # channel multiplier 2 and 3-D depthwise: an exact reference loop on AVX2, not on AVX-512 (never silently "exact")
+    for xg, wg in ((np.zeros((1, 4, 5, 5), np.uint8), np.ones((8, 1, 3, 3), np.int8)),
+                   (np.zeros((1, 4, 5, 5, 5), np.uint8), np.ones((4, 1, 3, 3, 3), np.int8))):
+        emulator.qconv_codes(xg, 1.0, 0, wg, 1.0, 0, None, 1.0, 0, groups=4, engine="onednn", isa="avx2")
+        with pytest.raises(NotImplementedError, match="8.3"):
+            emulator.qconv_codes(xg, 1.0, 0, wg, 1.0, 0, None, 1.0, 0, groups=4, engine="onednn", isa="avx512")
     with pytest.raises(ValueError):
         emulator.qconv_codes(xc[:, :3], 1.0, 0, wc, 1.0, 0, None, 1.0, 0)
     with pytest.raises(TypeError):
