@@ -463,6 +463,13 @@ _SMALL_SCALE = 6.1e-5
 
 def choose_qparams(x_min: float, x_max: float, *, reduce_range: bool = False, qmin: int = 0, qmax: int = 255):
     """PyTorch ``quant_utils::ChooseQuantizationParams`` (kernel-spec §6): (float32 scale, int zero point)."""
+    scale, zp = _choose_qparams(x_min, x_max, reduce_range, qmin, qmax)
+    return _F32(scale), zp
+
+
+def _choose_qparams(x_min, x_max, reduce_range, qmin, qmax):
+    """(float64 scale, zero point): torch's ``TensorQuantizationParams`` holds the scale as a double; FBGEMM
+    rounds it to float32, oneDNN's dynamic Linear takes ``1.0/scale`` from the double (see below)."""
     if reduce_range:
         qmin, qmax = qmin // 2, qmax // 2
     mn, mx = min(_F32(x_min), _F32(0)), max(_F32(x_max), _F32(0))
@@ -485,7 +492,7 @@ def choose_qparams(x_min: float, x_max: float, *, reduce_range: bool = False, qm
     emax = abs(qmax) - abs(np.float64(mx) / scale)
     z = zmin if emin < emax else zmax
     zp = qmin if z < qmin else qmax if z > qmax else int(np.rint(z))
-    return _F32(scale), zp
+    return np.float64(scale), zp
 
 
 def quantize_input(x, scale, zero_point):
@@ -501,11 +508,13 @@ def qlinear_dynamic_codes(x, w, w_scale, w_zp, bias, *, reduce_range=False, engi
                           relu=False, exact=False, _want_sat=False):
     """Dynamic quantized Linear (kernel-spec §6): float32 ``x`` (..., K), int8 codes ``w``; float32 out."""
     x = np.asarray(x, dtype=_F32)
-    if engine == "onednn":
-        raise NotImplementedError("dynamic linear is emulated for the FBGEMM kernel (engine fbgemm/x86) only")
-    xs, xzp = choose_qparams(float(x.min()) if x.size else 0.0, float(x.max()) if x.size else 0.0,
-                             reduce_range=reduce_range)
+    xs_d, xzp = _choose_qparams(float(x.min()) if x.size else 0.0, float(x.max()) if x.size else 0.0,
+                                reduce_range, 0, 255)
+    xs = _F32(xs_d)
     xq = quantize_input(x, xs, xzp)
+    if engine == "onednn":
+        return _qlinear_dynamic_onednn(x, xq, xs_d, xzp, w, w_scale, w_zp, bias, isa=isa, relu=relu, exact=exact,
+                                       want_sat=_want_sat)
     acc, sat, _, _, ws, b = _qlinear(xq, xs, xzp, w, w_scale, w_zp, bias, engine=engine, isa=isa, exact=exact,
                                      want_sat=_want_sat)
     # ReQuantizeForFloat AVX2 is fma(f32(acc), f32(As*Bs), bias) with one rounding (checked against the
@@ -520,6 +529,35 @@ def qlinear_dynamic_codes(x, w, w_scale, w_zp, bias, *, reduce_range=False, engi
         y = np.maximum(y, _F32(0))
     y = y.reshape(x.shape[:-1] + (np.shape(w)[0],))
     return (y, sat) if _want_sat else y
+
+
+def _recip2(s):
+    """``f32(1/f32(1/s))`` in double arithmetic: PyTorch hands oneDNN reciprocal scales, ideep inverts them back."""
+    return (1.0 / (1.0 / np.asarray(s, dtype=np.float64)).astype(_F32).astype(np.float64)).astype(_F32)
+
+
+def _qlinear_dynamic_onednn(x, xq, xs_d, xzp, w, w_scale, w_zp, bias, *, isa, relu, exact, want_sat):
+    """oneDNN's dynamic Linear (PackedLinearWeightsOnednn::apply_dynamic_impl -> ideep matmul, ``gemm:jit`` on
+    AVX2): u8 codes as FBGEMM quantizes them, the matmul's integer accumulation, then
+    ``f32(f32(acc) * f32(S * W)) (+ f32 bias) (relu)`` with ``S = f32(1/f32(1/scale))`` from torch's *double*
+    input scale and ``W = f32(1/f32(1/w_scale))`` (per tensor from the double scale, per channel from its
+    float32): PyTorch passes reciprocal scales, ideep re-inverts them.
+    Found on the real kernel (tests/test_realkernel_exact.py); the float32 input scale gives other bits."""
+    if isa != "avx2" and not exact:
+        raise NotImplementedError(f"oneDNN's dynamic Linear is emulated for its AVX2 kernel only (gemm:jit, measured "
+                                  f"bit-exact); on {isa} oneDNN runs brgemm matmul, whose epilogue is not yet checked")
+    acc, sat, _, _, ws, b = _qlinear(xq, _F32(xs_d), xzp, w, w_scale, w_zp, bias, engine="onednn", isa=isa,
+                                     exact=exact, want_sat=want_sat)
+    # qlinear_prepack.cpp: per tensor ``1.0/q_scale()`` from the double, per channel ``1.0f/scale.item<float>()``
+    wrec = _recip2(ws) if np.asarray(w_scale).size == 1 else _recip2(ws.astype(_F32))
+    m = (_recip2(xs_d) * wrec).astype(_F32)
+    y = (acc.astype(_F32) * m).astype(_F32)
+    if b is not None:
+        y = (y + b.astype(_F32)).astype(_F32)
+    if relu:
+        y = np.maximum(y, _F32(0))
+    y = y.reshape(x.shape[:-1] + (np.shape(w)[0],))
+    return (y, sat) if want_sat else y
 
 
 # -- quantized-tensor API ----------------------------------------------------------------------

@@ -232,6 +232,12 @@ def test_errors():
     with pytest.raises(NotImplementedError, match="8.3"):
         emulator.qconv_codes(xc, 1.0, 0, wc, 1.0, 0, None, 1.0, 0, engine="onednn", isa="avx512")
     emulator.qconv_codes(xc, 1.0, 0, wc, 1.0, 0, None, 1.0, 0, engine="onednn", isa="avx512", exact=True)
+    # oneDNN's dynamic Linear: its AVX2 kernel is emulated (tests/test_realkernel_exact.py); brgemm's is not checked
+    xf, wd = np.ones((2, 8), np.float32), np.ones((3, 8), np.int8)
+    assert emulator.qlinear_dynamic_codes(xf, wd, 0.01, 0, None, engine="onednn", isa="avx2").shape == (2, 3)
+    for isa in ("avx512", "vnni"):
+        with pytest.raises(NotImplementedError, match="AVX2 kernel only"):
+            emulator.qlinear_dynamic_codes(xf, wd, 0.01, 0, None, engine="onednn", isa=isa)
     # channel multiplier 2 and 3-D depthwise: an exact reference loop on AVX2, not on AVX-512 (never silently "exact")
     for xg, wg in ((np.zeros((1, 4, 5, 5), np.uint8), np.ones((8, 1, 3, 3), np.int8)),
                    (np.zeros((1, 4, 5, 5, 5), np.uint8), np.ones((4, 1, 3, 3, 3), np.int8))):

@@ -27,7 +27,8 @@ def _forced_groupwise(c, isa: str, host: str) -> bool:
 def check_bit_exact(mode: str, engine: str, per_family: int) -> None:
     host = realkernel.host_isa()
     isa = realkernel.mode_isa(mode)
-    families = [f for f in FAMILIES if not (engine == "onednn" and f == "linear_dynamic")]
+    # oneDNN's dynamic Linear is emulated for its AVX2 kernel (gemm:jit), the one measured bit-exact so far
+    families = [f for f in FAMILIES if not (engine == "onednn" and f == "linear_dynamic" and isa != "avx2")]
     cases = draw_cases(families, per_family, engine=engine, isa=isa, seed_name=f"{mode}-{engine}")
     cases = [c for c in cases if known_bug(c, engine, isa, "avx2" if mode == "haswell" else host) is None]
     if mode in ("avx2", "avx512"):
