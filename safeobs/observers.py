@@ -59,9 +59,12 @@ class _SafeMixin:
     _default_qscheme = torch.per_tensor_symmetric
 
     def __init__(self, *args, layout: str = "x86", op: str | None = None, groups: int | None = None, **kwargs):
-        bound = _base_signature(type(self)).bind_partial(None, *args, **kwargs).arguments
-        bound.pop("self")
-        extra = bound.pop("kwargs", {})
+        if args:  # positional arguments: map them to the stock observer's parameter names
+            bound = _base_signature(type(self)).bind_partial(None, *args, **kwargs).arguments
+            bound.pop("self")
+            extra = bound.pop("kwargs", {})
+        else:  # keywords only (the usual with_args / qconfig case): nothing to map
+            bound, extra = dict(kwargs), {}
         bound.setdefault("dtype", torch.qint8)
         bound.setdefault("qscheme", self._default_qscheme)
         check_qscheme(bound["dtype"], bound["qscheme"])
