@@ -61,6 +61,7 @@ PAIR_MIN = -128  # 255*(-128) = -32640 >= -32768
 SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
 AFFINE = (torch.per_tensor_affine, torch.per_channel_affine)
 PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
+_F32_MAX = float(np.finfo(np.float32).max)
 _F32_MAX_BITS = int(np.array(np.finfo(np.float32).max, dtype=np.float32).view(np.int32))
 
 
@@ -352,18 +353,20 @@ def _thresholds(wa, wb, g, scale, qmin, qmax):
         wa, wb, g = wa[order], wb[order], g[order]
     # a same-sign pair's threshold lies in [mag/129.5, mag/126.5] (clamping aside), mag = |wa + wb|: only
     # pairs near their channel's largest mag can set its scale (a wrong guess only costs the fallback)
-    mag = np.abs(wa + wb)
-    top = _group_max(np.zeros(scale.size, dtype=np.float32), g, mag)[g]
-    pre = np.flatnonzero((mag >= top * np.float32(126.0 / 130.0)) & (np.sign(wa) == np.sign(wb)))
-    est = _threshold_estimate(wa[pre], wb[pre])  # mixed signs never bind: left out
+    same = np.sign(wa) == np.sign(wb)  # mixed signs never bind: left out
+    if wa.size > 512:  # (for fewer pairs the filter costs more numpy calls than it saves)
+        mag = np.abs(wa + wb)
+        top = _group_max(np.zeros(scale.size, dtype=np.float32), g, mag)[g]
+        same &= mag >= top * np.float32(126.0 / 130.0)
+    pre = np.flatnonzero(same)
+    est = _threshold_estimate(wa[pre], wb[pre])
     fast = None
     if np.isfinite(est).all():
         keep = est * (1 + 2.0 ** -19) > scale[g[pre]]
         may, est = pre[keep], est[keep]
         fast = scale.copy()
         if may.size:
-            with np.errstate(over="ignore", invalid="ignore"):
-                steps = _from_bits(_bits(est.astype(np.float32))[:, None] + _WINDOW)
+            steps = _from_bits(_bits(np.minimum(est, _F32_MAX).astype(np.float32))[:, None] + _WINDOW)
             ok = _pair_safe(wa[may, None], wb[may, None], steps, qmin, qmax)
             if (ok[:, -1] > ok[:, 0]).all():  # bracketed: unsafe at the first step, safe at the last
                 _group_max(fast, g[may], steps[np.arange(may.size), ok.argmax(axis=1)])
