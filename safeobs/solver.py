@@ -79,15 +79,18 @@ def _from_bits(b: np.ndarray) -> np.ndarray:
 def quantize(w: np.ndarray, scale, quant_min: int = -128, quant_max: int = 127) -> np.ndarray:
     """torch's float32 quantization with zero point 0: ``clamp(rint(w * f32(1/scale)), qmin, qmax)``."""
     inv = np.float32(1.0) / np.asarray(scale, dtype=np.float32)
-    codes = np.rint(np.asarray(w, dtype=np.float32) * inv)
-    return np.minimum(np.maximum(codes, np.float32(quant_min)), np.float32(quant_max))  # ufuncs: np.clip costs 5x
+    return _codes(np.asarray(w, dtype=np.float32), inv, quant_min, quant_max)
+
+
+def _codes(w, inv, qmin, qmax) -> np.ndarray:
+    """``clamp(rint(w * inv), qmin, qmax)`` in float32 (min/max ufuncs: ``np.clip`` costs 5x on small arrays)."""
+    return np.minimum(np.maximum(np.rint(w * inv), np.float32(qmin)), np.float32(qmax))
 
 
 def _pair_safe(wa, wb, s, qmin, qmax) -> np.ndarray:
     """Symmetric (zp 0): is the pair safe at scale ``s``?  Sum form of the sign-split bound."""
-    inv = np.float32(1.0) / np.asarray(s, dtype=np.float32)
-    total = np.minimum(np.maximum(np.rint(wa * inv), qmin), qmax) + np.minimum(np.maximum(np.rint(wb * inv), qmin), qmax)
-    return np.abs(total) <= PAIR_MAX  # PAIR_MIN = -PAIR_MAX
+    inv = np.float32(1.0) / np.asarray(s, dtype=np.float32)  # once for both members
+    return np.abs(_codes(wa, inv, qmin, qmax) + _codes(wb, inv, qmin, qmax)) <= PAIR_MAX  # PAIR_MIN = -PAIR_MAX
 
 
 def _bisect_bits(lo: np.ndarray, hi: np.ndarray, feasible) -> np.ndarray:
