@@ -9,13 +9,22 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
+import numpy as np
+
 ENGINES = ("fbgemm", "onednn", "x86")
-ISAS = ("avx2", "avx512", "vnni")
+# CPU kinds, by the int8 kernels they get: AVX2 only; AVX-512 without VNNI and without VBMI (Skylake-SP/X);
+# AVX-512 with VBMI but no VNNI (Cannon Lake, and what ONEDNN_MAX_CPU_ISA=AVX512_CORE gives on Ice Lake, Zen 4
+# and newer: oneDNN reads VBMI from CPUID for its "relo" conv layouts); AVX-512 VNNI (exact).
+ISAS = ("avx2", "avx512", "avx512_vbmi", "vnni")
+AVX512_NO_VNNI = ("avx512", "avx512_vbmi")
 OPS = ("linear", "conv", "conv_transpose")
 
 # FBGEMM paths, then oneDNN implementations (as named by ONEDNN_VERBOSE, shortened).
 FBGEMM_PATHS = ("gemm", "im2col", "pointwise", "depthwise", "groupwise", "direct")
-ONEDNN_PATHS = ("matmul", "conv", "dw", "ref")
+# oneDNN: "conv" pairs input channels per tap, "dw"/"ref" are exact, "gemm" pairs the flat kernel order in
+# K blocks; the AVX-512 VBMI "relo" layouts pair the kernel in kw-major order ("relo_whi") or per kernel row
+# ("relo_wi"); "relo" is either (the output width decides, and was not given).
+ONEDNN_PATHS = ("matmul", "conv", "dw", "ref", "gemm", "relo_whi", "relo_wi", "relo")
 
 
 class Kernel(NamedTuple):
@@ -153,6 +162,37 @@ def onednn_conv_path(weight_shape: Sequence[int], *, groups: int = 1, transposed
     return "ref"
 
 
+def onednn_avx512_conv_path(weight_shape: Sequence[int], *, groups: int = 1, dilation=1, transposed: bool = False,
+                            isa: str = "avx512", output_width: int | None = None) -> str:
+    """oneDNN's conv/deconv pairing on AVX-512 without VNNI (kernel-spec §8.3, measured: tests/data/onednn-avx512).
+
+    Every brgemm / jit conv pairs input channels per tap ("conv"; exact when ICg == 1), 2-D depthwise is exact
+    ("dw"), 3-D depthwise runs gemm_s8u8s32 ("gemm").  With VBMI (``isa="avx512_vbmi"``) convs with one input
+    channel per group, dilation 1 and more than one tap take brgemm's "relo" layouts, chosen by the output width:
+    OW >= 5 pairs the whole kernel in kw-major order ("relo_whi"), OW <= 4 pairs each kernel row ("relo_wi"; a
+    one-column kernel then stays per tap).  ``output_width`` None gives "relo" (either).  Dense IC=1 convs with
+    little work run jit_int8 instead (exact); that efficiency heuristic is not modelled, so the emulator is
+    conservative there (README, "What was verified where").
+    """
+    nd = len(weight_shape) - 2
+    if transposed:
+        return "conv"
+    icg, ocg = weight_shape[1], weight_shape[0] // groups
+    if icg != 1:
+        return "conv"
+    if groups > 1 and ocg == 1:
+        return "gemm" if nd == 3 else "dw"
+    k = tuple(weight_shape[2:])
+    dil = (dilation,) * nd if isinstance(dilation, int) else tuple(dilation)
+    if isa != "avx512_vbmi" or nd == 3 or any(d != 1 for d in dil) or int(np.prod(k)) == 1:
+        return "conv"
+    if output_width is None:
+        return "relo"
+    if output_width >= 5:
+        return "relo_whi"
+    return "relo_wi" if k[-1] > 1 else "conv"
+
+
 def should_use_onednn_quant(*, weight_symmetric: bool, groups: int, output_padding=0, isa: str) -> bool:
     """PyTorch's ``x86`` conv routing (kernel-spec §3): oneDNN only on VNNI hosts, symmetric weights, G<=100."""
     op = (output_padding,) if isinstance(output_padding, int) else tuple(output_padding)
@@ -171,8 +211,12 @@ def conv_kernel(
     transposed: bool = False,
     output_padding=0,
     weight_symmetric: bool = True,
+    output_width: int | None = None,
 ) -> Kernel:
-    """Kernel of a quantized conv / conv_transpose call (kernel-spec §2-§4, §8)."""
+    """Kernel of a quantized conv / conv_transpose call (kernel-spec §2-§4, §8).
+
+    ``output_width`` (the last output dim) decides oneDNN's relo layout on ``isa="avx512_vbmi"``; without it
+    the kernel is ``"relo"``, whose pairs are the union of both layouts."""
     check_engine_isa(engine, isa)
     if engine == "x86":
         onednn = should_use_onednn_quant(
@@ -180,10 +224,13 @@ def conv_kernel(
         )
         engine = "onednn" if onednn else "fbgemm"
     if engine == "onednn":
+        if isa in AVX512_NO_VNNI:
+            path = onednn_avx512_conv_path(weight_shape, groups=groups, dilation=dilation, transposed=transposed,
+                                           isa=isa, output_width=output_width)
+            icg = weight_shape[0] // groups if transposed else weight_shape[1]
+            return Kernel("onednn", path, path not in ("dw", "conv") or icg > 1)
         path = onednn_conv_path(weight_shape, groups=groups, transposed=transposed)
-        # AVX-512 without VNNI: grouped / 3-D depthwise convs leave the exact ref loop for saturating
-        # brgemm / groupwise kernels (§8.3; seen on real AVX512_CORE for channel multiplier 2, 3-D depthwise)
-        return Kernel("onednn", path, (isa != "vnni" and path == "conv") or (isa == "avx512" and path == "ref"))
+        return Kernel("onednn", path, isa != "vnni" and path == "conv")
     path = fbgemm_conv_path(
         weight_shape, groups=groups, stride=stride, padding=padding, dilation=dilation,
         transposed=transposed, isa=isa,

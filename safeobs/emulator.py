@@ -410,9 +410,12 @@ def qlinear_codes(x, x_scale, x_zp, w, w_scale, w_zp, bias, y_scale, y_zp, *,
 
 def qconv_codes(x, x_scale, x_zp, w, w_scale, w_zp, bias, y_scale, y_zp, *, stride=1, padding=0, dilation=1,
                 groups=1, transposed=False, output_padding=0, engine="x86", isa="avx2", relu=False,
-                exact=False, _want_sat=False):
+                exact=False, kernel: dispatch.Kernel | None = None, _want_sat=False):
     """Quantized Conv{1,2,3}d / ConvTranspose on codes: ``x`` uint8 (N, C, *S); ``w`` int8 in PyTorch's
-    layout ((OC, IC/G, *k), or (IC, OC/G, *k) when ``transposed``); returns uint8 (N, OC, *O)."""
+    layout ((OC, IC/G, *k), or (IC, OC/G, *k) when ``transposed``); returns uint8 (N, OC, *O).
+
+    ``kernel`` overrides :func:`safeobs.dispatch.conv_kernel`'s answer, e.g. with the implementation a
+    recorded run named (``ONEDNN_VERBOSE``)."""
     x = _codes(x, "input", 0, 255)
     w = _codes(w, "weight", -128, 127)
     nd = w.ndim - 2
@@ -429,21 +432,15 @@ def qconv_codes(x, x_scale, x_zp, w, w_scale, w_zp, bias, y_scale, y_zp, *, stri
     per_channel = np.asarray(w_scale).size > 1 or np.asarray(w_zp).size > 1
     if transposed and per_channel:
         raise ValueError("torch 2.13 supports only per-tensor weights for quantized ConvTranspose")
-    kernel = dispatch.conv_kernel(engine, isa, w.shape, groups=groups, stride=stride, padding=padding,
-                                  dilation=dilation, transposed=transposed, output_padding=output_padding,
-                                  weight_symmetric=bool(np.all(wzp == 0)))
-    if kernel.backend == "onednn":
-        if np.any(wzp != 0):
-            raise ValueError("oneDNN requires weight zero points of 0")
-        # On AVX512_CORE (no VNNI) oneDNN picks brgemm / groupwise kernels by heuristics (kernel-spec §8.3,
-        # 'relo'): the AVX2 conv pairing does not carry over, and the grouped / 3-D depthwise convs that are an
-        # exact reference loop on AVX2 become saturating kernels (a user's report: channel multiplier 2 and 3-D
-        # depthwise differed).  Only the 2-D depthwise kernel is the same exact kernel there.
-        if isa == "avx512" and not exact and (kernel.saturates or kernel.path == "ref"):
-            raise NotImplementedError(f"oneDNN {kernel.path!r} conv on AVX-512 without VNNI picks its kernel and pairing "
-                                      "by heuristics (kernel-spec §8.3, 'relo'); not emulated (pair discovery needs "
-                                      "AVX-512 hardware; qemu cannot emulate it)")
     k = tuple(w.shape[2:])
+    if kernel is None:
+        out_w = _conv_out_size(x.shape[-1], k[-1], stride[-1], padding[-1], dilation[-1],
+                               output_padding[-1] if transposed else None)
+        kernel = dispatch.conv_kernel(engine, isa, w.shape, groups=groups, stride=stride, padding=padding,
+                                      dilation=dilation, transposed=transposed, output_padding=output_padding,
+                                      weight_symmetric=bool(np.all(wzp == 0)), output_width=out_w)
+    if kernel.backend == "onednn" and np.any(wzp != 0):
+        raise ValueError("oneDNN requires weight zero points of 0")
     fill = int(x_zp) if kernel.backend == "fbgemm" and kernel.path != "direct" else 0  # §5.2, §8.2
     act, out_sp = _conv_act(x, k, stride, padding, dilation, g, transposed, output_padding, fill, int(x_zp))
     order, w_o, wzp_o = _weights_in_order(w, op, g, wzp)
@@ -456,6 +453,13 @@ def qconv_codes(x, x_scale, x_zp, w, w_scale, w_zp, bias, y_scale, y_zp, *, stri
         q = _requant_onednn(acc.astype(_F32), x_scale, ws, b, y_scale, y_zp, relu=relu)
     q = np.moveaxis(q.reshape((x.shape[0],) + tuple(out_sp) + (oc,)), -1, 1)
     return (q, sat) if _want_sat else q
+
+
+def _conv_out_size(size, k, stride, pad, dil, output_padding=None):
+    """Output length of one spatial dim (``output_padding`` given: transposed conv)."""
+    if output_padding is None:
+        return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    return (size - 1) * stride - 2 * pad + dil * (k - 1) + output_padding + 1
 
 
 _SMALL_SCALE = 6.1e-5
@@ -537,21 +541,28 @@ def _recip2(s):
 
 
 def _qlinear_dynamic_onednn(x, xq, xs_d, xzp, w, w_scale, w_zp, bias, *, isa, relu, exact, want_sat):
-    """oneDNN's dynamic Linear (PackedLinearWeightsOnednn::apply_dynamic_impl -> ideep matmul, ``gemm:jit`` on
-    AVX2): u8 codes as FBGEMM quantizes them, the matmul's integer accumulation, then
-    ``f32(f32(acc) * f32(S * W)) (+ f32 bias) (relu)`` with ``S = f32(1/f32(1/scale))`` from torch's *double*
-    input scale and ``W = f32(1/f32(1/w_scale))`` (per tensor from the double scale, per channel from its
-    float32): PyTorch passes reciprocal scales, ideep re-inverts them.
-    Found on the real kernel (tests/test_realkernel_exact.py); the float32 input scale gives other bits."""
-    if isa != "avx2" and not exact:
-        raise NotImplementedError(f"oneDNN's dynamic Linear is emulated for its AVX2 kernel only (gemm:jit, measured "
-                                  f"bit-exact); on {isa} oneDNN runs brgemm matmul, whose epilogue is not yet checked")
+    """oneDNN's dynamic Linear (PackedLinearWeightsOnednn::apply_dynamic_impl -> ideep matmul).  PyTorch passes
+    reciprocal scales and ideep re-inverts them: ``S = f32(1/f32(1/scale))`` from torch's *double* input scale,
+    ``W = f32(1/f32(1/w_scale))`` (per tensor from the double, per channel from its float32).
+
+    * AVX2 (``gemm:jit``): u8 codes as FBGEMM quantizes them, K-block pairs, ``f32(f32(acc) * f32(S * W))``.
+    * AVX-512 and VNNI (``brg_matmul``): ``clip(RNE(f32(f32(x / f32(scale)) + zp)))``, flat pairs (exact on
+      VNNI), and the two scales one after the other: ``f32(f32(f32(acc) * S) * W)``.
+
+    Then ``+ f32 bias`` and relu.  Found on the real kernels (tests/test_realkernel_exact.py for AVX2; the
+    recorded AVX-512 vectors, tests/data/onednn-avx512, 40/40 cases in each mode)."""
+    if isa != "avx2":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = (x / _F32(xs_d)).astype(_F32) + _F32(xzp)
+        xq = np.clip(np.rint(t), 0, 255).astype(np.uint8)
     acc, sat, _, _, ws, b = _qlinear(xq, _F32(xs_d), xzp, w, w_scale, w_zp, bias, engine="onednn", isa=isa,
                                      exact=exact, want_sat=want_sat)
     # qlinear_prepack.cpp: per tensor ``1.0/q_scale()`` from the double, per channel ``1.0f/scale.item<float>()``
     wrec = _recip2(ws) if np.asarray(w_scale).size == 1 else _recip2(ws.astype(_F32))
-    m = (_recip2(xs_d) * wrec).astype(_F32)
-    y = (acc.astype(_F32) * m).astype(_F32)
+    if isa == "avx2":
+        y = (acc.astype(_F32) * (_recip2(xs_d) * wrec).astype(_F32)).astype(_F32)
+    else:
+        y = ((acc.astype(_F32) * _recip2(xs_d)).astype(_F32) * wrec).astype(_F32)
     if b is not None:
         y = (y + b.astype(_F32)).astype(_F32)
     if relu:
@@ -832,9 +843,11 @@ def patched_forwards(model, rep: Emulation, make):
                 del mod.forward
 
 
-def run_case(case: dict, *, engine: str = "x86", isa: str = "avx2", exact: bool = False, want_saturation=False):
+def run_case(case: dict, *, engine: str = "x86", isa: str = "avx2", exact: bool = False, want_saturation=False,
+             kernel: dispatch.Kernel | None = None):
     """Emulate one :mod:`safeobs.realkernel` case dict (same keys); returns codes (float for linear_dynamic),
-    and the :class:`Saturation` too when ``want_saturation``."""
+    and the :class:`Saturation` too when ``want_saturation``.  ``kernel`` forces a conv's kernel (see
+    :func:`qconv_codes`)."""
     c = case
     kw = dict(engine=engine, isa=isa, exact=exact, _want_sat=True)
     if c["op"] == "linear_dynamic":
@@ -847,7 +860,7 @@ def run_case(case: dict, *, engine: str = "x86", isa: str = "avx2", exact: bool 
         hp = {k: c[k] for k in ("stride", "padding", "dilation", "groups", "output_padding") if k in c}
         y, sat = qconv_codes(c["x"], c["x_scale"], c["x_zp"], c["w"], c["w_scale"], c.get("w_zp", 0), c.get("bias"),
                              c["y_scale"], c["y_zp"], transposed=c["op"] == "conv_transpose2d",
-                             relu=bool(c.get("relu")), **hp, **kw)
+                             relu=bool(c.get("relu")), kernel=kernel, **hp, **kw)
     else:
         raise ValueError(f"unknown op {c['op']!r}")
     return (y, sat) if want_saturation else y

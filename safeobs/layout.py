@@ -10,19 +10,25 @@ positions in ``[0, Kg)``; :func:`kernel_order` maps positions to indices of ``we
 :func:`kernel_pairs` answers for one kernel (used by the emulator); :func:`weight_pairs` gives
 the union over every kernel a *layout* covers (used by the solver and :func:`safeobs.verify`).
 
-**Which pairs are conservative, and why.**  Where the real pairing was found by pair discovery on the
-real kernels (FBGEMM everywhere, oneDNN on AVX2, oneDNN's AVX-512 matmul, torchao, MLAS) a layout holds
-exactly those pairs.  oneDNN *convolutions* on AVX512_CORE without VNNI choose brgemm / groupwise kernels
-by heuristics (kernel-spec §8.3, "relo"): per-tap ic pairs, kw folded into K per kernel row, and 3-D
-depthwise as a flat gemm were each observed, but which one a shape gets was not reproduced (that needs
-AVX-512 hardware; qemu has none).  So layouts ``"onednn"`` and ``"x86"`` take the union of all three for
-every conv (a scale safe for the union is safe for whichever runs, at up to a few hundredths of a bit
-of extra coarsening), and :func:`kernel_pairs` answers the same union for ``isa="avx512"``.
+**Which pairs are conservative, and why.**  Every pairing here was found by pair discovery on the real
+kernels (FBGEMM everywhere, oneDNN on AVX2, oneDNN on AVX512_CORE with and without VBMI from the vectors in
+tests/data/onednn-avx512, torchao, MLAS).  :func:`kernel_pairs` answers for one kernel exactly; the layouts
+used by the solver are unions over every kernel that may run, so they hold extra pairs where kernels differ:
 
-torchao's int8 Linear runs oneDNN's matmul (``torch._int_mm`` on VNNI hosts, ``onednn.qlinear_pointwise``
-under torch.compile freezing): s8 sources are shifted to u8 inside oneDNN and paired like the u8
-matmul, (k 2m, 2m+1) within :func:`onednn_matmul_block` K blocks (pair discovery in tests/test_torchao.py),
-so layout ``"x86"`` (and ``"onednn"``) covers it.
+* ``"onednn"`` / ``"x86"`` convs: per-tap input-channel pairs (every oneDNN conv on AVX2 and AVX-512), plus,
+  for convs whose kernel rows could be folded, the per-row pairs and, with one input channel per group, the
+  kw-major "whi" pairs of AVX-512 VBMI's relo layouts (which of the two runs depends on the *input* width,
+  which a weight does not know), plus the flat gemm pairs of 3-D depthwise convs.  The per-row pairs for
+  ICg > 1 were never seen on a real kernel (relo needs ICg == 1); they are kept from the first AVX-512
+  measurements (kernel-spec §8.3) because dropping them would change existing safe scales for no safety gain.
+* ``"onednn"`` / ``"x86"`` Linear: oneDNN's gemm K-block pairs for AVX2 (blocks of 256/ceil(K/2)/384) and
+  AVX-512 (384/ceil(K/2)/768; forced-ISA ``_int_mm``, gemm convs), and brgemm's flat pairs.
+
+Trust the kernels over the spec: where the two disagreed, the recorded kernels won (README, "What was
+verified where").
+
+torchao's int8 Linear runs oneDNN's matmul or ``torch._int_mm``; layout ``"x86"`` (and ``"onednn"``) covers
+every pairing those were seen to form.
 """
 
 from __future__ import annotations
@@ -138,13 +144,27 @@ def row_pairs(kernel_size: Sequence[int], icg: int) -> np.ndarray:
     return _segment_pairs(np.arange(rows, dtype=np.int64) * kw * icg, np.full(rows, kw * icg, dtype=np.int64))
 
 
-def onednn_matmul_block(k: int) -> int:
-    """K block of oneDNN's AVX2 ``gemm_s8u8s32`` (kernel-spec §8.2): pairing restarts at each block."""
-    if k <= 256:
+def onednn_matmul_block(k: int, isa: str = "avx2") -> int:
+    """K block of oneDNN's ``gemm_s8u8s32`` (gemm_driver.cpp ``get_k_padd``; kernel-spec §8.2): pairing restarts
+    at each block.  ``K`` up to ``bk_traditional``, then ``ceil(K/2)`` below ``2*bk``, then ``bk``: AVX2 256/384,
+    AVX512_CORE without VNNI 384/768 (gemm_info.cpp; matches the forced-ISA ``_int_mm`` probe up to K = 3073)."""
+    trad, bk = (256, 384) if isa == "avx2" else (384, 768)
+    if k <= trad:
         return k
-    if k < 768:
+    if k < 2 * bk:
         return -(-k // 2)
-    return 384
+    return bk
+
+
+def whi_pairs(kernel_size: Sequence[int]) -> np.ndarray:
+    """oneDNN AVX-512 VBMI relo "whi" (ICg == 1): the whole kernel in kw-major order, paired flat; e.g. 3x3 gives
+    (0,3), (6,1), (4,7), (2,5) with 8 alone (positions kh*KW + kw)."""
+    k = tuple(int(v) for v in kernel_size)
+    kw = k[-1]
+    rows = int(np.prod(k[:-1])) if len(k) > 1 else 1
+    seq = np.arange(rows * kw, dtype=np.int64).reshape(rows, kw).T.reshape(-1)  # kw-major
+    m = len(seq) // 2
+    return np.stack([seq[0:2 * m:2], seq[1:2 * m:2]], axis=1)
 
 
 def k_block_pairs(k: int, block: int) -> np.ndarray:
@@ -161,8 +181,8 @@ def kernel_pairs(
 ) -> np.ndarray:
     """Pairs, as positions of :func:`kernel_order`, that ``kernel`` adds with ``vpmaddubsw``.
 
-    Empty when the kernel accumulates exactly (VNNI, oneDNN depthwise, oneDNN ref on AVX2).  oneDNN conv on
-    AVX-512 without VNNI picks its pairing by a heuristic (§8.3); this returns the union of the observed ones.
+    Empty when the kernel accumulates exactly (VNNI, oneDNN depthwise, oneDNN ref on AVX2).  The oneDNN kernel
+    path says the pairing (:func:`safeobs.dispatch.conv_kernel`; ``"relo"``: the union of both relo layouts).
     """
     if not kernel.saturates:
         return _EMPTY
@@ -170,10 +190,17 @@ def kernel_pairs(
     _, _, icg, taps = group_sizes(weight_shape, op, groups)
     if kernel.backend == "fbgemm":
         return flat_pairs(taps * icg)
-    if kernel.path == "matmul":
+    if kernel.path == "matmul":  # AVX2 gemm:jit K blocks; AVX-512 brg_matmul: flat over all of K (§8.3)
         return k_block_pairs(icg, onednn_matmul_block(icg) if isa == "avx2" else icg)
-    if isa == "avx512":  # conv: the union of the pairings §8.3 observed (see the module docstring)
-        return _dedupe_pairs(_pairs_in_layout("onednn", op, tuple(int(s) for s in weight_shape), groups), taps * icg)
+    if kernel.path == "gemm":
+        return k_block_pairs(taps * icg, onednn_matmul_block(taps * icg, isa))
+    k = tuple(int(s) for s in weight_shape[2:])
+    if kernel.path == "relo_whi":
+        return whi_pairs(k)
+    if kernel.path == "relo_wi":
+        return row_pairs(k, icg)
+    if kernel.path == "relo":
+        return _dedupe_pairs(np.concatenate([whi_pairs(k), row_pairs(k, icg)]), taps * icg)
     return per_tap_pairs(taps, icg)
 
 
@@ -203,11 +230,15 @@ def _pairs_in_layout(layout: str, op: str, shape: tuple, groups: int) -> np.ndar
         parts.append(flat_pairs(kg))
     if layout in ("onednn", "x86"):
         if op == "linear":
-            parts += [k_block_pairs(kg, onednn_matmul_block(kg)), flat_pairs(kg)]
+            parts += [k_block_pairs(kg, onednn_matmul_block(kg, "avx2")),
+                      k_block_pairs(kg, onednn_matmul_block(kg, "avx512")), flat_pairs(kg)]
         else:
             parts += [per_tap_pairs(taps, icg), row_pairs(shape[2:], icg)]
-            if len(shape) == 5 and icg == 1:  # 3-D depthwise runs as gemm on AVX-512 (§8.3)
-                parts.append(flat_pairs(kg))
+            if icg == 1 and op == "conv":
+                if len(shape) == 5:  # 3-D depthwise runs as gemm on AVX-512 (§8.3); flat kept from before
+                    parts += [flat_pairs(kg), k_block_pairs(kg, onednn_matmul_block(kg, "avx512"))]
+                else:  # relo "whi" on AVX-512 VBMI
+                    parts.append(whi_pairs(shape[2:]))
     return np.concatenate(parts) if parts else _EMPTY
 
 
@@ -274,8 +305,8 @@ def _all_flat(layout: str, op: str, icg: int, taps: int) -> bool:
     """Closed form: every kernel of the layout pairs this shape's row as (0,1), (2,3), ...  (a K block
     of even length restarts on a pair boundary; one tap: per-tap and per-row pairs are the flat ones)."""
     if op == "linear":
-        block = onednn_matmul_block(icg)
-        return layout in ("fbgemm", "ort") or block == icg or block % 2 == 0
+        blocks = (onednn_matmul_block(icg, "avx2"), onednn_matmul_block(icg, "avx512"))
+        return layout in ("fbgemm", "ort") or all(b == icg or b % 2 == 0 for b in blocks)
     # kernel order is tap-major (t*ICg + ic), the row ic-major: they agree only with one tap or one channel
     return op == "conv" and (taps == 1 or (icg == 1 and layout in ("fbgemm", "ort")))
 
