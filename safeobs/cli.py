@@ -44,7 +44,7 @@ MODEL is a converted (quantized) model:
   torch.save(model), or module:function, a function (importable from the current directory)
   that returns the eager converted model (convert_fx / torch.ao.quantization.convert).
 
-Per layer and engine/ISA (fbgemm, onednn, x86 x avx2, avx512, vnni) the table shows the kernel
+Per layer and engine/ISA (fbgemm, onednn, x86 x avx2, avx512, avx512_vbmi, vnni) the table shows the kernel
 path torch dispatches to and how many output channels hold a weight pair that this kernel adds
 into one int16 lane and that can saturate for some u8 activation (path:N), path:ok when none,
 path:exact when the kernel accumulates exactly (VNNI, oneDNN depthwise).
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     model_args(a)
     a.add_argument("--engines", metavar="E/I,...",
-                   help="engine/isa pairs to audit (default: all of fbgemm,onednn,x86 x avx2,avx512,vnni)")
+                   help="engine/isa pairs to audit (default: all of fbgemm,onednn,x86 x avx2,avx512,avx512_vbmi,vnni)")
     a.add_argument("--unsafe-only", action="store_true", help="list only layers that can saturate")
 
     r = sub.add_parser("repair", help="re-quantize only the unsafe channels of a converted model",

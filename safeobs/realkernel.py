@@ -41,7 +41,7 @@ MODES = {
     "haswell": {},
 }
 QEMU = "qemu-x86_64"
-ISAS = ("avx2", "avx512", "vnni")
+ISAS = ("avx2", "avx512", "avx512_vbmi", "vnni")  # as safeobs.dispatch.ISAS, in order
 
 
 def _cpu_flags() -> set[str]:
@@ -65,16 +65,34 @@ def cpu_name() -> str:
     return "unknown CPU"
 
 
-def host_isa() -> str:
-    """The host CPU as :mod:`safeobs.dispatch` names it: "vnni", "avx512" or "avx2"."""
-    flags = _cpu_flags()
+def host_isa(flags: set[str] | None = None) -> str:
+    """The host CPU as :mod:`safeobs.dispatch` names it: "vnni", "avx512_vbmi", "avx512" or "avx2"."""
+    flags = _cpu_flags() if flags is None else flags
     if {"avx512f", "avx512bw", "avx512vl"} <= flags:
-        return "vnni" if flags & {"avx512_vnni", "avx512vnni"} else "avx512"
+        if flags & {"avx512_vnni", "avx512vnni"}:
+            return "vnni"
+        return "avx512_vbmi" if "avx512vbmi" in flags else "avx512"
     return "avx2"
+
+
+def forced_avx512_isa(flags: set[str] | None = None) -> str:
+    """What ``ONEDNN_MAX_CPU_ISA=AVX512_CORE`` gives on this host: oneDNN's relo conv layouts read AVX512_VBMI
+    from CPUID, which the variable does not mask, so a VBMI host (Ice Lake, Zen 4, ...) forced down is an
+    "avx512_vbmi" CPU, never a Skylake-SP ("avx512")."""
+    flags = _cpu_flags() if flags is None else flags
+    return "avx512_vbmi" if "avx512vbmi" in flags else "avx512"
 
 
 _FORCED = {"FBGEMM_ENABLE_INSTRUCTIONS": {"AVX2": "avx2", "AVX512": "avx512"},
            "ONEDNN_MAX_CPU_ISA": {"AVX2": "avx2", "AVX512_CORE": "avx512"}}
+
+
+def _forced_isa(name: str, host: str) -> str:
+    """The ISA a forced ``name`` ("avx2" | "avx512") reaches on ``host`` (it can only lower it)."""
+    isa = forced_avx512_isa() if name == "avx512" else name
+    if host == "avx512" and isa == "avx512_vbmi":  # unreachable: a host without VBMI
+        isa = "avx512"
+    return isa if ISAS.index(isa) < ISAS.index(host) else host
 
 
 def process_isa(engine: str = "fbgemm", environ=None) -> str:
@@ -88,16 +106,19 @@ def process_isa(engine: str = "fbgemm", environ=None) -> str:
     isas = set()
     for name in names:
         forced = _FORCED[name].get(env.get(name, "").strip().upper())
-        isas.add(forced if forced and ISAS.index(forced) < ISAS.index(host) else host)
+        isas.add(_forced_isa(forced, host) if forced else host)
     if len(isas) > 1:
         raise ValueError(f"engine {engine}: FBGEMM_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA force different ISAs")
     return isas.pop()
 
 
 def mode_isa(mode: str) -> str:
-    """The ISA the kernels see in ``mode`` (groupwise excepted, it always follows the host)."""
+    """The ISA the kernels see in ``mode`` (groupwise excepted, it always follows the host); forced
+    ``"avx512"`` is ``"avx512_vbmi"`` on a VBMI host (:func:`forced_avx512_isa`)."""
     _check_mode(mode)
-    return {"native": host_isa(), "haswell": "avx2"}.get(mode, mode)
+    if mode in ("avx2", "avx512"):
+        return _forced_isa(mode, host_isa())
+    return {"native": host_isa(), "haswell": "avx2"}[mode]
 
 
 def available(mode: str) -> bool:
@@ -108,8 +129,7 @@ def available(mode: str) -> bool:
         return shutil.which(QEMU) is not None
     if mode == "native":
         return True
-    order = ["avx2", "avx512", "vnni"]
-    return "avx2" in _cpu_flags() and order.index(host_isa()) >= order.index(mode)
+    return "avx2" in _cpu_flags() and ISAS.index(host_isa()) >= ISAS.index(mode)
 
 
 def _conv_facts(op: str, w_shape, groups=1, stride=1, padding=0, dilation=1, output_padding=0,
@@ -145,7 +165,10 @@ def forced_mismatch(mode: str, engine: str, convs=(), host: str | None = None) -
     from . import dispatch
 
     host = host or host_isa()
-    if mode not in ("avx2", "avx512") or mode == host:
+    if mode not in ("avx2", "avx512"):
+        return None
+    mode = _forced_isa(mode, host)
+    if mode == host:
         return None
     for c in convs:
         symmetric_route = dispatch.should_use_onednn_quant(
@@ -168,8 +191,9 @@ def forced_mismatch(mode: str, engine: str, convs=(), host: str | None = None) -
 def mode_for(isa: str, engine: str = "fbgemm", convs=()) -> str | None:
     """The fastest mode that runs the real kernels of an ``isa`` CPU for these convs, or None.
 
-    Native when the host is that ISA; else the forced ISA when :func:`forced_mismatch` allows it;
-    else qemu Haswell for ``"avx2"``.  AVX-512 and VNNI cannot be emulated by qemu.
+    Native when the host is that ISA; else the forced ISA when it reaches that CPU kind (a forced AVX512_CORE
+    run is ``"avx512_vbmi"`` on a VBMI host and ``"avx512"`` only without VBMI) and :func:`forced_mismatch`
+    allows it; else qemu Haswell for ``"avx2"``.  AVX-512 and VNNI cannot be emulated by qemu.
     """
     if isa not in ISAS:
         raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
@@ -178,8 +202,10 @@ def mode_for(isa: str, engine: str = "fbgemm", convs=()) -> str | None:
         return "native"
     if ISAS.index(isa) > ISAS.index(host):
         return None
-    if isa in ("avx2", "avx512") and forced_mismatch(isa, engine, convs, host) is None:
-        return isa
+    forced = "avx512" if isa in ("avx512", "avx512_vbmi") else isa
+    if forced in ("avx2", "avx512") and _forced_isa(forced, host) == isa \
+            and forced_mismatch(forced, engine, convs, host) is None:
+        return forced
     if isa == "avx2" and available("haswell"):
         return "haswell"
     return None
@@ -189,11 +215,12 @@ def describe(mode: str, engine: str = "fbgemm") -> str:
     """The kernel a mode really runs, for labels: e.g. "fbgemm on avx2 (qemu-x86_64 -cpu Haswell)"."""
     _check_mode(mode)
     host = host_isa()
+    isa = mode_isa(mode)
     how = {"native": f"native {host} host",
            "haswell": "qemu-x86_64 -cpu Haswell",
-           "avx2": f"{host} host forced to AVX2" if host != "avx2" else "native avx2 host",
-           "avx512": f"{host} host forced to AVX512_CORE" if host != "avx512" else "native avx512 host"}[mode]
-    return f"{engine} on {mode_isa(mode)} ({how})"
+           "avx2": f"{host} host forced to AVX2" if isa != host else f"native {host} host",
+           "avx512": f"{host} host forced to AVX512_CORE" if isa != host else f"native {host} host"}[mode]
+    return f"{engine} on {isa} ({how})"
 
 
 def _check_mode(mode: str) -> None:

@@ -1,5 +1,6 @@
 """safeobs.dispatch against the dispatch facts of kernel-spec §2-§4 and §10."""
 
+import numpy as np
 import pytest
 
 from safeobs.dispatch import Kernel, conv_kernel, fbgemm_conv_path, g_together, linear_kernel
@@ -81,17 +82,27 @@ def test_bad_engine_or_isa(engine, isa):
         linear_kernel(engine, isa)
 
 
-def test_onednn_avx512_grouped_and_3d_depthwise_are_not_called_exact():
-    """On AVX512_CORE the AVX2 ref loop is replaced by saturating kernels (kernel-spec §8.3): the audit must not
-    call them exact, and their pairs are the union of the observed §8.3 pairings."""
+def test_onednn_avx512_kinds_follow_the_recorded_kernels():
+    """AVX512_CORE without VNNI (tests/data/onednn-avx512, 'Findings'): Skylake-SP pairs every conv per tap (exact
+    with ICg == 1), 3-D depthwise runs gemm (flat pairs); with VBMI the ICg == 1 convs take relo layouts chosen by
+    the output width.  The vector replay (tests/test_onednn_vectors.py) checks every recorded shape."""
     from safeobs import layout
 
-    for shape, groups in (((8, 1, 3, 3), 4), ((4, 1, 3, 3, 3), 4)):  # channel multiplier 2; 3-D depthwise
-        assert conv_kernel("onednn", "avx2", shape, groups=groups).saturates is False
-        k = conv_kernel("onednn", "avx512", shape, groups=groups)
-        assert k.saturates and k.path == "ref"
-        pos = layout.kernel_pairs(k, shape, "conv", groups, "avx512")
-        assert len(pos) > 0
-        have = {tuple(p) for p in pos}
-        assert {tuple(p) for p in layout.row_pairs(shape[2:], 1)} <= have
-    assert conv_kernel("onednn", "avx512", (4, 1, 3, 3), groups=4).saturates is False  # 2-D depthwise: same exact kernel
+    mult2, dw3 = ((8, 1, 3, 3), 4), ((4, 1, 3, 3, 3), 4)
+    for shape, groups in (mult2, dw3):
+        assert conv_kernel("onednn", "avx2", shape, groups=groups).saturates is False  # the exact ref loop
+    assert conv_kernel("onednn", "avx512", *mult2[:1], groups=4) == Kernel("onednn", "conv", False)
+    k = conv_kernel("onednn", "avx512", dw3[0], groups=4)
+    assert k == Kernel("onednn", "gemm", True)
+    assert np.array_equal(layout.kernel_pairs(k, dw3[0], "conv", 4, "avx512"), layout.flat_pairs(27))
+    wide = conv_kernel("onednn", "avx512_vbmi", mult2[0], groups=4, output_width=5)
+    narrow = conv_kernel("onednn", "avx512_vbmi", mult2[0], groups=4, output_width=4)
+    unknown = conv_kernel("onednn", "avx512_vbmi", mult2[0], groups=4)
+    assert (wide.path, narrow.path, unknown.path) == ("relo_whi", "relo_wi", "relo")
+    have = {tuple(sorted(p)) for p in layout.kernel_pairs(unknown, mult2[0], "conv", 4, "avx512_vbmi").tolist()}
+    for k in (wide, narrow):
+        assert {tuple(sorted(p)) for p in layout.kernel_pairs(k, mult2[0], "conv", 4, "avx512_vbmi").tolist()} <= have
+    # a dilated or 3-D kernel never takes relo; 2-D depthwise is the exact jit kernel on every AVX-512 kind
+    assert conv_kernel("onednn", "avx512_vbmi", mult2[0], groups=4, dilation=2, output_width=9).saturates is False
+    for isa in ("avx512", "avx512_vbmi"):
+        assert conv_kernel("onednn", isa, (4, 1, 3, 3), groups=4, output_width=9).saturates is False

@@ -27,8 +27,12 @@ DENSE = conv((16, 8, 3, 3))
 
 @pytest.fixture
 def host(monkeypatch):
-    def set_host(isa):
+    """Simulate a host kind; ``vbmi`` says whether its CPUID has AVX512_VBMI (Ice Lake, Zen 4: a forced
+    AVX512_CORE run is then an "avx512_vbmi" CPU; Skylake-SP / Cascade Lake: "avx512")."""
+    def set_host(isa, vbmi=None):
+        vbmi = isa == "avx512_vbmi" if vbmi is None else vbmi
         monkeypatch.setattr(realkernel, "host_isa", lambda: isa)
+        monkeypatch.setattr(realkernel, "forced_avx512_isa", lambda: "avx512_vbmi" if vbmi else "avx512")
         return isa
     return set_host
 
@@ -74,9 +78,43 @@ def test_forcing_nothing_is_never_a_mismatch():
     ("vnni", "vnni", "x86", [DW], "native"),
 ])
 def test_mode_for(host, monkeypatch, h, isa, engine, convs, want):
-    host(h)
+    host(h, vbmi=False)
     monkeypatch.setattr(realkernel, "available", lambda mode: True)
     assert realkernel.mode_for(isa, engine, convs) == want
+
+
+@pytest.mark.parametrize("h,vbmi,isa,want", [
+    ("vnni", True, "avx512", None),  # Zen 4 / Ice Lake forced down: relo layouts, never a Skylake-SP
+    ("vnni", True, "avx512_vbmi", "avx512"),
+    ("vnni", False, "avx512_vbmi", None),  # Cascade Lake has no VBMI
+    ("avx512_vbmi", True, "avx512_vbmi", "native"),
+    ("avx512_vbmi", True, "avx512", None),
+    ("avx512", False, "avx512_vbmi", None),
+    ("avx512_vbmi", True, "avx2", "avx2"),
+])
+def test_mode_for_avx512_kinds(host, monkeypatch, h, vbmi, isa, want):
+    host(h, vbmi=vbmi)
+    monkeypatch.setattr(realkernel, "available", lambda mode: True)
+    assert realkernel.mode_for(isa, "onednn") == want
+    if want == "avx512":
+        assert realkernel.mode_isa("avx512") == isa and isa in realkernel.describe("avx512", "onednn")
+
+
+def test_describe_never_labels_a_vbmi_host_forced_down_as_skylake(host):
+    host("vnni", vbmi=True)
+    assert realkernel.describe("avx512", "onednn") == "onednn on avx512_vbmi (vnni host forced to AVX512_CORE)"
+    host("vnni", vbmi=False)
+    assert realkernel.describe("avx512", "onednn") == "onednn on avx512 (vnni host forced to AVX512_CORE)"
+    host("avx512_vbmi")
+    assert realkernel.describe("avx512", "onednn") == "onednn on avx512_vbmi (native avx512_vbmi host)"
+
+
+def test_host_isa_from_cpuinfo_flags():
+    base = {"avx2", "avx512f", "avx512bw", "avx512vl"}
+    assert realkernel.host_isa({"avx2"}) == "avx2"
+    assert realkernel.host_isa(base) == "avx512"
+    assert realkernel.host_isa(base | {"avx512vbmi"}) == "avx512_vbmi"
+    assert realkernel.host_isa(base | {"avx512vbmi", "avx512_vnni"}) == "vnni"
 
 
 def test_mode_for_without_qemu(host, monkeypatch):
