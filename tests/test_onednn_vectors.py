@@ -176,3 +176,30 @@ def test_real_kernels_match_the_recording_where_this_host_reaches_them(mode):
     real = realkernel.run_ops([c for _, _, (c, *_rest) in picked], mode=run_mode, engine="onednn")
     bad = [(f, i) for (f, i, (_, _, rec, _)), y in zip(picked, real) if not np.array_equal(y, rec[mode])]
     assert not bad, f"{realkernel.describe(run_mode, 'onednn')} differs from the recording on {bad[:8]}"
+
+
+def test_recorder_reproduces_the_recording_on_this_host(tmp_path):
+    """``python -m safeobs.record`` re-runs recorded inputs on every CPU kind this host reaches, keeping the oneDNN
+    implementation of each case; its outputs equal the shipped recording for the kinds both have."""
+    import shutil
+
+    from safeobs import record
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for fam in ("conv2d_ic1", "linear_dynamic"):
+        shutil.copy(DATA / f"cases_{fam}.npz", src / f"cases_{fam}.npz")
+    host = record.record(tmp_path / "out", src, isas=("avx512", "avx512_vbmi", "vnni"))
+    reached = [isa for isa in ("avx512", "avx512_vbmi", "vnni") if isa in host["modes"]]
+    if not reached:
+        pytest.skip(f"this {realkernel.host_isa()} host reaches no AVX-512 kind")
+    by_isa = {v: k for k, v in MODES.items()}
+    for fam in ("conv2d_ic1", "linear_dynamic"):
+        new = np.load(tmp_path / "out" / f"cases_{fam}.npz")
+        old = [case for f, _, case in ALL if f == fam and case[1] == "op"]
+        for isa in reached:
+            impls = new[f"impl_{isa}"]
+            assert all(s != "none" for s in impls)
+            for i, (_, _, real, impl) in enumerate(old):
+                assert np.array_equal(new[f"c{i:03d}_y_{isa}"], real[by_isa[isa]]), (fam, i, isa)
+                assert impls[i].split("|")[1] == impl[by_isa[isa]].split("|")[1], (fam, i, isa)
