@@ -89,9 +89,12 @@ def _brute_force_acc(x, x_zp, w, w_zp, hp, engine, isa):
     """Saturating accumulators by explicit loops over output positions and int16 lanes (small shapes)."""
     transposed = bool(hp.get("transposed"))
     op = "conv_transpose" if transposed else "conv"
+    kw_, s_ = w.shape[-1], x.shape[-1]
+    ow = (s_ + 2 * hp["padding"] - hp["dilation"] * (kw_ - 1) - 1) // hp["stride"] + 1
     kernel = dispatch.conv_kernel(engine, isa, w.shape, groups=hp["groups"], stride=hp["stride"], padding=hp["padding"],
                                   dilation=hp["dilation"], transposed=transposed,
-                                  output_padding=hp.get("output_padding", 0), weight_symmetric=bool(np.all(w_zp == 0)))
+                                  output_padding=hp.get("output_padding", 0), weight_symmetric=bool(np.all(w_zp == 0)),
+                                  output_width=None if transposed else ow)
     pairs = layout.kernel_pairs(kernel, w.shape, op, hp["groups"], isa)
     order = layout.kernel_order(w.shape, op, hp["groups"])
     g_, ocg, kg = order.shape
@@ -140,9 +143,15 @@ def _brute_force_acc(x, x_zp, w, w_zp, hp, engine, isa):
     return acc
 
 
-@pytest.mark.parametrize("engine,isa", [("fbgemm", "avx2"), ("onednn", "avx2"), ("fbgemm", "vnni")])
-@pytest.mark.parametrize("shape", CONV_SHAPES[:2] + CONV_SHAPES[4:5] + CONV_SHAPES[6:9],
-                         ids=["conv1d", "stem", "dw", "gw", "convT", "direct"])
+def _saturating_cases():
+    base = [(s, e, i) for e, i in (("fbgemm", "avx2"), ("onednn", "avx2"), ("fbgemm", "vnni"))
+            for s in CONV_SHAPES[:2] + CONV_SHAPES[4:5] + CONV_SHAPES[6:9]]
+    # oneDNN on AVX-512 without VNNI: per-tap (stem, conv1d), relo whi (VBMI, multiplier 2, OW 5), 3-D dw gemm
+    avx512 = [(s, "onednn", i) for i in ("avx512", "avx512_vbmi") for s in CONV_SHAPES[:2] + CONV_SHAPES[4:6]]
+    return base + avx512
+
+
+@pytest.mark.parametrize("shape,engine,isa", _saturating_cases())
 def test_saturating_conv_matches_brute_force(shape, engine, isa):
     x, w, hp = _conv_case(**{**shape, "n": 1, "s": 5})
     oc = w.shape[1] * hp["groups"] if hp.get("transposed") else w.shape[0]
@@ -229,21 +238,15 @@ def test_errors():
         emulator.qlinear_codes(x, 1.0, 0, w, [1.0, 2.0], 0, None, 1.0, 0)
     xc = np.zeros((1, 4, 5, 5), np.uint8)
     wc = np.ones((4, 4, 3, 3), np.int8)
-    with pytest.raises(NotImplementedError, match="8.3"):
-        emulator.qconv_codes(xc, 1.0, 0, wc, 1.0, 0, None, 1.0, 0, engine="onednn", isa="avx512")
-    emulator.qconv_codes(xc, 1.0, 0, wc, 1.0, 0, None, 1.0, 0, engine="onednn", isa="avx512", exact=True)
-    # oneDNN's dynamic Linear: its AVX2 kernel is emulated (tests/test_realkernel_exact.py); brgemm's is not checked
+    # every oneDNN conv and dynamic Linear is emulated on every CPU kind (the AVX-512 ones from the recorded
+    # vectors, tests/test_onednn_vectors.py): nothing raises NotImplementedError any more
     xf, wd = np.ones((2, 8), np.float32), np.ones((3, 8), np.int8)
-    assert emulator.qlinear_dynamic_codes(xf, wd, 0.01, 0, None, engine="onednn", isa="avx2").shape == (2, 3)
-    for isa in ("avx512", "vnni"):
-        with pytest.raises(NotImplementedError, match="AVX2 kernel only"):
-            emulator.qlinear_dynamic_codes(xf, wd, 0.01, 0, None, engine="onednn", isa=isa)
-    # channel multiplier 2 and 3-D depthwise: an exact reference loop on AVX2, not on AVX-512 (never silently "exact")
-    for xg, wg in ((np.zeros((1, 4, 5, 5), np.uint8), np.ones((8, 1, 3, 3), np.int8)),
-                   (np.zeros((1, 4, 5, 5, 5), np.uint8), np.ones((4, 1, 3, 3, 3), np.int8))):
-        emulator.qconv_codes(xg, 1.0, 0, wg, 1.0, 0, None, 1.0, 0, groups=4, engine="onednn", isa="avx2")
-        with pytest.raises(NotImplementedError, match="8.3"):
-            emulator.qconv_codes(xg, 1.0, 0, wg, 1.0, 0, None, 1.0, 0, groups=4, engine="onednn", isa="avx512")
+    for isa in ("avx2", "avx512", "avx512_vbmi", "vnni"):
+        emulator.qconv_codes(xc, 1.0, 0, wc, 1.0, 0, None, 1.0, 0, engine="onednn", isa=isa)
+        assert emulator.qlinear_dynamic_codes(xf, wd, 0.01, 0, None, engine="onednn", isa=isa).shape == (2, 3)
+        for xg, wg in ((np.zeros((1, 4, 5, 5), np.uint8), np.ones((8, 1, 3, 3), np.int8)),
+                       (np.zeros((1, 4, 5, 5, 5), np.uint8), np.ones((4, 1, 3, 3, 3), np.int8))):
+            emulator.qconv_codes(xg, 1.0, 0, wg, 1.0, 0, None, 1.0, 0, groups=4, engine="onednn", isa=isa)
     with pytest.raises(ValueError):
         emulator.qconv_codes(xc[:, :3], 1.0, 0, wc, 1.0, 0, None, 1.0, 0)
     with pytest.raises(TypeError):
@@ -325,3 +328,56 @@ def test_emulate_fx_converted_model_matches_native_kernels():
         assert {n: m.forward for n, m in q.named_modules()}.keys() == forwards.keys()
     finally:
         torch.backends.quantized.engine = old
+
+
+# -- the guarantee, on every kernel: safe weights never saturate ------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _safe_conv_or_linear(draw):
+    """Heavy-tailed / adversarial weights of shapes that reach every pairing family (flat, per tap, K blocks,
+    relo whi/wi, 3-D depthwise gemm), quantized at safeobs's "x86" layout scales; u8 inputs biased to 255."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    kind = draw(st.sampled_from(["linear", "dense", "ic1", "mult2", "dw3d"]))
+    if kind == "linear":
+        shape, hp, xs = (draw(st.integers(1, 6)), draw(st.sampled_from([7, 64, 257, 513, 769, 1153]))), None, None
+    else:
+        k = draw(st.sampled_from([1, 2, 3, 5]))
+        g, icg, ocg, nd = {"dense": (1, draw(st.integers(2, 9)), 3, 2), "ic1": (1, 1, 4, 2),
+                           "mult2": (4, 1, 2, 2), "dw3d": (4, 1, 1, 3)}[kind]
+        shape = (g * ocg, icg) + (k,) * nd
+        s = draw(st.integers(k, k + 6))
+        hp = dict(stride=draw(st.sampled_from([1, 2])), padding=draw(st.integers(0, k // 2)), dilation=1, groups=g)
+        xs = (1, g * icg) + (s,) * nd
+    dist = draw(st.sampled_from(["t", "adversarial"]))
+    if dist == "t":
+        w = rng.standard_t(draw(st.sampled_from([1.0, 3.0])), shape)
+    else:  # near-equal same-sign weights: every pair binds
+        w = rng.choice([-1.0, 1.0], (shape[0],) + (1,) * (len(shape) - 1)) * (1 - 0.01 * rng.random(shape))
+    return kind, torch.from_numpy(w.astype(np.float32)), hp, xs, rng
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(case=_safe_conv_or_linear())
+def test_safe_weights_equal_exact_accumulation_on_every_engine_and_isa(case):
+    from safeobs.solver import safe_qparams
+
+    kind, w, hp, xs, rng = case
+    op = "linear" if kind == "linear" else "conv"
+    scale, _ = safe_qparams(w, layout="x86", op=op, groups=1 if hp is None else hp["groups"])
+    codes = torch.quantize_per_channel(w, scale.double(), torch.zeros(w.shape[0], dtype=torch.long), 0,
+                                       torch.qint8).int_repr().numpy()
+    shape = (3, w.shape[1]) if kind == "linear" else xs
+    x = np.where(rng.random(shape) < 0.7, 255, rng.integers(0, 256, shape)).astype(np.uint8)
+    ws = scale.numpy().astype(np.float64)
+    for engine in dispatch.ENGINES:
+        for isa in dispatch.ISAS:
+            kw = dict(engine=engine, isa=isa)
+            if kind == "linear":
+                f = lambda exact: emulator.qlinear_codes(x, 0.02, 3, codes, ws, 0, None, 0.05, 7, exact=exact, **kw)
+            else:
+                f = lambda exact: emulator.qconv_codes(x, 0.02, 3, codes, ws, 0, None, 0.05, 7, exact=exact, **hp, **kw)
+            assert np.array_equal(f(False), f(True)), (kind, engine, isa, w.shape)
