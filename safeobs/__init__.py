@@ -14,6 +14,7 @@ from .observers import (
     SafeMovingAveragePerChannelMinMaxObserver,
     SafePerChannelMinMaxObserver,
 )
+from .qlayers import load_model
 from .qconfig import (
     get_default_dynamic_qconfig,
     get_default_qat_qconfig,
@@ -23,6 +24,7 @@ from .qconfig import (
     quantize_dynamic,
 )
 from .rounding import quantize_fx
+from .serialization import save
 from .solver import safe_qparams
 from .verify import verify
 
@@ -37,8 +39,10 @@ __all__ = [
     "get_default_qat_qconfig_mapping",
     "get_default_qconfig",
     "get_default_qconfig_mapping",
+    "load_model",
     "quantize_dynamic",
     "quantize_fx",
     "safe_qparams",
+    "save",
     "verify",
 ]

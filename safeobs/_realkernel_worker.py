@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 import warnings
@@ -70,10 +71,9 @@ def _to_numpy(torch, y):
 
 def run_module(torch, job):
     path = job["path"]
-    try:
-        model = torch.jit.load(path)
-    except Exception:  # not TorchScript: a pickled callable
-        model = torch.load(path, weights_only=False)
+    # realkernel.run_worker wrote this file itself into its private (0700) directory: no outside file
+    fmt = job.get("format") or ("torchscript" if _is_torchscript(path) else "pickle")
+    model = torch.jit.load(path) if fmt == "torchscript" else torch.load(path, weights_only=False)
     if job.get("forced"):
         from safeobs import realkernel
 
@@ -99,6 +99,12 @@ def run_module(torch, job):
         return real, run()
 
 
+def _is_torchscript(path) -> bool:
+    from safeobs.serialization import is_torchscript
+
+    return is_torchscript(path)
+
+
 def main(src: str, dst: str) -> None:
     warnings.filterwarnings("ignore", message=".*deprecat.*")  # pytorch/pytorch#184982
     import torch
@@ -107,6 +113,8 @@ def main(src: str, dst: str) -> None:
     with open(src, "rb") as f:
         job = pickle.load(f)
     torch.backends.quantized.engine = job["engine"]
+    if job["kind"] == "module" and os.path.dirname(os.path.abspath(job["path"])) != os.path.dirname(os.path.abspath(src)):
+        raise RuntimeError("refusing to load a model file that realkernel.run_worker did not write next to the job")
     if job["kind"] == "ops":
         out = []
         for i, c in enumerate(job["cases"]):

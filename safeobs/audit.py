@@ -9,6 +9,8 @@ a pair is violating when its positive codes sum above 128 or its negative codes 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -23,6 +25,8 @@ TORCHAO_COMBOS = tuple(f"{p}/{i}" for p in ("eager", "compiled") for i in ISAS)
 SHORT_PATH = {"pointwise": "1x1", "depthwise": "dw", "groupwise": "group"}
 NO_EMULATION_SCRIPT = ("TorchScript models are audited from their weights only: emulating with data needs the "
                        "eager model (pass module:function)")
+NO_EMULATION_STATE = ("a safeobs state file holds the layers, not the forward pass: emulating with data needs "
+                      "the eager model (pass --arch module:function)")
 
 
 def kernel_for(layer: QLayer, engine: str, isa: str):
@@ -112,6 +116,8 @@ def audit(model, inputs: tuple | None = None, combos=None, progress=None) -> dic
     """JSON-able audit of a converted model (see the module docstring); ``result["unsafe"]`` decides exit 1.
 
     ``combos`` default: :data:`TORCHAO_COMBOS` for a torchao ``quantize_`` model, else :data:`COMBOS`."""
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError("model must be a torch.nn.Module; load a file with safeobs.load_model(path)")
     found = layers(model)
     if combos is None:
         combos = TORCHAO_COMBOS if found and all(lay.kind == "linear_torchao" for lay in found) else COMBOS
@@ -126,6 +132,8 @@ def audit(model, inputs: tuple | None = None, combos=None, progress=None) -> dic
     if inputs is not None:
         if is_script(model):
             result["emulation_note"] = NO_EMULATION_SCRIPT
+        elif getattr(model, "_safeobs_state", None) is not None:  # layers only (safeobs.serialization)
+            result["emulation_note"] = NO_EMULATION_STATE
         else:
             result["saturation"] = emulate_saturation(model, inputs, combos, progress)
     return result

@@ -20,8 +20,12 @@ examples:
   safeobs demo --quick                       # the forum's bad Conv2d output, real kernel vs emulator
   safeobs audit model.pt                     # which layers can saturate, per engine/ISA (exit 1 if any)
   safeobs audit mypkg.models:quantized --photos 2 --json > audit.json
-  safeobs repair model.pt -o model_safe.pt   # re-quantize only the unsafe channels
+  safeobs repair mypkg.models:quantized -o model_safe.pt   # re-quantize only the unsafe channels
   safeobs audit model_safe.pt                # exit 0: safe on every engine/ISA
+
+Model files are read without running code in them: state dicts (torch.load weights_only=True) and
+.onnx.  A full pickle (torch.save(model)) or a TorchScript archive can run code when loaded: safeobs
+loads those only with --trust-pickle.  See docs/security.md.
 """
 
 DEMO_EPILOG = """\
@@ -40,9 +44,16 @@ examples:
 
 AUDIT_EPILOG = """\
 MODEL is a converted (quantized) model:
-  a TorchScript file (torch.jit.save of a traced/scripted converted model), a file written by
-  torch.save(model), or module:function, a function (importable from the current directory)
-  that returns the eager converted model (convert_fx / torch.ao.quantization.convert).
+  a safeobs state file (safeobs.save, safeobs.torchao.save, safeobs repair -o), a state dict with
+  --arch, an .onnx file; module:function, a function (importable from the current directory) that
+  returns the eager converted model (convert_fx / torch.ao.quantization.convert); or, with
+  --trust-pickle only, a TorchScript file (torch.jit.save) or a torch.save(model) pickle.
+
+What runs: state files and state dicts are read with torch.load(weights_only=True) and .onnx with
+onnx.load: no code from the file runs.  module:function and --arch import and run the code you name.
+A pickle or TorchScript file can run code as it is loaded, hence --trust-pickle (only for files you
+trust).  --inputs/--photos execute the model's forward pass: for a pickled module or a TorchScript
+file that is code from the file too.
 
 Per layer and engine/ISA (fbgemm, onednn, x86 x avx2, avx512, avx512_vbmi, vnni) the table shows the kernel
 path torch dispatches to and how many output channels hold a weight pair that this kernel adds
@@ -52,8 +63,8 @@ path:exact when the kernel accumulates exactly (VNNI, oneDNN depthwise).
 With sample inputs (--inputs FILE: torch.save of a tensor or a tuple/list of tensors, the model's
 positional arguments; or --photos N: N held-out ImageNet-normalised photos, shape (N,3,224,224))
 the emulator also counts the int16 lanes that actually saturate, per layer and engine/ISA.  This
-needs the eager model (module:function or torch.save); TorchScript files are audited from their
-weights only.
+needs the eager model (module:function, --arch, or a trusted pickle); TorchScript files and state
+files without --arch are audited from their weights only.
 
 exit status: 0 safe, 1 some layer can saturate, 2 usage error.
 
@@ -70,16 +81,18 @@ tightest safe scale computed from the dequantized weights (no data needed).  Per
 change as a whole.  Every other channel keeps its codes, scale and zero point bit for bit; bias
 and output scale/zero point never change.
 
-Output: a TorchScript MODEL is saved with torch.jit.save.  An eager MODEL (module:function or
-torch.save file) is traced to TorchScript when --inputs/--photos give example inputs, otherwise
-saved with torch.save (load it with torch.load(path, weights_only=False)).
+Output: an eager MODEL is saved as a safeobs state file (state dict + layer list, torch.save of
+tensors only): safeobs audit/repair read it back with no flag, and safeobs.load_model(OUT,
+arch="pkg.mod:fn") or model.load_state_dict(torch.load(OUT)["state_dict"]) gives the model back.
+With --inputs/--photos it is traced and saved as TorchScript instead, and a TorchScript MODEL stays
+TorchScript (torch.jit.save): reading either again needs --trust-pickle.
 
 layouts: x86 (default: every kernel torch may pick on any x86 CPU), fbgemm, onednn.
 
 examples:
-  safeobs repair model.pt -o model_safe.pt
-  safeobs repair mypkg.models:quantized -o model_safe.pt --photos 1
-  safeobs repair model.pt -o model_safe.pt --layout fbgemm --json
+  safeobs repair mypkg.models:quantized -o model_safe.pt
+  safeobs repair model_safe.pt -o model_safe.pt --layout fbgemm --json
+  safeobs repair scripted.pt --trust-pickle -o scripted_safe.pt   # TorchScript you trust
 """
 
 
@@ -123,9 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     def model_args(sp):
-        sp.add_argument("model", metavar="MODEL", help="TorchScript file, torch.save file or module:function")
+        sp.add_argument("model", metavar="MODEL", help="safeobs state file, state dict (with --arch), .onnx, "
+                        "module:function, or (--trust-pickle) TorchScript / torch.save(model) file")
+        sp.add_argument("--trust-pickle", action="store_true",
+                        help="also load a full pickle or TorchScript file: loading either can run code in it; "
+                             "only for files you trust")
+        sp.add_argument("--arch", metavar="MODULE:FUNCTION",
+                        help="for a state-dict MODEL: import MODULE and call FUNCTION() to build the model the "
+                             "weights are loaded into (runs that code)")
         g = sp.add_mutually_exclusive_group()
-        g.add_argument("--inputs", metavar="FILE", help="torch.save'd tensor or tuple/list of tensors")
+        g.add_argument("--inputs", metavar="FILE", help="torch.save'd tensor or tuple/list of tensors (read "
+                       "weights-only); runs the model, i.e. the code of a pickled or TorchScript MODEL")
         g.add_argument("--photos", type=int, metavar="N", help="N held-out photos as input (image models)")
         sp.add_argument("--input-scale", type=float, default=1.0, metavar="F",
                         help="multiply float inputs by F (e.g. 2: beyond the calibrated range)")
@@ -186,7 +207,7 @@ def cmd_demo(args) -> int:
 def _model_and_inputs(args):
     from .qlayers import load_inputs, load_model
 
-    model, source = load_model(args.model)
+    model, source = load_model(args.model, trust_pickle=args.trust_pickle, arch=args.arch)
     inputs = load_inputs(args.inputs, args.photos, args.input_scale)
     return model, source, inputs
 
@@ -241,11 +262,14 @@ def cmd_repair(args) -> int:
         return _onnx_command("repair", args)
     args.layout = args.layout or "x86"
     model, source, inputs = _model_and_inputs(args)
+    if inputs is not None and source == "state":
+        raise UsageError(f"{args.model}: --inputs/--photos trace the model to TorchScript, and a state file holds "
+                         "its layers, not its forward pass: pass --arch module:function too")
     infos = repair.repair(model, args.layout)
     if not infos:
         raise UsageError(f"{args.model}: no quantized Linear/Conv layer with int8 weights (is it converted?)")
     try:
-        fmt = repair.save(model, args.output, inputs)
+        fmt = repair.save(model, args.output, inputs, arch=args.arch or (args.model if source == "function" else None))
     except OSError as e:
         raise UsageError(f"{args.output}: cannot write ({e.strerror or e})") from None
     if args.json:

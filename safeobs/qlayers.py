@@ -54,27 +54,28 @@ def is_script(model) -> bool:
     return isinstance(model, torch.jit.ScriptModule)
 
 
-def load_model(spec: str):
-    """``(model, source)`` from a TorchScript file, a ``torch.save``'d module or ``module:function``.
+def load_model(spec: str, *, trust_pickle: bool = False, arch=None):
+    """``(model, source)`` from a model file or ``module:function``; nothing in a file runs by default.
 
-    ``source`` is "torchscript", "pickle" or "function".  Raises :class:`ModelError`.
+    Files: a safeobs state file or a state dict (``torch.load(weights_only=True)``; a plain state dict
+    needs ``arch``, the ``module:function`` or callable that builds the model); a full pickle or a
+    TorchScript archive only with ``trust_pickle=True`` (see :mod:`safeobs.serialization`).
+    ``module:function`` is imported and called (the user named it).  ``source`` is "state",
+    "state_dict", "torchscript", "pickle" or "function".  Raises :class:`ModelError`.
     """
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"spec must be a path or 'module:function', got {type(spec).__name__}")
+    spec = os.fspath(spec)
     if os.path.exists(spec):
         if os.path.isdir(spec):
-            raise ModelError(f"{spec}: is a directory, expected a TorchScript file")
-        try:
-            return torch.jit.load(spec, map_location="cpu"), "torchscript"
-        except Exception:  # not TorchScript: maybe a pickled module
-            pass
-        try:
-            model = torch.load(spec, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise ModelError(f"{spec}: not a TorchScript file nor a torch.save'd model ({type(e).__name__})") from None
-        if not isinstance(model, torch.nn.Module):
-            raise ModelError(f"{spec}: holds a {type(model).__name__}, not a model")
-        return model, "pickle"
+            raise ModelError(f"{spec}: is a directory, expected a model file")
+        from .serialization import load
+
+        return load(spec, trust_pickle=trust_pickle, arch=arch)
     if ":" not in spec:
-        raise ModelError(f"{spec}: no such file (MODEL is a TorchScript file or module:function)")
+        raise ModelError(f"{spec}: no such file (MODEL is a model file or module:function)")
+    if arch is not None:
+        raise ModelError(f"{spec}: --arch is for state-dict files, not module:function")
     model = call_spec(spec)
     if not isinstance(model, torch.nn.Module):
         raise ModelError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
@@ -83,6 +84,8 @@ def load_model(spec: str):
 
 def call_spec(spec: str):
     """Import ``module:function`` (the current directory is importable) and call it without arguments."""
+    if not isinstance(spec, str):
+        raise TypeError(f"expected 'module:function', got {type(spec).__name__}")
     mod_name, _, fn_name = spec.rpartition(":")
     if not mod_name or not fn_name:
         raise ModelError(f"{spec}: expected module:function")

@@ -242,17 +242,23 @@ def _command(mode: str, args: list[str], worker: str = "safeobs._realkernel_work
     return cmd, env
 
 
-def run_worker(worker: str, job, mode: str, timeout: float, label: str = "real-kernel", env: dict | None = None):
+def run_worker(worker: str, job, mode: str, timeout: float, label: str = "real-kernel", env: dict | None = None,
+               model=None):
     """Pickle ``job`` to ``python -m worker IN OUT`` (or ``python worker.py IN OUT``) in ONE fresh subprocess
     under ``mode``, with ``env`` added to its environment; its result.
 
-    The one way every runtime's real kernels are run (torch ops here, torchao's in ``_torchao_worker``,
-    ONNX Runtime's in ``_ort_worker.py``)."""
+    Every file the subprocess reads is written here, into a private ``tempfile.mkdtemp`` directory (mode
+    0700): the job, and ``model`` (an in-memory torch model, saved as ``model.pt``; ``job["path"]`` then
+    points there).  The one way every runtime's real kernels are run (torch ops here, torchao's in
+    ``_torchao_worker``, ONNX Runtime's in ``_ort_worker.py``)."""
     _check_mode(mode)
     if not available(mode):
         raise RuntimeError(f"mode {mode!r} is not available on this host")
-    with tempfile.TemporaryDirectory(prefix="safeobs-rk-") as tmp:
+    tmp = tempfile.mkdtemp(prefix="safeobs-rk-")  # 0700: no other user can read or swap what the worker loads
+    try:
         src, dst = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
+        if model is not None:
+            job = dict(job, **_write_model(model, os.path.join(tmp, "model.pt")))
         with open(src, "wb") as f:
             pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
         cmd, full_env = _command(mode, [src, dst], worker)
@@ -266,10 +272,33 @@ def run_worker(worker: str, job, mode: str, timeout: float, label: str = "real-k
             raise RuntimeError(f"{label} subprocess ({mode}) failed with code {proc.returncode}:\n{tail}")
         with open(dst, "rb") as f:
             return pickle.load(f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run(job: dict, mode: str, timeout: float):
-    out = run_worker("safeobs._realkernel_worker", job, mode, timeout)
+def _write_model(model, path: str) -> dict:
+    """Save an in-memory model for the worker (TorchScript as TorchScript, else a pickle only safeobs reads)."""
+    import torch
+
+    if isinstance(model, torch.jit.ScriptModule):
+        torch.jit.save(model, path)
+        return {"path": path, "format": "torchscript"}
+    from .qlayers import layers
+
+    if any(lay.kind == "linear_torchao" for lay in layers(model)):
+        from .torchao import make_picklable
+
+        make_picklable(model)
+    try:
+        torch.save(model, path)
+    except Exception as e:  # e.g. FX GraphModules holding unpicklable attributes
+        raise ValueError(f"cannot hand this model to the worker ({type(e).__name__}); trace it to TorchScript "
+                         "first") from None
+    return {"path": path, "format": "pickle"}
+
+
+def _run(job: dict, mode: str, timeout: float, model=None):
+    out = run_worker("safeobs._realkernel_worker", job, mode, timeout, model=model)
     if isinstance(out, dict) and "mismatch" in out:
         raise ValueError(f"mode {mode!r} cannot run this model as a real {mode} CPU would: {out['mismatch']}; "
                          f"use realkernel.mode_for({mode!r}, ...) (qemu Haswell for avx2)")
@@ -292,12 +321,16 @@ def run_ops(cases, *, mode: str = "native", engine: str = "fbgemm", timeout: flo
 
 
 def run_module(path, inputs, *, mode: str = "native", engine: str = "x86", emulate: dict | None = None,
-               timeout: float = 1200.0) -> list:
-    """Run a saved TorchScript model (``torch.jit.save``) or a pickled callable (``torch.save``) on each of
-    ``inputs`` (numpy arrays or tuples of them; float inputs) in ONE subprocess.  Returns one numpy
-    array per input (int codes when the output is quantized).
+               timeout: float = 1200.0, trust_pickle: bool = False, arch=None) -> list:
+    """Run a model on each of ``inputs`` (numpy arrays or tuples of them; float inputs) in ONE subprocess.
+    Returns one numpy array per input (int codes when the output is quantized).
 
-    With ``emulate=dict(isa=..., exact=...)`` (an eager, pickled model) the subprocess also runs the
+    ``path``: a ``torch.nn.Module`` (eager or TorchScript), or a model file, loaded HERE by
+    :func:`safeobs.qlayers.load_model`: a state dict with ``arch``, or a TorchScript / pickled model
+    file only with ``trust_pickle=True`` (loading and running those runs their code).  The worker gets
+    the model as a file this function writes into a private directory; it never opens ``path``.
+
+    With ``emulate=dict(isa=..., exact=...)`` (an eager model) the subprocess also runs the
     model under :func:`safeobs.emulator.emulate` and returns ``(real, emulated)``: float ops then run
     the same code on the same (emulated) CPU in both, so a difference can only come from the int8
     kernels.
@@ -305,6 +338,20 @@ def run_module(path, inputs, *, mode: str = "native", engine: str = "x86", emula
     A forced mode (``"avx2"``/``"avx512"``) first checks the model's convs with :func:`forced_mismatch`
     in the subprocess and raises ValueError instead of reporting another kernel's result.
     """
-    job = {"kind": "module", "engine": engine, "path": str(path), "inputs": list(inputs), "emulate": emulate,
+    import torch
+
+    if isinstance(path, torch.nn.Module):
+        model = path
+    elif isinstance(path, (str, os.PathLike)):
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: no such model file")
+        from .qlayers import load_model
+
+        model, source = load_model(os.fspath(path), trust_pickle=trust_pickle, arch=arch)
+        if source == "state":
+            raise ValueError(f"{path}: a safeobs state file holds the layers, not the forward pass: pass arch=")
+    else:
+        raise TypeError(f"path must be a model file or a torch.nn.Module, got {type(path).__name__}")
+    job = {"kind": "module", "engine": engine, "inputs": list(inputs), "emulate": emulate,
            "forced": mode if mode in ("avx2", "avx512") else None}
-    return _run(job, mode, timeout)
+    return _run(job, mode, timeout, model=model)

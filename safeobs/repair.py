@@ -80,15 +80,20 @@ def repair_layer(layer: QLayer, layout: str = "x86") -> dict:
 
 def repair(model, layout: str = "x86") -> list[dict]:
     """Repair every int8-weight layer of ``model`` in place; one dict per layer (see :func:`repair_layer`)."""
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError("model must be a torch.nn.Module; load a file with safeobs.load_model(path)")
     if layout not in LAYOUTS or layout == "any":
         raise ValueError(f"layout must be one of {LAYOUTS[:3]}, got {layout!r}")
     return [repair_layer(layer, layout) for layer in layers(model)]
 
 
-def save(model, out: str, example_inputs: tuple | None = None) -> str:
+def save(model, out: str, example_inputs: tuple | None = None, *, arch: str | None = None) -> str:
     """Save a repaired model: TorchScript stays TorchScript; an eager model is traced to TorchScript with
-    ``example_inputs``, or else pickled with ``torch.save`` (load with ``torch.load(weights_only=False)``).
-    Returns "torchscript" or "pickle"."""
+    ``example_inputs``, or else written as a safeobs state file (:func:`safeobs.serialization.save`: state
+    dict + layer list, which ``safeobs audit``/``repair`` read back without running code; ``arch``, the
+    ``module:function`` that builds the model, is recorded).  Returns "torchscript" or "state"."""
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError("model must be a torch.nn.Module; load a file with safeobs.load_model(path)")
     if isinstance(model, torch.jit.ScriptModule):
         torch.jit.save(model, out)
         return "torchscript"
@@ -97,18 +102,16 @@ def save(model, out: str, example_inputs: tuple | None = None) -> str:
             traced = torch.jit.trace(model, example_inputs, check_trace=False)
         torch.jit.save(traced, out)
         return "torchscript"
-    if any(lay.kind == "linear_torchao" for lay in layers(model)):  # torchao's extra_repr partials
-        from .torchao import make_picklable
+    from .serialization import save as save_state
 
-        make_picklable(model)
     try:
-        torch.save(model, out)
-    except Exception as e:  # e.g. FX GraphModules holding unpicklable attributes
+        save_state(model, out, arch=arch)
+    except (TypeError, ValueError, RuntimeError) as e:
         if os.path.exists(out):
             os.remove(out)
-        raise ModelError(f"cannot torch.save this model ({type(e).__name__}); pass --inputs or --photos to "
-                         "save it as TorchScript instead") from None
-    return "pickle"
+        raise ModelError(f"cannot save this model as a state file ({str(e).splitlines()[0][:160]}); pass --inputs "
+                         "or --photos to save it as TorchScript instead") from None
+    return "state"
 
 
 def format_repair(infos: list[dict], only_changed: bool = True) -> str:

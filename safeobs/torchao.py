@@ -199,10 +199,14 @@ def make_picklable(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save(model: torch.nn.Module, f) -> None:
-    """``torch.save(model, f)`` for a torchao-quantized model (see :func:`make_picklable`); load it with
-    ``torch.load(f, weights_only=False)`` or ``safeobs audit f``."""
-    torch.save(make_picklable(model), f)
+def save(model: torch.nn.Module, f, *, arch: str | None = None) -> None:
+    """Save a torchao-quantized model as a safeobs state file (:func:`safeobs.serialization.save`): its state
+    dict (``Int8Tensor`` weights) and layer list.  ``safeobs audit f`` / ``repair`` read it without running
+    code; ``safeobs.load_model(f, arch=...)`` loads it into the model ``arch`` builds.  (To ``torch.save``
+    the module itself, a pickle that needs trust to load, call :func:`make_picklable` first.)"""
+    from .serialization import save as save_state
+
+    save_state(model, f, arch=arch)
 
 
 register_quantize_module_handler(Int8DynamicActivationInt8WeightConfig)(_transform)

@@ -81,15 +81,17 @@ def test_usage_errors(capsys, tmp_path, script_path, modspec):
     cases = [
         ["audit", str(tmp_path / "missing.pt")],
         ["audit", str(junk)],
+        ["audit", str(junk), "--trust-pickle"],
+        ["audit", script_path],  # TorchScript: needs --trust-pickle
         ["audit", str(tmp_path)],
         ["audit", "no_such_module_xyz:f"],
         ["audit", f"{MODNAME}:nope"],
         ["audit", f"{MODNAME}:not_a_model"],
-        ["audit", script_path, "--engines", "x86/sse2"],
-        ["audit", script_path, "--inputs", str(tmp_path / "none.pt")],
-        ["audit", script_path, "--inputs", str(junk)],
-        ["audit", script_path, "--photos", "0"],
-        ["repair", script_path, "-o", str(tmp_path / "no" / "dir.pt")],
+        ["audit", script_path, "--engines", "x86/sse2", "--trust-pickle"],
+        ["audit", script_path, "--inputs", str(tmp_path / "none.pt"), "--trust-pickle"],
+        ["audit", script_path, "--inputs", str(junk), "--trust-pickle"],
+        ["audit", script_path, "--photos", "0", "--trust-pickle"],
+        ["repair", script_path, "-o", str(tmp_path / "no" / "dir.pt"), "--trust-pickle"],
         ["repair", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "x.pt")],
         ["demo", "--eval", "0"],
         [],
@@ -141,7 +143,7 @@ def test_demo_quick(capsys):
 
 # ------------------------------------------------------------------ audit
 def test_audit_torchscript_json_and_exit_codes(capsys, script_path, tmp_path):
-    rc, out, _ = run(capsys, "audit", script_path, "--json", "-q")
+    rc, out, _ = run(capsys, "audit", script_path, "--json", "-q", "--trust-pickle")
     assert rc == 1
     res = json.loads(out)
     assert res["source"] == "torchscript" and res["unsafe"] and res["saturation"] is None
@@ -155,7 +157,7 @@ def test_audit_torchscript_json_and_exit_codes(capsys, script_path, tmp_path):
     dw = next(lay for lay in res["layers"] if lay["name"] == "features.3.conv.1.0")  # 144 groups > 100
     assert dw["kernels"]["x86/vnni"]["path"] == "depthwise" and dw["kernels"]["x86/vnni"]["channels"]
     # human table, and the TorchScript note when data is given
-    rc, out, _ = run(capsys, "audit", script_path, "--photos", "1", "--unsafe-only", "-q")
+    rc, out, _ = run(capsys, "audit", script_path, "--photos", "1", "--unsafe-only", "-q", "--trust-pickle")
     assert rc == 1 and "features.0.0" in out and "UNSAFE" in out and "TorchScript" in out
 
 
@@ -181,7 +183,7 @@ def _qparams(w):
 
 def test_repair_torchscript(capsys, script_path, tmp_path):
     out_path = str(tmp_path / "safe.pt")
-    rc, out, _ = run(capsys, "repair", script_path, "-o", out_path, "--json", "-q")
+    rc, out, _ = run(capsys, "repair", script_path, "-o", out_path, "--json", "-q", "--trust-pickle")
     assert rc == 0
     infos = {i["name"]: i for i in json.loads(out)["layers"]}
     assert infos["features.0.0"]["changed"] > 0
@@ -201,7 +203,7 @@ def test_repair_torchscript(capsys, script_path, tmp_path):
         assert torch.equal(b.bias, a.bias) if b.bias is not None else a.bias is None
         assert b.module.code == a.module.code  # output scale / zero point are constants of the call
     assert not verify(torch.jit.load(script_path)).ok and verify(after_model).ok
-    rc, out, _ = run(capsys, "audit", out_path, "--json", "-q")
+    rc, out, _ = run(capsys, "audit", out_path, "--json", "-q", "--trust-pickle")  # TorchScript stays TorchScript
     assert rc == 0 and json.loads(out)["unsafe_layers"] == []
 
 
@@ -220,21 +222,29 @@ def test_repair_leaves_safe_layers_identical(tmp_path, converted):
 
 
 def test_repair_module_function(capsys, modspec, tmp_path):
-    traced, pickled = str(tmp_path / "t.pt"), str(tmp_path / "p.pt")
+    traced, state = str(tmp_path / "t.pt"), str(tmp_path / "s.pt")
     rc, out, _ = run(capsys, "repair", modspec, "-o", traced, "--photos", "1", "-q")
     assert rc == 0 and "saved torchscript" in out and "features.0.0" in out
-    # without example inputs an eager model is pickled; FX GraphModules of torch 2.13 refuse: clear error
-    rc, out, err = run(capsys, "repair", modspec, "-o", pickled, "-q")
-    assert rc == 2 and "--photos" in err and len(err.strip().splitlines()) == 1
+    # without example inputs an eager model (FX GraphModule too) becomes a state file: audited with no flag
+    rc, out, _ = run(capsys, "repair", modspec, "-o", state, "-q")
+    assert rc == 0 and "saved state" in out
+    rc, out, _ = run(capsys, "audit", state, "--json", "-q")
+    assert rc == 0 and json.loads(out)["source"] == "state" and len(json.loads(out)["layers"]) == 53
+    assert torch.load(state, weights_only=True)["arch"] == modspec  # recorded, never imported on its own
+    pickled = str(tmp_path / "p.pt")
     eager = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(256, 8)))
     torch.save(eager, pickled)
-    rc, out, _ = run(capsys, "repair", pickled, "-o", pickled, "-q")
-    assert rc == 0 and "saved pickle" in out
-    for path, source in ((traced, "torchscript"), (pickled, "pickle")):
-        model, src = qlayers.load_model(path)
+    rc, out, err = run(capsys, "repair", pickled, "-o", pickled, "-q")
+    assert rc == 2 and "--trust-pickle" in err
+    rc, out, _ = run(capsys, "repair", pickled, "-o", pickled, "-q", "--trust-pickle")
+    assert rc == 0 and "saved state" in out
+    for path, source in ((traced, "torchscript"), (pickled, "state"), (state, "state")):
+        model, src = qlayers.load_model(path, trust_pickle=source == "torchscript")
         assert src == source and verify(model).ok
-        rc, _, _ = run(capsys, "audit", path, "-q")
+        rc, _, _ = run(capsys, "audit", path, "-q", *(["--trust-pickle"] if source == "torchscript" else []))
         assert rc == 0
+    model, src = qlayers.load_model(state, arch=modspec)  # the eager model again, repaired weights in it
+    assert src == "state_dict" and verify(model).ok
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +267,6 @@ def test_repaired_model_bit_exact_on_avx2(repaired, route):
     path, x, ref = repaired
     mode = "haswell" if route == "haswell" else realkernel.mode_for(
         "avx2", "x86", realkernel.model_convs(torch.jit.load(str(path))))
-    got = realkernel.run_module(path, x, mode=mode, engine="x86")
+    got = realkernel.run_module(path, x, mode=mode, engine="x86", trust_pickle=True)  # the test's own TorchScript
     for g, r in zip(got, ref):
         np.testing.assert_array_equal(g, r)

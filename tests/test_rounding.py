@@ -262,7 +262,7 @@ def test_real_kernel_bit_exact_no_saturation(one_thread):
         with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
             path = os.path.join(tmp, "m.pt")
             torch.jit.save(torch.jit.trace(m, x), path)
-            real = realkernel.run_module(path, [x.numpy()], mode=mode, engine="fbgemm")[0]
+            real = realkernel.run_module(path, [x.numpy()], mode=mode, engine="fbgemm", trust_pickle=True)[0]
     assert real.dtype == exact.dtype and np.array_equal(real, exact)
     # the same layers with torch's min-max weights saturate on these inputs (the check is not vacuous)
     conv = m[3]

@@ -1,0 +1,262 @@
+"""Model files without code execution (issue 17): what ``audit``/``repair`` load by default, and what safeobs saves.
+
+By default only formats that carry no code are read, through loaders that run none:
+
+* a ``torch.save`` of tensors, state dicts and plain containers, read with ``torch.load(weights_only=True)``
+  (torch's restricted unpickler: only allow-listed globals; torchao's ``Int8Tensor`` and its few helper
+  types are allow-listed here with the ``torch.serialization.safe_globals`` context, so global state is not
+  changed).  A *safeobs state file* (:func:`save`) is such a file: a state dict plus the layer list that
+  audit and repair need (names, kinds, conv hyper-parameters), so it is audited and repaired without
+  rebuilding the model;
+* ONNX files (``onnx.load``: protobuf, no code; handled by :mod:`safeobs.onnx_audit`).
+
+Two formats can run code when loaded and need ``trust_pickle=True`` (CLI ``--trust-pickle``): a full Python
+pickle (``torch.save(model)``: unpickling calls whatever the file names), and a TorchScript archive
+(``torch.jit.load`` runs the TorchScript ``__setstate__`` methods the archive carries; torch's own docstring:
+"Only load data you trust").  A state dict is turned into the eager model only by a factory the user names
+(``arch="pkg.mod:fn"`` or a callable; CLI ``--arch``): importing it is the user's explicit consent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+
+from .qlayers import ModelError, call_spec, is_script, layers
+
+FORMAT = "safeobs.state_dict"
+VERSION = 1
+TRUST = "--trust-pickle (Python: trust_pickle=True)"
+TORCHSCRIPT = ("a TorchScript archive (torch.jit.save): torch.jit.load runs the TorchScript code it carries "
+               "(its __setstate__ methods)")
+PICKLE = "a full Python pickle (torch.save of a module or other Python objects): unpickling it can run any code"
+HOW = (f"; pass {TRUST} only if you trust where it comes from, or ask for its state dict "
+       "(safeobs.save(model, path)) or an ONNX export")
+
+
+def _torchao_globals() -> list:
+    """torchao's ``Int8Tensor`` and the plain types its pickled state names (empty without torchao)."""
+    try:
+        from torchao.quantization.granularity import PerRow, PerTensor
+        from torchao.quantization.quant_primitives import MappingType
+        from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor, QuantizeTensorToInt8Kwargs
+    except ImportError:
+        return []
+    return [Int8Tensor, QuantizeTensorToInt8Kwargs, PerRow, PerTensor, MappingType]
+
+
+@contextlib.contextmanager
+def safe_globals(torchao: bool = True):
+    """``torch.serialization.safe_globals`` for the quantized-weight types safeobs reads (torchao's only
+    when ``torchao`` and importable); restores torch's allow-list on exit."""
+    with torch.serialization.safe_globals(_torchao_globals() if torchao else []):
+        yield
+
+
+def is_torchscript(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip holding ``constants.pkl``, torch's own test)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_weights(path: str):
+    """``torch.load(path, weights_only=True)`` with torchao's weight types allow-listed; no code runs.
+
+    Raises :class:`ModelError` naming what the file is when it needs more than the allow-list."""
+    try:
+        try:
+            with safe_globals(torchao=False):  # torchao is imported only for files that name it
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "torchao" not in str(e) or not _torchao_globals():
+                raise
+            with safe_globals():
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?i)unsupported global:? GLOBAL ([\w.]+)", str(e))
+        if found or "weights_only" in str(e).lower() or "Weights only" in str(e):
+            need = f" (it names {found.group(1)})" if found else ""
+            raise ModelError(f"{path}: {PICKLE}{need}{HOW}") from None
+        raise ModelError(f"{path}: not a torch.save file ({str(e).splitlines()[0][:120]})") from None
+    except RuntimeError as e:
+        raise ModelError(f"{path}: not a torch.save file ({str(e).splitlines()[0][:120]})") from None
+
+
+def load(path: str, *, trust_pickle: bool = False, arch=None):
+    """``(model, source)`` from a model file; see the module docstring for what runs.
+
+    ``source``: "state" (a safeobs state file, without ``arch``: its layers only, enough to audit and
+    repair), "state_dict" (a state dict loaded into ``arch()``), "torchscript" or "pickle" (``trust_pickle``)."""
+    if not isinstance(trust_pickle, bool):
+        raise TypeError(f"trust_pickle must be True or False, got {type(trust_pickle).__name__}")
+    if arch is not None and not (callable(arch) or isinstance(arch, str)):
+        raise TypeError(f"arch must be 'module:function' or a callable, got {type(arch).__name__}")
+    if is_torchscript(path):
+        if not trust_pickle:
+            raise ModelError(f"{path}: {TORCHSCRIPT}{HOW}")
+        if arch is not None:
+            raise ModelError(f"{path}: --arch is for state-dict files; this is a TorchScript archive")
+        return torch.jit.load(path, map_location="cpu"), "torchscript"
+    try:
+        obj = load_weights(path)
+    except ModelError:
+        if not trust_pickle:
+            raise
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)  # the user trusts this file
+        except Exception as e:
+            raise ModelError(f"{path}: not a TorchScript file nor a torch.save'd model ({type(e).__name__})") from None
+        if not isinstance(obj, torch.nn.Module):
+            raise ModelError(f"{path}: holds a {type(obj).__name__}, not a model") from None
+        return obj, "pickle"
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        if arch is None and obj.get("layers") is not None:
+            return _standin(path, obj), "state"
+        return _build(path, obj["state_dict"], arch), "state_dict"
+    if isinstance(obj, Mapping) and obj and all(isinstance(k, str) for k in obj):
+        if arch is None:
+            raise ModelError(f"{path}: a state dict; pass --arch module:function (Python: arch=), a function that "
+                             "returns the converted model to load it into (importing it runs that module)")
+        return _build(path, obj, arch), "state_dict"
+    raise ModelError(f"{path}: holds a {type(obj).__name__}, not a model or a state dict")
+
+
+def _build(path, state_dict, arch):
+    """``arch()`` with ``state_dict`` loaded into it (the user named ``arch``: running it is their call)."""
+    if arch is None:
+        raise ModelError(f"{path}: a state dict without a layer list; pass --arch module:function (Python: arch=)")
+    model = call_spec(arch) if isinstance(arch, str) else arch()
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(f"{arch}: returned a {type(model).__name__}, not a torch.nn.Module")
+    try:
+        model.load_state_dict(state_dict)
+    except Exception as e:
+        raise ModelError(f"{path}: its state dict does not fit the model of {getattr(arch, '__name__', arch)} "
+                         f"({str(e).splitlines()[0][:160]})") from None
+    return model
+
+
+# -- safeobs state files ---------------------------------------------------------------------------
+
+
+def _keys(name: str, kind: str) -> tuple[str, str | None]:
+    """State-dict keys of a layer's weight and bias (Linear: the packed ``(weight, bias)`` tuple, no bias key)."""
+    p = f"{name}." if name else ""
+    if kind in ("linear", "linear_dynamic"):
+        return p + "_packed_params._packed_params", None
+    return p + "weight", p + "bias"
+
+
+def _layer_weight(mod, kind):
+    if kind == "linear_torchao":
+        return mod.weight.detach()
+    return mod.weight()
+
+
+def save(model: torch.nn.Module, f, *, arch: str | None = None) -> None:
+    """Save ``model``'s state dict and int8 layer list with ``torch.save``; :func:`load` reads it back with
+    ``weights_only=True``.  ``arch`` (``"module:function"`` that builds the model) is recorded for the user;
+    safeobs never imports it on its own."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if is_script(model):
+        raise TypeError("a TorchScript model: save it with torch.jit.save (loading that needs trust_pickle=True)")
+    if arch is not None and not isinstance(arch, str):
+        raise TypeError(f"arch must be a 'module:function' string, got {type(arch).__name__}")
+    found = layers(model)
+    base = getattr(model, "_safeobs_state", None)
+    sd = model.state_dict() if base is None else _copy(base["state_dict"])
+    meta = []
+    for lay in found:
+        key, bias_key = _keys(lay.name, lay.kind)
+        if key not in sd:
+            raise ValueError(f"{lay.name}: no state-dict entry {key!r} for its weight; cannot save it as a state file")
+        if base is not None:  # a stand-in: write the (repaired) weights back into the original state dict
+            w = _layer_weight(lay.module, lay.kind)
+            sd[key] = (w, sd[key][1]) if bias_key is None else w
+        meta.append({"name": lay.name, "kind": lay.kind, "key": key, "bias": bias_key if bias_key in sd else None,
+                     "groups": int(lay.groups), "stride": tuple(lay.stride), "padding": tuple(lay.padding),
+                     "dilation": tuple(lay.dilation), "output_padding": tuple(lay.output_padding)})
+    if arch is None and base is not None:
+        arch = base.get("arch")
+    torch.save({"format": FORMAT, "version": VERSION, "arch": arch, "layers": meta, "state_dict": sd}, f)
+
+
+def _copy(sd):
+    """A shallow copy of a state dict that keeps its ``_metadata`` (module versions ``load_state_dict`` reads)."""
+    out = OrderedDict(sd)
+    if getattr(sd, "_metadata", None) is not None:
+        out._metadata = sd._metadata
+    return out
+
+
+def is_standin(model) -> bool:
+    """Whether ``model`` is the layers-only view :func:`load` builds from a state file (no forward pass)."""
+    return getattr(model, "_safeobs_state", None) is not None
+
+
+def _standin(path, bundle) -> torch.nn.Module:
+    """The int8 layers of a state file as real quantized modules at their names: audit and repair work on
+    them unchanged, and :func:`save` writes their weights back into the state dict."""
+    sd = bundle["state_dict"]
+    try:
+        root = torch.nn.Module()
+        for meta in bundle["layers"]:
+            mod = _layer_module(meta, sd)
+            if not meta["name"]:
+                root = mod  # the model is a single layer
+                continue
+            parent, *_, last = [root] + meta["name"].split(".")
+            for part in meta["name"].split(".")[:-1]:
+                if part not in parent._modules:
+                    parent.add_module(part, torch.nn.Module())
+                parent = parent._modules[part]
+            parent.add_module(last, mod)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise ModelError(f"{path}: a safeobs state file whose layer list does not match its state dict "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    root._safeobs_state = bundle
+    root.eval()
+    return root
+
+
+def _layer_module(meta: dict, sd: dict) -> torch.nn.Module:
+    nnq, nnqd = torch.ao.nn.quantized, torch.ao.nn.quantized.dynamic
+    kind, w = meta["kind"], sd[meta["key"]]
+    if kind in ("linear", "linear_dynamic"):
+        w, b = w
+        mod = (nnq.Linear if kind == "linear" else nnqd.Linear)(w.shape[1], w.shape[0], bias_=b is not None)
+        mod.set_weight_bias(w, b)
+        return mod
+    b = sd[meta["bias"]] if meta.get("bias") else None
+    if kind == "linear_torchao":
+        if type(w).__name__ != "Int8Tensor":
+            raise TypeError(f"{meta['name']}: expected a torchao Int8Tensor weight, got {type(w).__name__}")
+        mod = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+        mod.weight = torch.nn.Parameter(w, requires_grad=False)
+        if b is not None:
+            mod.bias = torch.nn.Parameter(b, requires_grad=False)
+        return mod
+    found = re.fullmatch(r"conv(_transpose)?([123])d", kind)
+    if not found or not (isinstance(w, torch.Tensor) and w.is_quantized):
+        raise ValueError(f"{meta['name']}: unknown layer kind {kind!r}")
+    transposed, nd, g = bool(found.group(1)), int(found.group(2)), int(meta["groups"])
+    cls = getattr(nnq, f"ConvTranspose{nd}d" if transposed else f"Conv{nd}d")
+    hp = dict(stride=tuple(meta["stride"]), padding=tuple(meta["padding"]), dilation=tuple(meta["dilation"]),
+              groups=g, bias=b is not None)
+    if transposed:
+        mod = cls(w.shape[0], w.shape[1] * g, tuple(w.shape[2:]), output_padding=tuple(meta["output_padding"]), **hp)
+    else:
+        mod = cls(w.shape[1] * g, w.shape[0], tuple(w.shape[2:]), **hp)
+    mod.set_weight_bias(w, b)
+    return mod
