@@ -40,8 +40,8 @@ import numpy as np
 from . import dispatch, layout
 from . import emulator as _emu
 
-__all__ = ["PATHS", "IntMMKernel", "int_mm_kernel", "x86_passes_registered", "onednn_kernel", "kernel_pairs", "int_mm", "qlinear_pointwise",
-           "choose_qparams_affine", "quantize_affine", "int8_dynamic_linear", "emulate"]
+__all__ = ["PATHS", "IntMMKernel", "int_mm_kernel", "x86_passes_registered", "onednn_kernel", "kernel_pairs", "int_mm",
+           "qlinear_pointwise", "choose_qparams_affine", "quantize_affine", "int8_dynamic_linear", "emulate"]
 
 _F32 = np.float32
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -93,7 +93,8 @@ def int_mm_kernel(isa: str = "avx2", path: str = "eager", *, act_mapping: str = 
     if path == "compiled" and act_mapping == "symmetric":
         # the smooth-quant pattern needs _int_mm -> convert -> mul -> mul; the asymmetric zero-point
         # correction sits in between, so asymmetric activations keep extern _int_mm.
-        return IntMMKernel("qlinear_pointwise", "onednn", "s8", onednn_kernel("qlinear_pointwise", "s8", isa).saturates)
+        sat = onednn_kernel("qlinear_pointwise", "s8", isa).saturates  # AVX2 gemm:jit; AVX-512 ref_int8 is exact
+        return IntMMKernel("qlinear_pointwise", "onednn", "s8", sat)
     return IntMMKernel("_int_mm", "aten", src, False)
 
 
@@ -121,6 +122,8 @@ def onednn_kernel(op: str, src: str, isa: str) -> dispatch.Kernel:
 def kernel_pairs(op: str, src: str, k: int, isa: str, *, backend: str = "onednn") -> np.ndarray:
     """Pairs (positions in [0, K)) that ``op`` adds in int16 for a ``src`` activation on ``isa``; empty when
     exact (``backend="aten"``: ATen's ``_int_mm`` loop)."""
+    if backend not in ("aten", "onednn"):
+        raise ValueError(f"backend must be 'aten' or 'onednn', got {backend!r}")
     if backend == "aten":
         dispatch.check_engine_isa("x86", isa)
         return np.zeros((0, 2), np.int64)
