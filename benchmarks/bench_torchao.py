@@ -195,7 +195,7 @@ def report(res) -> str:
              "Which kernel ran (torch 2.13 + torchao 0.18, see README \"torchao\"): eager `torch._int_mm` is "
              "oneDNN only on AVX512-VNNI CPUs and an exact ATen loop elsewhere; `torch.compile` with "
              "`freezing=True` rewrites torchao's s8xs8 pattern into `onednn.qlinear_pointwise`, which saturates "
-             "on CPUs without VNNI.  *emulated* rows run the same quantized model through `safeobs.emulator_torchao` "
+             "on AVX2 CPUs (`gemm:jit`) and is exact on AVX-512 (`ref_int8`, recorded in tests/data/torchao-avx512).  *emulated* rows run the same quantized model through `safeobs.emulator_torchao` "
              "(bit-exact against the real kernels in tests/test_torchao.py); no VNNI CPU was available here.", "",
              "Cells: embedding SQNR vs FP32 (dB) / mean cosine / nearest-neighbour agreement.", "",
              "| run | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]

@@ -64,8 +64,9 @@ __all__ = [
     "save",
 ]
 
-# Layouts that cover the oneDNN matmul pairing torchao's kernels use (K-block pairs on AVX2, flat
-# pairs on AVX-512): "fbgemm" (flat only) misses the AVX2 K-block restarts.
+# Layouts that cover the oneDNN pairing torchao's kernels use (K-block pairs on AVX2, flat pairs of u8
+# brg_matmul and gemm_api K blocks on AVX-512; emulator_torchao.kernel_pairs): "fbgemm" (flat only) misses
+# the K-block restarts.
 TORCHAO_LAYOUTS = ("x86", "onednn", "any")
 
 

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,16 @@ def _pair_sums_ok(codes: np.ndarray, pairs: np.ndarray) -> bool:
 
 def _kernel_pairs(k: int, isa: str) -> np.ndarray:
     return layout.kernel_pairs(ONEDNN_MATMUL, (1, k), "linear", 1, isa)
+
+
+# every oneDNN kernel torchao can reach: (op, source dtype, isa)
+TORCHAO_KERNELS = [(op, src, isa) for op in ("qlinear_pointwise", "_int_mm") for src in ("s8", "u8")
+                   for isa in dispatch.ISAS]
+
+
+def _torchao_pairs(k: int) -> list[np.ndarray]:
+    """The pairs of every kernel in :data:`TORCHAO_KERNELS` for K = ``k`` (from the emulator's dispatch)."""
+    return [et.kernel_pairs(op, src, k, isa) for op, src, isa in TORCHAO_KERNELS]
 
 
 def _model(k=301, n=64, seed=0, heavy=False):
@@ -183,6 +194,8 @@ def test_safe_codes_property(w, per_row):
     codes = quantize_affine(w, block, scale, torch.zeros_like(scale, dtype=torch.int8), torch.int8, -128, 127).numpy()
     for isa in ("avx2", "avx512"):  # the oneDNN matmul pairs measured below (AVX-512: flat, spec §8.3)
         assert _pair_sums_ok(codes, _kernel_pairs(w.shape[1], isa))
+    for pairs in _torchao_pairs(w.shape[1]):  # and every torchao kernel (forced _int_mm: AVX-512 gemm K blocks)
+        assert _pair_sums_ok(codes, pairs)
     # tightest: a raised scale's float32 predecessor is unsafe
     raised = (scale > stock).reshape(-1)
     if raised.any():
@@ -194,11 +207,14 @@ def test_safe_codes_property(w, per_row):
     # any activation: every code at +-127 per token (u8 255 / 1 in the kernel) gives the exact result
     x = np.where(np.arange(w.shape[1]) % 3 == 0, -127, 127).astype(np.int8)[None].repeat(2, 0)
     x[1] = 127
-    ws = scale.numpy().reshape(-1).astype(np.float32)
-    for isa in ("avx2", "avx512"):
-        got = et.qlinear_pointwise(x, 1.0, 0, codes, np.broadcast_to(ws, (w.shape[0],)), isa=isa)
-        ref = et.qlinear_pointwise(x, 1.0, 0, codes, np.broadcast_to(ws, (w.shape[0],)), isa=isa, exact=True)
-        assert np.array_equal(got, ref)
+    ws = np.broadcast_to(scale.numpy().reshape(-1).astype(np.float32), (w.shape[0],))
+    xu = (x.astype(np.int16) + 128).astype(np.uint8)  # the u8 source with zero point 128 (AVX-512 brg_matmul: flat)
+    for isa in dispatch.ISAS:
+        for xin, zp in ((x, 0), (xu, 128)):
+            got = et.qlinear_pointwise(xin, 1.0, zp, codes, ws, isa=isa)
+            assert np.array_equal(got, et.qlinear_pointwise(xin, 1.0, zp, codes, ws, isa=isa, exact=True))
+        got = et.int_mm(x, codes.T.copy(), isa=isa, backend="onednn")
+        assert np.array_equal(got, et.int_mm(x, codes.T.copy(), isa=isa, backend="onednn", exact=True))
 
 
 def test_x86_layout_covers_torchao_kernels():
@@ -206,6 +222,8 @@ def test_x86_layout_covers_torchao_kernels():
         x86 = {tuple(p) for p in layout.weight_pairs((1, k), "x86").tolist()}
         for isa in ("avx2", "avx512"):
             assert {tuple(p) for p in _kernel_pairs(k, isa).tolist()} <= x86, (k, isa)
+        for kern, pairs in zip(TORCHAO_KERNELS, _torchao_pairs(k)):
+            assert {tuple(p) for p in pairs.tolist()} <= x86, (k, kern)
 
 
 def test_emulator_reproduces_the_issue_numbers():
@@ -213,6 +231,10 @@ def test_emulator_reproduces_the_issue_numbers():
     assert et.int_mm(a, b, isa="avx2", backend="onednn")[0, 0] == 8160  # issue: 8160 instead of 1032256
     assert et.int_mm(a, b, isa="avx2")[0, 0] == 127 * 127 * 64  # eager on an AVX2 CPU: the exact ATen loop
     assert et.int_mm(a, b, isa="vnni")[0, 0] == 127 * 127 * 64
+    w1 = np.ones(32, np.float32)
+    assert et.qlinear_pointwise(a, 1.0, 0, b.T, w1, isa="avx2")[0, 0] == 8160  # s8 gemm:jit on AVX2 saturates
+    for isa in dispatch.AVX512_NO_VNNI + ("vnni",):  # s8 ref_int8 on AVX-512 (recorded: 1032256 in every mode)
+        assert et.qlinear_pointwise(a, 1.0, 0, b.T, w1, isa=isa)[0, 0] == 127 * 127 * 64
 
 
 # -- the real kernels --------------------------------------------------------------------------------
@@ -309,21 +331,23 @@ def test_real_kernels(mode):
         acc = y[0] if kind == "qlinear" else y[0].astype(np.float64)
         x = 127 if src == "s8" else 255
         saturated = acc != w.astype(np.int64).sum(axis=1) * x
-        onednn = kind == "qlinear" or info["cpu_vnni"]
-        pairs = {tuple(p) for p in _kernel_pairs(k, isa).tolist()} if onednn and isa != "vnni" else set()
+        op, backend = ("qlinear_pointwise", "onednn") if kind == "qlinear" else (
+            "_int_mm", "onednn" if info["cpu_vnni"] else "aten")  # _int_mm: oneDNN gemm_api only if cpuinfo VNNI
+        pairs = {tuple(p) for p in et.kernel_pairs(op, src, k, isa, backend=backend).tolist()}
         expected = np.array([c in pairs for c in cands])
         seen += int(saturated.sum())
         if not np.array_equal(saturated, expected):
             wrong.append((kind, src, k, [cands[i] for i in np.flatnonzero(saturated != expected)][:6]))
     assert not wrong, f"real pairing differs from safeobs.layout: {wrong}"
     if isa != "vnni":
-        assert seen > 0  # the probe really sees saturation (qlinear_pointwise saturates here)
+        assert seen > 0  # the probe really sees saturation (u8 qlinear_pointwise saturates here)
     # 2. emulator bit-exact (integer codes and float outputs, exact equality)
     base = len(disc)
     bad = [i for i, (c, y) in enumerate(zip(exact, out[base:base + len(exact)])) if not np.array_equal(y, _emulate(c, info, mode))]
     assert not bad, f"emulator differs from the real kernel on cases {bad}"
     issue = out[base + len(exact) - 1]
-    assert issue[0, 0] == (127 * 127 * 64 if isa == "vnni" else 8160)
+    issue_saturates = et.onednn_kernel("qlinear_pointwise", "s8", isa).saturates  # AVX2 gemm:jit only
+    assert issue[0, 0] == (8160 if issue_saturates else 127 * 127 * 64)
     # 3. torchao Linears, eager: emulator bit-exact; safe codes safe; torchao's own codes are not
     path = "onednn" if info["cpu_vnni"] else "eager"  # cpuinfo VNNI: torchao's u8s8 branch on oneDNN at `isa`
     stock_unsafe = 0
@@ -337,10 +361,16 @@ def test_real_kernels(mode):
     assert stock_unsafe > 0
 
 
-# -- torch.compile (Inductor freezing: onednn.qlinear_pointwise) ------------------------------------------
+# -- torch.compile (Inductor freezing: onednn.qlinear_pointwise or _int_mm) -------------------------------------
 
 
-def test_torch_compile_freezing_kernel_and_safety():
+def _compile_freezing_check(x86_passes: bool) -> None:
+    """Compile stock and safe torchao models with Inductor freezing; the generated code runs the kernel
+    ``et.int_mm_kernel(HOST, "compiled")`` names and its output equals the emulator's, bit for bit."""
+    from torch._inductor.utils import run_and_get_code
+
+    assert et.x86_passes_registered() == x86_passes
+    kernel = et.int_mm_kernel(HOST, "compiled")
     torch._dynamo.reset()
     x = torch.randn(6, 301) * 2
     x[0] = 5.0  # every activation code 127 (u8 255 inside oneDNN)
@@ -350,7 +380,10 @@ def test_torch_compile_freezing_kernel_and_safety():
         m = _model(k=301, n=48, seed=11)
         quantize_(m, cfg)
         with torch.no_grad(), torch._inductor.config.patch(freezing=True):
-            y = torch.compile(m)(x)
+            y, code = run_and_get_code(torch.compile(m), x)
+        code = "\n".join(code)
+        other = "_int_mm" if kernel.op == "qlinear_pointwise" else "qlinear_pointwise"
+        assert kernel.op in code and other not in code, (name, kernel)
         with torch.no_grad(), et.emulate(m, isa=HOST, path="compiled") as rep:
             y_emu = m(x)
         with torch.no_grad(), et.emulate(m, isa=HOST, path="compiled", exact=True):
@@ -360,9 +393,29 @@ def test_torch_compile_freezing_kernel_and_safety():
         torch._dynamo.reset()
     y, y_exact, sat = outs["safe"]
     assert sat == 0 and torch.equal(y, y_exact)  # safe weights: identical to an exact (VNNI) accumulation
-    if HOST != "vnni":
-        y, y_exact, sat = outs["stock"]
+    y, y_exact, sat = outs["stock"]
+    if kernel.saturates:  # AVX2: s8 qlinear_pointwise on gemm:jit
         assert sat > 0 and not torch.equal(y, y_exact)  # torchao's own weights saturate the compiled kernel
+    else:  # AVX-512 (ref_int8), VNNI: exact whatever the weights
+        assert sat == 0 and torch.equal(y, y_exact)
+
+
+def test_torch_compile_freezing_kernel_and_safety():
+    """In this process's state: torchao's PT2E x86 Inductor passes are registered iff something imported
+    ``x86_inductor_quantizer`` before (e.g. tests/test_pt2e.py via safeobs.pt2e); the emulator follows it."""
+    _compile_freezing_check(et.x86_passes_registered())
+
+
+@pytest.mark.parametrize("x86_passes", [False, True])
+def test_torch_compile_freezing_with_and_without_pt2e_passes(x86_passes):
+    """Both states in a fresh interpreter: importing torchao's X86InductorQuantizer registers, for the whole
+    process, a smooth-quant pattern that also rewrites the u8s8 graph of VNNI hosts into qlinear_pointwise."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            + ("import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer\n" if x86_passes else "")
+            + f"import test_torchao; test_torchao._compile_freezing_check({x86_passes})\n")
+    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 # -- verify / audit / repair ------------------------------------------------------------------------------
