@@ -10,10 +10,10 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from safeobs import dispatch, layout, realkernel
+from safeobs import dispatch, emulator, layout, realkernel
 
 FAMILIES = ("linear", "linear_dynamic", "stem", "conv2d", "conv1d", "conv3d", "pointwise", "depthwise",
-            "depthwise3d", "depthwise_wide", "groupwise", "convT_im2col", "convT_direct")
+            "depthwise3d", "depthwise_wide", "groupwise", "convT_im2col", "convT_direct", "conv_ic1")
 
 
 @st.composite
@@ -37,6 +37,11 @@ def _shape(draw, family: str, engine: str, isa: str):
         return {**d, "op": family, "N": ints(1, 2), "G": ints(1, 3), "IC": None, "ICg": ints(1, 5), "OCg": ints(1, 4),
                 "k": k, "stride": ints(1, 2), "padding": ints(0, 2), "dilation": dil,
                 "S": tuple(ints(dil * (kk - 1) + 1, 9 if nd < 3 else 5) for kk in k)}
+    if family == "conv_ic1":  # one input channel per group: oneDNN's relo layouts on AVX-512 VBMI (whi / wi by OW)
+        g, ocg = draw(st.sampled_from([(1, ints(2, 8)), (ints(2, 8), 2), (ints(2, 4), 4)]))
+        k = (ints(1, 5), ints(1, 5))
+        return {**d, "op": "conv2d", "N": ints(1, 2), "G": g, "ICg": 1, "OCg": ocg, "k": k, "stride": ints(1, 2),
+                "padding": ints(0, 1), "dilation": 1, "S": tuple(ints(kk, kk + 12) for kk in k)}
     if family == "pointwise":
         return {**d, "op": "conv2d", "N": ints(1, 2), "G": ints(1, 2), "ICg": ints(1, 20), "OCg": ints(1, 12), "k": (1, 1),
                 "stride": 1, "padding": 0, "dilation": 1, "S": (ints(1, 7), ints(1, 7))}
@@ -101,10 +106,14 @@ def make_case(d: dict) -> dict:
 def kernel_of(c: dict, engine: str, isa: str):
     if c["op"] in ("linear", "linear_dynamic"):
         return dispatch.linear_kernel(engine, isa)
+    transposed = c["op"] == "conv_transpose2d"
+    ow = None if transposed else emulator._conv_out_size(
+        c["x"].shape[-1], c["w"].shape[-1], *(np.broadcast_to(c[k], (c["w"].ndim - 2,))[-1]
+                                              for k in ("stride", "padding", "dilation")))
     return dispatch.conv_kernel(engine, isa, c["w"].shape, groups=c["groups"], stride=c["stride"],
-                                padding=c["padding"], dilation=c["dilation"], transposed=c["op"] == "conv_transpose2d",
+                                padding=c["padding"], dilation=c["dilation"], transposed=transposed,
                                 output_padding=c.get("output_padding", 0),
-                                weight_symmetric=bool(np.all(np.asarray(c["w_zp"]) == 0)))
+                                weight_symmetric=bool(np.all(np.asarray(c["w_zp"]) == 0)), output_width=ow)
 
 
 def known_bug(c: dict, engine: str, isa: str, host: str) -> str | None:
@@ -116,7 +125,7 @@ def known_bug(c: dict, engine: str, isa: str, host: str) -> str | None:
         return "FBGEMM directconv N>1 / stride_h==2 (spec §9)"
     if c["op"] == "conv_transpose2d" and k.backend == "onednn" and c["w"].shape[0] != c["w"].shape[1] * c["groups"]:
         return "oneDNN ConvTranspose with IC != OC/G (spec §9)"
-    if c["op"] != "conv_transpose2d" and host in ("avx512", "vnni") and engine != "onednn":
+    if c["op"] != "conv_transpose2d" and host in ("avx512", "avx512_vbmi", "vnni") and engine != "onednn":
         icg = c["w"].shape[1]
         if dispatch.fbgemm_conv_path(c["w"].shape, groups=c["groups"], stride=c["stride"], padding=c["padding"],
                                      dilation=c["dilation"], isa=host) == "groupwise" \
