@@ -35,7 +35,8 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_fidelity as bf  # noqa: E402
-from safeobs import data, emulator, models  # noqa: E402
+from safeobs import data, emulator
+from safeobs.data import models  # noqa: E402
 
 warnings.filterwarnings("ignore")
 T0 = time.perf_counter()

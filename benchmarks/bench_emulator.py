@@ -31,7 +31,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from safeobs import data, emulator, models, realkernel  # noqa: E402
+from safeobs import data, emulator
+from safeobs.data import models
+from safeobs.kernels import realkernel  # noqa: E402
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)

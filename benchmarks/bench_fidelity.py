@@ -43,7 +43,10 @@ from torch.ao.quantization.observer import ObserverBase
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import safeobs
-from safeobs import data, emulator, models, realkernel
+from safeobs import data, emulator
+from safeobs.data import models
+from safeobs.kernels import realkernel
+from safeobs.tools import realrun
 
 warnings.filterwarnings("ignore")
 OUT = Path(__file__).resolve().parent / "results"
@@ -219,7 +222,7 @@ def evaluate(qmodels: dict, run, ref, metric, *, exact_always: bool) -> dict:
             torch.backends.quantized.engine = engine
             real = None
             if realkernel.process_isa(engine) == isa and realkernel.forced_mismatch(
-                    isa, engine, realkernel.model_convs(m)) is None:
+                    isa, engine, realrun.model_convs(m)) is None:
                 real = run(m)
                 r["source"][col] = realkernel.describe(_process_mode(engine), engine)
             skip_emu = real is not None and engine == "x86" and isa == "avx2"  # x86 == fbgemm on AVX2 (§3)
@@ -298,7 +301,7 @@ def run_qemu(jobs, tmp: str):
         res = []
         for label, engine, path, x, want in saved:
             t = time.perf_counter()
-            got = realkernel.run_module(path, [x], mode="haswell", engine=engine, trust_pickle=True)[0]
+            got = realrun.run_module(path, [x], mode="haswell", engine=engine, trust_pickle=True)[0]
             res.append((label, engine, bool(np.array_equal(got, want)), time.perf_counter() - t))
             log(f"qemu {label} {engine}: {'bit-identical' if res[-1][2] else 'DIFFERENT'} ({res[-1][3]:.0f}s)")
         return res
@@ -371,7 +374,7 @@ def bench_mobilenet(relu6: bool, n_calib=None, n_held=None, qemu_photos=4):
                     m = qms[key][engine]
                     with torch.no_grad():  # this process's AVX2 kernels where it runs them, else the emulator
                         if realkernel.process_isa(engine) == "avx2" and realkernel.forced_mismatch(
-                                "avx2", engine, realkernel.model_convs(m)) is None:
+                                "avx2", engine, realrun.model_convs(m)) is None:
                             want = m(x)
                         else:
                             with emulator.emulate(m, engine=engine, isa="avx2"):

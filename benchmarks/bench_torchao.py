@@ -36,8 +36,10 @@ from torchao.quantization import Int8DynamicActivationInt8WeightConfig as Stock 
 from torchao.quantization import quantize_  # noqa: E402
 
 import safeobs.torchao as sto  # noqa: E402
-from safeobs import data, models, realkernel  # noqa: E402
-from safeobs import emulator_torchao as et  # noqa: E402
+from safeobs import data
+from safeobs.data import models
+from safeobs.kernels import realkernel  # noqa: E402
+from safeobs.torchao import emulator as et  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 CONFIGS = {

@@ -43,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_fidelity as bf  # noqa: E402
 
 import safeobs  # noqa: E402
-from safeobs import data, emulator, models, realkernel, rounding  # noqa: E402
+from safeobs import data, emulator, rounding
+from safeobs.data import models
+from safeobs.kernels import realkernel  # noqa: E402
 
 warnings.filterwarnings("ignore")
 OUT = Path(__file__).resolve().parent / "results"

@@ -3,19 +3,24 @@
 Weights are quantized so that every pair of codes an x86 int8 kernel adds into one int16 lane
 sums to at most 128 (positive) and at least -128 (negative): safe for any u8 activation code,
 so activations keep their full 8 bits.
+
+Layers (each imports only the ones before it; a runtime folder never imports another):
+``kernels`` (what x86 int8 kernels do) -> ``core`` (safe scales, safe rounding, verification on plain
+codes) -> ``data`` (reference models and photos) -> runtimes ``torch_ao``, ``pt2e``, ``torchao``, ``onnx``
+-> ``tools`` (verify/audit/repair/demo/model files, dispatching through ``tools.runtimes``) -> ``cli``.
 """
 
 __version__ = "0.1.0"
 
-from .observers import (
+from .core.solver import safe_qparams
+from .torch_ao.observers import (
     SafeHistogramObserver,
     SafeMinMaxObserver,
     SafeMovingAverageMinMaxObserver,
     SafeMovingAveragePerChannelMinMaxObserver,
     SafePerChannelMinMaxObserver,
 )
-from .qlayers import load_model
-from .qconfig import (
+from .torch_ao.qconfig import (
     get_default_dynamic_qconfig,
     get_default_qat_qconfig,
     get_default_qat_qconfig_mapping,
@@ -23,10 +28,9 @@ from .qconfig import (
     get_default_qconfig_mapping,
     quantize_dynamic,
 )
-from .rounding import quantize_fx
-from .serialization import save
-from .solver import safe_qparams
-from .verify import verify
+from .torch_ao.rounding import quantize_fx
+from .tools.serialization import load_model, save
+from .tools.verify import verify  # also registers the runtimes (tools.runtimes) and their emulator hooks
 
 __all__ = [
     "SafeHistogramObserver",

@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 import sys
-import time
 import warnings
 
 EXIT_OK, EXIT_UNSAFE, EXIT_USAGE = 0, 1, 2
@@ -97,19 +96,23 @@ examples:
 
 
 class _Progress:
-    """A tiny progress bar on stderr (silent with --quiet)."""
+    """``progress(i, n, label)`` callback drawing a ``tqdm`` bar on stderr (silent with --quiet)."""
 
     def __init__(self, quiet: bool):
-        self.quiet, self.start = quiet, time.time()
+        self.quiet, self.bar = quiet, None
 
     def __call__(self, i: int, n: int, label: str) -> None:
         if self.quiet:
             return
-        done = int(20 * i / max(n, 1))
-        end = "\n" if i >= n or not sys.stderr.isatty() else ""
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (20 - done)}] {i}/{n} {label:<28} {time.time() - self.start:5.1f}s"
-                         + end)
-        sys.stderr.flush()
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=n, file=sys.stderr, dynamic_ncols=True)
+        self.bar.set_postfix_str(label, refresh=False)
+        self.bar.update(i - self.bar.n)
+        if i >= n:
+            self.bar.close()
+            self.bar = None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -192,7 +195,7 @@ def _dump(obj) -> str:
 
 
 def cmd_demo(args) -> int:
-    from . import demo
+    from .tools import demo
 
     for n, name in ((args.calib, "--calib"), (args.eval, "--eval")):
         if n is not None and n < 1:
@@ -205,32 +208,33 @@ def cmd_demo(args) -> int:
 
 
 def _model_and_inputs(args):
-    from .qlayers import load_inputs, load_model
+    from .tools.serialization import load_inputs, load_model
 
     model, source = load_model(args.model, trust_pickle=args.trust_pickle, arch=args.arch)
     inputs = load_inputs(args.inputs, args.photos, args.input_scale)
     return model, source, inputs
 
 
-def _onnx_command(name: str, args) -> int:
-    """MODEL.onnx: ONNX Runtime models (safeobs.onnx_audit); bad input is a usage error."""
+def _file_command(rt, name: str, args) -> int:
+    """A model file another runtime reads (MODEL.onnx: safeobs.onnx.audit); bad input is a usage error."""
     try:
-        from . import onnx_audit
+        adapter = rt.load()
     except ImportError as e:
         raise UsageError(str(e)) from None
     if name == "repair":
         args.layout, args.layout_default = args.layout or "ort", args.layout is None
     try:
-        return getattr(onnx_audit, f"cmd_{name}")(args, _dump)
+        return getattr(adapter, f"cmd_{name}")(args, _dump)
     except (ValueError, ImportError) as e:
         raise UsageError(str(e)) from None
 
 
 def cmd_audit(args) -> int:
-    from . import audit
+    from .tools import audit, runtimes
 
-    if args.model.lower().endswith(".onnx"):
-        return _onnx_command("audit", args)
+    rt = runtimes.for_file(args.model)
+    if rt is not None:
+        return _file_command(rt, "audit", args)
     combos = None  # audit picks COMBOS, or TORCHAO_COMBOS (eager|compiled/isa) for a torchao quantize_ model
     if args.engines:
         combos = tuple(c.strip() for c in args.engines.split(",") if c.strip())
@@ -251,15 +255,16 @@ def cmd_audit(args) -> int:
 def cmd_repair(args) -> int:
     import os
 
-    from . import repair
+    from .tools import repair, runtimes
 
     parent = os.path.dirname(os.path.abspath(args.output))
     if os.path.isdir(args.output) or not os.path.isdir(parent):
         raise UsageError(f"{args.output}: cannot write there (a directory, or its folder does not exist)")
-    if args.model.lower().endswith(".onnx"):
+    rt = runtimes.for_file(args.model)
+    if rt is not None:
         if not os.path.isfile(args.model):
             raise UsageError(f"{args.model}: no such file")
-        return _onnx_command("repair", args)
+        return _file_command(rt, "repair", args)
     args.layout = args.layout or "x86"
     model, source, inputs = _model_and_inputs(args)
     if inputs is not None and source == "state":
@@ -307,7 +312,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    from .qlayers import ModelError
+    from .tools.serialization import ModelError
 
     import torch
 

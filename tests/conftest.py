@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from safeobs import realkernel
+from safeobs.kernels import realkernel
 
 warnings.filterwarnings("ignore", message=".*quantiz.*deprecat.*")  # pytorch/pytorch#184982
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-from safeobs import data, models, realkernel
+from safeobs import data
+from safeobs.data import models
+from safeobs.kernels import realkernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_fidelity as bf  # noqa: E402

@@ -12,10 +12,14 @@ import torch
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-from safeobs import cli, data, demo, models, qlayers, realkernel
-from safeobs.verify import verify
+from safeobs import cli, data
+from safeobs.tools import demo
+from safeobs.data import models
+from safeobs.tools import realrun, runtimes, serialization
+from safeobs.kernels import realkernel
+from safeobs.tools.verify import verify
 from safeobs.emulator import emulate
-from safeobs.repair import repair
+from safeobs.tools.repair import repair
 
 from conftest import mode_param
 
@@ -187,9 +191,9 @@ def test_repair_torchscript(capsys, script_path, tmp_path):
     assert rc == 0
     infos = {i["name"]: i for i in json.loads(out)["layers"]}
     assert infos["features.0.0"]["changed"] > 0
-    before = {lay.name: lay for lay in qlayers.layers(torch.jit.load(script_path))}
+    before = {lay.name: lay for lay in runtimes.layers(torch.jit.load(script_path))}
     after_model = torch.jit.load(out_path)
-    after = {lay.name: lay for lay in qlayers.layers(after_model)}
+    after = {lay.name: lay for lay in runtimes.layers(after_model)}
     assert before.keys() == after.keys() == infos.keys()
     for name, b in before.items():
         a, info = after[name], infos[name]
@@ -211,10 +215,10 @@ def test_repair_leaves_safe_layers_identical(tmp_path, converted):
     model = copy.deepcopy(converted)
     first = {i["name"]: i for i in repair(model)}
     assert any(i["changed"] for i in first.values())
-    snap = {lay.name: (lay.weight.int_repr().clone(), _qparams(lay.weight), lay.bias) for lay in qlayers.layers(model)}
+    snap = {lay.name: (lay.weight.int_repr().clone(), _qparams(lay.weight), lay.bias) for lay in runtimes.layers(model)}
     second = repair(model)  # already safe: nothing moves
     assert not any(i["changed"] for i in second)
-    for lay in qlayers.layers(model):
+    for lay in runtimes.layers(model):
         codes, (s, z), bias = snap[lay.name]
         assert torch.equal(codes, lay.weight.int_repr())
         assert np.array_equal(s, _qparams(lay.weight)[0]) and np.array_equal(z, _qparams(lay.weight)[1])
@@ -239,11 +243,11 @@ def test_repair_module_function(capsys, modspec, tmp_path):
     rc, out, _ = run(capsys, "repair", pickled, "-o", pickled, "-q", "--trust-pickle")
     assert rc == 0 and "saved state" in out
     for path, source in ((traced, "torchscript"), (pickled, "state"), (state, "state")):
-        model, src = qlayers.load_model(path, trust_pickle=source == "torchscript")
+        model, src = serialization.load_model(path, trust_pickle=source == "torchscript")
         assert src == source and verify(model).ok
         rc, _, _ = run(capsys, "audit", path, "-q", *(["--trust-pickle"] if source == "torchscript" else []))
         assert rc == 0
-    model, src = qlayers.load_model(state, arch=modspec)  # the eager model again, repaired weights in it
+    model, src = serialization.load_model(state, arch=modspec)  # the eager model again, repaired weights in it
     assert src == "state_dict" and verify(model).ok
 
 
@@ -266,7 +270,7 @@ def test_repaired_model_bit_exact_on_avx2(repaired, route):
     """The real kernels of an AVX2 CPU: native on an AVX2 host, forced AVX2 where that reaches them, qemu."""
     path, x, ref = repaired
     mode = "haswell" if route == "haswell" else realkernel.mode_for(
-        "avx2", "x86", realkernel.model_convs(torch.jit.load(str(path))))
-    got = realkernel.run_module(path, x, mode=mode, engine="x86", trust_pickle=True)  # the test's own TorchScript
+        "avx2", "x86", realrun.model_convs(torch.jit.load(str(path))))
+    got = realrun.run_module(path, x, mode=mode, engine="x86", trust_pickle=True)  # the test's own TorchScript
     for g, r in zip(got, ref):
         np.testing.assert_array_equal(g, r)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from safeobs.dispatch import Kernel, conv_kernel, fbgemm_conv_path, g_together, linear_kernel
+from safeobs.kernels.dispatch import Kernel, conv_kernel, fbgemm_conv_path, g_together, linear_kernel
 
 
 def test_linear_routes_to_fbgemm_under_x86_and_is_exact_only_with_vnni():
@@ -86,7 +86,7 @@ def test_onednn_avx512_kinds_follow_the_recorded_kernels():
     """AVX512_CORE without VNNI (tests/data/onednn-avx512, 'Findings'): Skylake-SP pairs every conv per tap (exact
     with ICg == 1), 3-D depthwise runs gemm (flat pairs); with VBMI the ICg == 1 convs take relo layouts chosen by
     the output width.  The vector replay (tests/test_onednn_vectors.py) checks every recorded shape."""
-    from safeobs import layout
+    from safeobs.kernels import layout
 
     mult2, dw3 = ((8, 1, 3, 3), 4), ((4, 1, 3, 3, 3), 4)
     for shape, groups in (mult2, dw3):

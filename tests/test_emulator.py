@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as tF
 
-from safeobs import dispatch, emulator, layout, realkernel
+from safeobs.kernels import dispatch, layout, realkernel
+from safeobs import emulator
 
 warnings.filterwarnings("ignore", message=".*deprecat.*")
 RNG = np.random.default_rng(1234)
@@ -363,7 +364,7 @@ def _safe_conv_or_linear(draw):
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(case=_safe_conv_or_linear())
 def test_safe_weights_equal_exact_accumulation_on_every_engine_and_isa(case):
-    from safeobs.solver import safe_qparams
+    from safeobs.core.solver import safe_qparams
 
     kind, w, hp, xs, rng = case
     op = "linear" if kind == "linear" else "conv"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from safeobs import dispatch, layout
+from safeobs.kernels import dispatch, layout
 
 
 def spec_fbgemm_pairs(w_shape, op, groups=1, oc=0):

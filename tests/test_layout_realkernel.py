@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import mode_param
 
-from safeobs import dispatch, layout, realkernel
+from safeobs.kernels import dispatch, layout, realkernel
 
 # (op, torch weight shape, groups, extra hyper-parameters, spatial size)
 SHAPES = [

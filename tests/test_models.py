@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.fx
 
-from safeobs import data, models
+from safeobs import data
+from safeobs.data import models
 
 skd = pytest.importorskip("skimage.data")
 

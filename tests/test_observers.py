@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from torch.ao.quantization import observer as tobs
 
 from safeobs import emulator
-from safeobs.observers import (SafeHistogramObserver, SafeMinMaxObserver, SafeMovingAverageMinMaxObserver,
+from safeobs.torch_ao.observers import (SafeHistogramObserver, SafeMinMaxObserver, SafeMovingAverageMinMaxObserver,
                                SafeMovingAveragePerChannelMinMaxObserver, SafePerChannelMinMaxObserver)
-from safeobs.verify import verify
+from safeobs.tools.verify import verify
 
 warnings.filterwarnings("ignore", message=".*deprecat.*")
 PAIRS = [(SafeMinMaxObserver, tobs.MinMaxObserver), (SafeMovingAverageMinMaxObserver, tobs.MovingAverageMinMaxObserver),

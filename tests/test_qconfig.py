@@ -11,8 +11,12 @@ import torch.ao.quantization as tq
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
 import safeobs
-from safeobs import data, emulator, models, qconfig, realkernel
-from safeobs.observers import _SafeMixin
+from safeobs import data, emulator
+from safeobs.data import models
+from safeobs.torch_ao import qconfig
+from safeobs.kernels import realkernel
+from safeobs.tools import realrun
+from safeobs.torch_ao.observers import _SafeMixin
 
 from conftest import mode_param
 
@@ -176,7 +180,7 @@ def _real(model, x, engine, mode, tmp_path):
     path = tmp_path / "model.pt"
     with torch.no_grad():
         torch.jit.save(torch.jit.trace(model, x[:1]), str(path))
-    return realkernel.run_module(path, [x.numpy()], mode=_avx2_mode(mode, model, engine), engine=engine,
+    return realrun.run_module(path, [x.numpy()], mode=_avx2_mode(mode, model, engine), engine=engine,
                                  trust_pickle=True)[0]  # the test's own TorchScript file
 
 
@@ -188,7 +192,7 @@ MODES = [mode_param("haswell"), "fastest"]
 def _avx2_mode(route, model, engine):
     if route == "haswell":
         return route
-    return realkernel.mode_for("avx2", engine, realkernel.model_convs(model))
+    return realkernel.mode_for("avx2", engine, realrun.model_convs(model))
 
 
 @pytest.mark.slow
@@ -216,7 +220,7 @@ def test_minilm_dynamic_is_bit_identical_to_exact_emulation(engine, mode, tmp_pa
     assert_safe(model)
     batch = models.tokenizer()(data.sentences("heldout")[:4])
     ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
-    (real,), (exact,) = realkernel.run_module(model, [(ids, mask)], mode=_avx2_mode(mode, model, engine), engine=engine,
+    (real,), (exact,) = realrun.run_module(model, [(ids, mask)], mode=_avx2_mode(mode, model, engine), engine=engine,
                                               emulate=dict(isa="avx2", exact=True))
     assert np.array_equal(real, exact)
     # ...and the emulator is not trivially equal: torch's own dynamic model with 8-bit inputs saturates

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from safeobs import _realkernel_worker, realkernel
+from safeobs.kernels import realkernel
+from safeobs.tools import _realrun_worker
 
 
 def conv(shape, groups=1, padding=1, stride=1, symmetric=True, output_padding=0, transposed=False):
@@ -153,10 +154,10 @@ def test_worker_refuses_a_forced_run_of_a_model_with_groupwise_convs(host, tmp_p
     torch.jit.save(torch.jit.trace(convert_fx(prepared), x), str(path))
     host("vnni")
     job = {"kind": "module", "engine": "fbgemm", "path": str(path), "inputs": [x.numpy()], "forced": "avx2"}
-    out = _realkernel_worker.run_module(torch, job)
+    out = _realrun_worker.run_module(torch, job)
     assert isinstance(out, dict) and "groupwise" in out["mismatch"]
     host("avx2")  # nothing forced on an AVX2 host: it runs
-    assert _realkernel_worker.run_module(torch, job)[0].shape == (1, 32, 6, 6)
+    assert _realrun_worker.run_module(torch, job)[0].shape == (1, 32, 6, 6)
 
 
 def test_describe_names_the_kernel_and_how_it_was_reached(host):

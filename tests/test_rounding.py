@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 from torch.ao.quantization import DeQuantStub, QConfig, QuantStub, HistogramObserver
 
 import safeobs
-from safeobs import emulator, realkernel, rounding
-from safeobs.layout import LAYOUTS
-from safeobs.solver import layout_pairs
+from safeobs import emulator, rounding
+from safeobs.kernels import realkernel
+from safeobs.tools import realrun
+from safeobs.kernels.layout import LAYOUTS
+from safeobs.core.solver import layout_pairs
 
 SETTINGS = dict(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -262,7 +264,7 @@ def test_real_kernel_bit_exact_no_saturation(one_thread):
         with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
             path = os.path.join(tmp, "m.pt")
             torch.jit.save(torch.jit.trace(m, x), path)
-            real = realkernel.run_module(path, [x.numpy()], mode=mode, engine="fbgemm", trust_pickle=True)[0]
+            real = realrun.run_module(path, [x.numpy()], mode=mode, engine="fbgemm", trust_pickle=True)[0]
     assert real.dtype == exact.dtype and np.array_equal(real, exact)
     # the same layers with torch's min-max weights saturate on these inputs (the check is not vacuous)
     conv = m[3]

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import safeobs
-from safeobs import audit, cli, qlayers, realkernel, repair, serialization
+from safeobs.tools import audit, repair, serialization
+from safeobs import cli
+from safeobs.tools import realrun, runtimes
+from safeobs.kernels import realkernel
 
 nnq, nnqd = torch.ao.nn.quantized, torch.ao.nn.quantized.dynamic
 
@@ -102,13 +105,13 @@ def test_python_entry_points_refuse(evil, tmp_path):
     pk, ts, marker = evil
     for path in (pk, ts):
         with pytest.raises(ValueError, match="trust_pickle=True"):
-            qlayers.load_model(path)
+            serialization.load_model(path)
         with pytest.raises(ValueError, match="trust_pickle=True"):
             safeobs.load_model(path, arch=_model)  # a user factory does not make a pickle safe
         with pytest.raises(ValueError, match="trust_pickle=True"):
             serialization.load(path)
         with pytest.raises(ValueError, match="trust_pickle=True"):
-            realkernel.run_module(path, [torch.rand(1, 4).numpy()])
+            realrun.run_module(path, [torch.rand(1, 4).numpy()])
         for fn in (audit.audit, repair.repair, safeobs.verify):
             with pytest.raises((TypeError, ValueError)):
                 fn(path)
@@ -116,9 +119,9 @@ def test_python_entry_points_refuse(evil, tmp_path):
             repair.save(path, str(tmp_path / "o.pt"))
     assert not marker.exists()
     with pytest.raises(TypeError):
-        qlayers.load_model(pk, trust_pickle="yes")
+        serialization.load_model(pk, trust_pickle="yes")
     with pytest.raises(TypeError):
-        qlayers.load_model(3)
+        serialization.load_model(3)
     assert not marker.exists()
 
 
@@ -142,7 +145,7 @@ def test_trusted_pickle_still_works(tmp_path, capsys):
     torch.save(m, path)
     assert cli.main(["audit", path, "-q"]) == cli.EXIT_USAGE
     assert cli.main(["audit", path, "-q", "--trust-pickle"]) == cli.EXIT_UNSAFE
-    model, source = qlayers.load_model(path, trust_pickle=True)
+    model, source = serialization.load_model(path, trust_pickle=True)
     assert source == "pickle" and not safeobs.verify(model).ok
     out = str(tmp_path / "safe.pt")
     assert cli.main(["repair", path, "-o", out, "-q", "--trust-pickle"]) == cli.EXIT_OK
@@ -155,11 +158,11 @@ def test_state_file_round_trip_without_trust(tmp_path, capsys):
     path, out = str(tmp_path / "m.pt"), str(tmp_path / "m_safe.pt")
     safeobs.save(m, path, arch="nowhere_xyz:build")
     assert torch.load(path, weights_only=True)["format"] == serialization.FORMAT  # torch's safe loader reads it
-    model, source = qlayers.load_model(path)
+    model, source = serialization.load_model(path)
     assert source == "state"
-    want = [(q.name, q.kind, q.groups, q.stride, q.padding) for q in qlayers.layers(m)]
-    assert [(q.name, q.kind, q.groups, q.stride, q.padding) for q in qlayers.layers(model)] == want
-    for a, b in zip(qlayers.layers(model), qlayers.layers(m)):
+    want = [(q.name, q.kind, q.groups, q.stride, q.padding) for q in runtimes.layers(m)]
+    assert [(q.name, q.kind, q.groups, q.stride, q.padding) for q in runtimes.layers(model)] == want
+    for a, b in zip(runtimes.layers(model), runtimes.layers(m)):
         assert torch.equal(a.weight.int_repr(), b.weight.int_repr())
     assert audit.audit(model)["unsafe_layers"] == audit.audit(m)["unsafe_layers"] != []
     assert cli.main(["audit", path, "-q"]) == cli.EXIT_UNSAFE
@@ -167,7 +170,7 @@ def test_state_file_round_trip_without_trust(tmp_path, capsys):
     assert cli.main(["audit", out, "-q"]) == cli.EXIT_OK
     assert torch.load(out, weights_only=True)["arch"] == "nowhere_xyz:build"  # kept, never imported
     # the repaired weights load into the eager model the user builds (arch), which then runs
-    fresh, source = qlayers.load_model(out, arch=_model)
+    fresh, source = serialization.load_model(out, arch=_model)
     assert source == "state_dict" and safeobs.verify(fresh).ok and not safeobs.verify(m).ok
     assert fresh[0].scale == m[0].scale and torch.equal(fresh[0].bias(), m[0].bias())
     # --inputs needs the forward pass: a clear note (audit) / error (repair), no crash
@@ -186,13 +189,13 @@ def test_plain_state_dict_needs_arch(tmp_path, capsys):
     torch.save(m.state_dict(), path)
     assert cli.main(["audit", path, "-q"]) == cli.EXIT_USAGE
     assert "--arch" in capsys.readouterr().err
-    model, source = qlayers.load_model(path, arch=lambda: _model(seed=1))
+    model, source = serialization.load_model(path, arch=lambda: _model(seed=1))
     assert source == "state_dict"
     assert torch.equal(model[0].weight().int_repr(), m[0].weight().int_repr())
     with pytest.raises(ValueError, match="does not fit"):
-        qlayers.load_model(path, arch=lambda: torch.nn.Sequential(nnq.Linear(3, 3)))
+        serialization.load_model(path, arch=lambda: torch.nn.Sequential(nnq.Linear(3, 3)))
     with pytest.raises(TypeError):
-        qlayers.load_model(path, arch=42)
+        serialization.load_model(path, arch=42)
 
 
 def test_tampered_state_file_is_a_clear_error(tmp_path):
@@ -202,7 +205,7 @@ def test_tampered_state_file_is_a_clear_error(tmp_path):
     bundle["layers"][0]["kind"] = "conv9d"
     torch.save(bundle, path)
     with pytest.raises(ValueError, match="layer list"):
-        qlayers.load_model(path)
+        serialization.load_model(path)
 
 
 def test_torchao_save_round_trip_without_trust(tmp_path, capsys):
@@ -219,16 +222,16 @@ def test_torchao_save_round_trip_without_trust(tmp_path, capsys):
     sto.save(m, path)
     # a fresh interpreter (torchao not imported, so none of its globals registered): still weights-only
     code = ("import sys, torch\nfrom safeobs import qlayers\n"
-            "m, s = qlayers.load_model(sys.argv[1])\n"
-            "assert s == 'state' and [q.kind for q in qlayers.layers(m)] == ['linear_torchao'], s\n")
+            "m, s = serialization.load_model(sys.argv[1])\n"
+            "assert s == 'state' and [q.kind for q in runtimes.layers(m)] == ['linear_torchao'], s\n")
     subprocess.run([os.sys.executable, "-c", code, path], check=True, capture_output=True, timeout=600)
     before = list(torch.serialization.get_safe_globals())
-    qlayers.load_model(path)
+    serialization.load_model(path)
     assert torch.serialization.get_safe_globals() == before  # the allow-list is a context, not global state
     assert cli.main(["repair", path, "-o", out, "-q"]) == cli.EXIT_OK
     assert cli.main(["audit", out, "-q"]) == cli.EXIT_OK
-    after = qlayers.load_model(out)[0].get_submodule("0").weight
-    assert type(after).__name__ == "Int8Tensor" and sto.verify(qlayers.load_model(out)[0]).ok
+    after = serialization.load_model(out)[0].get_submodule("0").weight
+    assert type(after).__name__ == "Int8Tensor" and sto.verify(serialization.load_model(out)[0]).ok
     capsys.readouterr()
 
 
@@ -253,11 +256,11 @@ def test_run_module_private_dir_and_no_outside_unpickling(evil, monkeypatch, tmp
     monkeypatch.setattr(realkernel.tempfile, "mkdtemp", mkdtemp)
     monkeypatch.setattr(realkernel.subprocess, "run", fake_run)
     with pytest.raises(ValueError, match="trust_pickle"):
-        realkernel.run_module(pk, [torch.rand(1, 4).numpy()])
+        realrun.run_module(pk, [torch.rand(1, 4).numpy()])
     assert "dir" not in seen and not marker.exists()  # refused before any subprocess or temp dir
     m = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(4, 2)))
     with pytest.raises(RuntimeError, match="stopped by the test"):
-        realkernel.run_module(m, [torch.rand(1, 4).numpy()], mode="native")
+        realrun.run_module(m, [torch.rand(1, 4).numpy()], mode="native")
     assert seen["mode"] == 0o700 and seen["files"] == ["in.pkl", "model.pt"]
     assert seen["job"]["path"] == os.path.join(seen["dir"], "model.pt") and seen["job"]["format"] == "pickle"
     assert not os.path.exists(seen["dir"])  # removed afterwards
@@ -272,8 +275,8 @@ def test_worker_loads_only_files_next_to_its_job(tmp_path, evil):
     src.parent.mkdir()
     src.write_bytes(pickle.dumps({"kind": "module", "engine": "x86", "path": pk, "inputs": [], "emulate": None,
                                   "forced": None}))
-    from safeobs import _realkernel_worker
+    from safeobs.tools import _realrun_worker
 
     with pytest.raises(RuntimeError, match="did not write"):
-        _realkernel_worker.main(str(src), str(dst))
+        _realrun_worker.main(str(src), str(dst))
     assert not marker.exists()

@@ -14,9 +14,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safeobs import layout as L
-from safeobs.solver import F32_EPS, raise_scales, safe_qparams
-from safeobs.verify import verify
+from safeobs.kernels import layout as L
+from safeobs.core.solver import F32_EPS, raise_scales, safe_qparams
+from safeobs.tools.verify import verify
 
 warnings.filterwarnings("ignore", message=".*deprecat.*")
 SETTINGS = dict(derandomize=True, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -279,7 +279,7 @@ def pair_sets(draw):
 def test_fast_thresholds_equal_exact_bisection(case, window):
     """The window fast path gives exactly the bisection's scales; a window too narrow to bracket (forced
     here) falls back to the bisection and still gives them."""
-    from safeobs import solver as S
+    from safeobs.core import solver as S
 
     wa, wb, g, scale = case
     bind = np.flatnonzero(~S._pair_safe(wa, wb, scale[g], -128, 127))

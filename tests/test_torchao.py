@@ -23,8 +23,11 @@ from torchao.quantization.granularity import PerRow, PerTensor  # noqa: E402
 from torchao.quantization.quant_primitives import MappingType, quantize_affine  # noqa: E402
 
 import safeobs  # noqa: E402
-from safeobs import _torchao_worker, audit, cli, dispatch, emulator, layout, realkernel, repair  # noqa: E402
-from safeobs import emulator_torchao as et  # noqa: E402
+from safeobs.torchao import _worker as _torchao_worker
+from safeobs.tools import audit, repair
+from safeobs import cli, emulator
+from safeobs.kernels import dispatch, layout, realkernel  # noqa: E402
+from safeobs.torchao import emulator as et  # noqa: E402
 from safeobs import torchao as sto  # noqa: E402
 
 from conftest import mode_param  # noqa: E402

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safeobs import dispatch
-from safeobs import emulator_torchao as et
+from safeobs.kernels import dispatch
+from safeobs.torchao import emulator as et
 
 DATA = Path(__file__).parent / "data" / "torchao-avx512"
 MODES = ("forced", "skx", "native")

@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from safeobs import emulator, realkernel
-from safeobs.observers import SafeMinMaxObserver, SafePerChannelMinMaxObserver
-from safeobs.verify import Violation, verify
+from safeobs import emulator
+from safeobs.kernels import realkernel
+from safeobs.torch_ao.observers import SafeMinMaxObserver, SafePerChannelMinMaxObserver
+from safeobs.tools.verify import Violation, verify
 
 warnings.filterwarnings("ignore", message=".*deprecat.*")
 

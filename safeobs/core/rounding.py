@@ -43,6 +43,10 @@ winner minimises the objective over a candidate set that contains RTN at the tig
 so its ``e^T H e`` (or ``e^T (H - mu mu^T) e`` with bias correction, which is never above
 ``e^T H e``) is <= RTN's.
 
+This module is the runtime-independent part (statistics containers, receptive fields, the rounding
+itself).  The calibration glue lives with each runtime: :mod:`safeobs.torch_ao.rounding` (FX / eager)
+and :mod:`safeobs.pt2e.rounding` (PT2E); :mod:`safeobs.rounding` re-exports all of it.
+
 Stats come from the calibration the user already runs: :func:`calibrate` runs a prepared model
 (FX or eager) over the calibration batches with forward hooks that accumulate ``sum x x^T`` and
 ``sum x`` of every Conv/Linear input, next to torch's observers.  :func:`apply` then rewrites the
@@ -53,29 +57,18 @@ converted model's weights.  :func:`quantize_fx` does all of it in one call;
 
 from __future__ import annotations
 
-import copy
-import sys
-import time
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layout import LAYOUTS, group_sizes
+from ..kernels.layout import LAYOUTS, group_sizes
 from .solver import PAIR_MAX, PAIR_MIN, layout_pairs, quantize, safe_qparams
 
 __all__ = [
     "LayerStats",
     "RoundResult",
-    "StatsCollector",
-    "apply",
-    "apply_pt2e",
-    "calibrate",
-    "calibrate_pt2e",
-    "quantize_dynamic",
-    "quantize_fx",
     "round_weight",
     "safe_round",
 ]
@@ -119,19 +112,6 @@ class LayerStats:
         return self.xsum / max(self.n, 1)
 
 
-def _float_layer(mod):
-    """(conv/linear module, op) for a float Conv1d/2d/Linear or a fused module wrapping one, else None."""
-    from torch.ao.nn.intrinsic import _FusedModule
-
-    inner = mod[0] if isinstance(mod, _FusedModule) else mod
-    if isinstance(inner, torch.nn.Linear):
-        return inner, "linear"
-    if isinstance(inner, (torch.nn.Conv1d, torch.nn.Conv2d)) and inner.padding_mode == "zeros" \
-            and not isinstance(inner.padding, str):
-        return inner, "conv"
-    return None
-
-
 def _receptive_fields(x: torch.Tensor, conv, max_positions: int) -> torch.Tensor:
     """(G, S, K) receptive fields of ``x`` for ``conv``, zero padded like the float conv (x_zp in int8).
 
@@ -166,108 +146,12 @@ def _receptive_fields(x: torch.Tensor, conv, max_positions: int) -> torch.Tensor
     return vals.reshape(g, vals.shape[1], -1)  # (G, S, K), K in (ic, tap) order
 
 
-class StatsCollector:
-    """Forward pre-hooks that accumulate the input statistics of every float Conv1d/2d/Linear.
-
-    Use as a context manager around the calibration forwards of a prepared (FX or eager) or float
-    model; ``stats`` maps module names (the names the converted model keeps) to :class:`LayerStats`.
-    A forward with more than ``max_positions`` receptive fields (early conv layers: batch x H x W)
-    contributes a fixed pseudo-random subset of that many: ``H`` is an average, and 16k samples per
-    batch estimate a 25x25 (or 960x960) second-moment matrix well at a fraction of the cost.
-    """
-
-    def __init__(self, model: torch.nn.Module, max_positions: int = 16384):
-        self.model, self.stats, self._handles = model, {}, []
-        self.max_positions = int(max_positions)  # receptive fields summed per layer and forward call
-        for name, mod in model.named_modules():
-            found = _float_layer(mod)
-            if found is None or any(name.startswith(p + ".") for p in self.stats):
-                continue
-            layer, op = found
-            w = layer.weight.detach().to(torch.float32)
-            g = 1 if op == "linear" else int(layer.groups)
-            k = int(np.prod(w.shape[1:]))
-            self.stats[name] = LayerStats(op, g, w, None if layer.bias is None else layer.bias.detach().float(),
-                                          np.zeros((g, k, k)), np.zeros((g, k)))
-            self._handles.append(mod.register_forward_pre_hook(self._hook(name, layer, op)))
-
-    def _hook(self, name, layer, op):
-        def hook(_mod, args):
-            if not args or not isinstance(args[0], torch.Tensor) or args[0].is_quantized:
-                return
-            t = time.perf_counter()
-            st = self.stats[name]
-            x = args[0].detach().to(torch.float32)
-            with torch.no_grad():
-                if op == "linear":
-                    c = x.reshape(1, -1, x.shape[-1])  # (1, M, K)
-                    if c.shape[1] > self.max_positions:
-                        gen = torch.Generator().manual_seed(c.shape[1])
-                        c = c[:, torch.randperm(c.shape[1], generator=gen)[:self.max_positions]]
-                else:
-                    c = _receptive_fields(x, layer, self.max_positions)
-                st.xx += torch.bmm(c.transpose(1, 2), c).double().numpy()
-                st.xsum += c.sum(1).double().numpy()
-                st.n += c.shape[1]
-            st.seconds += time.perf_counter() - t
-        return hook
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-
-
-class _Progress:
-    """``\\r``-updated progress on stderr; only when asked (``True``) or, by default, on a terminal."""
-
-    def __init__(self, enabled: bool | None, label: str, total: int | None = None):
-        self.on = sys.stderr.isatty() if enabled is None else bool(enabled)
-        self.label, self.total, self.t0, self.i = label, total, time.perf_counter(), 0
-
-    def step(self, what: str = "") -> None:
-        self.i += 1
-        if self.on:
-            of = f"/{self.total}" if self.total else ""
-            sys.stderr.write(f"\r{self.label}: {self.i}{of} {what:<32.32} {time.perf_counter() - self.t0:6.1f}s")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.on:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def _batches(calibration):
     if isinstance(calibration, torch.Tensor):
         raise TypeError("calibration must be an iterable of positional-argument tuples, e.g. [(x,)] or a "
                         "DataLoader of tuples; got a bare Tensor (wrap it: [(x,)])")
     for b in calibration:
         yield b if isinstance(b, (tuple, list)) else (b,)
-
-
-def calibrate(model: torch.nn.Module, calibration: Iterable, *, progress: bool | None = None) -> dict:
-    """Run ``model`` (prepared by ``prepare_fx``/``prepare``, or float) on every calibration batch and
-    return the input statistics of its Conv/Linear layers (``{name: LayerStats}``).
-
-    The forwards also feed torch's observers, so this *is* the calibration: call ``convert_fx``
-    afterwards, then :func:`apply`.  ``calibration``: an iterable of positional-argument tuples.
-    """
-    bar = _Progress(progress, "safeobs calibration", len(calibration) if hasattr(calibration, "__len__") else None)
-    with StatsCollector(model) as col, torch.no_grad():
-        for batch in _batches(calibration):
-            model(*batch)
-            bar.step()
-    bar.close()
-    if not any(s.n for s in col.stats.values()):
-        raise ValueError("calibration was empty: no Conv/Linear layer saw an input")
-    return col.stats
 
 
 # -- rounding ----------------------------------------------------------------------------------------
@@ -495,219 +379,3 @@ def safe_round(weight, h, mean=None, *, layout: str = "x86", op: str | None = No
     kwargs.setdefault("bias_correction", mean is not None)
     r = round_weight(weight, h, mean, layout=layout, op=op, groups=groups, **kwargs)
     return torch.from_numpy(r.codes.copy()), torch.from_numpy(r.scale.copy())
-
-
-# -- rewriting converted models ----------------------------------------------------------------------
-
-
-def _quantized_modules(model):
-    nnq, nnqd = torch.ao.nn.quantized, torch.ao.nn.quantized.dynamic
-    from torch.ao.nn.quantized.modules.conv import _ConvNd, _ConvTransposeNd
-
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nnq.Linear, nnqd.Linear)) or (isinstance(mod, _ConvNd)
-                                                          and not isinstance(mod, _ConvTransposeNd)):
-            yield name, mod
-
-
-def apply(converted: torch.nn.Module, stats: dict, *, layout: str = "x86", bias_correction: bool = True,
-          multipliers=DEFAULT_MULTIPLIERS, gptq: bool = True, progress: bool | None = None) -> dict:
-    """Rewrite, in place, the int8 weights (and biases) of ``converted`` with safe data-aware codes.
-
-    ``stats``: from :func:`calibrate` on the prepared model that ``converted`` came from (module
-    names match).  Per-channel symmetric int8 Conv1d/2d and Linear weights are rewritten; other
-    layers (ConvTranspose, 3-D conv, per-tensor weights) keep their codes.  Returns
-    ``{name: RoundResult}`` for the rewritten layers.
-    """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    todo = []
-    for name, mod in _quantized_modules(converted):
-        st = stats.get(name)
-        wq = mod.weight()
-        if st is None or st.n == 0 or not wq.is_quantized or wq.dtype != torch.qint8 \
-                or wq.qscheme() not in (torch.per_channel_symmetric, torch.per_channel_affine) \
-                or wq.q_per_channel_axis() != 0 or bool(wq.q_per_channel_zero_points().any()) \
-                or tuple(wq.shape) != tuple(st.weight.shape):
-            continue
-        todo.append((name, mod, st))
-    bar = _Progress(progress, "safeobs rounding", len(todo))
-    out = {}
-    for name, mod, st in todo:
-        bar.step(name)
-        r = round_weight(st.weight, st.h, st.mean, layout=layout, op=st.op, groups=st.groups,
-                         bias_correction=bias_correction, multipliers=multipliers, gptq=gptq)
-        scale = torch.from_numpy(r.scale.astype(np.float64))
-        qw = torch._make_per_channel_quantized_tensor(torch.from_numpy(r.codes.copy()), scale,
-                                                      torch.zeros(len(scale), dtype=torch.long), 0)
-        bias = st.bias
-        if bias_correction:
-            bias = (torch.zeros(len(scale)) if bias is None else bias.clone()) + torch.from_numpy(r.bias_delta).float()
-        mod.set_weight_bias(qw, bias)
-        out[name] = r
-    bar.close()
-    return out
-
-
-def quantize_fx(model: torch.nn.Module, example_inputs: tuple, calibration: Iterable, *, backend: str = "x86",
-                qconfig_mapping=None, data_aware: bool = True, bias_correction: bool = True,
-                progress: bool | None = None) -> torch.fx.GraphModule:
-    """``prepare_fx`` → calibrate on ``calibration`` → ``convert_fx`` → safe data-aware weights.
-
-    ``calibration``: iterable of positional-argument tuples.  ``qconfig_mapping`` defaults to
-    ``safeobs.get_default_qconfig_mapping(backend)``; ``backend`` also picks the layout the
-    weights are made safe for.  ``data_aware=False`` gives today's safeobs weights (RTN at the
-    tightest safe scale).  The model is not modified.
-    """
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    from .qconfig import _layout, get_default_qconfig_mapping
-
-    layout = _layout(backend)
-    mapping = get_default_qconfig_mapping(backend) if qconfig_mapping is None else qconfig_mapping
-    prepared = prepare_fx(copy.deepcopy(model).eval(), mapping, tuple(example_inputs))
-    stats = calibrate(prepared, calibration, progress=progress)
-    converted = convert_fx(prepared)
-    if data_aware:
-        apply(converted, stats, layout=layout, bias_correction=bias_correction, progress=progress)
-    return converted
-
-
-def quantize_dynamic(model: torch.nn.Module, calibration: Iterable, *, backend: str = "x86",
-                     bias_correction: bool = True, progress: bool | None = None) -> torch.nn.Module:
-    """:func:`safeobs.quantize_dynamic` (8-bit dynamic inputs) with data-aware safe Linear weights."""
-    from .qconfig import _layout
-    from .qconfig import quantize_dynamic as _qd
-
-    layout = _layout(backend)
-    model = copy.deepcopy(model).eval()
-    stats = calibrate(model, calibration, progress=progress)
-    out = _qd(model, backend=backend)
-    apply(out, stats, layout=layout, bias_correction=bias_correction, progress=progress)
-    return out
-
-
-# -- PT2E (prepare_pt2e / convert_pt2e) --------------------------------------------------------------
-
-
-class _ConvParams:
-    """What :func:`_receptive_fields` reads from a conv module, from an aten.conv call's arguments."""
-
-    def __init__(self, weight, args):
-        nd = weight.dim() - 2
-
-        def tup(i, default):
-            v = args[i] if len(args) > i else default
-            return tuple(v) if isinstance(v, (list, tuple)) else (int(v),) * nd
-
-        self.kernel_size = tuple(weight.shape[2:])
-        self.stride, self.padding, self.dilation = tup(3, 1), tup(4, 0), tup(5, 1)
-        self.groups = int(args[6]) if len(args) > 6 else 1
-
-
-def _pt2e_layers(gm):
-    """(node name, input observer module name, weight, bias, op, conv params) of every conv1d/2d/linear node
-    of a ``prepare_pt2e`` graph whose input and weight come from observers."""
-    import operator
-
-    aten = torch.ops.aten
-    ops = {aten.conv1d.default: "conv", aten.conv2d.default: "conv", aten.linear.default: "linear"}
-    for node in gm.graph.nodes:
-        op = ops.get(node.target) if node.op == "call_function" else None
-        if op is None or len(node.args) < 2:
-            continue
-        xin, wobs = node.args[0], node.args[1]
-        if not (getattr(xin, "op", None) == "call_module" and getattr(wobs, "op", None) == "call_module"
-                and wobs.args and getattr(wobs.args[0], "op", None) == "get_attr"):
-            continue
-        w = operator.attrgetter(wobs.args[0].target)(gm).detach().float()
-        b = node.args[2] if len(node.args) > 2 else None
-        b = operator.attrgetter(b.target)(gm).detach().float() if getattr(b, "op", None) == "get_attr" else None
-        yield node.name, xin.target, w, b, op, (None if op == "linear" else _ConvParams(w, node.args))
-
-
-def calibrate_pt2e(prepared: torch.fx.GraphModule, calibration: Iterable, *, progress: bool | None = None,
-                   max_positions: int = 16384) -> dict:
-    """:func:`calibrate` for a ``prepare_pt2e`` model: runs the calibration (feeding torchao's observers) and
-    returns ``{conv/linear node name: LayerStats}`` from hooks on the input observers."""
-    stats, handles = {}, []
-    for name, obs, w, b, op, params in _pt2e_layers(prepared):
-        g = 1 if op == "linear" else params.groups
-        k = int(np.prod(w.shape[1:]))
-        st = stats[name] = LayerStats(op, g, w, b, np.zeros((g, k, k)), np.zeros((g, k)))
-
-        def hook(_m, _inp, out, st=st, op=op, params=params, k=k):
-            x = out.detach().to(torch.float32)
-            # an observer module may be shared between several tensors: only this node's input counts
-            if op == "linear" and x.shape[-1] != k or op == "conv" and (
-                    x.dim() != st.weight.dim() or x.shape[1] != st.weight.shape[1] * params.groups):
-                return
-            with torch.no_grad():
-                if op == "linear":
-                    c = x.reshape(1, -1, x.shape[-1])
-                    if c.shape[1] > max_positions:
-                        gen = torch.Generator().manual_seed(c.shape[1])
-                        c = c[:, torch.randperm(c.shape[1], generator=gen)[:max_positions]]
-                else:
-                    c = _receptive_fields(x, params, max_positions)
-                st.xx += torch.bmm(c.transpose(1, 2), c).double().numpy()
-                st.xsum += c.sum(1).double().numpy()
-                st.n += c.shape[1]
-        handles.append(prepared.get_submodule(obs).register_forward_hook(hook))
-    bar = _Progress(progress, "safeobs calibration", len(calibration) if hasattr(calibration, "__len__") else None)
-    try:
-        with torch.no_grad():
-            for batch in _batches(calibration):
-                prepared(*batch)
-                bar.step()
-    finally:
-        for h in handles:
-            h.remove()
-        bar.close()
-    if not any(s.n for s in stats.values()):
-        raise ValueError("calibration was empty: no conv/linear node saw an input")
-    return stats
-
-
-def apply_pt2e(converted: torch.fx.GraphModule, stats: dict, *, layout: str = "x86", bias_correction: bool = True,
-               multipliers=DEFAULT_MULTIPLIERS, progress: bool | None = None) -> dict:
-    """:func:`apply` for a ``convert_pt2e`` model: replaces the int8 weight constants, their per-channel
-    scales and the float biases of the nodes in ``stats`` (node names are kept by convert_pt2e)."""
-    import operator
-
-    dq = torch.ops.quantized_decomposed.dequantize_per_channel.default
-    nodes = {n.name: n for n in converted.graph.nodes}
-    out = {}
-    bar = _Progress(progress, "safeobs rounding", len(stats))
-
-    def put(target, value):
-        *path, last = target.split(".")
-        owner = operator.attrgetter(".".join(path))(converted) if path else converted
-        if isinstance(getattr(owner, last), torch.nn.Parameter):
-            value = torch.nn.Parameter(value, requires_grad=False)
-        setattr(owner, last, value)
-
-    for name, st in stats.items():
-        node = nodes.get(name)
-        if node is None or st.n == 0 or len(node.args) < 2:
-            continue
-        d = node.args[1]
-        if getattr(d, "target", None) is not dq or any(getattr(a, "op", None) != "get_attr" for a in d.args[:3]) \
-                or int(d.args[3]) != 0:
-            continue
-        codes_t, scale_t, zp_t = (operator.attrgetter(a.target)(converted) for a in d.args[:3])
-        if codes_t.dtype != torch.int8 or tuple(codes_t.shape) != tuple(st.weight.shape) or bool(zp_t.any()):
-            continue
-        b = node.args[2] if len(node.args) > 2 else None
-        has_bias = getattr(b, "op", None) == "get_attr"
-        bar.step(name)
-        r = round_weight(st.weight, st.h, st.mean, layout=layout, op=st.op, groups=st.groups,
-                         bias_correction=bias_correction and has_bias, multipliers=multipliers)
-        put(d.args[0].target, torch.from_numpy(r.codes.copy()))
-        put(d.args[1].target, torch.from_numpy(r.scale).to(scale_t.dtype))
-        if bias_correction and has_bias:
-            bias = operator.attrgetter(b.target)(converted)
-            put(b.target, (bias.detach().float() + torch.from_numpy(r.bias_delta).float()).to(bias.dtype))
-        out[name] = r
-    bar.close()
-    return out

@@ -52,7 +52,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .layout import LAYOUTS, PairTable, any_pairs, infer_op
+from ..kernels.layout import LAYOUTS, PairTable, any_pairs, infer_op
 
 F32_EPS = float(np.finfo(np.float32).eps)
 PAIR_MAX = 128  # 255*128 = 32640 <= 32767 (kernel-spec §1)

@@ -1,19 +1,20 @@
 """Independent check that quantized weights can never saturate an int16 pair (kernel-spec §1).
 
-Reads the *stored* codes (``int_repr()``, zero point included) and checks, for every pair of
-:mod:`safeobs.layout`, the sign-split bound directly: the positive codes of the pair sum to
-<= 128 and the negative codes to >= -128.  Shares no code with :mod:`safeobs.solver`.
+Reads the *stored* codes (zero point included) and checks, for every pair of
+:mod:`safeobs.kernels.layout`, the sign-split bound directly: the positive codes of the pair sum to
+<= 128 and the negative codes to >= -128.  Shares no code with :mod:`safeobs.core.solver`.
+
+Works on plain codes and layer records (:mod:`safeobs.core.layers`): each runtime hands its layers in
+through :func:`check_layers`; :func:`safeobs.verify` (in :mod:`safeobs.tools.verify`) takes whole models.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 import numpy as np
-import torch
 
-from . import qlayers
-from .layout import LAYOUTS, any_pairs, infer_op, output_channel_rows, weight_pairs
+from ..kernels.layout import LAYOUTS, any_pairs, infer_op, output_channel_rows, weight_pairs
 
 POS_LIMIT = 128  # 255 * 128 = 32640 <= 32767
 NEG_LIMIT = -128  # 255 * -128 = -32640 >= -32768
@@ -96,34 +97,13 @@ def check_codes(codes, layout: str = "x86", *, op: str | None = None, groups: in
     return sorted(out, key=lambda v: (v.module, v.channel, v.indices, v.sign))
 
 
-def verify(obj, layout: str = "x86", *, op: str | None = None, groups: int | None = None) -> Report:
-    """Every weight pair of ``obj`` that can saturate under ``layout``.
-
-    ``obj``: a quantized (qint8) weight tensor, integer codes (tensor or array; pass ``op`` and
-    ``groups`` for conv_transpose), a converted quantized module, or a whole converted model
-    (every quantized Linear/Conv/ConvTranspose, intrinsic fused and dynamic Linear included),
-    eager or TorchScript (``torch.jit.load`` of a traced/scripted converted model: weights are
-    read from the packed params); torchao ``quantize_`` models and their ``Int8Tensor`` weights.
-    """
+def check_layers(records: Iterable, layout: str = "x86") -> Report:
+    """:class:`Report` over layer records (anything with ``name``, ``codes``, ``op``, ``groups``:
+    :class:`safeobs.core.layers.LayerCodes`, :class:`safeobs.core.layers.QLayer`, ...)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if isinstance(obj, torch.nn.Module):  # eager or TorchScript
-        found = qlayers.layers(obj)
-        violations = [v for lay in found for v in check_codes(lay.weight.int_repr().numpy(), layout, op=lay.op,
-                                                              groups=lay.groups, name=lay.name)]
-        return Report(layout, [lay.name for lay in found], violations)
-    if isinstance(obj, torch.Tensor) and type(obj).__name__ == "Int8Tensor":  # torchao weight: stored codes
-        return Report(layout, [""], check_codes(obj.qdata.detach().cpu().numpy(), layout, op=op or "linear",
-                                                groups=groups))
-    if isinstance(obj, torch.Tensor):
-        if obj.is_quantized:
-            if obj.dtype != torch.qint8:
-                raise TypeError(f"only qint8 weights feed vpmaddubsw, got {obj.dtype}")
-            codes = obj.int_repr().numpy()
-        elif obj.is_floating_point():
-            raise TypeError("verify needs quantized weights or integer codes, got a float tensor")
-        else:
-            codes = obj.detach().cpu().numpy()
-    else:
-        codes = np.asarray(obj)
-    return Report(layout, [""], check_codes(codes, layout, op=op, groups=groups))
+    names, violations = [], []
+    for rec in records:
+        names.append(rec.name)
+        violations += check_codes(rec.codes, layout, op=rec.op, groups=rec.groups, name=rec.name)
+    return Report(layout, names, violations)

@@ -1,4 +1,7 @@
-"""Subprocess entry point of :mod:`safeobs.realkernel`: ``python -m safeobs._realkernel_worker in.pkl out.pkl``."""
+"""Subprocess entry point of :mod:`safeobs.kernels.realkernel`:
+``python -m safeobs.kernels._realkernel_worker in.pkl out.pkl`` runs ``torch.ops.quantized`` cases.
+
+:func:`main` also serves :mod:`safeobs.tools._realrun_worker`, which passes its ``run_module`` for model jobs."""
 
 from __future__ import annotations
 
@@ -61,51 +64,7 @@ def run_case(torch, c):
     return y.int_repr().numpy()
 
 
-def _to_numpy(torch, y):
-    if isinstance(y, (tuple, list)):
-        return [_to_numpy(torch, t) for t in y]
-    if isinstance(y, torch.Tensor):
-        return y.int_repr().numpy() if y.is_quantized else y.detach().numpy()
-    return y
-
-
-def run_module(torch, job):
-    path = job["path"]
-    # realkernel.run_worker wrote this file itself into its private (0700) directory: no outside file
-    fmt = job.get("format") or ("torchscript" if _is_torchscript(path) else "pickle")
-    model = torch.jit.load(path) if fmt == "torchscript" else torch.load(path, weights_only=False)
-    if job.get("forced"):
-        from safeobs import realkernel
-
-        why = realkernel.forced_mismatch(job["forced"], job["engine"], realkernel.model_convs(model))
-        if why:
-            return {"mismatch": why}
-    def run():
-        out = []
-        with torch.no_grad():
-            for inp in job["inputs"]:
-                args = inp if isinstance(inp, (tuple, list)) else (inp,)
-                out.append(_to_numpy(torch, model(*[torch.from_numpy(np.asarray(a)) for a in args])))
-        return out
-
-    if job.get("emulate") is None:
-        return run()
-    # The same model again, its int8 modules through the emulator, in this process: every other
-    # (float) op runs the same code on the same CPU, so any difference is the int8 kernels'.
-    from safeobs import emulator
-
-    real = run()
-    with emulator.emulate(model, engine=job["engine"], **job["emulate"]):
-        return real, run()
-
-
-def _is_torchscript(path) -> bool:
-    from safeobs.serialization import is_torchscript
-
-    return is_torchscript(path)
-
-
-def main(src: str, dst: str) -> None:
+def main(src: str, dst: str, run_module=None) -> None:
     warnings.filterwarnings("ignore", message=".*deprecat.*")  # pytorch/pytorch#184982
     import torch
 
@@ -122,8 +81,10 @@ def main(src: str, dst: str) -> None:
                 out.append(run_case(torch, c))
             except Exception as e:  # report which case the kernel refused
                 raise RuntimeError(f"case {i} ({c['op']}, w {np.shape(c['w'])}): {e}") from e
-    else:
+    elif run_module is not None:
         out = run_module(torch, job)
+    else:
+        raise ValueError(f"unknown job kind {job['kind']!r} for this worker")
     with open(dst, "wb") as f:
         pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
 

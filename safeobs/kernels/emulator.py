@@ -803,11 +803,26 @@ def _module_forward(mod, name, rep: Emulation, engine, isa, exact):
                                 "zeros", mod.scale, mod.zero_point, relu=relu, **kw)
             record(sat)
             return y
-    else:  # torchao int8 Linear (Int8Tensor weight), or nothing to emulate
-        from . import emulator_torchao
-
-        return emulator_torchao.module_forward(mod, name, rep, engine, isa, exact)
+    else:  # a module another runtime owns (torchao's int8 Linear, ...), or nothing to emulate
+        for hook in _MODULE_FORWARDS.values():
+            fwd = hook(mod, name, rep, engine, isa, exact)
+            if fwd is not None:
+                return fwd
+        return None
     return fwd
+
+
+# Emulator hooks of the runtime folders: ``hook(mod, name, rep, engine, isa, exact)`` returns an emulated
+# ``forward`` for a module that runtime owns, else None.  :mod:`safeobs.tools.runtimes` registers them.
+_MODULE_FORWARDS: dict = {}
+
+
+def register_module_forward(hook, *, key=None):
+    """Let :func:`emulate` emulate modules this module does not know (torch.ao's are built in): ``hook(mod,
+    name, rep, engine, isa, exact)`` returns a ``forward`` replacement or None.  ``key`` (default: the hook)
+    makes registering again replace the earlier hook.  Returns ``hook``."""
+    _MODULE_FORWARDS[hook if key is None else key] = hook
+    return hook
 
 
 @contextlib.contextmanager

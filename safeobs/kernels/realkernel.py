@@ -10,7 +10,7 @@ an AVX2-only CPU as every library sees it).
 A forced ISA is *not* a CPU of that ISA for everything (kernel-spec §2, §3): FBGEMM's groupwise conv
 picks its kernel (and G_together) from cpuinfo, and engine ``x86`` routes convs to oneDNN by cpuinfo's
 VNNI flag.  :func:`forced_mismatch` says when a forced run would not be the real kernels of that ISA;
-:func:`run_ops` and :func:`run_module` refuse such runs, and :func:`mode_for` picks the mode that
+:func:`run_ops` and :func:`safeobs.tools.realrun.run_module` refuse such runs, and :func:`mode_for` picks the mode that
 does reach them (native, forced, else qemu Haswell).  :func:`describe` names the kernel that ran.
 
 A *case* is a dict of plain numpy codes and parameters::
@@ -148,14 +148,6 @@ def case_convs(cases) -> list[dict]:
             for c in cases if str(c.get("op", "")).startswith("conv")]
 
 
-def model_convs(model) -> list[dict]:
-    """The conv facts of a converted model's quantized convs (eager or TorchScript)."""
-    from .qlayers import layers
-
-    return [_conv_facts(q.kind, tuple(q.weight.shape), q.groups, q.stride, q.padding, q.dilation,
-                        q.output_padding or 0, q.symmetric) for q in layers(model) if q.op != "linear"]
-
-
 def forced_mismatch(mode: str, engine: str, convs=(), host: str | None = None) -> str | None:
     """Why a forced-ISA run in ``mode`` of these convs would NOT be the kernels of a real ``mode`` CPU.
 
@@ -228,7 +220,7 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
 
 
-def _command(mode: str, args: list[str], worker: str = "safeobs._realkernel_worker") -> tuple[list[str], dict]:
+def _command(mode: str, args: list[str], worker: str = "safeobs.kernels._realkernel_worker") -> tuple[list[str], dict]:
     env = dict(os.environ)
     for key in ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"):
         env.pop(key, None)
@@ -237,28 +229,29 @@ def _command(mode: str, args: list[str], worker: str = "safeobs._realkernel_work
     cmd = [sys.executable, worker, *args] if worker.endswith(".py") else [sys.executable, "-m", worker, *args]
     if mode == "haswell":
         cmd = [QEMU, "-cpu", "Haswell", *cmd]
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the directory holding the safeobs package
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     return cmd, env
 
 
 def run_worker(worker: str, job, mode: str, timeout: float, label: str = "real-kernel", env: dict | None = None,
-               model=None):
+               write=None):
     """Pickle ``job`` to ``python -m worker IN OUT`` (or ``python worker.py IN OUT``) in ONE fresh subprocess
     under ``mode``, with ``env`` added to its environment; its result.
 
     Every file the subprocess reads is written here, into a private ``tempfile.mkdtemp`` directory (mode
-    0700): the job, and ``model`` (an in-memory torch model, saved as ``model.pt``; ``job["path"]`` then
-    points there).  The one way every runtime's real kernels are run (torch ops here, torchao's in
-    ``_torchao_worker``, ONNX Runtime's in ``_ort_worker.py``)."""
+    0700): the job, and whatever ``write(directory)`` writes there (e.g. a model file,
+    :func:`safeobs.tools.realrun.run_module`); the dict it returns is merged into the job.  The one way every
+    runtime's real kernels are run (torch ops here, torch models in :mod:`safeobs.tools.realrun`, torchao's in
+    :mod:`safeobs.torchao._worker`, ONNX Runtime's in ``safeobs/onnx/_ort_worker.py``)."""
     _check_mode(mode)
     if not available(mode):
         raise RuntimeError(f"mode {mode!r} is not available on this host")
     tmp = tempfile.mkdtemp(prefix="safeobs-rk-")  # 0700: no other user can read or swap what the worker loads
     try:
         src, dst = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
-        if model is not None:
-            job = dict(job, **_write_model(model, os.path.join(tmp, "model.pt")))
+        if write is not None:
+            job = dict(job, **write(tmp))
         with open(src, "wb") as f:
             pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
         cmd, full_env = _command(mode, [src, dst], worker)
@@ -276,29 +269,8 @@ def run_worker(worker: str, job, mode: str, timeout: float, label: str = "real-k
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_model(model, path: str) -> dict:
-    """Save an in-memory model for the worker (TorchScript as TorchScript, else a pickle only safeobs reads)."""
-    import torch
-
-    if isinstance(model, torch.jit.ScriptModule):
-        torch.jit.save(model, path)
-        return {"path": path, "format": "torchscript"}
-    from .qlayers import layers
-
-    if any(lay.kind == "linear_torchao" for lay in layers(model)):
-        from .torchao import make_picklable
-
-        make_picklable(model)
-    try:
-        torch.save(model, path)
-    except Exception as e:  # e.g. FX GraphModules holding unpicklable attributes
-        raise ValueError(f"cannot hand this model to the worker ({type(e).__name__}); trace it to TorchScript "
-                         "first") from None
-    return {"path": path, "format": "pickle"}
-
-
-def _run(job: dict, mode: str, timeout: float, model=None):
-    out = run_worker("safeobs._realkernel_worker", job, mode, timeout, model=model)
+def _run(job: dict, mode: str, timeout: float, write=None, worker: str = "safeobs.kernels._realkernel_worker"):
+    out = run_worker(worker, job, mode, timeout, write=write)
     if isinstance(out, dict) and "mismatch" in out:
         raise ValueError(f"mode {mode!r} cannot run this model as a real {mode} CPU would: {out['mismatch']}; "
                          f"use realkernel.mode_for({mode!r}, ...) (qemu Haswell for avx2)")
@@ -318,40 +290,3 @@ def run_ops(cases, *, mode: str = "native", engine: str = "fbgemm", timeout: flo
         raise ValueError(f"mode {mode!r} would not run these cases as a real {mode} CPU does: {why}; "
                          f"use realkernel.mode_for({mode!r}, engine, case_convs(cases)) (qemu Haswell for avx2)")
     return _run({"kind": "ops", "engine": engine, "cases": cases}, mode, timeout)
-
-
-def run_module(path, inputs, *, mode: str = "native", engine: str = "x86", emulate: dict | None = None,
-               timeout: float = 1200.0, trust_pickle: bool = False, arch=None) -> list:
-    """Run a model on each of ``inputs`` (numpy arrays or tuples of them; float inputs) in ONE subprocess.
-    Returns one numpy array per input (int codes when the output is quantized).
-
-    ``path``: a ``torch.nn.Module`` (eager or TorchScript), or a model file, loaded HERE by
-    :func:`safeobs.qlayers.load_model`: a state dict with ``arch``, or a TorchScript / pickled model
-    file only with ``trust_pickle=True`` (loading and running those runs their code).  The worker gets
-    the model as a file this function writes into a private directory; it never opens ``path``.
-
-    With ``emulate=dict(isa=..., exact=...)`` (an eager model) the subprocess also runs the
-    model under :func:`safeobs.emulator.emulate` and returns ``(real, emulated)``: float ops then run
-    the same code on the same (emulated) CPU in both, so a difference can only come from the int8
-    kernels.
-
-    A forced mode (``"avx2"``/``"avx512"``) first checks the model's convs with :func:`forced_mismatch`
-    in the subprocess and raises ValueError instead of reporting another kernel's result.
-    """
-    import torch
-
-    if isinstance(path, torch.nn.Module):
-        model = path
-    elif isinstance(path, (str, os.PathLike)):
-        if not os.path.isfile(path):
-            raise ValueError(f"{path}: no such model file")
-        from .qlayers import load_model
-
-        model, source = load_model(os.fspath(path), trust_pickle=trust_pickle, arch=arch)
-        if source == "state":
-            raise ValueError(f"{path}: a safeobs state file holds the layers, not the forward pass: pass arch=")
-    else:
-        raise TypeError(f"path must be a model file or a torch.nn.Module, got {type(path).__name__}")
-    job = {"kind": "module", "engine": engine, "inputs": list(inputs), "emulate": emulate,
-           "forced": mode if mode in ("avx2", "avx512") else None}
-    return _run(job, mode, timeout, model=model)

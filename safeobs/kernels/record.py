@@ -1,4 +1,4 @@
-"""Record real-kernel vectors on this host: ``python -m safeobs.record --out DIR`` (issue 16).
+"""Record real-kernel vectors on this host: ``python -m safeobs.kernels.record --out DIR`` (issue 16).
 
 Re-runs the recorded oneDNN cases (inputs of ``tests/data/onednn-avx512`` or ``--cases DIR``) on every CPU kind this
 host reaches (:func:`safeobs.realkernel.mode_for`: native, and a forced AVX512_CORE / AVX2 run where it is a real CPU
@@ -99,7 +99,7 @@ def record(out: Path, cases_dir: Path = DEFAULT_CASES, isas=("avx2", "avx512", "
         mode = realkernel.mode_for(isa, "onednn")
         if mode is None or mode == "haswell":  # qemu: no ONEDNN_VERBOSE timing games, and slow; skip
             continue
-        ys, impls = realkernel.run_worker("safeobs.record", {"cases": flat}, mode, 1800.0, label="recorder",
+        ys, impls = realkernel.run_worker("safeobs.kernels.record", {"cases": flat}, mode, 1800.0, label="recorder",
                                           env={"ONEDNN_VERBOSE": "1", "OMP_NUM_THREADS": "1"})
         results[isa] = (mode, ys, impls)
     if not results:
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         with open(argv[1], "wb") as f:
             pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
         return 0
-    ap = argparse.ArgumentParser(prog="python -m safeobs.record", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m safeobs.kernels.record", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="directory for cases_<family>.npz and host.json")
     ap.add_argument("--cases", type=Path, default=DEFAULT_CASES, help="directory with the input cases_<family>.npz")
     args = ap.parse_args(argv)

@@ -96,7 +96,7 @@ def _kernel_view(w: np.ndarray, role: Role, axis: int | None):
 def layout_pairs_for(v: np.ndarray, op: str | None, layout: str, ch_axis: int | None,
                      role: Role | None = None) -> np.ndarray:
     """Pairs (indices into ``v.ravel()``) that must be safe; unknown ops use the top-two rule per channel."""
-    from . import layout as L
+    from ..kernels import layout as L
 
     if layout == "ort" and role is not None and exact_depthwise(v.shape, role):
         return np.zeros((0, 2), np.int64)
@@ -150,7 +150,7 @@ def safe_weight_params(w: np.ndarray, role: Role, scale, zero_point, axis: int |
     where float32 division rounds a code differently from the solver's reciprocal gets the next
     float32 scale until it is safe (an exact check, not a tolerance).
     """
-    from .solver import raise_scales
+    from ..core.solver import raise_scales
 
     w = np.ascontiguousarray(w, dtype=np.float32)
     v, ch, op = _kernel_view(w, role, axis)
@@ -301,7 +301,7 @@ def _bind(fn, args, kwargs):
 
 
 def _check_layout(layout: str) -> None:
-    from .layout import LAYOUTS
+    from ..kernels.layout import LAYOUTS
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")

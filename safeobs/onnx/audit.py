@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import onnx as so
+from .. import onnx as so
 
 SAT_ISAS = ("avx2", "avx512")
 
@@ -107,7 +107,7 @@ def _run_capture(model, names: list[str], inputs: dict) -> dict:
 
 def emulate_saturation(model, weights, inputs: dict) -> list[dict]:
     """Per weight: saturated int16 lanes per ISA for the captured activations (emulated)."""
-    from . import emulator_ort as E
+    from . import emulator as E
 
     acts = _act_tensors(model, weights)
     names = sorted({n for a, z, _ in acts for n in (a, z) if n})

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .realkernel import QEMU, host_isa, run_worker
+from ..kernels.realkernel import QEMU, host_isa, run_worker
 
 MODES = ("native", "haswell")
 MS = "com.microsoft"
 
 
 def _onnx():
-    from .onnx import require
+    from . import require
 
     return require()[0]
 

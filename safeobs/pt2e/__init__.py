@@ -26,9 +26,10 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without torchao
     raise ImportError("safeobs.pt2e needs torchao (`pip install torchao`), which is not installed") from e
 
-from .layout import LAYOUTS
-from .observers import _SafeMixin
-from .verify import Report, check_codes
+from ..kernels.layout import LAYOUTS
+from ..core.observer import _SafeMixin
+from ..core.layers import LayerCodes
+from ..core.verify import Report, check_layers
 
 __all__ = [
     "SafePerChannelMinMaxObserver",
@@ -124,8 +125,4 @@ def quantized_weights(model: torch.fx.GraphModule) -> Iterator[tuple[str, np.nda
 
 def verify(model: torch.fx.GraphModule, layout: str = "x86") -> Report:
     """:func:`safeobs.verify` for a ``convert_pt2e`` model: every weight pair that can saturate."""
-    names, violations = [], []
-    for name, codes, op, groups in quantized_weights(model):
-        names.append(name)
-        violations += check_codes(codes, layout, op=op, groups=groups, name=name)
-    return Report(layout, names, violations)
+    return check_layers((LayerCodes(*w) for w in quantized_weights(model)), layout)

@@ -4,7 +4,8 @@ For every int8-weight layer and every engine/ISA pair, :mod:`safeobs.dispatch` n
 torch would run and :func:`safeobs.layout.kernel_pairs` gives exactly the pairs that kernel forms;
 a pair is violating when its positive codes sum above 128 or its negative codes below -128
 (then some u8 activation saturates it).  With sample inputs and an eager model, the emulator
-(:func:`safeobs.emulator.emulate`) also counts the lanes that actually saturate.
+(:func:`safeobs.emulator.emulate`) also counts the lanes that actually saturate.  Layers, kernels and
+emulation come from the runtime that owns each layer (:mod:`safeobs.tools.runtimes`).
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ import os
 import numpy as np
 import torch
 
-from .dispatch import ENGINES, ISAS, Kernel, conv_kernel, linear_kernel
-from .layout import kernel_order, kernel_pairs
-from .qlayers import QLayer, is_script, layers
-from .verify import NEG_LIMIT, POS_LIMIT
-
-COMBOS = tuple(f"{e}/{i}" for e in ENGINES for i in ISAS)
-# torchao quantize_ models: the kernel depends on eager vs torch.compile(freezing) and the CPU (emulator_torchao)
-TORCHAO_COMBOS = tuple(f"{p}/{i}" for p in ("eager", "compiled") for i in ISAS)
+from ..core.layers import QLayer
+from ..core.verify import NEG_LIMIT, POS_LIMIT
+from ..kernels.layout import kernel_order, kernel_pairs
+from . import runtimes
+from .runtimes import COMBOS, TORCHAO_COMBOS, is_script, layers
 SHORT_PATH = {"pointwise": "1x1", "depthwise": "dw", "groupwise": "group"}
 NO_EMULATION_SCRIPT = ("TorchScript models are audited from their weights only: emulating with data needs the "
                        "eager model (pass module:function)")
@@ -30,20 +28,9 @@ NO_EMULATION_STATE = ("a safeobs state file holds the layers, not the forward pa
 
 
 def kernel_for(layer: QLayer, engine: str, isa: str):
-    """The :class:`safeobs.dispatch.Kernel` torch runs for ``layer`` with ``engine`` on ``isa``."""
-    if layer.kind == "linear_torchao":  # engine is a torchao path; torch.ao engines: fbgemm/x86 eager, onednn compiled
-        from .emulator_torchao import int_mm_kernel
-
-        k = int_mm_kernel(isa, engine if engine in ("eager", "compiled") else
-                          "compiled" if engine == "onednn" else "eager")
-        return Kernel(k.backend, "matmul" if k.backend == "onednn" else "int_mm", k.saturates)
-    if engine in ("eager", "compiled"):  # a torchao column for a torch.ao layer: its default engine
-        engine = "x86"
-    if layer.op == "linear":
-        return linear_kernel(engine, isa)
-    return conv_kernel(engine, isa, tuple(layer.weight.shape), groups=layer.groups, stride=layer.stride,
-                       padding=layer.padding, dilation=layer.dilation, transposed=layer.op == "conv_transpose",
-                       output_padding=layer.output_padding or 0, weight_symmetric=layer.symmetric)
+    """The :class:`safeobs.kernels.dispatch.Kernel` torch runs for ``layer`` with ``engine`` on ``isa`` (asked of
+    the runtime that owns the layer: torchao Linears take a torchao path, "eager" | "compiled", as engine)."""
+    return runtimes.kernel_for(layer, engine, isa)
 
 
 def pair_violations(codes: np.ndarray, kernel, op: str, groups: int, isa: str) -> dict:
@@ -76,7 +63,7 @@ def pair_violations(codes: np.ndarray, kernel, op: str, groups: int, isa: str) -
 
 def audit_layer(layer: QLayer, combos=COMBOS) -> dict:
     """Kernel and violating pairs of one layer for each ``"engine/isa"`` in ``combos``."""
-    codes = layer.weight.int_repr().numpy()
+    codes = layer.codes
     out = {"name": layer.name, "kind": layer.kind, "shape": list(layer.weight.shape), "groups": layer.groups,
            "qscheme": str(layer.weight.qscheme()).replace("torch.", ""), "kernels": {}}
     for combo in combos:
@@ -90,18 +77,14 @@ def audit_layer(layer: QLayer, combos=COMBOS) -> dict:
 
 def emulate_saturation(model, inputs: tuple, combos=COMBOS, progress=None) -> dict:
     """Saturated int16 lanes per layer when ``model(*inputs)`` runs each ``"engine/isa"`` kernel (emulated)."""
-    from .emulator import emulate
-
     out = {}
     for i, combo in enumerate(combos):
         engine, isa = combo.split("/")
         try:
-            if engine in ("eager", "compiled"):
-                from .emulator_torchao import emulate as emulate_torchao
-
-                ctx = emulate_torchao(model, isa=isa, path=engine)
-            else:
-                ctx = emulate(model, engine=engine, isa=isa)
+            rt = runtimes.for_combo(combo)
+            if rt is None:
+                raise ValueError(f"no runtime emulates {combo!r}")
+            ctx = rt.load().emulate(model, engine, isa)
             with torch.no_grad(), ctx as rep:
                 model(*inputs)
             out[combo] = {"total": int(rep.total), "layers": {k: int(v) for k, v in rep.saturation.items()}}
@@ -120,7 +103,7 @@ def audit(model, inputs: tuple | None = None, combos=None, progress=None) -> dic
         raise TypeError("model must be a torch.nn.Module; load a file with safeobs.load_model(path)")
     found = layers(model)
     if combos is None:
-        combos = TORCHAO_COMBOS if found and all(lay.kind == "linear_torchao" for lay in found) else COMBOS
+        combos = runtimes.combos_for(found) if found else COMBOS
     combos = tuple(combos)
     for c in combos:
         if c not in COMBOS + TORCHAO_COMBOS:

@@ -25,7 +25,7 @@ def qconfigs() -> dict:
     """The four setups' QConfigs (activation observer, weight observer)."""
     from torch.ao.quantization import HistogramObserver, PerChannelMinMaxObserver, QConfig, get_default_qconfig
 
-    from .qconfig import get_default_qconfig as safe_qconfig
+    from ..torch_ao.qconfig import get_default_qconfig as safe_qconfig
 
     full = HistogramObserver.with_args(reduce_range=False)
     seven = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
@@ -41,7 +41,7 @@ def qconfigs() -> dict:
 def real_kernel_mode() -> str | None:
     """The fastest mode that runs a real AVX2 CPU's kernels here: native on AVX2 hosts, else forced AVX2
     (the demo's stem and depthwise convs have no FBGEMM groupwise path), else qemu Haswell (None: none)."""
-    from . import realkernel
+    from ..kernels import realkernel
 
     return realkernel.mode_for("avx2", ENGINE)
 
@@ -108,7 +108,9 @@ def run(quick: bool = False, calib: int | None = None, evaluate: int | None = No
         progress=None) -> dict:
     """Run the demo; returns ``{"mode", "engine", "isa", "calib", "eval", "rows": [...]}`` (one row per
     layer, scenario and setup).  ``mode``: a :mod:`safeobs.realkernel` mode, "auto" or None (no real kernel)."""
-    from . import data, emulator, models, realkernel
+    from .. import data
+    from ..kernels import emulator, realkernel
+    from ..data import models
 
     calib = calib or (6 if quick else 24)
     evaluate = evaluate or (2 if quick else 12)

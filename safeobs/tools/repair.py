@@ -13,10 +13,13 @@ import os
 import numpy as np
 import torch
 
-from .layout import LAYOUTS
-from .qlayers import ModelError, QLayer, layers, set_weight
-from .solver import layout_pairs, pairs_stay_in_rows, raise_scales
-from .verify import check_codes
+from ..core.layers import QLayer
+from ..core.solver import layout_pairs, pairs_stay_in_rows, raise_scales
+from ..core.verify import check_codes
+from ..kernels.layout import LAYOUTS
+from .runtimes import layers, set_weight
+from .serialization import ModelError
+from .serialization import save as save_state
 
 PER_TENSOR = (torch.per_tensor_affine, torch.per_tensor_symmetric)
 
@@ -102,8 +105,6 @@ def save(model, out: str, example_inputs: tuple | None = None, *, arch: str | No
             traced = torch.jit.trace(model, example_inputs, check_trace=False)
         torch.jit.save(traced, out)
         return "torchscript"
-    from .serialization import save as save_state
-
     try:
         save_state(model, out, arch=arch)
     except (TypeError, ValueError, RuntimeError) as e:

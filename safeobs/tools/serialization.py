@@ -20,25 +20,31 @@ pickle (``torch.save(model)``: unpickling calls whatever the file names), and a 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import sys
 import pickle
 import re
 import zipfile
-from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
 
-from .qlayers import ModelError, call_spec, is_script, layers
+from ..core import statefile
+from .runtimes import is_script, layers
 
-FORMAT = "safeobs.state_dict"
-VERSION = 1
+FORMAT, VERSION = statefile.FORMAT, statefile.VERSION
 TRUST = "--trust-pickle (Python: trust_pickle=True)"
 TORCHSCRIPT = ("a TorchScript archive (torch.jit.save): torch.jit.load runs the TorchScript code it carries "
                "(its __setstate__ methods)")
 PICKLE = "a full Python pickle (torch.save of a module or other Python objects): unpickling it can run any code"
 HOW = (f"; pass {TRUST} only if you trust where it comes from, or ask for its state dict "
        "(safeobs.save(model, path)) or an ONNX export")
+
+
+
+class ModelError(ValueError):
+    """A model or input spec that cannot be loaded (the CLI reports it in one line, exit code 2)."""
 
 
 def _torchao_globals() -> list:
@@ -149,55 +155,15 @@ def _build(path, state_dict, arch):
 # -- safeobs state files ---------------------------------------------------------------------------
 
 
-def _keys(name: str, kind: str) -> tuple[str, str | None]:
-    """State-dict keys of a layer's weight and bias (Linear: the packed ``(weight, bias)`` tuple, no bias key)."""
-    p = f"{name}." if name else ""
-    if kind in ("linear", "linear_dynamic"):
-        return p + "_packed_params._packed_params", None
-    return p + "weight", p + "bias"
-
-
-def _layer_weight(mod, kind):
-    if kind == "linear_torchao":
-        return mod.weight.detach()
-    return mod.weight()
-
-
 def save(model: torch.nn.Module, f, *, arch: str | None = None) -> None:
     """Save ``model``'s state dict and int8 layer list with ``torch.save``; :func:`load` reads it back with
     ``weights_only=True``.  ``arch`` (``"module:function"`` that builds the model) is recorded for the user;
     safeobs never imports it on its own."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if is_script(model):
-        raise TypeError("a TorchScript model: save it with torch.jit.save (loading that needs trust_pickle=True)")
-    if arch is not None and not isinstance(arch, str):
-        raise TypeError(f"arch must be a 'module:function' string, got {type(arch).__name__}")
-    found = layers(model)
-    base = getattr(model, "_safeobs_state", None)
-    sd = model.state_dict() if base is None else _copy(base["state_dict"])
-    meta = []
-    for lay in found:
-        key, bias_key = _keys(lay.name, lay.kind)
-        if key not in sd:
-            raise ValueError(f"{lay.name}: no state-dict entry {key!r} for its weight; cannot save it as a state file")
-        if base is not None:  # a stand-in: write the (repaired) weights back into the original state dict
-            w = _layer_weight(lay.module, lay.kind)
-            sd[key] = (w, sd[key][1]) if bias_key is None else w
-        meta.append({"name": lay.name, "kind": lay.kind, "key": key, "bias": bias_key if bias_key in sd else None,
-                     "groups": int(lay.groups), "stride": tuple(lay.stride), "padding": tuple(lay.padding),
-                     "dilation": tuple(lay.dilation), "output_padding": tuple(lay.output_padding)})
-    if arch is None and base is not None:
-        arch = base.get("arch")
-    torch.save({"format": FORMAT, "version": VERSION, "arch": arch, "layers": meta, "state_dict": sd}, f)
-
-
-def _copy(sd):
-    """A shallow copy of a state dict that keeps its ``_metadata`` (module versions ``load_state_dict`` reads)."""
-    out = OrderedDict(sd)
-    if getattr(sd, "_metadata", None) is not None:
-        out._metadata = sd._metadata
-    return out
+    if isinstance(model, torch.nn.Module) and not is_script(model):
+        found = layers(model)
+    else:
+        found = []  # write() raises the TypeError
+    statefile.write(model, f, found, arch=arch)
 
 
 def is_standin(model) -> bool:
@@ -260,3 +226,82 @@ def _layer_module(meta: dict, sd: dict) -> torch.nn.Module:
         mod = cls(w.shape[1] * g, w.shape[0], tuple(w.shape[2:]), **hp)
     mod.set_weight_bias(w, b)
     return mod
+
+
+# -- loading models and inputs (safeobs.load_model, the CLI) ----------------------------------------
+
+
+def load_model(spec: str, *, trust_pickle: bool = False, arch=None):
+    """``(model, source)`` from a model file or ``module:function``; nothing in a file runs by default.
+
+    Files: a safeobs state file or a state dict (``torch.load(weights_only=True)``; a plain state dict
+    needs ``arch``, the ``module:function`` or callable that builds the model); a full pickle or a
+    TorchScript archive only with ``trust_pickle=True`` (see :mod:`safeobs.serialization`).
+    ``module:function`` is imported and called (the user named it).  ``source`` is "state",
+    "state_dict", "torchscript", "pickle" or "function".  Raises :class:`ModelError`.
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"spec must be a path or 'module:function', got {type(spec).__name__}")
+    spec = os.fspath(spec)
+    if os.path.exists(spec):
+        if os.path.isdir(spec):
+            raise ModelError(f"{spec}: is a directory, expected a model file")
+        return load(spec, trust_pickle=trust_pickle, arch=arch)
+    if ":" not in spec:
+        raise ModelError(f"{spec}: no such file (MODEL is a model file or module:function)")
+    if arch is not None:
+        raise ModelError(f"{spec}: --arch is for state-dict files, not module:function")
+    model = call_spec(spec)
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model, "function"
+
+
+def call_spec(spec: str):
+    """Import ``module:function`` (the current directory is importable) and call it without arguments."""
+    if not isinstance(spec, str):
+        raise TypeError(f"expected 'module:function', got {type(spec).__name__}")
+    mod_name, _, fn_name = spec.rpartition(":")
+    if not mod_name or not fn_name:
+        raise ModelError(f"{spec}: expected module:function")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ModelError(f"{spec}: cannot import {mod_name!r} ({e})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ModelError(f"{spec}: {mod_name!r} has no function {fn_name!r}")
+    return fn()
+
+
+def load_inputs(path: str | None = None, photos: int | None = None, scale: float = 1.0) -> tuple | None:
+    """Sample inputs as an argument tuple: a ``torch.save``'d tensor or tuple/list of tensors, or the
+    first ``photos`` held-out ImageNet-normalised photos (N, 3, 224, 224); multiplied by ``scale``."""
+    if path is not None and photos is not None:
+        raise ModelError("give --inputs or --photos, not both")
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ModelError(f"{path}: no such inputs file")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelError(f"{path}: cannot load inputs ({type(e).__name__})") from None
+        args = tuple(obj) if isinstance(obj, (tuple, list)) else (obj,)
+        if not args or not all(isinstance(a, torch.Tensor) for a in args):
+            raise ModelError(f"{path}: expected a tensor or a tuple/list of tensors")
+    elif photos is not None:
+        if photos < 1:
+            raise ModelError("--photos must be >= 1")
+        from .. import data
+
+        x = data.photos("heldout")
+        if photos > len(x):
+            raise ModelError(f"--photos must be <= {len(x)}")
+        args = (x[:photos],)
+    else:
+        return None
+    if scale != 1.0:
+        args = tuple(a * scale if a.is_floating_point() else a for a in args)
+    return args

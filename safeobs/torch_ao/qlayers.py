@@ -1,6 +1,7 @@
 """The int8-weight layers of a converted model, eager or TorchScript: read them, swap their weights.
 
-Shared by ``safeobs audit`` and ``safeobs repair``.  Eager models are converted torch.ao modules
+The torch.ao adapter of :mod:`safeobs.tools.runtimes` (``qlayer``, ``set_weight``, ``kernel_for``,
+``emulate``), shared by ``safeobs verify``/``audit``/``repair``.  Eager models are converted torch.ao modules
 (static, fused, dynamic); TorchScript models (``torch.jit.save`` of a traced/scripted converted
 model) keep each quantized module as a ``RecursiveScriptModule`` whose weights live in its
 packed params, read with ``torch.ops.quantized.*_unpack`` and written back with ``*_prepack``.
@@ -8,97 +9,16 @@ packed params, read with ``torch.ops.quantized.*_unpack`` and written back with 
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import os
-import sys
-from typing import Optional
-
 import torch
 
+from ..core.layers import QLayer
+from ..kernels import dispatch
 
-class ModelError(ValueError):
-    """A model or input spec that cannot be loaded (the CLI reports it in one line, exit code 2)."""
-
-
-@dataclasses.dataclass
-class QLayer:
-    """One quantized Linear/Conv/ConvTranspose with int8 weights."""
-
-    name: str
-    kind: str  # "linear", "linear_dynamic", "conv2d", "conv_transpose2d", ...
-    op: str  # safeobs.layout op: "linear" | "conv" | "conv_transpose"
-    weight: torch.Tensor  # qint8 quantized weight, PyTorch shape
-    bias: Optional[torch.Tensor]
-    groups: int = 1
-    stride: tuple = ()
-    padding: tuple = ()
-    dilation: tuple = ()
-    output_padding: tuple = ()
-    module: object = None  # the eager module or the RecursiveScriptModule
-    script: bool = False
-
-    @property
-    def symmetric(self) -> bool:
-        """All weight zero points are 0 (torch's ``should_use_onednn_quant`` test, kernel-spec §3)."""
-        w = self.weight
-        if w.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-            return int(w.q_zero_point()) == 0
-        return self.op != "conv_transpose" and bool((w.q_per_channel_zero_points() == 0).all())
-
-
-# -- loading ---------------------------------------------------------------------------------------
+__all__ = ["QLayer", "emulate", "is_script", "kernel_for", "layers", "qlayer", "set_weight"]
 
 
 def is_script(model) -> bool:
     return isinstance(model, torch.jit.ScriptModule)
-
-
-def load_model(spec: str, *, trust_pickle: bool = False, arch=None):
-    """``(model, source)`` from a model file or ``module:function``; nothing in a file runs by default.
-
-    Files: a safeobs state file or a state dict (``torch.load(weights_only=True)``; a plain state dict
-    needs ``arch``, the ``module:function`` or callable that builds the model); a full pickle or a
-    TorchScript archive only with ``trust_pickle=True`` (see :mod:`safeobs.serialization`).
-    ``module:function`` is imported and called (the user named it).  ``source`` is "state",
-    "state_dict", "torchscript", "pickle" or "function".  Raises :class:`ModelError`.
-    """
-    if not isinstance(spec, (str, os.PathLike)):
-        raise TypeError(f"spec must be a path or 'module:function', got {type(spec).__name__}")
-    spec = os.fspath(spec)
-    if os.path.exists(spec):
-        if os.path.isdir(spec):
-            raise ModelError(f"{spec}: is a directory, expected a model file")
-        from .serialization import load
-
-        return load(spec, trust_pickle=trust_pickle, arch=arch)
-    if ":" not in spec:
-        raise ModelError(f"{spec}: no such file (MODEL is a model file or module:function)")
-    if arch is not None:
-        raise ModelError(f"{spec}: --arch is for state-dict files, not module:function")
-    model = call_spec(spec)
-    if not isinstance(model, torch.nn.Module):
-        raise ModelError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
-    return model, "function"
-
-
-def call_spec(spec: str):
-    """Import ``module:function`` (the current directory is importable) and call it without arguments."""
-    if not isinstance(spec, str):
-        raise TypeError(f"expected 'module:function', got {type(spec).__name__}")
-    mod_name, _, fn_name = spec.rpartition(":")
-    if not mod_name or not fn_name:
-        raise ModelError(f"{spec}: expected module:function")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ModelError(f"{spec}: cannot import {mod_name!r} ({e})") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ModelError(f"{spec}: {mod_name!r} has no function {fn_name!r}")
-    return fn()
 
 
 # -- layers ----------------------------------------------------------------------------------------
@@ -123,10 +43,6 @@ def _module_weight(mod):
 
 
 def _eager_layer(name, mod) -> QLayer | None:
-    if type(getattr(mod, "weight", None)).__name__ == "Int8Tensor":  # torchao quantize_ (imports torchao)
-        from . import emulator_torchao, torchao
-
-        return torchao.qlayer(name, mod) if emulator_torchao.is_torchao_linear(mod) else None
     found = _module_weight(mod)
     if found is None:
         return None
@@ -180,23 +96,21 @@ def _script_layer(name, mod) -> QLayer | None:
                   output_padding=hp("output_padding") if transposed else (0,) * nd, module=mod, script=True)
 
 
+def qlayer(name: str, mod, script: bool = False) -> QLayer | None:
+    """The :class:`QLayer` of one module of a converted model (``script``: a TorchScript model), or None."""
+    return _script_layer(name, mod) if script else _eager_layer(name, mod)
+
+
 def layers(model) -> list[QLayer]:
-    """Every int8-weight Linear/Conv/ConvTranspose of a converted model, in module order."""
-    out = []
+    """Every int8-weight Linear/Conv/ConvTranspose of a converted torch.ao model, in module order.
+
+    (:func:`safeobs.tools.runtimes.layers` covers every runtime, torchao ``quantize_`` Linears included.)"""
     script = is_script(model)
-    for name, mod in model.named_modules():
-        layer = _script_layer(name, mod) if script else _eager_layer(name, mod)
-        if layer is not None:
-            out.append(layer)
-    return out
+    return [lay for lay in (qlayer(name, mod, script) for name, mod in model.named_modules()) if lay is not None]
 
 
 def set_weight(layer: QLayer, qweight: torch.Tensor) -> None:
     """Replace a layer's quantized weight in place, keeping its bias and hyper-parameters."""
-    if layer.kind == "linear_torchao":
-        from . import torchao
-
-        return torchao.set_weight(layer, qweight)
     if not layer.script:
         layer.module.set_weight_bias(qweight, layer.bias)
     elif layer.op == "linear":
@@ -212,32 +126,20 @@ def set_weight(layer: QLayer, qweight: torch.Tensor) -> None:
     layer.weight = qweight
 
 
-def load_inputs(path: str | None = None, photos: int | None = None, scale: float = 1.0) -> tuple | None:
-    """Sample inputs as an argument tuple: a ``torch.save``'d tensor or tuple/list of tensors, or the
-    first ``photos`` held-out ImageNet-normalised photos (N, 3, 224, 224); multiplied by ``scale``."""
-    if path is not None and photos is not None:
-        raise ModelError("give --inputs or --photos, not both")
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ModelError(f"{path}: no such inputs file")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ModelError(f"{path}: cannot load inputs ({type(e).__name__})") from None
-        args = tuple(obj) if isinstance(obj, (tuple, list)) else (obj,)
-        if not args or not all(isinstance(a, torch.Tensor) for a in args):
-            raise ModelError(f"{path}: expected a tensor or a tuple/list of tensors")
-    elif photos is not None:
-        if photos < 1:
-            raise ModelError("--photos must be >= 1")
-        from . import data
+def kernel_for(layer: QLayer, engine: str, isa: str) -> dispatch.Kernel:
+    """The :class:`safeobs.kernels.dispatch.Kernel` torch runs for ``layer`` with ``engine`` on ``isa``."""
+    if engine in ("eager", "compiled"):  # a torchao column for a torch.ao layer: its default engine
+        engine = "x86"
+    if layer.op == "linear":
+        return dispatch.linear_kernel(engine, isa)
+    return dispatch.conv_kernel(engine, isa, tuple(layer.weight.shape), groups=layer.groups, stride=layer.stride,
+                                padding=layer.padding, dilation=layer.dilation,
+                                transposed=layer.op == "conv_transpose", output_padding=layer.output_padding or 0,
+                                weight_symmetric=layer.symmetric)
 
-        x = data.photos("heldout")
-        if photos > len(x):
-            raise ModelError(f"--photos must be <= {len(x)}")
-        args = (x[:photos],)
-    else:
-        return None
-    if scale != 1.0:
-        args = tuple(a * scale if a.is_floating_point() else a for a in args)
-    return args
+
+def emulate(model, engine: str, isa: str):
+    """:func:`safeobs.kernels.emulator.emulate` (a context manager yielding an ``Emulation``)."""
+    from ..kernels.emulator import emulate as _emulate
+
+    return _emulate(model, engine=engine, isa=isa)

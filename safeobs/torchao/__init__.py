@@ -46,11 +46,11 @@ try:
 except ImportError:  # pragma: no cover - exercised only without torchao
     raise ImportError("safeobs.torchao needs torchao, which is not installed: pip install torchao") from None
 
-from . import emulator_torchao
-from .layout import LAYOUTS
-from .qlayers import QLayer
-from .solver import layout_pairs, raise_scales
-from .verify import Report, check_codes
+from ..core import statefile
+from ..core.layers import LayerCodes, QLayer
+from ..core.solver import layout_pairs, raise_scales
+from ..core.verify import Report, check_codes, check_layers
+from . import emulator as emulator_torchao
 
 __all__ = [
     "Int8DynamicActivationInt8WeightConfig",
@@ -201,13 +201,11 @@ def make_picklable(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save(model: torch.nn.Module, f, *, arch: str | None = None) -> None:
-    """Save a torchao-quantized model as a safeobs state file (:func:`safeobs.serialization.save`): its state
+    """Save a torchao-quantized model as a safeobs state file (:func:`safeobs.save`): its state
     dict (``Int8Tensor`` weights) and layer list.  ``safeobs audit f`` / ``repair`` read it without running
     code; ``safeobs.load_model(f, arch=...)`` loads it into the model ``arch`` builds.  (To ``torch.save``
     the module itself, a pickle that needs trust to load, call :func:`make_picklable` first.)"""
-    from .serialization import save as save_state
-
-    save_state(model, f, arch=arch)
+    statefile.write(model, f, [qlayer(name, mod) for name, mod in quantized_linears(model)], arch=arch)
 
 
 register_quantize_module_handler(Int8DynamicActivationInt8WeightConfig)(_transform)
@@ -239,7 +237,7 @@ def _as_qtensor(q, scale):
 
 
 def qlayer(name: str, mod) -> QLayer:
-    """A :class:`safeobs.qlayers.QLayer` view of a torchao int8 Linear (kind ``"linear_torchao"``)."""
+    """A :class:`safeobs.core.layers.QLayer` view of a torchao int8 Linear (kind ``"linear_torchao"``)."""
     return QLayer(name, "linear_torchao", "linear", as_qtensor(mod.weight), mod.bias, module=mod)
 
 
@@ -261,10 +259,5 @@ def set_weight(layer: QLayer, qweight: torch.Tensor) -> None:
 
 def verify(model: torch.nn.Module, layout: str = "x86") -> Report:
     """:func:`safeobs.verify` for a torchao-quantized model: every weight pair that can saturate."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    names, violations = [], []
-    for name, mod in quantized_linears(model):
-        names.append(name)
-        violations += check_codes(mod.weight.qdata.detach().cpu().numpy(), layout, op="linear", name=name)
-    return Report(layout, names, violations)
+    return check_layers((LayerCodes(name, mod.weight.qdata.detach().cpu().numpy(), "linear")
+                         for name, mod in quantized_linears(model)), layout)

@@ -25,11 +25,11 @@ import numpy as np
 
 def run(cases, *, mode: str = "native", timeout: float = 900.0):
     """Run ``cases`` in one subprocess; returns ``(info, [result per case])``."""
-    from . import realkernel
+    from ..kernels import realkernel
 
     if mode not in realkernel.MODES:
         raise ValueError(f"mode must be one of {tuple(realkernel.MODES)}, got {mode!r}")
-    return realkernel.run_worker("safeobs._torchao_worker", list(cases), mode, timeout, label="torchao kernel")
+    return realkernel.run_worker("safeobs.torchao._worker", list(cases), mode, timeout, label="torchao kernel")
 
 
 def _info(torch):

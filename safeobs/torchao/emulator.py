@@ -37,8 +37,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import dispatch, layout
-from . import emulator as _emu
+from ..kernels import dispatch, layout
+from ..kernels import emulator as _emu
 
 __all__ = ["PATHS", "IntMMKernel", "int_mm_kernel", "x86_passes_registered", "onednn_kernel", "kernel_pairs", "int_mm",
            "qlinear_pointwise", "choose_qparams_affine", "quantize_affine", "int8_dynamic_linear", "emulate"]
