@@ -27,6 +27,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -587,11 +588,9 @@ def write_report(results, qemu, targets, runtime, host, path):
     gap = path.parent / "mobilenet_gap.md"
     if gap.is_file():  # follow-up analysis (benchmarks/analysis_mobilenet_gap.py), kept beside the results
         md += [gap.read_text().rstrip(), ""]
-    draws = path.parent / "fidelity_draws.json"
-    if draws.is_file():  # issue 11: data-aware rounding, mean ± std over draws (benchmarks/fidelity_draws.py)
-        import fidelity_draws
-
-        md += fidelity_draws.report_section(json.loads(draws.read_text()))
+    draws = path.parent / "fidelity_draws.md"
+    if draws.is_file():  # issue 11: data-aware rounding, mean ± std over draws (written by benchmarks/fidelity_draws.py)
+        md += draws.read_text().rstrip("\n").split("\n")
     path.write_text("\n".join(md))
 
 
@@ -697,9 +696,9 @@ def main(argv=None) -> int:
         runtime = time.perf_counter() - T0
         (args.out / "fidelity.json").write_text(json.dumps(_jsonable(results, qemu, runtime, host), indent=1))
         if not args.no_draws:  # issue 11: every configuration over calibration draws, data-aware rounding
-            import fidelity_draws
-
-            fidelity_draws.main(["--workers", str(args.workers), "--out", str(args.out), "--no-report"])
+            draws = Path(__file__).with_name("fidelity_draws.py")  # a script that imports this one: run, not import
+            subprocess.run([sys.executable, str(draws), "--workers", str(args.workers), "--out", str(args.out),
+                            "--no-report"], check=True)
     targets = check_targets(results)
     if qemu and not all(q[2] for q in qemu):
         targets.append(("native AVX2 == qemu Haswell", False, "see qemu table"))

@@ -533,7 +533,9 @@ def main(argv=None) -> int:
     else:
         saved = run(args.draws, args.ablation, args.workers, args.photos, partial=args.out / f"{name}.json")
         (args.out / f"{name}.json").write_text(json.dumps(saved, indent=1, default=float))
-    print("\n".join(report_section(saved)))
+    section = report_section(saved)
+    print("\n".join(section))
+    (args.out / f"{name}.md").write_text("\n".join(section) + "\n")  # bench_fidelity's report includes it
     plot(saved, args.out / f"{name}.png")
     if not args.no_report and (args.out / "fidelity.json").is_file():  # fidelity.md with this section
         bf.main(["--report-only", "--out", str(args.out)])
