@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 QEMU       ?= qemu-x86_64
 SUDO       := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup qemu test demo bench clean
+.PHONY: setup qemu lint test demo bench clean
 
 setup: qemu $(STAMP)
 
@@ -34,7 +34,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q $(ONNX_PINS)  # safeobs.onnx (tests/test_onnx.py); neither depends on torch
 	touch $@
 
-test: setup
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup

@@ -35,6 +35,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_fidelity as bf  # noqa: E402
+
 from safeobs import data, emulator
 from safeobs.data import models  # noqa: E402
 

@@ -19,11 +19,11 @@ from torch import nn
 from torch.ao.quantization.observer import PerChannelMinMaxObserver
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from safeobs.core.solver import safe_qparams
 from safeobs.data import models
 from safeobs.kernels import realkernel
-from safeobs.torch_ao.observers import SafePerChannelMinMaxObserver
-from safeobs.core.solver import safe_qparams
 from safeobs.tools.verify import verify
+from safeobs.torch_ao.observers import SafePerChannelMinMaxObserver
 
 warnings.filterwarnings("ignore")
 OUT = Path(__file__).resolve().parent / "results"

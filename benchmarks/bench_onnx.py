@@ -32,16 +32,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
-from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,  # noqa: E402
-                                      quantize_dynamic, quantize_static)
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static  # noqa: E402
 
 from safeobs import data
-from safeobs.data import models
-from safeobs.onnx import ortkernel
-from safeobs.kernels import realkernel  # noqa: E402
 from safeobs import onnx as so  # noqa: E402
-from safeobs.onnx.audit import audit_model  # noqa: E402
+from safeobs.data import models
+from safeobs.kernels import realkernel  # noqa: E402
 from safeobs.kernels.realkernel import host_isa  # noqa: E402
+from safeobs.onnx import ortkernel
+from safeobs.onnx.audit import audit_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

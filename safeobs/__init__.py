@@ -13,6 +13,8 @@ codes) -> ``data`` (reference models and photos) -> runtimes ``torch_ao``, ``pt2
 __version__ = "0.1.0"
 
 from .core.solver import safe_qparams
+from .tools.serialization import load_model, save
+from .tools.verify import verify  # also registers the runtimes (tools.runtimes) and their emulator hooks
 from .torch_ao.observers import (
     SafeHistogramObserver,
     SafeMinMaxObserver,
@@ -29,8 +31,6 @@ from .torch_ao.qconfig import (
     quantize_dynamic,
 )
 from .torch_ao.rounding import quantize_fx
-from .tools.serialization import load_model, save
-from .tools.verify import verify  # also registers the runtimes (tools.runtimes) and their emulator hooks
 
 __all__ = [
     "SafeHistogramObserver",

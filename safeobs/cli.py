@@ -312,9 +312,9 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    from .tools.serialization import ModelError
-
     import torch
+
+    from .tools.serialization import ModelError
 
     torch.backends.quantized.engine = "x86"
     try:

@@ -27,9 +27,9 @@ __all__ = [
     "RoundResult",
     "StatsCollector",
     "apply",
-    "apply_pt2e",
+    "apply_pt2e",  # noqa: F822 (module __getattr__)
     "calibrate",
-    "calibrate_pt2e",
+    "calibrate_pt2e",  # noqa: F822 (module __getattr__)
     "check_safe",
     "quantize_dynamic",
     "quantize_fx",

@@ -10,8 +10,8 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from safeobs.kernels import dispatch, layout, realkernel
 from safeobs import emulator
+from safeobs.kernels import dispatch, layout, realkernel
 
 FAMILIES = ("linear", "linear_dynamic", "stem", "conv2d", "conv1d", "conv3d", "pointwise", "depthwise",
             "depthwise3d", "depthwise_wide", "groupwise", "convT_im2col", "convT_direct", "conv_ic1")

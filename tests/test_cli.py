@@ -9,19 +9,17 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import mode_param
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from safeobs import cli, data
-from safeobs.tools import demo
 from safeobs.data import models
-from safeobs.tools import realrun, runtimes, serialization
-from safeobs.kernels import realkernel
-from safeobs.tools.verify import verify
 from safeobs.emulator import emulate
+from safeobs.kernels import realkernel
+from safeobs.tools import demo, realrun, runtimes, serialization
 from safeobs.tools.repair import repair
-
-from conftest import mode_param
+from safeobs.tools.verify import verify
 
 MODNAME = "_safeobs_cli_models"
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as tF
 
-from safeobs.kernels import dispatch, layout, realkernel
 from safeobs import emulator
+from safeobs.kernels import dispatch, layout, realkernel
 
 warnings.filterwarnings("ignore", message=".*deprecat.*")
 RNG = np.random.default_rng(1234)
@@ -169,7 +169,7 @@ def test_saturating_conv_matches_brute_force(shape, engine, isa):
     assert np.array_equal(got, expect)
     # Larger window: scale 1/256 shows the high bits.
     y2 = emulator.qconv_codes(x, 1.0, x_zp, w, 1 / 512, w_zp, None, 1.0, 128, engine=engine, isa=isa, **hp)
-    exp2 = np.clip(np.rint((acc2d.astype(np.float32) * np.float32(1 / 512))) + 128, 0, 255)
+    exp2 = np.clip(np.rint(acc2d.astype(np.float32) * np.float32(1 / 512)) + 128, 0, 255)
     assert np.array_equal(np.moveaxis(y2, 1, -1).reshape(-1, oc), exp2)
 
 

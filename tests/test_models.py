@@ -125,6 +125,7 @@ def test_minilm_fx_traceable_and_linears(bert):
 
 def test_safetensors_roundtrip(tmp_path):
     import json
+
     import numpy as np
     a = np.arange(6, dtype="<f4").reshape(2, 3)
     b = np.array([1, -2], dtype="<i8")

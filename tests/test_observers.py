@@ -16,9 +16,14 @@ from hypothesis import strategies as st
 from torch.ao.quantization import observer as tobs
 
 from safeobs import emulator
-from safeobs.torch_ao.observers import (SafeHistogramObserver, SafeMinMaxObserver, SafeMovingAverageMinMaxObserver,
-                               SafeMovingAveragePerChannelMinMaxObserver, SafePerChannelMinMaxObserver)
 from safeobs.tools.verify import verify
+from safeobs.torch_ao.observers import (
+    SafeHistogramObserver,
+    SafeMinMaxObserver,
+    SafeMovingAverageMinMaxObserver,
+    SafeMovingAveragePerChannelMinMaxObserver,
+    SafePerChannelMinMaxObserver,
+)
 
 warnings.filterwarnings("ignore", message=".*deprecat.*")
 PAIRS = [(SafeMinMaxObserver, tobs.MinMaxObserver), (SafeMovingAverageMinMaxObserver, tobs.MovingAverageMinMaxObserver),

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safeobs.kernels import dispatch, layout, realkernel
 from safeobs import emulator
+from safeobs.kernels import dispatch, layout, realkernel
 
 DATA = Path(__file__).parent / "data" / "onednn-avx512"
 MODES = {"forced": "avx512_vbmi", "skx": "avx512", "native": "vnni"}

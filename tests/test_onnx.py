@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'safeobs[onnx]')")
 onnx = pytest.importorskip("onnx", reason="onnx not installed (pip install 'safeobs[onnx]')")
 
-from safeobs.onnx import emulator as E  # noqa: E402
-from safeobs.kernels import layout
-from safeobs.onnx import ortkernel  # noqa: E402
 from safeobs import onnx as so  # noqa: E402
+from safeobs.kernels import layout
+from safeobs.onnx import emulator as E  # noqa: E402
+from safeobs.onnx import ortkernel  # noqa: E402
 
 warnings.filterwarnings("ignore", module="onnxruntime")
 f32 = lambda v: np.array(v, np.float32)  # noqa: E731

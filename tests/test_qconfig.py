@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 import torch
 import torch.ao.quantization as tq
+from conftest import mode_param
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
 import safeobs
 from safeobs import data, emulator
 from safeobs.data import models
-from safeobs.torch_ao import qconfig
 from safeobs.kernels import realkernel
 from safeobs.tools import realrun
+from safeobs.torch_ao import qconfig
 from safeobs.torch_ao.observers import _SafeMixin
-
-from conftest import mode_param
 
 LAYOUTS = ("fbgemm", "onednn", "x86")
 

@@ -13,8 +13,8 @@ import pytest
 from _kernel_cases import FAMILIES, draw_cases, kernel_of, known_bug
 from conftest import mode_param
 
-from safeobs.kernels import dispatch, realkernel
 from safeobs import emulator
+from safeobs.kernels import dispatch, realkernel
 
 
 def _forced_groupwise(c, isa: str, host: str) -> bool:

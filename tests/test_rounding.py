@@ -11,14 +11,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.ao.quantization import DeQuantStub, QConfig, QuantStub, HistogramObserver
+from torch.ao.quantization import DeQuantStub, HistogramObserver, QConfig, QuantStub
 
 import safeobs
 from safeobs import emulator, rounding
-from safeobs.kernels import realkernel
-from safeobs.tools import realrun
-from safeobs.kernels.layout import LAYOUTS
 from safeobs.core.solver import layout_pairs
+from safeobs.kernels import realkernel
+from safeobs.kernels.layout import LAYOUTS
+from safeobs.tools import realrun
 
 SETTINGS = dict(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

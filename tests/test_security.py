@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import safeobs
-from safeobs.tools import audit, repair, serialization
 from safeobs import cli
-from safeobs.tools import realrun, runtimes
 from safeobs.kernels import realkernel
+from safeobs.tools import audit, realrun, repair, runtimes, serialization
 
 nnq, nnqd = torch.ao.nn.quantized, torch.ao.nn.quantized.dynamic
 

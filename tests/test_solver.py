@@ -14,8 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safeobs.kernels import layout as L
 from safeobs.core.solver import F32_EPS, raise_scales, safe_qparams
+from safeobs.kernels import layout as L
 from safeobs.tools.verify import verify
 
 warnings.filterwarnings("ignore", message=".*deprecat.*")

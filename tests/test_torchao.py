@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("torchao")
 
+from conftest import mode_param  # noqa: E402
 from torchao.quantization import Int8DynamicActivationInt8WeightConfig as StockDynamic  # noqa: E402
 from torchao.quantization import Int8StaticActivationInt8WeightConfig as StockStatic  # noqa: E402
 from torchao.quantization import quantize_  # noqa: E402
@@ -23,14 +24,12 @@ from torchao.quantization.granularity import PerRow, PerTensor  # noqa: E402
 from torchao.quantization.quant_primitives import MappingType, quantize_affine  # noqa: E402
 
 import safeobs  # noqa: E402
-from safeobs.torchao import _worker as _torchao_worker
-from safeobs.tools import audit, repair
 from safeobs import cli, emulator
-from safeobs.kernels import dispatch, layout, realkernel  # noqa: E402
-from safeobs.torchao import emulator as et  # noqa: E402
 from safeobs import torchao as sto  # noqa: E402
-
-from conftest import mode_param  # noqa: E402
+from safeobs.kernels import dispatch, layout, realkernel  # noqa: E402
+from safeobs.tools import audit, repair
+from safeobs.torchao import _worker as _torchao_worker
+from safeobs.torchao import emulator as et  # noqa: E402
 
 HOST = realkernel.host_isa()
 ONEDNN_MATMUL = dispatch.Kernel("onednn", "matmul", True)

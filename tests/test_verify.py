@@ -12,8 +12,8 @@ from torch import nn
 
 from safeobs import emulator
 from safeobs.kernels import realkernel
-from safeobs.torch_ao.observers import SafeMinMaxObserver, SafePerChannelMinMaxObserver
 from safeobs.tools.verify import Violation, verify
+from safeobs.torch_ao.observers import SafeMinMaxObserver, SafePerChannelMinMaxObserver
 
 warnings.filterwarnings("ignore", message=".*deprecat.*")
 

@@ -12,14 +12,21 @@ import numpy as np
 import torch
 
 from ..kernels.layout import LAYOUTS, infer_op
-from .solver import (PER_CHANNEL, SYMMETRIC, _raise_scales, check_qscheme, check_range, layout_pairs,
-                     pairs_stay_in_rows, raise_scales)
-
+from .solver import (
+    PER_CHANNEL,
+    SYMMETRIC,
+    _raise_scales,
+    check_qscheme,
+    check_range,
+    layout_pairs,
+    pairs_stay_in_rows,
+    raise_scales,
+)
 
 _EXTRA = "_extra_state"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base_signature(cls) -> inspect.Signature:
     """The stock observer's ``__init__`` signature (torch.ao's, or torchao's for PT2E), once per class."""
     mro = cls.__mro__

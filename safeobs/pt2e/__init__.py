@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -26,10 +26,10 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without torchao
     raise ImportError("safeobs.pt2e needs torchao (`pip install torchao`), which is not installed") from e
 
-from ..kernels.layout import LAYOUTS
-from ..core.observer import _SafeMixin
 from ..core.layers import LayerCodes
+from ..core.observer import _SafeMixin
 from ..core.verify import Report, check_layers
+from ..kernels.layout import LAYOUTS
 
 __all__ = [
     "SafePerChannelMinMaxObserver",

@@ -4,7 +4,7 @@ Needs no torchao import itself (the graphs come from torchao's PT2E flow)."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch

@@ -20,6 +20,7 @@ from ..core.verify import NEG_LIMIT, POS_LIMIT
 from ..kernels.layout import kernel_order, kernel_pairs
 from . import runtimes
 from .runtimes import COMBOS, TORCHAO_COMBOS, is_script, layers
+
 SHORT_PATH = {"pointwise": "1x1", "depthwise": "dw", "groupwise": "group"}
 NO_EMULATION_SCRIPT = ("TorchScript models are audited from their weights only: emulating with data needs the "
                        "eager model (pass module:function)")

@@ -109,8 +109,8 @@ def run(quick: bool = False, calib: int | None = None, evaluate: int | None = No
     """Run the demo; returns ``{"mode", "engine", "isa", "calib", "eval", "rows": [...]}`` (one row per
     layer, scenario and setup).  ``mode``: a :mod:`safeobs.realkernel` mode, "auto" or None (no real kernel)."""
     from .. import data
-    from ..kernels import emulator, realkernel
     from ..data import models
+    from ..kernels import emulator, realkernel
 
     calib = calib or (6 if quick else 24)
     evaluate = evaluate or (2 if quick else 12)

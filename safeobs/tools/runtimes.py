@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from ..core.layers import QLayer
 from ..kernels import emulator as _emulator

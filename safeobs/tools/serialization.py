@@ -22,9 +22,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import sys
 import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Mapping
 

@@ -24,11 +24,11 @@ from torch.ao.quantization import get_default_qat_qconfig_mapping as _stock_qat_
 from torch.ao.quantization import get_default_qconfig_mapping as _stock_mapping
 
 from .observers import (
-    _SafeMixin,
     SafeMinMaxObserver,
     SafeMovingAverageMinMaxObserver,
     SafeMovingAveragePerChannelMinMaxObserver,
     SafePerChannelMinMaxObserver,
+    _SafeMixin,
 )
 
 BACKENDS = ("x86", "fbgemm", "onednn")

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 
 from ..core.progress import progress_bar
-from ..core.rounding import (DEFAULT_MULTIPLIERS, LayerStats, RoundResult, _batches,  # noqa: F401
-                             _receptive_fields, round_weight)
+from ..core.rounding import DEFAULT_MULTIPLIERS, LayerStats, RoundResult, _batches, _receptive_fields, round_weight  # noqa: F401
 from ..kernels.layout import LAYOUTS
 
 __all__ = ["StatsCollector", "apply", "calibrate", "quantize_dynamic", "quantize_fx"]

@@ -41,8 +41,8 @@ def _info(torch):
 def _linear(torch, c):
     import copy
 
-    from torchao.quantization import quantize_
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig as Stock
+    from torchao.quantization import quantize_
     from torchao.quantization.granularity import PerRow, PerTensor
     from torchao.quantization.quant_primitives import MappingType
 
