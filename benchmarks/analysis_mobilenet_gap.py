@@ -90,7 +90,7 @@ def set_weights(model, weights: dict) -> None:
 def run_exact(model, x) -> torch.Tensor:
     torch.backends.quantized.engine = "fbgemm"
     with torch.no_grad(), emulator.emulate(model, engine="fbgemm", isa="avx2", exact=True):
-        return torch.cat([model(x[i:i + 40]) for i in range(0, len(x), 40)])
+        return torch.cat([model(x[i : i + 40]) for i in range(0, len(x), 40)])
 
 
 def wsqnr(wf, wq) -> float:
@@ -100,8 +100,9 @@ def wsqnr(wf, wq) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--relu", action="store_true", help="the ReLU graph instead of the stock ReLU6 graph")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/analysis_mobilenet_gap.json"),
-                    help="raw numbers (JSON; not committed)")
+    ap.add_argument(
+        "--out", type=Path, default=Path("/tmp/analysis_mobilenet_gap.json"), help="raw numbers (JSON; not committed)"
+    )
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(1)  # run the two graphs side by side on 2 cores
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     prepared = {k: prepare_fx(copy.deepcopy(model), bf.STATIC[v][3](), (calib[:1],)) for k, v in CONFIGS.items()}
     with torch.no_grad():
         for i in range(0, len(calib), 40):
-            prepared["ref"](calib[i:i + 40])
+            prepared["ref"](calib[i : i + 40])
     for k in ("w7", "safe"):
         bf.share_calibration(prepared["ref"], prepared[k])
     torch.backends.quantized.engine = "fbgemm"
@@ -122,8 +123,9 @@ def main(argv=None) -> int:
     # fused float weights (conv+bn folded by prepare_fx) and the converted int8 weights, by module name
     pmods = dict(prepared["ref"].named_modules())
     names = list(qmods(conv["ref"]))
-    wf = {n: (pmods[n].weight if hasattr(pmods[n], "weight") else pmods[n][0].weight).detach().float()
-          for n in names}  # ConvReLU2d (ReLU graph) holds the conv at [0]
+    wf = {
+        n: (pmods[n].weight if hasattr(pmods[n], "weight") else pmods[n][0].weight).detach().float() for n in names
+    }  # ConvReLU2d (ReLU graph) holds the conv at [0]
     wq = {k: {n: m.weight() for n, m in qmods(c).items()} for k, c in conv.items()}
     groups = {n: group_of(n, qmods(conv["ref"])[n]) for n in names}
     # sanity: requant with the converted scales reproduces every converted weight bit for bit
@@ -137,8 +139,9 @@ def main(argv=None) -> int:
     res["baseline"] = {k: bf.sqnr(ref_out, y) for k, y in out.items()}
     res["top1"] = {k: float((y.argmax(1) == ref_out.argmax(1)).double().mean()) for k, y in out.items()}
     # per source photo (held-out = 4 photos x 20 views, photo-major)
-    res["per_photo"] = {k: [bf.sqnr(ref_out[i:i + 20], y[i:i + 20]) for i in range(0, len(held), 20)]
-                        for k, y in out.items()}
+    res["per_photo"] = {
+        k: [bf.sqnr(ref_out[i : i + 20], y[i : i + 20]) for i in range(0, len(held), 20)] for k, y in out.items()
+    }
     log(f"baseline {res['baseline']}")
 
     # 4. error decomposition relative to the reference's error
@@ -147,9 +150,12 @@ def main(argv=None) -> int:
     res["decomp"] = {}
     for k in ("w7", "safe"):
         d = (out[k] - out["ref"]).double()
-        res["decomp"][k] = {"ref_err": float((e_ref ** 2).sum()) / sig, "d": float((d ** 2).sum()) / sig,
-                            "cross": 2 * float((e_ref * d).sum()) / sig,
-                            "sqnr_vs_ref_int8": bf.sqnr(out["ref"], out[k])}
+        res["decomp"][k] = {
+            "ref_err": float((e_ref**2).sum()) / sig,
+            "d": float((d**2).sum()) / sig,
+            "cross": 2 * float((e_ref * d).sum()) / sig,
+            "sqnr_vs_ref_int8": bf.sqnr(out["ref"], out[k]),
+        }
 
     # 3. per-layer weight SQNR and scale ratios
     layers = []
@@ -172,8 +178,7 @@ def main(argv=None) -> int:
             set_weights(m, {n: wq[src][n] for n in sel})
             q = bf.sqnr(ref_out, run_exact(m, held))
             res["swap"][f"{src}->{dst}:{g}"] = q
-            log(f"swap {src} -> {dst} [{g}] ({len(sel)} layers): {q:.2f} dB "
-                f"(Δ {q - res['baseline'][dst]:+.2f})")
+            log(f"swap {src} -> {dst} [{g}] ({len(sel)} layers): {q:.2f} dB (Δ {q - res['baseline'][dst]:+.2f})")
 
     # 1. noise floor: per-channel scale jitter in [1, 1 + 2^-8]
     res["draws"] = {k: [] for k in conv}
@@ -183,14 +188,21 @@ def main(argv=None) -> int:
             jit = {}
             for n in names:
                 s = wq[k][n].q_per_channel_scales()
-                s = s * (1 + torch.rand(len(s), generator=gen, dtype=torch.float64) * 2 ** -8)
+                s = s * (1 + torch.rand(len(s), generator=gen, dtype=torch.float64) * 2**-8)
                 jit[n] = requant(wf[n], s, *QRANGE[k])
             m = copy.deepcopy(conv[k])
             set_weights(m, jit)
             res["draws"][k].append(bf.sqnr(ref_out, run_exact(m, held)))
         log(f"draw {seed}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in res["draws"].items()))
-    res["draw_stats"] = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)),
-                             "min": float(np.min(v)), "max": float(np.max(v))} for k, v in res["draws"].items()}
+    res["draw_stats"] = {
+        k: {
+            "mean": float(np.mean(v)),
+            "std": float(np.std(v, ddof=1)),
+            "min": float(np.min(v)),
+            "max": float(np.max(v)),
+        }
+        for k, v in res["draws"].items()
+    }
     out_path = args.out.with_name(args.out.stem + ("_relu" if args.relu else "") + ".json")
     out_path.write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "layers"}, indent=1))

@@ -38,8 +38,9 @@ def model_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
         kids = list(parent.named_children())
         for (n1, m1), (_, m2) in zip(kids, kids[1:]):
             if isinstance(m1, nn.Conv2d) and isinstance(m2, nn.BatchNorm2d):
-                w, _ = fuse_conv_bn_weights(m1.weight, m1.bias, m2.running_mean, m2.running_var, m2.eps,
-                                            m2.weight, m2.bias)
+                w, _ = fuse_conv_bn_weights(
+                    m1.weight, m1.bias, m2.running_mean, m2.running_var, m2.eps, m2.weight, m2.bias
+                )
                 name = f"{parent_name}.{n1}".lstrip(".")
                 out.append((name, w.detach().float()))
                 folded.add(name)
@@ -50,8 +51,9 @@ def model_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def stock_scale(w: torch.Tensor, qmin=-128, qmax=127) -> torch.Tensor:
-    obs = PerChannelMinMaxObserver(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
-                                   quant_min=qmin, quant_max=qmax)
+    obs = PerChannelMinMaxObserver(
+        dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=qmin, quant_max=qmax
+    )
     obs(w)
     return obs.calculate_qparams()[0]
 
@@ -80,8 +82,13 @@ def evaluate(label: str, named):
         share[lay] = bad / channels
     rows.append(("torch min-max (unsafe)", np.zeros(channels), sqnr(weights, stock)))
     seven = [stock_scale(w, -64, 63) for w in weights]
-    rows.append(("7-bit weights [-64, 63]", np.concatenate([np.log2((a / b).numpy()) for a, b in zip(seven, stock)]),
-                 sqnr(weights, seven)))
+    rows.append(
+        (
+            "7-bit weights [-64, 63]",
+            np.concatenate([np.log2((a / b).numpy()) for a, b in zip(seven, stock)]),
+            sqnr(weights, seven),
+        )
+    )
     for lay in LAYOUTS:
         safe = [safe_qparams(w, layout=lay)[0] for w in weights]
         for w, s in zip(weights, safe):
@@ -97,6 +104,7 @@ def observer_timing(named, repeats: int = 7):
     """forward + calculate_qparams over all layers: torch's observer vs ours.  The first call of ours
     (cold: nothing cached) is measured first in a fresh process; warm runs then alternate with torch's
     so that both see the same machine load; best of ``repeats`` each."""
+
     def run(cls):
         t0 = time.perf_counter()
         for _, w in named:
@@ -119,9 +127,11 @@ def _timing_subprocess(which: str) -> tuple:
     import json
     import subprocess
 
-    code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import bench_bits as b; "
-            f"from safeobs import models; m = getattr(models, {which!r})().eval(); "
-            "print(json.dumps(b.observer_timing(b.model_weights(m))))")
+    code = (
+        f"import sys, json; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import bench_bits as b; "
+        f"from safeobs import models; m = getattr(models, {which!r})().eval(); "
+        "print(json.dumps(b.observer_timing(b.model_weights(m))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -139,14 +149,21 @@ scale with cores: on a host with many fast cores expect a higher ratio than here
 
 
 def table(res) -> str:
-    lines = [f"### {res['label']}: {res['layers']} weights, {res['channels']} output channels", "",
-             "| configuration | mean bits lost | p50 | p90 | p99 | max | weight SQNR (dB) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### {res['label']}: {res['layers']} weights, {res['channels']} output channels",
+        "",
+        "| configuration | mean bits lost | p50 | p90 | p99 | max | weight SQNR (dB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, b, q in res["rows"]:
         p = np.percentile(b, PCTS)
         lines.append(f"| {name} | {b.mean():.3f} | {p[0]:.3f} | {p[1]:.3f} | {p[2]:.3f} | {p[3]:.3f} | {q:.2f} |")
-    lines += ["", "Share of channels torch's min-max scales leave able to saturate: "
-              + ", ".join(f"{lay} {100 * v:.1f}%" for lay, v in res["share"].items()), ""]
+    lines += [
+        "",
+        "Share of channels torch's min-max scales leave able to saturate: "
+        + ", ".join(f"{lay} {100 * v:.1f}%" for lay, v in res["share"].items()),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -177,28 +194,47 @@ def main():
     results = [evaluate("MiniLM (all-MiniLM-L6-v2)", minilm), evaluate("MobileNetV2 (BN folded)", mbv2)]
     timing = {name: _timing_subprocess(fn) for name, fn in (("MiniLM", "minilm"), ("MobileNetV2", "mobilenet_v2"))}
     targets = {"MiniLM (all-MiniLM-L6-v2)": 0.36, "MobileNetV2 (BN folded)": 0.42}
-    md = ["# Bits lost by provably safe weight scales", "",
-          "Per-channel symmetric qint8.  Bits lost per output channel = log2(scale / torch min-max scale).",
-          "torch's min-max scale is the unconstrained floor (it is *not* safe); 7-bit weights are torch's",
-          "reduce_range answer.  safeobs scales are the tightest float32 scales proven safe for the layout.", ""]
+    md = [
+        "# Bits lost by provably safe weight scales",
+        "",
+        "Per-channel symmetric qint8.  Bits lost per output channel = log2(scale / torch min-max scale).",
+        "torch's min-max scale is the unconstrained floor (it is *not* safe); 7-bit weights are torch's",
+        "reduce_range answer.  safeobs scales are the tightest float32 scales proven safe for the layout.",
+        "",
+    ]
     for res in results:
         md.append(table(res))
         x86 = res["bits"]["x86"].mean()
-        md.append(f"Target (layout x86): mean <= {targets[res['label']]}: measured {x86:.3f} "
-                  f"({'met' if x86 <= targets[res['label']] else 'MISSED'}).\n")
+        md.append(
+            f"Target (layout x86): mean <= {targets[res['label']]}: measured {x86:.3f} "
+            f"({'met' if x86 <= targets[res['label']] else 'MISSED'}).\n"
+        )
     host = realkernel.host_isa()
-    md += ["### Observer time (forward + calculate_qparams over every weight of the model)", "",
-           f"Host: {realkernel.cpu_name()}, ISA `{host}`, {os.cpu_count()} cores, torch {torch.__version__} "
-           f"({torch.get_num_threads()} threads).  Cold = the first call in a fresh process (nothing cached); warm "
-           "= best of 7, alternating with torch's observer in the same run.", "",
-           "| model | torch PerChannelMinMaxObserver (s) | SafePerChannelMinMaxObserver, warm (s) | safe, first call (s) "
-           "| ratio warm | ratio first call |", "|---|---|---|---|---|---|"]
+    md += [
+        "### Observer time (forward + calculate_qparams over every weight of the model)",
+        "",
+        f"Host: {realkernel.cpu_name()}, ISA `{host}`, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads).  Cold = the first call in a fresh process (nothing cached); warm "
+        "= best of 7, alternating with torch's observer in the same run.",
+        "",
+        "| model | torch PerChannelMinMaxObserver (s) | SafePerChannelMinMaxObserver, warm (s) | safe, first call (s) "
+        "| ratio warm | ratio first call |",
+        "|---|---|---|---|---|---|",
+    ]
     worst = 0.0
     for name, (t_torch, t_safe, cold, cold_torch) in timing.items():
         worst = max(worst, t_safe / t_torch, cold / t_torch)
-        md.append(f"| {name} | {t_torch:.4f} | {t_safe:.4f} | {cold:.4f} | {t_safe / t_torch:.2f} | {cold / t_torch:.2f} |")
-    md += ["", f"Target: at most 3x torch's, first call included: worst ratio {worst:.2f} "
-               f"({'met' if worst <= 3 else 'MISSED'}).", "", WHERE_THE_TIME_GOES, ""]
+        md.append(
+            f"| {name} | {t_torch:.4f} | {t_safe:.4f} | {cold:.4f} | {t_safe / t_torch:.2f} | {cold / t_torch:.2f} |"
+        )
+    md += [
+        "",
+        f"Target: at most 3x torch's, first call included: worst ratio {worst:.2f} "
+        f"({'met' if worst <= 3 else 'MISSED'}).",
+        "",
+        WHERE_THE_TIME_GOES,
+        "",
+    ]
     (OUT / "bits.md").write_text("\n".join(md))
     plot(results, OUT / "bits.png")
     print("\n".join(md))

@@ -65,8 +65,9 @@ def log(msg: str) -> None:
 def _seven_bit_weights() -> QConfigMapping:
     """torch's onednn mapping (8-bit activations) with per-channel symmetric weights in [-64, 63]."""
     base = tq.get_default_qconfig_mapping("onednn")
-    w7 = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
-                                            quant_min=-64, quant_max=63)
+    w7 = PerChannelMinMaxObserver.with_args(
+        dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-64, quant_max=63
+    )
     qc = QConfig(activation=base.global_qconfig.activation, weight=w7)
     mapping = QConfigMapping().set_global(qc)
     for key, q in base.object_type_qconfigs.items():
@@ -78,14 +79,29 @@ def _seven_bit_weights() -> QConfigMapping:
 
 # key: (label, activation bits, weight, mapping factory, is safeobs)
 STATIC = {
-    "torch-x86": ("torch x86 default", "7 (reduce_range)", "8-bit min-max",
-                  lambda: tq.get_default_qconfig_mapping("x86"), False),
-    "torch-onednn": ("torch onednn default (full range)", "8", "8-bit min-max",
-                     lambda: tq.get_default_qconfig_mapping("onednn"), False),
+    "torch-x86": (
+        "torch x86 default",
+        "7 (reduce_range)",
+        "8-bit min-max",
+        lambda: tq.get_default_qconfig_mapping("x86"),
+        False,
+    ),
+    "torch-onednn": (
+        "torch onednn default (full range)",
+        "8",
+        "8-bit min-max",
+        lambda: tq.get_default_qconfig_mapping("onednn"),
+        False,
+    ),
     "w7": ("7-bit weights [-64, 63]", "8", "7-bit min-max", _seven_bit_weights, False),
     "safe-x86": ("**safeobs layout x86**", "8", "safe (x86)", lambda: safeobs.get_default_qconfig_mapping("x86"), True),
-    "safe-fbgemm": ("**safeobs layout fbgemm**", "8", "safe (fbgemm)",
-                    lambda: safeobs.get_default_qconfig_mapping("fbgemm"), True),
+    "safe-fbgemm": (
+        "**safeobs layout fbgemm**",
+        "8",
+        "safe (fbgemm)",
+        lambda: safeobs.get_default_qconfig_mapping("fbgemm"),
+        True,
+    ),
 }
 CALIB_KEY = "torch-onednn"  # the one prepared model that sees the calibration data
 REFERENCE = "torch-onednn"  # saturation-free full-range reference: this model run exactly
@@ -120,8 +136,13 @@ def _stock_8bit_dynamic(model):
 DYNAMIC = {
     "torch-dyn": ("torch quantize_dynamic", "7 (reduce_range)", "8-bit per-tensor", _torch_dynamic, False),
     "dyn-8bit": ("8-bit inputs + torch per-channel weights", "8", "8-bit per-channel", _stock_8bit_dynamic, False),
-    "safe-dyn": ("**safeobs.quantize_dynamic**", "8", "safe (x86)",
-                 lambda m: safeobs.quantize_dynamic(m, backend="x86"), True),
+    "safe-dyn": (
+        "**safeobs.quantize_dynamic**",
+        "8",
+        "safe (x86)",
+        lambda m: safeobs.quantize_dynamic(m, backend="x86"),
+        True,
+    ),
 }
 DYN_REFERENCE = "dyn-8bit"
 
@@ -132,7 +153,7 @@ DYN_REFERENCE = "dyn-8bit"
 def sqnr(ref: torch.Tensor, y: torch.Tensor) -> float:
     ref, y = ref.double(), y.double()
     err = float(((y - ref) ** 2).sum())
-    return float("inf") if err == 0 else float(10 * np.log10(float((ref ** 2).sum()) / err))
+    return float("inf") if err == 0 else float(10 * np.log10(float((ref**2).sum()) / err))
 
 
 def image_metrics(ref, y) -> dict:
@@ -146,8 +167,11 @@ def _nearest(e: torch.Tensor) -> torch.Tensor:
 
 
 def text_metrics(ref, y) -> dict:
-    return {"sqnr": sqnr(ref, y), "cos": float(F.cosine_similarity(ref.double(), y.double(), dim=1).mean()),
-            "nn": float((_nearest(y.double()) == _nearest(ref.double())).double().mean())}
+    return {
+        "sqnr": sqnr(ref, y),
+        "cos": float(F.cosine_similarity(ref.double(), y.double(), dim=1).mean()),
+        "nn": float((_nearest(y.double()) == _nearest(ref.double())).double().mean()),
+    }
 
 
 # -- building quantized models --------------------------------------------------------------------------
@@ -222,8 +246,10 @@ def evaluate(qmodels: dict, run, ref, metric, *, exact_always: bool) -> dict:
             m = qmodels[engine]
             torch.backends.quantized.engine = engine
             real = None
-            if realkernel.process_isa(engine) == isa and realkernel.forced_mismatch(
-                    isa, engine, realrun.model_convs(m)) is None:
+            if (
+                realkernel.process_isa(engine) == isa
+                and realkernel.forced_mismatch(isa, engine, realrun.model_convs(m)) is None
+            ):
                 real = run(m)
                 r["source"][col] = realkernel.describe(_process_mode(engine), engine)
             skip_emu = real is not None and engine == "x86" and isa == "avx2"  # x86 == fbgemm on AVX2 (§3)
@@ -272,7 +298,11 @@ def merge_passes(avx2_pass: list, vnni_pass: list) -> list:
         for r, o in zip(res["rows"], other["rows"]):
             assert r["key"] == o["key"]
             for col in ("vnni-fbgemm", "vnni-x86"):
-                r["metrics"][col], r["source"][col], r["digest"][col] = o["metrics"][col], o["source"][col], o["digest"][col]
+                r["metrics"][col], r["source"][col], r["digest"][col] = (
+                    o["metrics"][col],
+                    o["source"][col],
+                    o["digest"][col],
+                )
                 if col in o["emu_checks"]:
                     r["emu_checks"][col] = o["emu_checks"][col]
             r["emu_eq_native"] = all(r["emu_checks"].values())
@@ -327,8 +357,12 @@ def bench_minilm(n_calib=None, n_held=None) -> list:
         return models.embed(m, held, tok)
 
     log(f"MiniLM: {len(calib)} calibration / {len(held)} held-out sentences")
-    static = build_static(model, (batch[0][:1], batch[1][:1]), [batch],
-                          {k: (lambda mk=v[3]: linear_only(mk())) for k, v in STATIC.items()})
+    static = build_static(
+        model,
+        (batch[0][:1], batch[1][:1]),
+        [batch],
+        {k: (lambda mk=v[3]: linear_only(mk())) for k, v in STATIC.items()},
+    )
     rows = []
     for key, qm in static.items():
         rows.append(dict(key=key, cfg=_cfg(STATIC[key]), **evaluate(qm, run, ref, text_metrics, exact_always=False)))
@@ -338,9 +372,10 @@ def bench_minilm(n_calib=None, n_held=None) -> list:
     for key, qm in dyn.items():
         drows.append(dict(key=key, cfg=_cfg(DYNAMIC[key]), **evaluate(qm, run, ref, text_metrics, exact_always=False)))
         log(f"MiniLM dynamic {key}: {drows[-1]['metrics']['avx2-fbgemm']}, sat {drows[-1]['sat']}")
-    return [dict(name="MiniLM static (Linear layers)", kind="text", rows=rows, ref=REFERENCE,
-                 n=(len(calib), len(held))),
-            dict(name="MiniLM dynamic", kind="text", rows=drows, ref=DYN_REFERENCE, n=(len(calib), len(held)))]
+    return [
+        dict(name="MiniLM static (Linear layers)", kind="text", rows=rows, ref=REFERENCE, n=(len(calib), len(held))),
+        dict(name="MiniLM dynamic", kind="text", rows=drows, ref=DYN_REFERENCE, n=(len(calib), len(held))),
+    ]
 
 
 def _cfg(c) -> tuple:
@@ -356,7 +391,7 @@ def bench_mobilenet(relu6: bool, n_calib=None, n_held=None, qemu_photos=4):
         calib = calib[:: max(1, len(calib) // n_calib)][:n_calib]
     if n_held:
         held = held[:: max(1, len(held) // n_held)][:n_held]
-    batches = [(calib[i:i + 40],) for i in range(0, len(calib), 40)]
+    batches = [(calib[i : i + 40],) for i in range(0, len(calib), 40)]
     name = "MobileNetV2, stock ReLU6 graph" if relu6 else "MobileNetV2, ReLU graph (conv+bn+relu fused)"
     log(f"{name}: {len(calib)} calibration / {len(held)} held-out photos")
     model = models.mobilenet_v2(relu6=relu6).eval()
@@ -374,8 +409,10 @@ def bench_mobilenet(relu6: bool, n_calib=None, n_held=None, qemu_photos=4):
                     torch.backends.quantized.engine = engine
                     m = qms[key][engine]
                     with torch.no_grad():  # this process's AVX2 kernels where it runs them, else the emulator
-                        if realkernel.process_isa(engine) == "avx2" and realkernel.forced_mismatch(
-                                "avx2", engine, realrun.model_convs(m)) is None:
+                        if (
+                            realkernel.process_isa(engine) == "avx2"
+                            and realkernel.forced_mismatch("avx2", engine, realrun.model_convs(m)) is None
+                        ):
                             want = m(x)
                         else:
                             with emulator.emulate(m, engine=engine, isa="avx2"):
@@ -384,8 +421,13 @@ def bench_mobilenet(relu6: bool, n_calib=None, n_held=None, qemu_photos=4):
             qemu = run_qemu(jobs, tmp)
         rows = []
         for key, qm in qms.items():
-            rows.append(dict(key=key, cfg=_cfg(STATIC[key]),
-                             **evaluate(qm, lambda m: m(held), ref, image_metrics, exact_always=False)))
+            rows.append(
+                dict(
+                    key=key,
+                    cfg=_cfg(STATIC[key]),
+                    **evaluate(qm, lambda m: m(held), ref, image_metrics, exact_always=False),
+                )
+            )
             log(f"{name} {key}: {rows[-1]['metrics']['avx2-fbgemm']}, sat {rows[-1]['sat']}")
         qemu = qemu.result() if qemu else None
     return [dict(name=name, kind="image", rows=rows, ref=REFERENCE, n=(len(calib), len(held)))], qemu
@@ -397,16 +439,24 @@ def _task(name: str, args: dict):
     warnings.filterwarnings("ignore")
     if name == "minilm":
         return bench_minilm(args["calib_sentences"], args["sentences"]), None
-    return bench_mobilenet(name == "relu6", args["calib_photos"], args["photos"],
-                           args["qemu_photos"] if name == "relu6" else 0)
+    return bench_mobilenet(
+        name == "relu6", args["calib_photos"], args["photos"], args["qemu_photos"] if name == "relu6" else 0
+    )
 
 
 def check_targets(results) -> list:
     """[(target, met, detail)]."""
     out = []
-    ident = [(res["name"], r["key"]) for res in results for r in res["rows"] if r["cfg"][-1] and not r["avx2_eq_vnni_fbgemm"]]
-    out.append(("safeobs: AVX2 and VNNI outputs bit-identical with engine fbgemm, every model and graph",
-                not ident, "all identical" if not ident else f"differs: {ident}"))
+    ident = [
+        (res["name"], r["key"]) for res in results for r in res["rows"] if r["cfg"][-1] and not r["avx2_eq_vnni_fbgemm"]
+    ]
+    out.append(
+        (
+            "safeobs: AVX2 and VNNI outputs bit-identical with engine fbgemm, every model and graph",
+            not ident,
+            "all identical" if not ident else f"differs: {ident}",
+        )
+    )
     worse, gaps = [], []
     for res in results:
         rows = {r["key"]: r for r in res["rows"]}
@@ -418,16 +468,29 @@ def check_targets(results) -> list:
                 continue
             q = r["metrics"]["avx2-fbgemm"]["sqnr"]
             if q <= best_stock["metrics"]["avx2-fbgemm"]["sqnr"]:
-                worse.append(f"{res['name']} / {r['key']}: {q:.2f} dB <= {best_stock['key']} "
-                             f"{best_stock['metrics']['avx2-fbgemm']['sqnr']:.2f} dB")
+                worse.append(
+                    f"{res['name']} / {r['key']}: {q:.2f} dB <= {best_stock['key']} "
+                    f"{best_stock['metrics']['avx2-fbgemm']['sqnr']:.2f} dB"
+                )
             gaps.append((refq - q, res["name"], r["key"]))
-    out.append(("safeobs beats every stock configuration on the AVX2 CPU (SQNR), every model and graph",
-                not worse, "yes" if not worse else "; ".join(worse)))
+    out.append(
+        (
+            "safeobs beats every stock configuration on the AVX2 CPU (SQNR), every model and graph",
+            not worse,
+            "yes" if not worse else "; ".join(worse),
+        )
+    )
     bad = [g for g in gaps if g[0] > 0.5]
     worst = max(gaps)
-    out.append(("safeobs within 0.5 dB of the saturation-free full-range reference",
-                not bad, f"largest gap {worst[0]:.2f} dB ({worst[1]} / {worst[2]})" if not bad else
-                "; ".join(f"{n} / {k}: {g:.2f} dB below" for g, n, k in bad)))
+    out.append(
+        (
+            "safeobs within 0.5 dB of the saturation-free full-range reference",
+            not bad,
+            f"largest gap {worst[0]:.2f} dB ({worst[1]} / {worst[2]})"
+            if not bad
+            else "; ".join(f"{n} / {k}: {g:.2f} dB below" for g, n, k in bad),
+        )
+    )
     return out
 
 
@@ -446,7 +509,7 @@ def _yn(v: bool) -> str:
 
 
 def _col_head(res, col: str) -> str:
-    """"AVX2 real, fbgemm" / "VNNI emulated, x86": what produced the column in every row of ``res``."""
+    """ "AVX2 real, fbgemm" / "VNNI emulated, x86": what produced the column in every row of ``res``."""
     isa, engine = col.split("-")
     kinds = {"emulated" if "(emulated)" in r["source"][col] else "real" for r in res["rows"]}
     return f"{isa.upper()} {'/'.join(sorted(kinds))}, {engine}"
@@ -460,21 +523,28 @@ def _sources(results) -> str:
 def detail_table(res) -> list:
     kind = res["kind"]
     unit = "SQNR dB / top-1 agreement" if kind == "image" else "SQNR dB / mean cosine / NN agreement"
-    lines = [f"### {res['name']}", "",
-             f"{res['n'][0]} calibration / {res['n'][1]} held-out {'photos' if kind == 'image' else 'sentences'}; "
-             f"cells: {unit} vs FP32.", "",
-             "| configuration | act. bits | weights | " + " | ".join(_col_head(res, c) for c in COLUMNS) +
-             " | no saturation (exact) | saturated lanes AVX2 (layers) | AVX2 ≡ VNNI fbgemm "
-             "| AVX2 ≡ VNNI x86 | emulator ≡ real |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### {res['name']}",
+        "",
+        f"{res['n'][0]} calibration / {res['n'][1]} held-out {'photos' if kind == 'image' else 'sentences'}; "
+        f"cells: {unit} vs FP32.",
+        "",
+        "| configuration | act. bits | weights | "
+        + " | ".join(_col_head(res, c) for c in COLUMNS)
+        + " | no saturation (exact) | saturated lanes AVX2 (layers) | AVX2 ≡ VNNI fbgemm "
+        "| AVX2 ≡ VNNI x86 | emulator ≡ real |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
         label, abits, w, *_ = r["cfg"]
         m = r["metrics"]
         exact = _fmt(m["exact"], kind) + ("" if r["exact_ran"] else " †")
-        lines.append(f"| {label} | {abits} | {w} | {_fmt(m['avx2-fbgemm'], kind)} | {_fmt(m['avx2-x86'], kind)} | "
-                     f"{_fmt(m['vnni-fbgemm'], kind)} | {_fmt(m['vnni-x86'], kind)} | {exact} | "
-                     f"{r['sat']:,} ({r['sat_layers']}) | {_yn(r['avx2_eq_vnni_fbgemm'])} | "
-                     f"{_yn(r['avx2_eq_vnni_x86'])} | {_yn(r['emu_eq_native'])} |")
+        lines.append(
+            f"| {label} | {abits} | {w} | {_fmt(m['avx2-fbgemm'], kind)} | {_fmt(m['avx2-x86'], kind)} | "
+            f"{_fmt(m['vnni-fbgemm'], kind)} | {_fmt(m['vnni-x86'], kind)} | {exact} | "
+            f"{r['sat']:,} ({r['sat_layers']}) | {_yn(r['avx2_eq_vnni_fbgemm'])} | "
+            f"{_yn(r['avx2_eq_vnni_x86'])} | {_yn(r['emu_eq_native'])} |"
+        )
     lines.append("")
     return lines
 
@@ -511,8 +581,11 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 4.4))
-    cols = [("avx2-fbgemm", "AVX2 real kernels", "C0"), ("vnni-fbgemm", "VNNI fbgemm", "C1"),
-            ("exact", "no saturation (exact)", "C2")]
+    cols = [
+        ("avx2-fbgemm", "AVX2 real kernels", "C0"),
+        ("vnni-fbgemm", "VNNI fbgemm", "C1"),
+        ("exact", "no saturation (exact)", "C2"),
+    ]
     for ax, res in zip(np.atleast_1d(axes), results):
         rows = res["rows"]
         xs = np.arange(len(rows))
@@ -520,10 +593,22 @@ def plot(results, path):
             ax.bar(xs + (i - 1) * 0.27, [r["metrics"][k]["sqnr"] for r in rows], 0.27, label=lab, color=c)
         refq = next(r for r in rows if r["key"] == res["ref"])["metrics"]["exact"]["sqnr"]
         ax.axhline(refq, color="k", ls="--", lw=1, label="full-range reference (exact)")
-        ax.set_xticks(xs, [r["cfg"][0].strip("*").replace(" default", "").replace("safeobs ", "safeobs\n")
-                           .replace(" (full range)", "\n(full range)").replace("quantize_dynamic", "dynamic")
-                           .replace("8-bit inputs + torch per-channel weights", "8-bit in +\nstock per-ch. w")
-                           for r in rows], rotation=35, ha="right", fontsize=7)
+        ax.set_xticks(
+            xs,
+            [
+                r["cfg"][0]
+                .strip("*")
+                .replace(" default", "")
+                .replace("safeobs ", "safeobs\n")
+                .replace(" (full range)", "\n(full range)")
+                .replace("quantize_dynamic", "dynamic")
+                .replace("8-bit inputs + torch per-channel weights", "8-bit in +\nstock per-ch. w")
+                for r in rows
+            ],
+            rotation=35,
+            ha="right",
+            fontsize=7,
+        )
         lo = min(r["metrics"][k]["sqnr"] for r in rows for k, *_ in cols)
         hi = max(r["metrics"][k]["sqnr"] for r in rows for k, *_ in cols)
         ax.set_ylim(max(0.0, lo - 2), hi + 1.5)
@@ -536,51 +621,66 @@ def plot(results, path):
 
 
 def write_report(results, qemu, targets, runtime, host, path):
-    md = ["# Fidelity: stock int8 configurations vs safeobs, real models, real kernels", "",
-          "Generated by `benchmarks/bench_fidelity.py` in one run "
-          f"({runtime / 60:.1f} min on {os.cpu_count()} cores, torch {torch.__version__}, host ISA `{host}`).", "",
-          "## Main table: on the real AVX2 kernels (engine fbgemm; engine x86 is bit-identical on this CPU)", "",
-          "MobileNetV2 cells: logit SQNR vs FP32, top-1 agreement with FP32.  MiniLM cells: embedding SQNR vs FP32, "
-          "nearest-neighbour agreement.  \"sat.\" = int16 lanes that saturated (counted by the emulator).", ""]
+    md = [
+        "# Fidelity: stock int8 configurations vs safeobs, real models, real kernels",
+        "",
+        "Generated by `benchmarks/bench_fidelity.py` in one run "
+        f"({runtime / 60:.1f} min on {os.cpu_count()} cores, torch {torch.__version__}, host ISA `{host}`).",
+        "",
+        "## Main table: on the real AVX2 kernels (engine fbgemm; engine x86 is bit-identical on this CPU)",
+        "",
+        "MobileNetV2 cells: logit SQNR vs FP32, top-1 agreement with FP32.  MiniLM cells: embedding SQNR vs FP32, "
+        'nearest-neighbour agreement.  "sat." = int16 lanes that saturated (counted by the emulator).',
+        "",
+    ]
     md += main_table(results)
     md += ["", "## Targets", "", "| target | met | detail |", "|---|---|---|"]
     md += [f"| {t} | {'**met**' if ok else '**missed**'} | {d} |" for t, ok, d in targets]
-    md += ["", "## What the columns are, and why some are emulated", "",
-           f"* **Host: `{host}`** (`realkernel.host_isa()`).  Which kernel produced each column, as recorded by "
-           "`evaluate` (`realkernel.describe`): " + _sources(results) + ".  \"real\" columns are torch's own "
-           "quantized kernels; on a non-VNNI CPU the `x86` engine dispatches every conv to FBGEMM, so engine x86 "
-           "and fbgemm compute the same thing (the tables show it bit for bit).  An AVX-512 host runs the AVX2 "
-           "columns in worker processes forced to AVX2 (these models have no FBGEMM groupwise conv); a VNNI host "
-           "cannot run engine x86's AVX2 conv routing that way (cpuinfo decides it), so that column is emulated "
-           "there, and its VNNI columns come from a second, native pass.",
-           "* **qemu Haswell confirmation**: the MobileNetV2 ReLU6 models (torch onednn mapping, which saturates, and "
-           "safeobs x86) were TorchScript-traced and run under `qemu-x86_64 -cpu Haswell` on a subset of held-out photos, "
-           "with both engines:", ""]
+    md += [
+        "",
+        "## What the columns are, and why some are emulated",
+        "",
+        f"* **Host: `{host}`** (`realkernel.host_isa()`).  Which kernel produced each column, as recorded by "
+        "`evaluate` (`realkernel.describe`): " + _sources(results) + '.  "real" columns are torch\'s own '
+        "quantized kernels; on a non-VNNI CPU the `x86` engine dispatches every conv to FBGEMM, so engine x86 "
+        "and fbgemm compute the same thing (the tables show it bit for bit).  An AVX-512 host runs the AVX2 "
+        "columns in worker processes forced to AVX2 (these models have no FBGEMM groupwise conv); a VNNI host "
+        "cannot run engine x86's AVX2 conv routing that way (cpuinfo decides it), so that column is emulated "
+        "there, and its VNNI columns come from a second, native pass.",
+        "* **qemu Haswell confirmation**: the MobileNetV2 ReLU6 models (torch onednn mapping, which saturates, and "
+        "safeobs x86) were TorchScript-traced and run under `qemu-x86_64 -cpu Haswell` on a subset of held-out photos, "
+        "with both engines:",
+        "",
+    ]
     md += ["  | model | engine | native == qemu Haswell, bit for bit | qemu time |", "  |---|---|---|---|"]
     if qemu:
         md += [f"  | {STATIC[k][0].strip('*')} | {e} | {_yn(eq)} | {t:.0f} s |" for k, e, eq, t in qemu]
     else:
         md += ["  | (skipped: qemu-x86_64 not available) | | | |"]
-    md += ["",
-           "* **Emulated columns** (VNNI on a host without VNNI) run the same converted "
-           "int8 model through `safeobs.emulator` with `isa=\"vnni\"`, the bit-exact model of the kernels that the test "
-           "suite checks against the real kernels.  On VNNI, FBGEMM's GEMMs (Linear, 1x1 and im2col convs) accumulate "
-           "exactly, but its depthwise and direct-ConvTranspose kernels are AVX2 `vpmaddubsw` code on every CPU and "
-           "still saturate; with engine x86, symmetric convs with groups <= 100 go to oneDNN (exact, different "
-           "rounding), and depthwise convs with more than 100 channels go to FBGEMM depthwise (saturating).",
-           "* **The saturation-free reference is emulated too.**  The issue asked for the int8 model run with engine "
-           "onednn on a VNNI machine; instead each int8 model is run through `emulate(..., exact=True)`: the same "
-           "kernels and FBGEMM requantization with exact int32 accumulation.  The headline reference is the stock "
-           "onednn-mapping model (8-bit activations, torch's 8-bit weights) run exactly; for MiniLM dynamic it is "
-           "torch's per-channel weights with 8-bit inputs run exactly.  † = no lane saturated on AVX2, so the exact "
-           "run equals the AVX2 run by construction (the emulator's correction term is zero) and was not repeated.",
-           "* **emulator ≡ real**: the emulated AVX2 output equals the real AVX2 kernels' output bit for bit, for every "
-           "model and configuration, saturating ones included: the saturated-lane counts are those of the real run.",
-           "* Calibration: every configuration of a model uses the same activation statistics (HistogramObserver, "
-           "collected once on the calibration split, shared between the prepared graphs; observers do not depend "
-           "on the quantization range during collection).  Held-out data share no source photo/sentence with "
-           "calibration.  Deterministic: no random numbers are drawn.", "",
-           "## Per model: every run", ""]
+    md += [
+        "",
+        "* **Emulated columns** (VNNI on a host without VNNI) run the same converted "
+        'int8 model through `safeobs.emulator` with `isa="vnni"`, the bit-exact model of the kernels that the test '
+        "suite checks against the real kernels.  On VNNI, FBGEMM's GEMMs (Linear, 1x1 and im2col convs) accumulate "
+        "exactly, but its depthwise and direct-ConvTranspose kernels are AVX2 `vpmaddubsw` code on every CPU and "
+        "still saturate; with engine x86, symmetric convs with groups <= 100 go to oneDNN (exact, different "
+        "rounding), and depthwise convs with more than 100 channels go to FBGEMM depthwise (saturating).",
+        "* **The saturation-free reference is emulated too.**  The issue asked for the int8 model run with engine "
+        "onednn on a VNNI machine; instead each int8 model is run through `emulate(..., exact=True)`: the same "
+        "kernels and FBGEMM requantization with exact int32 accumulation.  The headline reference is the stock "
+        "onednn-mapping model (8-bit activations, torch's 8-bit weights) run exactly; for MiniLM dynamic it is "
+        "torch's per-channel weights with 8-bit inputs run exactly.  † = no lane saturated on AVX2, so the exact "
+        "run equals the AVX2 run by construction (the emulator's correction term is zero) and was not repeated.",
+        "* **emulator ≡ real**: the emulated AVX2 output equals the real AVX2 kernels' output bit for bit, for every "
+        "model and configuration, saturating ones included: the saturated-lane counts are those of the real run.",
+        "* Calibration: every configuration of a model uses the same activation statistics (HistogramObserver, "
+        "collected once on the calibration split, shared between the prepared graphs; observers do not depend "
+        "on the quantization range during collection).  Held-out data share no source photo/sentence with "
+        "calibration.  Deterministic: no random numbers are drawn.",
+        "",
+        "## Per model: every run",
+        "",
+    ]
     for res in results:
         md += detail_table(res)
     md += ["## In plain words", ""] + PLAIN + [""]
@@ -589,7 +689,9 @@ def write_report(results, qemu, targets, runtime, host, path):
     if gap.is_file():  # follow-up analysis (benchmarks/analysis_mobilenet_gap.py), kept beside the results
         md += [gap.read_text().rstrip(), ""]
     draws = path.parent / "fidelity_draws.md"
-    if draws.is_file():  # issue 11: data-aware rounding, mean ± std over draws (written by benchmarks/fidelity_draws.py)
+    if (
+        draws.is_file()
+    ):  # issue 11: data-aware rounding, mean ± std over draws (written by benchmarks/fidelity_draws.py)
         md += draws.read_text().rstrip("\n").split("\n")
     path.write_text("\n".join(md))
 
@@ -604,7 +706,7 @@ PLAIN = [
     "bit on every channel.",
     "* **safeobs** keeps 8-bit activations and loses on average ~0.4 weight bits only where a pair needs it, so it "
     "never saturates on any x86 CPU: its outputs on AVX2 and on VNNI (engine fbgemm) are bit-identical and equal the "
-    "saturation-free result.  Pick `safeobs.get_default_qconfig_mapping(\"x86\")` (safe for every kernel any x86 "
+    'saturation-free result.  Pick `safeobs.get_default_qconfig_mapping("x86")` (safe for every kernel any x86 '
     "CPU can choose) for static quantization, `safeobs.quantize_dynamic` for dynamic; layout `fbgemm` is only "
     "for models that will run with engine fbgemm.",
     "* **Where safeobs falls short (MobileNetV2).**  On both MobileNetV2 graphs 7-bit weights score 0.3-0.8 dB "
@@ -627,8 +729,14 @@ PLAIN = [
 
 
 def _jsonable(results, qemu, runtime, host) -> dict:
-    return {"results": results, "qemu": qemu, "runtime": runtime, "host": host,
-            "torch": torch.__version__, "cores": os.cpu_count()}
+    return {
+        "results": results,
+        "qemu": qemu,
+        "runtime": runtime,
+        "host": host,
+        "torch": torch.__version__,
+        "cores": os.cpu_count(),
+    }
 
 
 def _run_tasks(tasks, targs, workers: int, env: dict) -> dict:
@@ -669,13 +777,20 @@ def main(argv=None) -> int:
                 r["cfg"] = tuple(r["cfg"])
         results, qemu, runtime, host = saved["results"], saved["qemu"], saved["runtime"], saved["host"]
         if any("source" not in r for res in results for r in res["rows"]):
-            raise SystemExit(f"{args.out / 'fidelity.json'} predates per-column kernel labels (which kernel ran); "
-                             "re-run benchmarks/bench_fidelity.py without --report-only")
+            raise SystemExit(
+                f"{args.out / 'fidelity.json'} predates per-column kernel labels (which kernel ran); "
+                "re-run benchmarks/bench_fidelity.py without --report-only"
+            )
     else:
         host = realkernel.host_isa()
         use_qemu = not args.no_qemu and realkernel.available("haswell")
-        targs = dict(photos=args.photos, calib_photos=args.calib_photos, sentences=args.sentences,
-                     calib_sentences=args.calib_sentences, qemu_photos=4 if use_qemu else 0)
+        targs = dict(
+            photos=args.photos,
+            calib_photos=args.calib_photos,
+            sentences=args.sentences,
+            calib_sentences=args.calib_sentences,
+            qemu_photos=4 if use_qemu else 0,
+        )
         tasks = ("relu6", "relu", "minilm")  # longest first
         # The AVX2 columns need this host's real AVX2 kernels: native on an AVX2 host, else worker
         # processes forced to AVX2 (these models have no FBGEMM groupwise conv; engine x86's convs are
@@ -684,8 +799,12 @@ def main(argv=None) -> int:
         done = {}
         for name, mode in passes:
             log(f"pass {name}: kernels {realkernel.describe(mode, 'fbgemm')}")
-            done[name] = _run_tasks(tasks, dict(targs, qemu_photos=targs["qemu_photos"] if name == "avx2" else 0),
-                                    args.workers, realkernel.MODES[mode])
+            done[name] = _run_tasks(
+                tasks,
+                dict(targs, qemu_photos=targs["qemu_photos"] if name == "avx2" else 0),
+                args.workers,
+                realkernel.MODES[mode],
+            )
         if "vnni" in done:
             for t in tasks:
                 done["avx2"][t] = (merge_passes(done["avx2"][t][0], done["vnni"][t][0]), done["avx2"][t][1])
@@ -697,8 +816,10 @@ def main(argv=None) -> int:
         (args.out / "fidelity.json").write_text(json.dumps(_jsonable(results, qemu, runtime, host), indent=1))
         if not args.no_draws:  # issue 11: every configuration over calibration draws, data-aware rounding
             draws = Path(__file__).with_name("fidelity_draws.py")  # a script that imports this one: run, not import
-            subprocess.run([sys.executable, str(draws), "--workers", str(args.workers), "--out", str(args.out),
-                            "--no-report"], check=True)
+            subprocess.run(
+                [sys.executable, str(draws), "--workers", str(args.workers), "--out", str(args.out), "--no-report"],
+                check=True,
+            )
     targets = check_targets(results)
     if qemu and not all(q[2] for q in qemu):
         targets.append(("native AVX2 == qemu Haswell", False, "see qemu table"))

@@ -48,7 +48,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def sqnr(ref, x) -> float:
     ref, x = np.asarray(ref, np.float64), np.asarray(x, np.float64)
     err = np.sum((ref - x) ** 2)
-    return float("inf") if err == 0 else float(10 * np.log10(np.sum(ref ** 2) / err))
+    return float("inf") if err == 0 else float(10 * np.log10(np.sum(ref**2) / err))
 
 
 def session(path, exact=False, threads=1):
@@ -79,17 +79,25 @@ def export_minilm(path):
     model = models.minilm().eval()
     tok = models.tokenizer()
     b = tok(["a short sentence", "another one"])
-    torch.onnx.export(model, (b["input_ids"], b["attention_mask"]), str(path), dynamo=False,
-                      input_names=["input_ids", "attention_mask"], output_names=["hidden"],
-                      dynamic_axes={"input_ids": {0: "b", 1: "l"}, "attention_mask": {0: "b", 1: "l"},
-                                    "hidden": {0: "b", 1: "l"}}, opset_version=17)
+    torch.onnx.export(
+        model,
+        (b["input_ids"], b["attention_mask"]),
+        str(path),
+        dynamo=False,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["hidden"],
+        dynamic_axes={"input_ids": {0: "b", 1: "l"}, "attention_mask": {0: "b", 1: "l"}, "hidden": {0: "b", 1: "l"}},
+        opset_version=17,
+    )
     return tok
 
 
 def minilm_feeds(tok, sentences):
     b = tok(list(sentences))
-    return {"input_ids": b["input_ids"].numpy().astype(np.int64),
-            "attention_mask": b["attention_mask"].numpy().astype(np.int64)}
+    return {
+        "input_ids": b["input_ids"].numpy().astype(np.int64),
+        "attention_mask": b["attention_mask"].numpy().astype(np.int64),
+    }
 
 
 def pooled(hidden, mask):
@@ -99,8 +107,16 @@ def pooled(hidden, mask):
 
 def export_mobilenet(path):
     model = models.mobilenet_v2().eval()
-    torch.onnx.export(model, (torch.rand(1, 3, 224, 224),), str(path), dynamo=False, input_names=["x"],
-                      output_names=["logits"], dynamic_axes={"x": {0: "b"}, "logits": {0: "b"}}, opset_version=17)
+    torch.onnx.export(
+        model,
+        (torch.rand(1, 3, 224, 224),),
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_axes={"x": {0: "b"}, "logits": {0: "b"}},
+        opset_version=17,
+    )
 
 
 # -- measurement ---------------------------------------------------------------------------------
@@ -136,9 +152,21 @@ def kernels_ran(path) -> str:
         m = onnx.load(out)
     ops = {}
     for n in m.graph.node:
-        if n.op_type in ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul",
-                         "QLinearConv", "ConvInteger", "MatMul", "Conv", "Gemm", "FusedMatMul", "FusedConv",
-                         "QGemm", "QAttention"):
+        if n.op_type in (
+            "MatMulInteger",
+            "MatMulIntegerToFloat",
+            "DynamicQuantizeMatMul",
+            "QLinearMatMul",
+            "QLinearConv",
+            "ConvInteger",
+            "MatMul",
+            "Conv",
+            "Gemm",
+            "FusedMatMul",
+            "FusedConv",
+            "QGemm",
+            "QAttention",
+        ):
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
     return ", ".join(f"{k} {v}" for k, v in sorted(ops.items()))
 
@@ -147,8 +175,14 @@ def evaluate(name, path, feeds, ref_fn, out_fn, reps, base_time=None, emu_inputs
     s = session(path)
     y = out_fn(s.run(None, feeds))
     ye = out_fn(session(path, exact=True).run(None, feeds))
-    row = {"config": name, "sqnr": sqnr(ref_fn, y), "sqnr_exact": sqnr(ref_fn, ye), "avx2_vs_exact": sqnr(ye, y),
-           "_sess": s, "kernels": kernels_ran(path)}
+    row = {
+        "config": name,
+        "sqnr": sqnr(ref_fn, y),
+        "sqnr_exact": sqnr(ref_fn, ye),
+        "avx2_vs_exact": sqnr(ye, y),
+        "_sess": s,
+        "kernels": kernels_ran(path),
+    }
     if emu_inputs is not None:
         import onnx
 
@@ -182,35 +216,66 @@ def unseen_models(tmp, reps):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     enc = _Block(256, 4).eval()
-    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, 2, 1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
-                              torch.nn.Conv2d(32, 32, 3, 1, 1, groups=32), torch.nn.ReLU(),
-                              torch.nn.Conv2d(32, 64, 1), torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 3, 2, 1),
-                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                              torch.nn.Linear(64, 10)).eval()
+    cnn = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, 2, 1),
+        torch.nn.BatchNorm2d(32),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, 1, 1, groups=32),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 64, 3, 2, 1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 10),
+    ).eval()
     with torch.no_grad():
         for mod in cnn.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
                 mod.running_var.uniform_(0.5, 2)
                 mod.weight.uniform_(0.5, 2)
     out = []
-    for name, model, x in (("transformer block (d 256, 4 heads)", enc, rng.standard_normal((4, 32, 256)).astype(np.float32)),
-                           ("residual-free CNN (dw + pw)", cnn, rng.random((8, 3, 64, 64)).astype(np.float32))):
+    for name, model, x in (
+        ("transformer block (d 256, 4 heads)", enc, rng.standard_normal((4, 32, 256)).astype(np.float32)),
+        ("residual-free CNN (dw + pw)", cnn, rng.random((8, 3, 64, 64)).astype(np.float32)),
+    ):
         fp = tmp / f"unseen_{len(out)}.onnx"
-        torch.onnx.export(model, (torch.from_numpy(x[:1]),), str(fp), dynamo=False, input_names=["x"],
-                          dynamic_axes={"x": {0: "b"}}, opset_version=17)
+        torch.onnx.export(
+            model,
+            (torch.from_numpy(x[:1]),),
+            str(fp),
+            dynamo=False,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "b"}},
+            opset_version=17,
+        )
         feeds = {"x": x}
         ref = session(fp).run(None, feeds)[0]
         rows = []
-        cal = [{"x": x[i:i + 1]} for i in range(len(x))]
-        cfgs = ([("ORT quantize_dynamic(per_channel=True)", quantize_dynamic, {}),
-                 ("safeobs quantize_dynamic(per_channel=True)", so.quantize_dynamic, {})] if "transformer" in name else
-                [("ORT quantize_static QDQ U8S8", quantize_static, {}),
-                 ("safeobs quantize_static QDQ U8S8", so.quantize_static, {})])
+        cal = [{"x": x[i : i + 1]} for i in range(len(x))]
+        cfgs = (
+            [
+                ("ORT quantize_dynamic(per_channel=True)", quantize_dynamic, {}),
+                ("safeobs quantize_dynamic(per_channel=True)", so.quantize_dynamic, {}),
+            ]
+            if "transformer" in name
+            else [
+                ("ORT quantize_static QDQ U8S8", quantize_static, {}),
+                ("safeobs quantize_static QDQ U8S8", so.quantize_static, {}),
+            ]
+        )
         for i, (cname, fn, _) in enumerate(cfgs):
             q = tmp / f"unseen_{len(out)}_{i}.onnx"
             if fn in (quantize_static, so.quantize_static):
-                fn(str(fp), str(q), Reader(cal), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                   per_channel=True)
+                fn(
+                    str(fp),
+                    str(q),
+                    Reader(cal),
+                    quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8,
+                    per_channel=True,
+                )
             else:
                 fn(str(fp), str(q), per_channel=True)
             rows.append((cname, evaluate(cname, q, feeds, ref, lambda o: o[0], reps, emu_inputs=feeds)))
@@ -238,7 +303,7 @@ def main(argv=None):
     mask = feeds["attention_mask"]
     out_fn = lambda o: pooled(o[0], mask)  # noqa: E731
     ref = out_fn(session(fp).run(None, feeds))
-    cal_feeds = [minilm_feeds(tok, calib[i:i + 8]) for i in range(0, len(calib), 8)]
+    cal_feeds = [minilm_feeds(tok, calib[i : i + 8]) for i in range(0, len(calib), 8)]
     cfgs = [
         ("ORT quantize_dynamic (per-tensor)", quantize_dynamic, dict(per_channel=False)),
         ("safeobs quantize_dynamic (per-tensor)", so.quantize_dynamic, dict(per_channel=False)),
@@ -246,10 +311,16 @@ def main(argv=None):
         ("ORT per_channel=True, reduce_range=True", quantize_dynamic, dict(per_channel=True, reduce_range=True)),
         ("ORT weight_type=QUInt8 (U8U8)", quantize_dynamic, dict(per_channel=True, weight_type=QuantType.QUInt8)),
         ("safeobs quantize_dynamic(per_channel=True)", so.quantize_dynamic, dict(per_channel=True)),
-        ("ORT quantize_static QDQ U8S8", quantize_static, dict(quant_format=QuantFormat.QDQ,
-                                                              activation_type=QuantType.QUInt8)),
-        ("safeobs quantize_static QDQ U8S8", so.quantize_static, dict(quant_format=QuantFormat.QDQ,
-                                                                     activation_type=QuantType.QUInt8)),
+        (
+            "ORT quantize_static QDQ U8S8",
+            quantize_static,
+            dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8),
+        ),
+        (
+            "safeobs quantize_static QDQ U8S8",
+            so.quantize_static,
+            dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8),
+        ),
     ]
     mini = []
     for i, (name, fn, kw) in enumerate(cfgs):
@@ -284,14 +355,20 @@ def main(argv=None):
         ev = ev[: args.photos]
     mfeeds = {"x": ev}
     mref = session(fpm).run(None, mfeeds)[0]
-    mcal = [{"x": cal[i:i + 1]} for i in range(len(cal))]
+    mcal = [{"x": cal[i : i + 1]} for i in range(len(cal))]
     mcfgs = [
         ("ORT quantize_static QDQ U8S8 (per-channel)", quantize_static, dict(activation_type=QuantType.QUInt8)),
         ("safeobs quantize_static QDQ U8S8 (per-channel)", so.quantize_static, dict(activation_type=QuantType.QUInt8)),
-        ("ORT quantize_static QDQ U8S8 reduce_range", quantize_static, dict(activation_type=QuantType.QUInt8,
-                                                                          reduce_range=True)),
-        ("ORT quantize_static QDQ U8U8", quantize_static, dict(activation_type=QuantType.QUInt8,
-                                                              weight_type=QuantType.QUInt8)),
+        (
+            "ORT quantize_static QDQ U8S8 reduce_range",
+            quantize_static,
+            dict(activation_type=QuantType.QUInt8, reduce_range=True),
+        ),
+        (
+            "ORT quantize_static QDQ U8U8",
+            quantize_static,
+            dict(activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8),
+        ),
         ("ORT quantize_static QDQ S8S8 (default types)", quantize_static, dict()),
         ("safeobs quantize_static QDQ S8S8", so.quantize_static, dict()),
     ]
@@ -315,35 +392,51 @@ def main(argv=None):
     L = lines.append
     L("# ONNX Runtime: ORT's quantizer vs safeobs.onnx (`benchmarks/bench_onnx.py`)")
     L("")
-    L(f"Host: {realkernel.cpu_name()}, ISA seen by MLAS: **{isa}** ({'AVX2-only: native runs are the real saturating U8S8 kernels' if isa == 'avx2' else 'has ' + isa})."
-      f" onnxruntime {ort.__version__}, 1 thread, torch.onnx.export (TorchScript exporter), opset 17.")
+    L(
+        f"Host: {realkernel.cpu_name()}, ISA seen by MLAS: **{isa}** ({'AVX2-only: native runs are the real saturating U8S8 kernels' if isa == 'avx2' else 'has ' + isa})."
+        f" onnxruntime {ort.__version__}, 1 thread, torch.onnx.export (TorchScript exporter), opset 17."
+    )
     L("")
-    L("Columns: **SQNR** vs the FP32 ONNX model on this host; **exact** = the same model with "
-      "`session.x64quantprecision=1` (ORT's exact U8U8 path: the integer results of a VNNI CPU, "
-      "float ops of this host); **AVX2 vs exact** = SQNR between the two outputs (what saturation "
-      "changes; inf = bit-identical); **sat lanes** = int16 lanes that saturate on AVX2, counted by "
-      "`safeobs.emulator_ort` on the node inputs ORT computes; **speed** = median run time / ORT's "
-      "U8S8 default (per-channel dynamic for MiniLM, QDQ U8S8 for MobileNetV2), same run.")
+    L(
+        "Columns: **SQNR** vs the FP32 ONNX model on this host; **exact** = the same model with "
+        "`session.x64quantprecision=1` (ORT's exact U8U8 path: the integer results of a VNNI CPU, "
+        "float ops of this host); **AVX2 vs exact** = SQNR between the two outputs (what saturation "
+        "changes; inf = bit-identical); **sat lanes** = int16 lanes that saturate on AVX2, counted by "
+        "`safeobs.emulator_ort` on the node inputs ORT computes; **speed** = median run time / ORT's "
+        "U8S8 default (per-channel dynamic for MiniLM, QDQ U8S8 for MobileNetV2), same run."
+    )
     L("")
     L(f"## MiniLM (all-MiniLM-L6-v2), {len(held)} held-out sentences, mean-pooled embedding")
     L("")
-    L("| config | SQNR (host = AVX2) | exact (VNNI-equivalent) | AVX2 vs exact | sat lanes | speed | integer ops ORT runs |")
+    L(
+        "| config | SQNR (host = AVX2) | exact (VNNI-equivalent) | AVX2 vs exact | sat lanes | speed | integer ops ORT runs |"
+    )
     L("|---|---|---|---|---|---|---|")
     for name, _, r in mini:
-        L(f"| {name} | {r['sqnr']:.2f} dB | {r['sqnr_exact']:.2f} dB | {r['avx2_vs_exact']:.1f} dB | "
-          f"{r.get('sat_lanes', 0):,} | {r['time'] / base:.2f}x | {r['kernels']} |")
+        L(
+            f"| {name} | {r['sqnr']:.2f} dB | {r['sqnr_exact']:.2f} dB | {r['avx2_vs_exact']:.1f} dB | "
+            f"{r.get('sat_lanes', 0):,} | {r['time'] / base:.2f}x | {r['kernels']} |"
+        )
     L("")
     if qemu:
-        L(f"qemu Haswell check ({args.qemu_sentences} sentences, {qemu_time:.0f} s): "
-          + "; ".join(f"{k}: {'bit-identical to native' if v[0] else f'{v[1]:.1f} dB vs native'}" for k, v in qemu.items()))
+        L(
+            f"qemu Haswell check ({args.qemu_sentences} sentences, {qemu_time:.0f} s): "
+            + "; ".join(
+                f"{k}: {'bit-identical to native' if v[0] else f'{v[1]:.1f} dB vs native'}" for k, v in qemu.items()
+            )
+        )
         L("")
     L(f"## MobileNetV2, {len(ev)} held-out photos, logits")
     L("")
-    L("| config | SQNR (host = AVX2) | exact (VNNI-equivalent) | AVX2 vs exact | top-1 agree | sat lanes (2 photos) | speed | integer ops ORT runs |")
+    L(
+        "| config | SQNR (host = AVX2) | exact (VNNI-equivalent) | AVX2 vs exact | top-1 agree | sat lanes (2 photos) | speed | integer ops ORT runs |"
+    )
     L("|---|---|---|---|---|---|---|---|")
     for name, _, r in mob:
-        L(f"| {name} | {r['sqnr']:.2f} dB | {r['sqnr_exact']:.2f} dB | {r['avx2_vs_exact']:.1f} dB | {r['top1']:.0%} | "
-          f"{r.get('sat_lanes', 0):,} | {r['time'] / mbase:.2f}x | {r['kernels']} |")
+        L(
+            f"| {name} | {r['sqnr']:.2f} dB | {r['sqnr_exact']:.2f} dB | {r['avx2_vs_exact']:.1f} dB | {r['top1']:.0%} | "
+            f"{r.get('sat_lanes', 0):,} | {r['time'] / mbase:.2f}x | {r['kernels']} |"
+        )
     L("")
     L("## Models we do not ship (random-init torch.nn, exported the same way)")
     L("")
@@ -351,8 +444,10 @@ def main(argv=None):
     L("|---|---|---|---|---|---|")
     for model_name, rows in unseen:
         for name, r in rows:
-            L(f"| {model_name} | {name} | {r['sqnr']:.2f} dB | {r['avx2_vs_exact']:.1f} dB | {r.get('sat_lanes', 0):,} | "
-              f"{r['time'] / rows[0][1]['time']:.2f}x |")
+            L(
+                f"| {model_name} | {name} | {r['sqnr']:.2f} dB | {r['avx2_vs_exact']:.1f} dB | {r.get('sat_lanes', 0):,} | "
+                f"{r['time'] / rows[0][1]['time']:.2f}x |"
+            )
     L("")
     L(f"Total time {time.time() - t_start:.0f} s.")
     text = "\n".join(lines) + "\n"

@@ -56,7 +56,7 @@ def log(msg):
 def sqnr(ref, y) -> float:
     ref, y = ref.double(), y.double()
     err = float(((y - ref) ** 2).sum())
-    return float("inf") if err == 0 else float(10 * np.log10(float((ref ** 2).sum()) / err))
+    return float("inf") if err == 0 else float(10 * np.log10(float((ref**2).sum()) / err))
 
 
 def _nearest(e):
@@ -66,8 +66,11 @@ def _nearest(e):
 
 
 def metrics(ref, y) -> dict:
-    return {"sqnr": sqnr(ref, y), "cos": float(F.cosine_similarity(ref.double(), y.double(), dim=1).mean()),
-            "nn": float((_nearest(y.double()) == _nearest(ref.double())).double().mean())}
+    return {
+        "sqnr": sqnr(ref, y),
+        "cos": float(F.cosine_similarity(ref.double(), y.double(), dim=1).mean()),
+        "nn": float((_nearest(y.double()) == _nearest(ref.double())).double().mean()),
+    }
 
 
 def quantized(model, name):
@@ -88,8 +91,11 @@ def fidelity(sentences, host: str) -> tuple[dict, dict]:
     real_eager = f"real {host.upper()} eager ({eager_kernel.backend} {eager_kernel.op})"
     real_comp = f"real {host.upper()} torch.compile freezing ({comp_kernel.backend} {comp_kernel.op})"
     forced = "AVX2 oneDNN eager (= ONEDNN_MAX_CPU_ISA=AVX2 on a VNNI host), emulated"
-    vnni = ("VNNI eager and compiled, real" if host == "vnni" else
-            "VNNI eager and compiled, emulated (exact int32: bit-identical to the exact eager run, checked)")
+    vnni = (
+        "VNNI eager and compiled, real"
+        if host == "vnni"
+        else "VNNI eager and compiled, emulated (exact int32: bit-identical to the exact eager run, checked)"
+    )
     for name in CONFIGS:
         m, qtime[name] = quantized(model, name)
         r = {}
@@ -159,8 +165,11 @@ def speed(repeats: int) -> dict:
                             times[name].append((time.perf_counter() - t) / calls)
                 med = {name: float(np.median(v)) for name, v in times.items()}
                 key = f"{k}->{n} M={mm} {'compiled' if compiled else 'eager'}"
-                out[key] = {"torchao_us": med["torchao default"] * 1e6, "safeobs_us": med["safeobs"] * 1e6,
-                            "ratio": med["safeobs"] / med["torchao default"]}
+                out[key] = {
+                    "torchao_us": med["torchao default"] * 1e6,
+                    "safeobs_us": med["safeobs"] * 1e6,
+                    "ratio": med["safeobs"] / med["torchao default"],
+                }
                 log(f"speed {key}: ratio {out[key]['ratio']:.3f}")
             torch._dynamo.reset()
     return out
@@ -189,18 +198,25 @@ def plot(rows, path):
 def report(res) -> str:
     rows, host = res["rows"], res["host"]
     runs = list(next(iter(rows.values())).keys())
-    lines = ["# torchao int8 dynamic quantization: torchao default vs reduce_range vs safeobs (MiniLM)", "",
-             f"Host: {res['cpu']} ({host.upper()}; {'no AVX-512, no VNNI' if host == 'avx2' else host}), "
-             f"{res['threads']} threads (speed: 1), torch {res['torch']}, torchao {res['torchao']}.  "
-             f"{res['n']} held-out sentences (`safeobs.data.sentences('heldout')`), all-MiniLM-L6-v2 "
-             f"(`safeobs.models.minilm()`), every Linear quantized by `quantize_`.", "",
-             "Which kernel ran (torch 2.13 + torchao 0.18, see README \"torchao\"): eager `torch._int_mm` is "
-             "oneDNN only on AVX512-VNNI CPUs and an exact ATen loop elsewhere; `torch.compile` with "
-             "`freezing=True` rewrites torchao's s8xs8 pattern into `onednn.qlinear_pointwise`, which saturates "
-             "on AVX2 CPUs (`gemm:jit`) and is exact on AVX-512 (`ref_int8`, recorded in tests/data/torchao-avx512).  *emulated* rows run the same quantized model through `safeobs.emulator_torchao` "
-             "(bit-exact against the real kernels in tests/test_torchao.py); no VNNI CPU was available here.", "",
-             "Cells: embedding SQNR vs FP32 (dB) / mean cosine / nearest-neighbour agreement.", "",
-             "| run | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
+    lines = [
+        "# torchao int8 dynamic quantization: torchao default vs reduce_range vs safeobs (MiniLM)",
+        "",
+        f"Host: {res['cpu']} ({host.upper()}; {'no AVX-512, no VNNI' if host == 'avx2' else host}), "
+        f"{res['threads']} threads (speed: 1), torch {res['torch']}, torchao {res['torchao']}.  "
+        f"{res['n']} held-out sentences (`safeobs.data.sentences('heldout')`), all-MiniLM-L6-v2 "
+        f"(`safeobs.models.minilm()`), every Linear quantized by `quantize_`.",
+        "",
+        'Which kernel ran (torch 2.13 + torchao 0.18, see README "torchao"): eager `torch._int_mm` is '
+        "oneDNN only on AVX512-VNNI CPUs and an exact ATen loop elsewhere; `torch.compile` with "
+        "`freezing=True` rewrites torchao's s8xs8 pattern into `onednn.qlinear_pointwise`, which saturates "
+        "on AVX2 CPUs (`gemm:jit`) and is exact on AVX-512 (`ref_int8`, recorded in tests/data/torchao-avx512).  *emulated* rows run the same quantized model through `safeobs.torchao.emulator` "
+        "(bit-exact against the real kernels in tests/test_torchao.py); no VNNI CPU was available here.",
+        "",
+        "Cells: embedding SQNR vs FP32 (dB) / mean cosine / nearest-neighbour agreement.",
+        "",
+        "| run | " + " | ".join(rows) + " |",
+        "|---|" + "---|" * len(rows),
+    ]
     for k in runs:
         cells = []
         for name in rows:
@@ -208,15 +224,24 @@ def report(res) -> str:
             if m is None:
                 cells.append("- (7-bit codes cannot saturate)")
                 continue
-            cells.append(f"{m['sqnr']:.2f} / {m['cos']:.4f} / {m['nn'] * 100:.0f}%"
-                         + (f" ({m['saturated']:,} sat.)" if m.get("saturated") else ""))
+            cells.append(
+                f"{m['sqnr']:.2f} / {m['cos']:.4f} / {m['nn'] * 100:.0f}%"
+                + (f" ({m['saturated']:,} sat.)" if m.get("saturated") else "")
+            )
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    lines += ["", "Quantization time (`quantize_` of the whole model, s): "
-              + ", ".join(f"{n} {t:.2f}" for n, t in res["qtime"].items()), "",
-              "## Speed: safeobs / torchao default, same host, same run", "",
-              "Median time per call of one quantized Linear, the two configurations timed interleaved "
-              f"({res['repeats']} rounds).  Both produce the same `Int8Tensor` format, so the same kernels run.", "",
-              "| call | torchao (us) | safeobs (us) | ratio |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "Quantization time (`quantize_` of the whole model, s): "
+        + ", ".join(f"{n} {t:.2f}" for n, t in res["qtime"].items()),
+        "",
+        "## Speed: safeobs / torchao default, same host, same run",
+        "",
+        "Median time per call of one quantized Linear, the two configurations timed interleaved "
+        f"({res['repeats']} rounds).  Both produce the same `Int8Tensor` format, so the same kernels run.",
+        "",
+        "| call | torchao (us) | safeobs (us) | ratio |",
+        "|---|---|---|---|",
+    ]
     for k, v in res["speed"].items():
         lines.append(f"| {k} | {v['torchao_us']:.1f} | {v['safeobs_us']:.1f} | {v['ratio']:.3f} |")
     lines += ["", f"Total benchmark time {res['seconds']:.0f} s.", ""]
@@ -232,14 +257,24 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     t0 = time.time()
     host = realkernel.host_isa()
-    sentences = data.sentences("heldout")[:args.sentences]
+    sentences = data.sentences("heldout")[: args.sentences]
     log(f"{len(sentences)} sentences on {realkernel.cpu_name()} ({host})")
     rows, qtime = fidelity(sentences, host)
     torch.set_num_threads(1)
     sp = speed(args.repeats)
-    res = {"cpu": realkernel.cpu_name(), "host": host, "threads": args.threads, "torch": torch.__version__,
-           "torchao": torchao.__version__, "n": len(sentences), "rows": rows, "qtime": qtime, "speed": sp,
-           "repeats": args.repeats, "seconds": time.time() - t0}
+    res = {
+        "cpu": realkernel.cpu_name(),
+        "host": host,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "torchao": torchao.__version__,
+        "n": len(sentences),
+        "rows": rows,
+        "qtime": qtime,
+        "speed": sp,
+        "repeats": args.repeats,
+        "seconds": time.time() - t0,
+    }
     OUT.mkdir(exist_ok=True)
     (OUT / "torchao.json").write_text(json.dumps(res, indent=1))
     plot(rows, OUT / "torchao.png")

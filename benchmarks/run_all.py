@@ -1,4 +1,5 @@
 """Run every benchmarks/bench_*.py in its own subprocess, in sorted order."""
+
 import subprocess
 import sys
 from pathlib import Path

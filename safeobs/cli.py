@@ -124,13 +124,21 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = _Parser(prog="safeobs", description="int8 quantization for x86 CPUs without vpmaddubsw int16 saturation",
-                epilog=MAIN_EPILOG, formatter_class=fmt)
+    p = _Parser(
+        prog="safeobs",
+        description="int8 quantization for x86 CPUs without vpmaddubsw int16 saturation",
+        epilog=MAIN_EPILOG,
+        formatter_class=fmt,
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    d = sub.add_parser("demo", help="reproduce the forum's bad quantized Conv2d output on real weights and photos",
-                       description="Reproduce 'Quantized Conv2d op bad output' end to end.", epilog=DEMO_EPILOG,
-                       formatter_class=fmt)
+    d = sub.add_parser(
+        "demo",
+        help="reproduce the forum's bad quantized Conv2d output on real weights and photos",
+        description="Reproduce 'Quantized Conv2d op bad output' end to end.",
+        epilog=DEMO_EPILOG,
+        formatter_class=fmt,
+    )
     d.add_argument("--quick", action="store_true", help="few photos (CI): 6 calibration, 2 held-out")
     d.add_argument("--calib", type=int, metavar="N", help="calibration photos (default 24, --quick 6)")
     d.add_argument("--eval", type=int, metavar="N", help="held-out photos (default 12, --quick 2)")
@@ -139,38 +147,72 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     def model_args(sp):
-        sp.add_argument("model", metavar="MODEL", help="safeobs state file, state dict (with --arch), .onnx, "
-                        "module:function, or (--trust-pickle) TorchScript / torch.save(model) file")
-        sp.add_argument("--trust-pickle", action="store_true",
-                        help="also load a full pickle or TorchScript file: loading either can run code in it; "
-                             "only for files you trust")
-        sp.add_argument("--arch", metavar="MODULE:FUNCTION",
-                        help="for a state-dict MODEL: import MODULE and call FUNCTION() to build the model the "
-                             "weights are loaded into (runs that code)")
+        sp.add_argument(
+            "model",
+            metavar="MODEL",
+            help="safeobs state file, state dict (with --arch), .onnx, "
+            "module:function, or (--trust-pickle) TorchScript / torch.save(model) file",
+        )
+        sp.add_argument(
+            "--trust-pickle",
+            action="store_true",
+            help="also load a full pickle or TorchScript file: loading either can run code in it; "
+            "only for files you trust",
+        )
+        sp.add_argument(
+            "--arch",
+            metavar="MODULE:FUNCTION",
+            help="for a state-dict MODEL: import MODULE and call FUNCTION() to build the model the "
+            "weights are loaded into (runs that code)",
+        )
         g = sp.add_mutually_exclusive_group()
-        g.add_argument("--inputs", metavar="FILE", help="torch.save'd tensor or tuple/list of tensors (read "
-                       "weights-only); runs the model, i.e. the code of a pickled or TorchScript MODEL")
+        g.add_argument(
+            "--inputs",
+            metavar="FILE",
+            help="torch.save'd tensor or tuple/list of tensors (read "
+            "weights-only); runs the model, i.e. the code of a pickled or TorchScript MODEL",
+        )
         g.add_argument("--photos", type=int, metavar="N", help="N held-out photos as input (image models)")
-        sp.add_argument("--input-scale", type=float, default=1.0, metavar="F",
-                        help="multiply float inputs by F (e.g. 2: beyond the calibrated range)")
+        sp.add_argument(
+            "--input-scale",
+            type=float,
+            default=1.0,
+            metavar="F",
+            help="multiply float inputs by F (e.g. 2: beyond the calibrated range)",
+        )
         sp.add_argument("--json", action="store_true", help="print JSON instead of tables")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
-    a = sub.add_parser("audit", help="which layers of a converted model can saturate, per engine/ISA",
-                       description="Audit a converted model for int16 pair saturation.", epilog=AUDIT_EPILOG,
-                       formatter_class=fmt)
+    a = sub.add_parser(
+        "audit",
+        help="which layers of a converted model can saturate, per engine/ISA",
+        description="Audit a converted model for int16 pair saturation.",
+        epilog=AUDIT_EPILOG,
+        formatter_class=fmt,
+    )
     model_args(a)
-    a.add_argument("--engines", metavar="E/I,...",
-                   help="engine/isa pairs to audit (default: all of fbgemm,onednn,x86 x avx2,avx512,avx512_vbmi,vnni)")
+    a.add_argument(
+        "--engines",
+        metavar="E/I,...",
+        help="engine/isa pairs to audit (default: all of fbgemm,onednn,x86 x avx2,avx512,avx512_vbmi,vnni)",
+    )
     a.add_argument("--unsafe-only", action="store_true", help="list only layers that can saturate")
 
-    r = sub.add_parser("repair", help="re-quantize only the unsafe channels of a converted model",
-                       description="Repair a converted model so that no weight pair can saturate.",
-                       epilog=REPAIR_EPILOG, formatter_class=fmt)
+    r = sub.add_parser(
+        "repair",
+        help="re-quantize only the unsafe channels of a converted model",
+        description="Repair a converted model so that no weight pair can saturate.",
+        epilog=REPAIR_EPILOG,
+        formatter_class=fmt,
+    )
     model_args(r)
     r.add_argument("-o", "--output", required=True, metavar="OUT", help="where to save the repaired model")
-    r.add_argument("--layout", default=None, choices=("x86", "fbgemm", "onednn", "ort"),
-                   help="kernels to be safe for (default x86: all of them; ort for .onnx models)")
+    r.add_argument(
+        "--layout",
+        default=None,
+        choices=("x86", "fbgemm", "onednn", "ort"),
+        help="kernels to be safe for (default x86: all of them; ort for .onnx models)",
+    )
     r.add_argument("--all", action="store_true", help="list unchanged layers too")
     return p
 
@@ -201,8 +243,7 @@ def cmd_demo(args) -> int:
         if n is not None and n < 1:
             raise UsageError(f"{name} must be >= 1")
     mode = None if args.no_real else "auto"
-    result = demo.run(quick=args.quick, calib=args.calib, evaluate=args.eval, mode=mode,
-                      progress=_Progress(args.quiet))
+    result = demo.run(quick=args.quick, calib=args.calib, evaluate=args.eval, mode=mode, progress=_Progress(args.quiet))
     print(_dump(result) if args.json else demo.format_demo(result))
     return EXIT_OK
 
@@ -268,8 +309,10 @@ def cmd_repair(args) -> int:
     args.layout = args.layout or "x86"
     model, source, inputs = _model_and_inputs(args)
     if inputs is not None and source == "state":
-        raise UsageError(f"{args.model}: --inputs/--photos trace the model to TorchScript, and a state file holds "
-                         "its layers, not its forward pass: pass --arch module:function too")
+        raise UsageError(
+            f"{args.model}: --inputs/--photos trace the model to TorchScript, and a state file holds "
+            "its layers, not its forward pass: pass --arch module:function too"
+        )
     infos = repair.repair(model, args.layout)
     if not infos:
         raise UsageError(f"{args.model}: no quantized Linear/Conv layer with int8 weights (is it converted?)")
@@ -278,8 +321,9 @@ def cmd_repair(args) -> int:
     except OSError as e:
         raise UsageError(f"{args.output}: cannot write ({e.strerror or e})") from None
     if args.json:
-        print(_dump({"model": args.model, "output": args.output, "format": fmt, "layout": args.layout,
-                     "layers": infos}))
+        print(
+            _dump({"model": args.model, "output": args.output, "format": fmt, "layout": args.layout, "layers": infos})
+        )
     else:
         print(repair.format_repair(infos, only_changed=not args.all))
         print(f"saved {fmt} to {args.output}")
@@ -334,6 +378,7 @@ def torch_warning_categories():
     """Warning category silenced on the command line (torch's TracerWarnings while tracing a repaired model)."""
     try:
         from torch.jit import TracerWarning
+
         return TracerWarning
     except Exception:  # pragma: no cover
         return UserWarning

@@ -27,8 +27,11 @@ def minilm():
 
 
 def _qparams(m):
-    return {n: (mod.scale, mod.zero_point, mod.weight().q_per_channel_scales())
-            for n, mod in m.named_modules() if isinstance(mod, torch.ao.nn.quantized.Linear)}
+    return {
+        n: (mod.scale, mod.zero_point, mod.weight().q_per_channel_scales())
+        for n, mod in m.named_modules()
+        if isinstance(mod, torch.ao.nn.quantized.Linear)
+    }
 
 
 def test_shared_calibration_equals_own_calibration(minilm):
@@ -39,8 +42,12 @@ def test_shared_calibration_equals_own_calibration(minilm):
     own = prepare_fx(copy.deepcopy(model), mapping, example)
     with torch.no_grad():
         own(*batch)
-    built = bf.build_static(model, example, [batch], {
-        "torch-onednn": lambda: bf.linear_only(bf.STATIC["torch-onednn"][3]()), "torch-x86": lambda: mapping})
+    built = bf.build_static(
+        model,
+        example,
+        [batch],
+        {"torch-onednn": lambda: bf.linear_only(bf.STATIC["torch-onednn"][3]()), "torch-x86": lambda: mapping},
+    )
     want, got = _qparams(convert_fx(own)), _qparams(built["torch-x86"]["fbgemm"])
     assert want.keys() == got.keys() and len(want) == 36
     for name, (s, z, w) in want.items():
@@ -53,17 +60,24 @@ def test_evaluate_and_report_on_dynamic_minilm(minilm, tmp_path):
     with torch.no_grad():
         ref = models.embed(model, held, tok)
     qms = bf.build_dynamic(model, {k: bf.DYNAMIC[k] for k in ("dyn-8bit", "safe-dyn")})
-    rows = [dict(key=k, cfg=bf.DYNAMIC[k], **bf.evaluate(qm, lambda m: models.embed(m, held, tok), ref,
-                                                         bf.text_metrics, exact_always=False))
-            for k, qm in qms.items()]
+    rows = [
+        dict(
+            key=k,
+            cfg=bf.DYNAMIC[k],
+            **bf.evaluate(qm, lambda m: models.embed(m, held, tok), ref, bf.text_metrics, exact_always=False),
+        )
+        for k, qm in qms.items()
+    ]
     safe, stock = rows[1], rows[0]
     assert safe["sat"] == 0 and safe["avx2_eq_vnni_fbgemm"] and safe["x86_eq_fbgemm"]
     assert stock["sat"] > 0 and stock["exact_ran"]  # 8-bit inputs with stock weights saturate on AVX2
     here = realkernel.process_isa()
     if here in ("avx2", "vnni"):  # this process runs one column's real kernels (an AVX-512 host runs neither)
         assert all(r["emu_eq_native"] for r in rows)  # the emulator reproduces the real kernels, saturation included
-        assert all(f"{here} (" in r["source"][f"{here}-fbgemm"] and "emulated" not in r["source"][f"{here}-fbgemm"]
-                   for r in rows)
+        assert all(
+            f"{here} (" in r["source"][f"{here}-fbgemm"] and "emulated" not in r["source"][f"{here}-fbgemm"]
+            for r in rows
+        )
     other = "vnni" if here == "avx2" else "avx2"
     assert all(r["source"][f"{other}-fbgemm"] == f"fbgemm on {other} (emulated)" for r in rows)
     assert 0.9 < safe["metrics"]["avx2-fbgemm"]["cos"] <= 1.0
@@ -84,10 +98,14 @@ def test_metrics():
 
 def test_merge_passes_takes_real_vnni_columns_and_compares_digests():
     def row(key, src, d_avx2, d_vnni, check):
-        return dict(key=key, metrics={c: {"sqnr": float(len(src))} for c in bf.COLUMNS},
-                    source={c: src for c in bf.COLUMNS}, digest={"avx2-fbgemm": d_avx2, "avx2-x86": d_avx2,
-                                                                 "vnni-fbgemm": d_vnni, "vnni-x86": d_vnni},
-                    emu_checks={"avx2-fbgemm": True} if check is None else {"vnni-fbgemm": check, "vnni-x86": check})
+        return dict(
+            key=key,
+            metrics={c: {"sqnr": float(len(src))} for c in bf.COLUMNS},
+            source={c: src for c in bf.COLUMNS},
+            digest={"avx2-fbgemm": d_avx2, "avx2-x86": d_avx2, "vnni-fbgemm": d_vnni, "vnni-x86": d_vnni},
+            emu_checks={"avx2-fbgemm": True} if check is None else {"vnni-fbgemm": check, "vnni-x86": check},
+        )
+
     avx2 = [dict(rows=[row("a", "forced avx2", "x", "y", None), row("b", "forced avx2", "p", "q", None)])]
     vnni = [dict(rows=[row("a", "native vnni", "z", "x", True), row("b", "native vnni", "r", "s", False)])]
     a, b = bf.merge_passes(avx2, vnni)[0]["rows"]

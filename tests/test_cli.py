@@ -1,4 +1,5 @@
 """Acceptance tests of the ``safeobs`` command: demo, audit, repair (issue 5)."""
+
 from __future__ import annotations
 
 import copy
@@ -137,8 +138,10 @@ def test_demo_quick(capsys):
     assert rows[("features.0.0", "held-out x2", "torch x86 default")]["saturated_outputs"] > 1000
     # safeobs beats torch's default on the calibrated range (8-bit activations) at full accuracy
     for layer in demo.LAYERS:
-        assert (rows[(layer, "held-out", "safeobs")]["output_sqnr_db"]
-                > rows[(layer, "held-out", "torch x86 default")]["output_sqnr_db"])
+        assert (
+            rows[(layer, "held-out", "safeobs")]["output_sqnr_db"]
+            > rows[(layer, "held-out", "torch x86 default")]["output_sqnr_db"]
+        )
     text = demo.format_demo(res)
     assert "features.0.0:" in text and "features.2.conv.1.0:" in text and "safeobs" in text
 
@@ -167,8 +170,19 @@ def test_audit_eager_with_inputs_counts_saturation(capsys, modspec, photo, tmp_p
     inputs = tmp_path / "x.pt"
     torch.save((photo,), inputs)
     # x4: far beyond the calibrated range, the "7-bit" activation codes reach 255
-    rc, out, _ = run(capsys, "audit", modspec, "--inputs", str(inputs), "--input-scale", "4",
-                     "--engines", "x86/avx2,x86/vnni", "--json", "-q")
+    rc, out, _ = run(
+        capsys,
+        "audit",
+        modspec,
+        "--inputs",
+        str(inputs),
+        "--input-scale",
+        "4",
+        "--engines",
+        "x86/avx2,x86/vnni",
+        "--json",
+        "-q",
+    )
     assert rc == 1
     res = json.loads(out)
     sat = res["saturation"]
@@ -267,8 +281,11 @@ def repaired(converted, photo, tmp_path_factory):
 def test_repaired_model_bit_exact_on_avx2(repaired, route):
     """The real kernels of an AVX2 CPU: native on an AVX2 host, forced AVX2 where that reaches them, qemu."""
     path, x, ref = repaired
-    mode = "haswell" if route == "haswell" else realkernel.mode_for(
-        "avx2", "x86", realrun.model_convs(torch.jit.load(str(path))))
+    mode = (
+        "haswell"
+        if route == "haswell"
+        else realkernel.mode_for("avx2", "x86", realrun.model_convs(torch.jit.load(str(path))))
+    )
     got = realrun.run_module(path, x, mode=mode, engine="x86", trust_pickle=True)  # the test's own TorchScript
     for g, r in zip(got, ref):
         np.testing.assert_array_equal(g, r)

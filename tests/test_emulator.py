@@ -38,8 +38,15 @@ def _float_ref_acc(x, x_zp, w, w_zp, hp):
     nd = w.ndim - 2
     if hp.get("transposed"):
         fn = getattr(tF, f"conv_transpose{nd}d")
-        y = fn(xf, wf, stride=hp["stride"], padding=hp["padding"], output_padding=hp["output_padding"],
-               groups=hp["groups"], dilation=hp["dilation"])
+        y = fn(
+            xf,
+            wf,
+            stride=hp["stride"],
+            padding=hp["padding"],
+            output_padding=hp["output_padding"],
+            groups=hp["groups"],
+            dilation=hp["dilation"],
+        )
     else:
         fn = getattr(tF, f"conv{nd}d")
         y = fn(xf, wf, stride=hp["stride"], padding=hp["padding"], dilation=hp["dilation"], groups=hp["groups"])
@@ -73,12 +80,22 @@ def test_exact_conv_matches_float64_reference(shape, engine):
     y = emulator.qconv_codes(x, 0.05, x_zp, w, ws, w_zp, bias, 3.0, 100, engine=engine, isa="avx2", exact=True, **hp)
     acc = _float_ref_acc(x, x_zp, w, w_zp, hp)  # (N, OC, *O)
     acc2d = np.moveaxis(acc, 1, -1).reshape(-1, oc).astype(np.int32)
-    kernel = dispatch.conv_kernel(engine, "avx2", w.shape, groups=hp["groups"], stride=hp["stride"],
-                                  padding=hp["padding"], dilation=hp["dilation"], transposed=bool(hp.get("transposed")),
-                                  output_padding=hp.get("output_padding", 0), weight_symmetric=bool(np.all(w_zp == 0)))
+    kernel = dispatch.conv_kernel(
+        engine,
+        "avx2",
+        w.shape,
+        groups=hp["groups"],
+        stride=hp["stride"],
+        padding=hp["padding"],
+        dilation=hp["dilation"],
+        transposed=bool(hp.get("transposed")),
+        output_padding=hp.get("output_padding", 0),
+        weight_symmetric=bool(np.all(w_zp == 0)),
+    )
     if kernel.backend == "fbgemm":
-        ref = emulator.requantize_fbgemm(acc2d, 0.05, np.broadcast_to(ws, (oc,)), bias, 3.0, 100,
-                                         per_channel=np.ndim(ws) > 0)
+        ref = emulator.requantize_fbgemm(
+            acc2d, 0.05, np.broadcast_to(ws, (oc,)), bias, 3.0, 100, per_channel=np.ndim(ws) > 0
+        )
     else:
         ref = emulator.requantize_onednn(acc2d, 0.05, np.broadcast_to(ws, (oc,)), bias, 3.0, 100)
     ref = np.moveaxis(ref.reshape((acc.shape[0],) + acc.shape[2:] + (oc,)), -1, 1)
@@ -92,10 +109,19 @@ def _brute_force_acc(x, x_zp, w, w_zp, hp, engine, isa):
     op = "conv_transpose" if transposed else "conv"
     kw_, s_ = w.shape[-1], x.shape[-1]
     ow = (s_ + 2 * hp["padding"] - hp["dilation"] * (kw_ - 1) - 1) // hp["stride"] + 1
-    kernel = dispatch.conv_kernel(engine, isa, w.shape, groups=hp["groups"], stride=hp["stride"], padding=hp["padding"],
-                                  dilation=hp["dilation"], transposed=transposed,
-                                  output_padding=hp.get("output_padding", 0), weight_symmetric=bool(np.all(w_zp == 0)),
-                                  output_width=None if transposed else ow)
+    kernel = dispatch.conv_kernel(
+        engine,
+        isa,
+        w.shape,
+        groups=hp["groups"],
+        stride=hp["stride"],
+        padding=hp["padding"],
+        dilation=hp["dilation"],
+        transposed=transposed,
+        output_padding=hp.get("output_padding", 0),
+        weight_symmetric=bool(np.all(w_zp == 0)),
+        output_width=None if transposed else ow,
+    )
     pairs = layout.kernel_pairs(kernel, w.shape, op, hp["groups"], isa)
     order = layout.kernel_order(w.shape, op, hp["groups"])
     g_, ocg, kg = order.shape
@@ -105,8 +131,10 @@ def _brute_force_acc(x, x_zp, w, w_zp, hp, engine, isa):
     st, pd, dl = (hp["stride"],) * nd, (hp["padding"],) * nd, (hp["dilation"],) * nd
     sp = x.shape[2:]
     if transposed:
-        out = [(s - 1) * a - 2 * p + d * (k - 1) + o + 1 for s, a, p, d, k, o in
-               zip(sp, st, pd, dl, ks, (hp["output_padding"],) * nd)]
+        out = [
+            (s - 1) * a - 2 * p + d * (k - 1) + o + 1
+            for s, a, p, d, k, o in zip(sp, st, pd, dl, ks, (hp["output_padding"],) * nd)
+        ]
     else:
         out = [(s + 2 * p - d * (k - 1) - 1) // a + 1 for s, a, p, d, k in zip(sp, st, pd, dl, ks)]
     fill = x_zp if kernel.backend == "fbgemm" and kernel.path != "direct" else None  # None: skipped
@@ -145,8 +173,11 @@ def _brute_force_acc(x, x_zp, w, w_zp, hp, engine, isa):
 
 
 def _saturating_cases():
-    base = [(s, e, i) for e, i in (("fbgemm", "avx2"), ("onednn", "avx2"), ("fbgemm", "vnni"))
-            for s in CONV_SHAPES[:2] + CONV_SHAPES[4:5] + CONV_SHAPES[6:9]]
+    base = [
+        (s, e, i)
+        for e, i in (("fbgemm", "avx2"), ("onednn", "avx2"), ("fbgemm", "vnni"))
+        for s in CONV_SHAPES[:2] + CONV_SHAPES[4:5] + CONV_SHAPES[6:9]
+    ]
     # oneDNN on AVX-512 without VNNI: per-tap (stem, conv1d), relo whi (VBMI, multiplier 2, OW 5), 3-D dw gemm
     avx512 = [(s, "onednn", i) for i in ("avx512", "avx512_vbmi") for s in CONV_SHAPES[:2] + CONV_SHAPES[4:6]]
     return base + avx512
@@ -162,8 +193,9 @@ def test_saturating_conv_matches_brute_force(shape, engine, isa):
     # Requantize the brute-force accumulators with a unit multiplier: codes = clamp(acc + zp) reveal acc.
     acc2d = np.moveaxis(ref, 1, -1).reshape(-1, oc)
     lo = acc2d.min()
-    y = emulator.qconv_codes(x, 1.0, x_zp, w, 1.0, w_zp, -np.full(oc, lo, np.float32), 1.0, 0, engine=engine, isa=isa,
-                             **hp)  # bias shifts the minimum to 0; codes saturate at 255 beyond
+    y = emulator.qconv_codes(
+        x, 1.0, x_zp, w, 1.0, w_zp, -np.full(oc, lo, np.float32), 1.0, 0, engine=engine, isa=isa, **hp
+    )  # bias shifts the minimum to 0; codes saturate at 255 beyond
     expect = np.clip(acc2d - lo, 0, 255)
     got = np.moveaxis(y, 1, -1).reshape(-1, oc)
     assert np.array_equal(got, expect)
@@ -179,8 +211,9 @@ def test_exact_linear_matches_integer_einsum():
     w_zp = RNG.integers(-3, 4, 13)
     acc = np.einsum("mk,nk->mn", x.astype(np.int64) - 17, w.astype(np.int64) - w_zp[:, None])
     ref = emulator.requantize_fbgemm(acc.astype(np.int32), 0.02, np.full(13, 0.003), None, 7.0, 5, per_channel=True)
-    y = emulator.qlinear_codes(x, 0.02, 17, w, np.full(13, 0.003), w_zp, None, 7.0, 5, engine="fbgemm", isa="avx2",
-                               exact=True)
+    y = emulator.qlinear_codes(
+        x, 0.02, 17, w, np.full(13, 0.003), w_zp, None, 7.0, 5, engine="fbgemm", isa="avx2", exact=True
+    )
     assert np.array_equal(y, ref)
     y_vnni = emulator.qlinear_codes(x, 0.02, 17, w, np.full(13, 0.003), w_zp, None, 7.0, 5, engine="fbgemm", isa="vnni")
     assert np.array_equal(y_vnni, ref)  # VNNI GEMM accumulates exactly
@@ -213,10 +246,12 @@ def test_saturation_report_consistent_with_output_difference():
     xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=240)
     wr = w.ravel().astype(np.int64)
     for (n, h, w_), c, (p0, p1) in list(zip(sat.position, sat.channel, sat.pair))[:200]:
+
         def act(p):
             oc_, ic, r, s = np.unravel_index(p, w.shape)
             assert oc_ == c
             return xp[n, ic, h + r, w_ + s]
+
         s = act(p0) * wr[p0] + act(p1) * wr[p1]
         assert not -32768 <= s <= 32767
     assert emulator.saturation("conv2d", *args, engine="fbgemm", isa="vnni").count == 0
@@ -245,8 +280,10 @@ def test_errors():
     for isa in ("avx2", "avx512", "avx512_vbmi", "vnni"):
         emulator.qconv_codes(xc, 1.0, 0, wc, 1.0, 0, None, 1.0, 0, engine="onednn", isa=isa)
         assert emulator.qlinear_dynamic_codes(xf, wd, 0.01, 0, None, engine="onednn", isa=isa).shape == (2, 3)
-        for xg, wg in ((np.zeros((1, 4, 5, 5), np.uint8), np.ones((8, 1, 3, 3), np.int8)),
-                       (np.zeros((1, 4, 5, 5, 5), np.uint8), np.ones((4, 1, 3, 3, 3), np.int8))):
+        for xg, wg in (
+            (np.zeros((1, 4, 5, 5), np.uint8), np.ones((8, 1, 3, 3), np.int8)),
+            (np.zeros((1, 4, 5, 5, 5), np.uint8), np.ones((4, 1, 3, 3, 3), np.int8)),
+        ):
             emulator.qconv_codes(xg, 1.0, 0, wg, 1.0, 0, None, 1.0, 0, groups=4, engine="onednn", isa=isa)
     with pytest.raises(ValueError):
         emulator.qconv_codes(xc[:, :3], 1.0, 0, wc, 1.0, 0, None, 1.0, 0)
@@ -262,8 +299,9 @@ def test_tensor_api_matches_codes_api_and_is_deterministic():
     scales = RNG.uniform(0.001, 0.01, 6)
     zps = RNG.integers(-2, 3, 6)
     xq = torch._make_per_tensor_quantized_tensor(torch.from_numpy(x), 0.03, 9)
-    wq = torch._make_per_channel_quantized_tensor(torch.from_numpy(w), torch.from_numpy(scales),
-                                                  torch.from_numpy(zps), 0)
+    wq = torch._make_per_channel_quantized_tensor(
+        torch.from_numpy(w), torch.from_numpy(scales), torch.from_numpy(zps), 0
+    )
     b = torch.randn(6)
     y = emulator.linear(xq, wq, b, 0.7, 3, engine="fbgemm", relu=True)
     ref = emulator.qlinear_codes(x, 0.03, 9, w, scales, zps, b.numpy(), 0.7, 3, engine="fbgemm", relu=True)
@@ -347,8 +385,12 @@ def _safe_conv_or_linear(draw):
         shape, hp, xs = (draw(st.integers(1, 6)), draw(st.sampled_from([7, 64, 257, 513, 769, 1153]))), None, None
     else:
         k = draw(st.sampled_from([1, 2, 3, 5]))
-        g, icg, ocg, nd = {"dense": (1, draw(st.integers(2, 9)), 3, 2), "ic1": (1, 1, 4, 2),
-                           "mult2": (4, 1, 2, 2), "dw3d": (4, 1, 1, 3)}[kind]
+        g, icg, ocg, nd = {
+            "dense": (1, draw(st.integers(2, 9)), 3, 2),
+            "ic1": (1, 1, 4, 2),
+            "mult2": (4, 1, 2, 2),
+            "dw3d": (4, 1, 1, 3),
+        }[kind]
         shape = (g * ocg, icg) + (k,) * nd
         s = draw(st.integers(k, k + 6))
         hp = dict(stride=draw(st.sampled_from([1, 2])), padding=draw(st.integers(0, k // 2)), dilation=1, groups=g)
@@ -369,8 +411,11 @@ def test_safe_weights_equal_exact_accumulation_on_every_engine_and_isa(case):
     kind, w, hp, xs, rng = case
     op = "linear" if kind == "linear" else "conv"
     scale, _ = safe_qparams(w, layout="x86", op=op, groups=1 if hp is None else hp["groups"])
-    codes = torch.quantize_per_channel(w, scale.double(), torch.zeros(w.shape[0], dtype=torch.long), 0,
-                                       torch.qint8).int_repr().numpy()
+    codes = (
+        torch.quantize_per_channel(w, scale.double(), torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+        .int_repr()
+        .numpy()
+    )
     shape = (3, w.shape[1]) if kind == "linear" else xs
     x = np.where(rng.random(shape) < 0.7, 255, rng.integers(0, 256, shape)).astype(np.uint8)
     ws = scale.numpy().astype(np.float64)

@@ -39,12 +39,16 @@ shapes = st.one_of(
     st.tuples(st.just("linear"), st.tuples(st.integers(1, 4), st.integers(1, 13)), st.just(1)),
     st.builds(
         lambda g, ocg, icg, k: ("conv", (g * ocg, icg) + k, g),
-        st.integers(1, 3), st.integers(1, 3), st.integers(1, 5),
+        st.integers(1, 3),
+        st.integers(1, 3),
+        st.integers(1, 5),
         st.lists(st.integers(1, 3), min_size=1, max_size=3).map(tuple),
     ),
     st.builds(
         lambda g, ocg, icg, k: ("conv_transpose", (g * icg, ocg) + k, g),
-        st.integers(1, 3), st.integers(1, 3), st.integers(1, 5),
+        st.integers(1, 3),
+        st.integers(1, 3),
+        st.integers(1, 5),
         st.lists(st.integers(1, 3), min_size=2, max_size=2).map(tuple),
     ),
 )
@@ -68,8 +72,10 @@ def test_every_pair_stays_in_one_output_channel_and_each_weight_pairs_once(case)
     channel = np.empty(int(np.prod(shape)), dtype=np.int64)
     channel[order.ravel()] = np.repeat(np.arange(order.shape[0] * order.shape[1]), order.shape[2])
     assert np.array_equal(np.sort(order.ravel()), np.arange(int(np.prod(shape))))  # a permutation
-    for kernel, isa in [(dispatch.Kernel("fbgemm", "gemm", True), "avx2"),
-                        (dispatch.Kernel("onednn", "matmul" if op == "linear" else "conv", True), "avx2")]:
+    for kernel, isa in [
+        (dispatch.Kernel("fbgemm", "gemm", True), "avx2"),
+        (dispatch.Kernel("onednn", "matmul" if op == "linear" else "conv", True), "avx2"),
+    ]:
         pos = layout.kernel_pairs(kernel, shape, op, groups, isa)
         assert len(np.unique(pos)) == pos.size  # one kernel call pairs each weight at most once
     for name in ("fbgemm", "onednn", "x86"):
@@ -83,7 +89,10 @@ def test_x86_layout_covers_both_engines_and_every_grouping(case):
     op, shape, groups = case
     x86 = as_set(np.sort(layout.weight_pairs(shape, "x86", op), axis=1))
     for name in ("fbgemm", "onednn"):
-        assert as_set(np.sort(layout.weight_pairs(shape, name, op, groups if op == "conv_transpose" else None), axis=1)) <= x86
+        assert (
+            as_set(np.sort(layout.weight_pairs(shape, name, op, groups if op == "conv_transpose" else None), axis=1))
+            <= x86
+        )
     if op == "conv_transpose":  # without a groups hint the union over all groupings is taken
         assert as_set(np.sort(layout.weight_pairs(shape, "fbgemm", op, groups), axis=1)) <= x86
 
@@ -137,16 +146,24 @@ def test_any_pairs_are_the_top_same_sign_weights():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(weight_shape=(4,)), dict(weight_shape=(4, 3, 3, 3), op="linear"), dict(weight_shape=(4, 3), layout="nope"),
-     dict(weight_shape=(4, 3, 3), op="conv", groups=3)],
+    [
+        dict(weight_shape=(4,)),
+        dict(weight_shape=(4, 3, 3, 3), op="linear"),
+        dict(weight_shape=(4, 3), layout="nope"),
+        dict(weight_shape=(4, 3, 3), op="conv", groups=3),
+    ],
 )
 def test_bad_input_is_rejected(bad):
     with pytest.raises(ValueError):
         layout.weight_pairs(**bad)
 
 
-@given(st.sampled_from(["fbgemm", "onednn", "x86", "ort"]), st.sampled_from(["linear", "conv1", "conv"]),
-       st.integers(1, 2000), st.integers(1, 3))
+@given(
+    st.sampled_from(["fbgemm", "onednn", "x86", "ort"]),
+    st.sampled_from(["linear", "conv1", "conv"]),
+    st.integers(1, 2000),
+    st.integers(1, 3),
+)
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
 def test_closed_form_row_columns_equal_the_built_union(lay, kind, icg, k):
     """Where every kernel pairs a row flat, the closed form (no pair table built) is exactly the union."""

@@ -65,9 +65,14 @@ def _readout(out, op, n, k):
     return np.abs(v[:n].astype(int) - 128) < 48
 
 
-@pytest.mark.parametrize("mode,engine", [pytest.param("native", "fbgemm", marks=mode_param("native").marks),
-                                         pytest.param("native", "onednn", marks=mode_param("native").marks),
-                                         pytest.param("haswell", "fbgemm", marks=mode_param("haswell").marks)])
+@pytest.mark.parametrize(
+    "mode,engine",
+    [
+        pytest.param("native", "fbgemm", marks=mode_param("native").marks),
+        pytest.param("native", "onednn", marks=mode_param("native").marks),
+        pytest.param("haswell", "fbgemm", marks=mode_param("haswell").marks),
+    ],
+)
 def test_kernel_pairs_match_real_kernels(mode, engine):
     isa = realkernel.mode_isa(mode)
     # oneDNN ConvTranspose is wrong whenever IC != OC/G (torch 2.13 bug, spec §9): left out.

@@ -1,4 +1,5 @@
 """Reference models (real weights) and reference data."""
+
 import pytest
 import torch
 import torch.fx
@@ -17,17 +18,71 @@ HF_EMBED_FIRST8 = [
 ]
 HF_COS = {(0, 1): 0.67521, (0, 2): -0.05403, (1, 2): -0.05913}
 HF_IDS = {
-    "Héllo, wörld! naïve café — 3.5×10⁶ CPUs; e-mail: a@b.c":
-        [101, 7592, 1010, 2088, 999, 15743, 7668, 1517, 1017, 1012, 1019, 26306, 10790, 30075, 17368,
-         2015, 1025, 1041, 1011, 5653, 1024, 1037, 1030, 1038, 1012, 1039, 102],
-    "日本語のテキスト and ümlauts": [101, 1864, 1876, 1950, 1671, 30239, 30227, 30233, 30240, 1998, 8529,
-                               17298, 3215, 102],
-    "The unaffable fox's CPU-bound jobs.": [101, 1996, 14477, 20961, 3468, 4419, 1005, 1055, 17368, 1011,
-                                            5391, 5841, 1012, 102],
+    "Héllo, wörld! naïve café — 3.5×10⁶ CPUs; e-mail: a@b.c": [
+        101,
+        7592,
+        1010,
+        2088,
+        999,
+        15743,
+        7668,
+        1517,
+        1017,
+        1012,
+        1019,
+        26306,
+        10790,
+        30075,
+        17368,
+        2015,
+        1025,
+        1041,
+        1011,
+        5653,
+        1024,
+        1037,
+        1030,
+        1038,
+        1012,
+        1039,
+        102,
+    ],
+    "日本語のテキスト and ümlauts": [
+        101,
+        1864,
+        1876,
+        1950,
+        1671,
+        30239,
+        30227,
+        30233,
+        30240,
+        1998,
+        8529,
+        17298,
+        3215,
+        102,
+    ],
+    "The unaffable fox's CPU-bound jobs.": [
+        101,
+        1996,
+        14477,
+        20961,
+        3468,
+        4419,
+        1005,
+        1055,
+        17368,
+        1011,
+        5391,
+        5841,
+        1012,
+        102,
+    ],
 }
 TRIPLE = ["A man is playing a guitar.", "Someone is playing an instrument.", "The stock market fell sharply today."]
-CATS = set(range(281, 286))          # tabby, tiger cat, Persian, Siamese, Egyptian cat
-COFFEE = {504, 967, 968}              # coffee mug, espresso, cup
+CATS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+COFFEE = {504, 967, 968}  # coffee mug, espresso, cup
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +103,8 @@ def _top1(model, image):
 # ------------------------------------------------------------------ MobileNetV2
 def test_mobilenet_classifies_real_photos(mnv2):
     assert not mnv2.training
-    assert _top1(mnv2, skd.chelsea()) in CATS      # observed: 285 Egyptian cat (p=0.71)
-    assert _top1(mnv2, skd.coffee()) in COFFEE     # observed: 967 espresso (p=0.99)
+    assert _top1(mnv2, skd.chelsea()) in CATS  # observed: 285 Egyptian cat (p=0.71)
+    assert _top1(mnv2, skd.coffee()) in COFFEE  # observed: 967 espresso (p=0.99)
 
 
 def test_mobilenet_structure_matches_torchvision(mnv2):
@@ -80,8 +135,10 @@ def test_mobilenet_fx_traceable(mnv2):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), mnv2(x))
-    assert sum(n.target is torch.ops.aten.add.Tensor or getattr(n.target, "__name__", "") == "add"
-               for n in gm.graph.nodes) == 10  # the 10 residual adds
+    assert (
+        sum(n.target is torch.ops.aten.add.Tensor or getattr(n.target, "__name__", "") == "add" for n in gm.graph.nodes)
+        == 10
+    )  # the 10 residual adds
 
 
 # ------------------------------------------------------------------ MiniLM
@@ -119,18 +176,21 @@ def test_minilm_fx_traceable_and_linears(bert):
     gm = torch.fx.symbolic_trace(bert)
     b = models.tokenizer()(TRIPLE)
     with torch.no_grad():
-        torch.testing.assert_close(gm(b["input_ids"], b["attention_mask"]),
-                                   bert(b["input_ids"], b["attention_mask"]))
+        torch.testing.assert_close(gm(b["input_ids"], b["attention_mask"]), bert(b["input_ids"], b["attention_mask"]))
 
 
 def test_safetensors_roundtrip(tmp_path):
     import json
 
     import numpy as np
+
     a = np.arange(6, dtype="<f4").reshape(2, 3)
     b = np.array([1, -2], dtype="<i8")
-    header = {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
-              "b": {"dtype": "I64", "shape": [2], "data_offsets": [24, 40]}, "__metadata__": {"x": "y"}}
+    header = {
+        "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+        "b": {"dtype": "I64", "shape": [2], "data_offsets": [24, 40]},
+        "__metadata__": {"x": "y"},
+    }
     h = json.dumps(header).encode()
     p = tmp_path / "t.safetensors"
     p.write_bytes(len(h).to_bytes(8, "little") + h + a.tobytes() + b.tobytes())
@@ -146,7 +206,7 @@ def test_photo_splits_disjoint_and_shaped():
     y = data.photos("heldout")
     assert x.shape == (20 * len(cal), 3, 224, 224) and x.dtype == torch.float32
     assert y.shape == (20 * len(held), 3, 224, 224)
-    assert torch.equal(x, data.photos("calib"))                      # deterministic
+    assert torch.equal(x, data.photos("calib"))  # deterministic
     assert torch.equal(data.photos("all"), torch.cat([x, y]))
     assert abs(x.mean().item()) < 1.0 and 0.5 < x.std().item() < 2.0  # ImageNet-normalised
     assert data.photos("heldout", size=96).shape == (20 * len(held), 3, 96, 96)

@@ -26,10 +26,13 @@ from safeobs.torch_ao.observers import (
 )
 
 warnings.filterwarnings("ignore", message=".*deprecat.*")
-PAIRS = [(SafeMinMaxObserver, tobs.MinMaxObserver), (SafeMovingAverageMinMaxObserver, tobs.MovingAverageMinMaxObserver),
-         (SafePerChannelMinMaxObserver, tobs.PerChannelMinMaxObserver),
-         (SafeMovingAveragePerChannelMinMaxObserver, tobs.MovingAveragePerChannelMinMaxObserver),
-         (SafeHistogramObserver, tobs.HistogramObserver)]
+PAIRS = [
+    (SafeMinMaxObserver, tobs.MinMaxObserver),
+    (SafeMovingAverageMinMaxObserver, tobs.MovingAverageMinMaxObserver),
+    (SafePerChannelMinMaxObserver, tobs.PerChannelMinMaxObserver),
+    (SafeMovingAveragePerChannelMinMaxObserver, tobs.MovingAveragePerChannelMinMaxObserver),
+    (SafeHistogramObserver, tobs.HistogramObserver),
+]
 SAFE = [p[0] for p in PAIRS]
 
 
@@ -102,12 +105,15 @@ def test_unobserved_returns_torch_default():
     assert float(s) == 1.0 and int(z) == 0
 
 
-@pytest.mark.parametrize("kwargs,err", [
-    (dict(dtype=torch.quint8), TypeError),
-    (dict(qscheme=torch.per_channel_affine_float_qparams), ValueError),
-    (dict(layout="arm"), ValueError),
-    (dict(groups=0), ValueError),
-])
+@pytest.mark.parametrize(
+    "kwargs,err",
+    [
+        (dict(dtype=torch.quint8), TypeError),
+        (dict(qscheme=torch.per_channel_affine_float_qparams), ValueError),
+        (dict(layout="arm"), ValueError),
+        (dict(groups=0), ValueError),
+    ],
+)
 def test_bad_arguments(kwargs, err):
     with pytest.raises(err):
         SafePerChannelMinMaxObserver(**kwargs)
@@ -125,13 +131,23 @@ def test_bad_weights():
 
 
 @settings(max_examples=400, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-@given(idx=st.integers(0, 4), seed=st.integers(0, 2**31 - 1), lay=st.sampled_from(["fbgemm", "onednn", "x86", "any"]),
-       affine=st.booleans(), oc=st.integers(1, 6), k=st.integers(2, 24), scale=st.sampled_from([1e-3, 1.0, 50.0]))
+@given(
+    idx=st.integers(0, 4),
+    seed=st.integers(0, 2**31 - 1),
+    lay=st.sampled_from(["fbgemm", "onednn", "x86", "any"]),
+    affine=st.booleans(),
+    oc=st.integers(1, 6),
+    k=st.integers(2, 24),
+    scale=st.sampled_from([1e-3, 1.0, 50.0]),
+)
 def test_safe_on_random_weights(idx, seed, lay, affine, oc, k, scale):
     safe = SAFE[idx]
     pc = _per_channel(safe)
-    qscheme = ((torch.per_channel_affine if pc else torch.per_tensor_affine) if affine
-               else (torch.per_channel_symmetric if pc else torch.per_tensor_symmetric))
+    qscheme = (
+        (torch.per_channel_affine if pc else torch.per_tensor_affine)
+        if affine
+        else (torch.per_channel_symmetric if pc else torch.per_tensor_symmetric)
+    )
     rng = np.random.default_rng(seed)
     w = torch.from_numpy((rng.standard_t(2, (oc, k)) * scale).astype(np.float32))
     obs = safe(qscheme=qscheme, layout=lay)
@@ -173,17 +189,20 @@ def test_emulator_adversarial_depthwise_is_exact():
     """Depthwise 3x3 (FBGEMM saturates on every CPU): outputs equal the exact result with safe scales."""
     rng = np.random.default_rng(4)
     w = torch.from_numpy(rng.standard_t(3, (16, 1, 3, 3)).astype(np.float32))
-    for factory, expect_sat in ((SafePerChannelMinMaxObserver, False),
-                                (lambda: tobs.PerChannelMinMaxObserver(dtype=torch.qint8,
-                                                                       qscheme=torch.per_channel_symmetric), True)):
+    for factory, expect_sat in (
+        (SafePerChannelMinMaxObserver, False),
+        (lambda: tobs.PerChannelMinMaxObserver(dtype=torch.qint8, qscheme=torch.per_channel_symmetric), True),
+    ):
         obs = factory()
         obs(w)
         s, z = obs.calculate_qparams()
         qw = _quantize(w, s, z, True)
         codes = qw.int_repr().numpy()
         # every channel sees 255 on its positive taps (and a second image: on its negative taps)
-        xs = [np.broadcast_to(np.where(codes[:, 0] > 0, 255, 0)[None], (1, 16, 3, 3)),
-              np.broadcast_to(np.where(codes[:, 0] < 0, 255, 0)[None], (1, 16, 3, 3))]
+        xs = [
+            np.broadcast_to(np.where(codes[:, 0] > 0, 255, 0)[None], (1, 16, 3, 3)),
+            np.broadcast_to(np.where(codes[:, 0] < 0, 255, 0)[None], (1, 16, 3, 3)),
+        ]
         x = torch.quantize_per_tensor(torch.from_numpy(np.concatenate(xs).astype(np.float32)), 1.0, 0, torch.quint8)
         kw = dict(stride=1, padding=1, groups=16, scale=4.0, zero_point=0, engine="fbgemm", isa="vnni")
         got = emulator.conv2d(x, qw, None, **kw)

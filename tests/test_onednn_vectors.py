@@ -4,6 +4,7 @@ through safeobs on every host, and re-run on the real kernels where this host re
 Modes of the recording and the CPU kinds they are: ``forced`` = ``isa="avx512_vbmi"`` (AVX512_CORE with VBMI: relo
 layouts), ``skx`` = ``isa="avx512"`` (Skylake-SP), ``native`` = ``isa="vnni"``.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from safeobs.kernels import dispatch, layout, realkernel
 
 DATA = Path(__file__).parent / "data" / "onednn-avx512"
 MODES = {"forced": "avx512_vbmi", "skx": "avx512", "native": "vnni"}
-FAMILIES = sorted(p.name[len("cases_"):-4] for p in DATA.glob("cases_*.npz"))
+FAMILIES = sorted(p.name[len("cases_") : -4] for p in DATA.glob("cases_*.npz"))
 # formats of the brgemm relo layouts (README of the vectors): kw-major whole kernel, or per kernel row
 RELO = {"Adcb16a": "relo_whi", "aBedc16b": "relo_whi", "Acdb16a": "relo_wi", "aBdec16b": "relo_wi"}
 
@@ -27,11 +28,30 @@ def _cases(family):
     out = []
     for i, p in enumerate(json.loads(s) for s in d["params_json"]):
         pre = f"c{i:03d}_"
-        c = {k: p[k] for k in ("op", "relu", "x_scale", "x_zp", "y_scale", "y_zp", "groups", "stride", "padding",
-                               "dilation", "reduce_range") if k in p}
-        c.update(x=d[pre + "x"], w=d[pre + "w"], w_zp=0,
-                 w_scale=d[pre + "w_scale"] if p["w_scale"] == "array" else p["w_scale"],
-                 bias=d[pre + "bias"] if p["bias"] else None)
+        c = {
+            k: p[k]
+            for k in (
+                "op",
+                "relu",
+                "x_scale",
+                "x_zp",
+                "y_scale",
+                "y_zp",
+                "groups",
+                "stride",
+                "padding",
+                "dilation",
+                "reduce_range",
+            )
+            if k in p
+        }
+        c.update(
+            x=d[pre + "x"],
+            w=d[pre + "w"],
+            w_zp=0,
+            w_scale=d[pre + "w_scale"] if p["w_scale"] == "array" else p["w_scale"],
+            bias=d[pre + "bias"] if p["bias"] else None,
+        )
         if p.get("kind") == "module_dynamic":  # torch.ao.nn.quantized.dynamic.Linear asks for 7-bit inputs
             c["reduce_range"] = True
         real = {"forced": d[pre + "y_forced"], "skx": d[pre + "y_skx"], "native": nat[pre + "y_native"]}
@@ -75,14 +95,29 @@ def test_jit_fallbacks_are_exact_and_the_emulator_is_conservative_there():
         if not _jit_fallback(c, impl["forced"]):
             continue
         seen += 1
-        exact = emulator.run_case(c, engine="onednn", isa="avx512_vbmi", kernel=dispatch.Kernel("onednn", "conv", False))
+        exact = emulator.run_case(
+            c, engine="onednn", isa="avx512_vbmi", kernel=dispatch.Kernel("onednn", "conv", False)
+        )
         assert np.array_equal(exact, real["forced"]), (family, i)
         w = np.shape(c["w"])
         x_w = c["x"].shape[-1]
-        k = dispatch.conv_kernel("onednn", "avx512_vbmi", w, groups=1, dilation=c.get("dilation", 1),
-                                 output_width=int(emulator._conv_out_size(x_w, w[-1], *(
-                                     np.broadcast_to(c.get(n, dv), (len(w) - 2,))[-1]
-                                     for n, dv in (("stride", 1), ("padding", 0), ("dilation", 1))))))
+        k = dispatch.conv_kernel(
+            "onednn",
+            "avx512_vbmi",
+            w,
+            groups=1,
+            dilation=c.get("dilation", 1),
+            output_width=int(
+                emulator._conv_out_size(
+                    x_w,
+                    w[-1],
+                    *(
+                        np.broadcast_to(c.get(n, dv), (len(w) - 2,))[-1]
+                        for n, dv in (("stride", 1), ("padding", 0), ("dilation", 1))
+                    ),
+                )
+            ),
+        )
         if k.saturates:  # conservative: relo may run there, so never called exact
             assert k.path.startswith("relo"), (family, i)
         else:
@@ -98,11 +133,22 @@ def test_recorded_implementations_are_the_kernels_dispatch_names():
         if fmt not in RELO:
             continue
         w = np.shape(c["w"])
-        out_w = emulator._conv_out_size(c["x"].shape[-1], w[-1], *(np.broadcast_to(c.get(k, d), (len(w) - 2,))[-1]
-                                                                     for k, d in (("stride", 1), ("padding", 0),
-                                                                                  ("dilation", 1))))
-        k = dispatch.conv_kernel("onednn", "avx512_vbmi", w, groups=c.get("groups", 1), dilation=c.get("dilation", 1),
-                                 output_width=int(out_w))
+        out_w = emulator._conv_out_size(
+            c["x"].shape[-1],
+            w[-1],
+            *(
+                np.broadcast_to(c.get(k, d), (len(w) - 2,))[-1]
+                for k, d in (("stride", 1), ("padding", 0), ("dilation", 1))
+            ),
+        )
+        k = dispatch.conv_kernel(
+            "onednn",
+            "avx512_vbmi",
+            w,
+            groups=c.get("groups", 1),
+            dilation=c.get("dilation", 1),
+            output_width=int(out_w),
+        )
         if int(np.prod(w[2:-1])) == 1:  # one kernel row (1 x k, conv1d): whi == wi
             assert k.path in ("relo_whi", "relo_wi")
         else:
@@ -124,8 +170,17 @@ def _shape_kernel(s, isa):
     nd = len(w) - 2
     st, pd, dl = (np.broadcast_to(s[k], (nd,))[-1] for k in ("stride", "padding", "dilation"))
     out_w = None if op == "conv_transpose" else emulator._conv_out_size(s["S"][-1], w[-1], st, pd, dl)
-    k = dispatch.conv_kernel("onednn", isa, w, groups=s["groups"], stride=s["stride"], padding=s["padding"],
-                             dilation=s["dilation"], transposed=op == "conv_transpose", output_width=out_w)
+    k = dispatch.conv_kernel(
+        "onednn",
+        isa,
+        w,
+        groups=s["groups"],
+        stride=s["stride"],
+        padding=s["padding"],
+        dilation=s["dilation"],
+        transposed=op == "conv_transpose",
+        output_width=out_w,
+    )
     return k, w, op, s["groups"]
 
 
@@ -151,8 +206,9 @@ def test_pair_discovery_matches_kernel_pairs_and_layouts_cover_it(mode):
         sat = res[sel] == 1
         if (sat & ~got).any():
             missed.append((i, s["family"], w, k.path))
-        if (got & ~sat).any() and not _jit_fallback({"op": s["op"], "w": np.empty(w), "groups": s["groups"]},
-                                                     str(d["impl_" + mode][i])):
+        if (got & ~sat).any() and not _jit_fallback(
+            {"op": s["op"], "w": np.empty(w), "groups": s["groups"]}, str(d["impl_" + mode][i])
+        ):
             extra.append((i, s["family"], w, k.path))
         if sat.any():  # the layouts the solver uses hold every real pair (channel 0's weight indices)
             g_lay = g if op == "conv_transpose" else None
@@ -180,8 +236,8 @@ def test_real_kernels_match_the_recording_where_this_host_reaches_them(mode):
 
 
 def test_recorder_reproduces_the_recording_on_this_host(tmp_path):
-    """``python -m safeobs.kernels.record`` re-runs recorded inputs on every CPU kind this host reaches, keeping the oneDNN
-    implementation of each case; its outputs equal the shipped recording for the kinds both have."""
+    """``python -m safeobs.kernels.record`` re-runs recorded inputs on every CPU kind this host reaches, keeping the
+    oneDNN implementation of each case; its outputs equal the shipped recording for the kinds both have."""
     import shutil
 
     from safeobs.kernels import record

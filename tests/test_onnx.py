@@ -31,8 +31,16 @@ f32 = lambda v: np.array(v, np.float32)  # noqa: E731
 
 def _modes():
     out = [pytest.param("native", id="native")]
-    out.append(pytest.param("haswell", id="haswell", marks=[pytest.mark.qemu, pytest.mark.skipif(
-        not ortkernel.available("haswell"), reason="qemu-x86_64 not on PATH")]))
+    out.append(
+        pytest.param(
+            "haswell",
+            id="haswell",
+            marks=[
+                pytest.mark.qemu,
+                pytest.mark.skipif(not ortkernel.available("haswell"), reason="qemu-x86_64 not on PATH"),
+            ],
+        )
+    )
     return out
 
 
@@ -50,15 +58,37 @@ def _matmul_probe(op, K, wv, cands):
     A = np.full((2, K), 255, np.uint8)
     z8, zu = np.array(0, np.int8), np.array(0, np.uint8)
     if op == "MatMulInteger":
-        m, _ = ortkernel.single_node(op, [("A", A, False), ("B", B, True), ("az", zu, True), ("bz", z8, True)],
-                                     out_dtype=np.int32)
+        m, _ = ortkernel.single_node(
+            op, [("A", A, False), ("B", B, True), ("az", zu, True), ("bz", z8, True)], out_dtype=np.int32
+        )
     elif op == "MatMulIntegerToFloat":
-        m, _ = ortkernel.single_node(op, [("A", A, False), ("B", B, True), ("sa", f32(1), True), ("sb", f32(1), True),
-                                          ("az", zu, True), ("bz", z8, True)], domain=ortkernel.MS)
+        m, _ = ortkernel.single_node(
+            op,
+            [
+                ("A", A, False),
+                ("B", B, True),
+                ("sa", f32(1), True),
+                ("sb", f32(1), True),
+                ("az", zu, True),
+                ("bz", z8, True),
+            ],
+            domain=ortkernel.MS,
+        )
     else:  # QLinearMatMul, scale 1/1024 around y_zp 128: exact +-63, saturated +-32
-        m, _ = ortkernel.single_node(op, [("a", A, False), ("sa", f32(1), True), ("az", zu, True), ("b", B, True),
-                                          ("sb", f32(1 / 1024), True), ("bz", z8, True), ("ys", f32(1), True),
-                                          ("yz", np.array(128, np.uint8), True)], out_dtype=np.uint8)
+        m, _ = ortkernel.single_node(
+            op,
+            [
+                ("a", A, False),
+                ("sa", f32(1), True),
+                ("az", zu, True),
+                ("b", B, True),
+                ("sb", f32(1 / 1024), True),
+                ("bz", z8, True),
+                ("ys", f32(1), True),
+                ("yz", np.array(128, np.uint8), True),
+            ],
+            out_dtype=np.uint8,
+        )
     exact = A[:1].astype(np.int64) @ B
     if op == "QLinearMatMul":
         exact = np.clip(np.rint(exact / 1024) + 128, 0, 255)
@@ -77,10 +107,22 @@ def _conv_probe(ic, k, group, wv, cands, xdtype=np.uint8, wzp=0):
     xg = X.reshape(group, icg * taps).astype(np.int64)
     exact = ((flat.astype(np.int64) - wzp) * xg[np.arange(oc) * group // oc]).sum(1)
     bias = (60 - exact).astype(np.int32)  # exact output: 60 in every channel (readout to the unit)
-    m, _ = ortkernel.single_node("QLinearConv", [
-        ("x", X, False), ("xs", f32(1), True), ("xz", np.array(0, xdtype), True), ("w", W, True), ("ws", f32(1), True),
-        ("wz", np.array(wzp, np.int8), True), ("ys", f32(1), True), ("yz", np.array(0, xdtype), True), ("B", bias, True)],
-        attrs=dict(group=group), out_dtype=xdtype)
+    m, _ = ortkernel.single_node(
+        "QLinearConv",
+        [
+            ("x", X, False),
+            ("xs", f32(1), True),
+            ("xz", np.array(0, xdtype), True),
+            ("w", W, True),
+            ("ws", f32(1), True),
+            ("wz", np.array(wzp, np.int8), True),
+            ("ys", f32(1), True),
+            ("yz", np.array(0, xdtype), True),
+            ("B", bias, True),
+        ],
+        attrs=dict(group=group),
+        out_dtype=xdtype,
+    )
     return dict(model=m, feeds={"x": X}), np.full(oc, 60)
 
 
@@ -91,9 +133,20 @@ def _onnx_to_kernel_pos(e, icg, taps):
 
 def _expected_pairs(op_kind, shape, group, isa=None, act="uint8"):
     """Pairs (ONNX row order) that safeobs predicts saturate on AVX2: layout 'ort' where kernel_for saturates."""
-    qw = so.QWeight("n", op_kind, "qoperator", "w", None, None, None,
-                    so.Role("conv" if op_kind == "QLinearConv" else "matmul", group),
-                    np.zeros(shape, np.int8), None, None, act)
+    qw = so.QWeight(
+        "n",
+        op_kind,
+        "qoperator",
+        "w",
+        None,
+        None,
+        None,
+        so.Role("conv" if op_kind == "QLinearConv" else "matmul", group),
+        np.zeros(shape, np.int8),
+        None,
+        None,
+        act,
+    )
     if not qw.kernel("avx2")[1] or so.exact_depthwise(shape, qw.role):
         return set()
     if op_kind == "QLinearConv":
@@ -112,9 +165,17 @@ def _discovery_cases():
     near = [(i, j) for i in range(600) for j in range(i + 1, min(600, i + 4))]
     run, exact = _matmul_probe("MatMulInteger", 600, 127, near)  # several K blocks
     cases.append(("MatMulInteger K600", run, exact, near, _expected_pairs("MatMulInteger", (600, 1), 1, None)))
-    conv = [("ic3 3x3", 3, (3, 3), 1), ("ic4 3x3 (ConvSym)", 4, (3, 3), 1), ("ic5 3x3", 5, (3, 3), 1),
-            ("ic7 1x1", 7, (1, 1), 1), ("ic3 k5 1-D", 3, (5,), 1), ("dw 3x3", 36, (3, 3), 36), ("dw 5x5", 300, (5, 5), 300),
-            ("dw 7x7 1-D", 21, (7,), 21), ("g2 icg4", 8, (3, 3), 2)]
+    conv = [
+        ("ic3 3x3", 3, (3, 3), 1),
+        ("ic4 3x3 (ConvSym)", 4, (3, 3), 1),
+        ("ic5 3x3", 5, (3, 3), 1),
+        ("ic7 1x1", 7, (1, 1), 1),
+        ("ic3 k5 1-D", 3, (5,), 1),
+        ("dw 3x3", 36, (3, 3), 36),
+        ("dw 5x5", 300, (5, 5), 300),
+        ("dw 7x7 1-D", 21, (7,), 21),
+        ("g2 icg4", 8, (3, 3), 2),
+    ]
     for name, ic, k, g in conv:
         icg, taps = ic // g, int(np.prod(k))
         cands = list(itertools.combinations(range(icg * taps), 2))
@@ -123,8 +184,9 @@ def _discovery_cases():
         for wv, wzp in ((127, 0), (-128, 0), (100, 3)):  # raw codes: 100+3 fits, 100+100 does not
             run, exact = _conv_probe(ic, k, g, wv, cands, wzp=wzp)
             shape = (g if g > 1 else len(cands), icg) + k
-            cases.append((f"QLinearConv {name} {wv} wzp{wzp}", run, exact, cands,
-                          _expected_pairs("QLinearConv", shape, g, None)))
+            cases.append(
+                (f"QLinearConv {name} {wv} wzp{wzp}", run, exact, cands, _expected_pairs("QLinearConv", shape, g, None))
+            )
     for name, ic, k, g in (("s8s8 ic4 3x3", 4, (3, 3), 1), ("s8s8 dw 3x3", 36, (3, 3), 36)):
         icg, taps = ic // g, int(np.prod(k))
         cands = list(itertools.combinations(range(icg * taps), 2))[: (g if g > 1 else None)]
@@ -177,27 +239,79 @@ def _emulator_cases(seed=0):
         A = rng.integers(0, 256, (M, K), dtype=np.uint8)
         B = rng.integers(-128, 128, (K, N), dtype=np.int8)
         az, bz = np.array(rng.integers(0, 256), np.uint8), rng.integers(-3, 3, N).astype(np.int8)
-        add("MatMulInteger", [("A", A, False), ("B", B, True), ("az", az, True), ("bz", bz, True)], None,
-            (A, B, az, bz), {}, np.int32)
+        add(
+            "MatMulInteger",
+            [("A", A, False), ("B", B, True), ("az", az, True), ("bz", bz, True)],
+            None,
+            (A, B, az, bz),
+            {},
+            np.int32,
+        )
         As = rng.integers(-128, 128, (M, K), dtype=np.int8)
-        add("MatMulInteger", [("A", As, False), ("B", B, True), ("az", np.array(-3, np.int8), True)], None,
-            (As, B, np.array(-3, np.int8)), {}, np.int32)
+        add(
+            "MatMulInteger",
+            [("A", As, False), ("B", B, True), ("az", np.array(-3, np.int8), True)],
+            None,
+            (As, B, np.array(-3, np.int8)),
+            {},
+            np.int32,
+        )
         sa, sb = f32(0.02), rng.uniform(0.001, 0.01, N).astype(np.float32)
         bias, zb = rng.normal(size=N).astype(np.float32), np.zeros(N, np.int8)
-        add("MatMulIntegerToFloat", [("A", A, False), ("B", B, True), ("sa", sa, True), ("sb", sb, True),
-                                     ("az", az, True), ("bz", zb, True), ("bias", bias, True)], None,
-            (A, B, sa, sb, az, zb, bias), {}, np.float32, ortkernel.MS)
+        add(
+            "MatMulIntegerToFloat",
+            [
+                ("A", A, False),
+                ("B", B, True),
+                ("sa", sa, True),
+                ("sb", sb, True),
+                ("az", az, True),
+                ("bz", zb, True),
+                ("bias", bias, True),
+            ],
+            None,
+            (A, B, sa, sb, az, zb, bias),
+            {},
+            np.float32,
+            ortkernel.MS,
+        )
         Af = (rng.standard_t(3, size=(M, K)) * 2 + 1).astype(np.float32)
-        add("DynamicQuantizeMatMul", [("A", Af, False), ("B", B, True), ("sb", sb, True), ("bz", zb, True),
-                                      ("bias", bias, True)], None, (Af, B, sb, zb, bias), {}, np.float32, ortkernel.MS)
+        add(
+            "DynamicQuantizeMatMul",
+            [("A", Af, False), ("B", B, True), ("sb", sb, True), ("bz", zb, True), ("bias", bias, True)],
+            None,
+            (Af, B, sb, zb, bias),
+            {},
+            np.float32,
+            ortkernel.MS,
+        )
         ys, yz = f32(rng.uniform(20, 80)), np.array(rng.integers(0, 256), np.uint8)
-        add("QLinearMatMul", [("a", A, False), ("sa", sa, True), ("az", az, True), ("b", B, True), ("sb", sb, True),
-                              ("bz", zb, True), ("ys", ys, True), ("yz", yz, True)], None,
-            (A, sa, az, B, sb, zb, ys, yz), {}, np.uint8)
-    convs = [(3, 8, (3, 3), 1, (9, 9), (2, 2), (1, 1, 1, 1)), (4, 16, (3, 3), 1, (7, 8), (1, 1), (1, 1, 1, 1)),
-             (16, 16, (3, 3), 16, (8, 8), (1, 1), (1, 1, 1, 1)), (16, 32, (3, 3), 16, (6, 6), (2, 2), (1, 0, 1, 0)),
-             (10, 6, (2, 3), 2, (6, 7), (1, 2), (0, 1, 1, 0)), (32, 24, (3, 3), 1, (6, 6), (1, 1), (1, 1, 1, 1)),
-             (3, 5, (5,), 1, (11,), (1,), (2, 2))]
+        add(
+            "QLinearMatMul",
+            [
+                ("a", A, False),
+                ("sa", sa, True),
+                ("az", az, True),
+                ("b", B, True),
+                ("sb", sb, True),
+                ("bz", zb, True),
+                ("ys", ys, True),
+                ("yz", yz, True),
+            ],
+            None,
+            (A, sa, az, B, sb, zb, ys, yz),
+            {},
+            np.uint8,
+        )
+    convs = [
+        (3, 8, (3, 3), 1, (9, 9), (2, 2), (1, 1, 1, 1)),
+        (4, 16, (3, 3), 1, (7, 8), (1, 1), (1, 1, 1, 1)),
+        (16, 16, (3, 3), 16, (8, 8), (1, 1), (1, 1, 1, 1)),
+        (16, 32, (3, 3), 16, (6, 6), (2, 2), (1, 0, 1, 0)),
+        (10, 6, (2, 3), 2, (6, 7), (1, 2), (0, 1, 1, 0)),
+        (32, 24, (3, 3), 1, (6, 6), (1, 1), (1, 1, 1, 1)),
+        (3, 5, (5,), 1, (11,), (1,), (2, 2)),
+    ]
     for ic, oc, k, g, hw, strides, pads in convs:
         X = rng.integers(0, 256, (2, ic) + hw, dtype=np.uint8)
         W = rng.integers(-128, 128, (oc, ic // g) + k, dtype=np.int8)
@@ -207,17 +321,60 @@ def _emulator_cases(seed=0):
         Bb, zw = rng.integers(-5000, 5000, oc).astype(np.int32), np.zeros(oc, np.int8)
         attrs = dict(group=g, strides=list(strides), pads=list(pads), kernel_shape=list(k))
         ek = dict(strides=strides, pads=pads, group=g)
-        add("QLinearConv", [("x", X, False), ("xs", xs, True), ("xz", xz, True), ("w", W, True), ("ws", ws, True),
-                            ("wz", zw, True), ("ys", ys, True), ("yz", yz, True), ("B", Bb, True)], attrs,
-            (X, xs, xz, W, ws, zw, ys, yz, Bb), ek, np.uint8)
-        add("QLinearConv", [("x", X, False), ("xs", xs, True), ("xz", xz, True), ("w", W, True), ("ws", f32(0.004), True),
-                            ("wz", np.array(2, np.int8), True), ("ys", ys, True), ("yz", yz, True)], attrs,
-            (X, xs, xz, W, f32(0.004), np.array(2, np.int8), ys, yz), ek, np.uint8)
+        add(
+            "QLinearConv",
+            [
+                ("x", X, False),
+                ("xs", xs, True),
+                ("xz", xz, True),
+                ("w", W, True),
+                ("ws", ws, True),
+                ("wz", zw, True),
+                ("ys", ys, True),
+                ("yz", yz, True),
+                ("B", Bb, True),
+            ],
+            attrs,
+            (X, xs, xz, W, ws, zw, ys, yz, Bb),
+            ek,
+            np.uint8,
+        )
+        add(
+            "QLinearConv",
+            [
+                ("x", X, False),
+                ("xs", xs, True),
+                ("xz", xz, True),
+                ("w", W, True),
+                ("ws", f32(0.004), True),
+                ("wz", np.array(2, np.int8), True),
+                ("ys", ys, True),
+                ("yz", yz, True),
+            ],
+            attrs,
+            (X, xs, xz, W, f32(0.004), np.array(2, np.int8), ys, yz),
+            ek,
+            np.uint8,
+        )
         add("ConvInteger", [("x", X, False), ("w", W, True), ("xz", xz, True)], attrs, (X, W, xz), ek, np.int32)
         Xs = rng.integers(-128, 128, (2, ic) + hw, dtype=np.int8)
-        add("QLinearConv", [("x", Xs, False), ("xs", xs, True), ("xz", np.array(-5, np.int8), True), ("w", W, True),
-                            ("ws", ws, True), ("wz", zw, True), ("ys", ys, True), ("yz", np.array(3, np.int8), True)],
-            attrs, (Xs, xs, np.array(-5, np.int8), W, ws, zw, ys, np.array(3, np.int8)), ek, np.int8)
+        add(
+            "QLinearConv",
+            [
+                ("x", Xs, False),
+                ("xs", xs, True),
+                ("xz", np.array(-5, np.int8), True),
+                ("w", W, True),
+                ("ws", ws, True),
+                ("wz", zw, True),
+                ("ys", ys, True),
+                ("yz", np.array(3, np.int8), True),
+            ],
+            attrs,
+            (Xs, xs, np.array(-5, np.int8), W, ws, zw, ys, np.array(3, np.int8)),
+            ek,
+            np.int8,
+        )
     return cases
 
 
@@ -254,20 +411,37 @@ def test_emulator_isa_and_exactness():
 
 # -- safe weights (properties) --------------------------------------------------------------------
 
-_shapes = st.sampled_from([("matmul", (24, 10), 1), ("matmul", (7, 5), 1), ("gemm_t", (6, 17), 1),
-                           ("conv", (8, 3, 3, 3), 1), ("conv", (6, 5, 2, 3), 1), ("conv", (8, 1, 3, 3), 8),
-                           ("conv", (4, 2, 5), 2), ("other", (5, 9), 1)])
+_shapes = st.sampled_from(
+    [
+        ("matmul", (24, 10), 1),
+        ("matmul", (7, 5), 1),
+        ("gemm_t", (6, 17), 1),
+        ("conv", (8, 3, 3, 3), 1),
+        ("conv", (6, 5, 2, 3), 1),
+        ("conv", (8, 1, 3, 3), 8),
+        ("conv", (4, 2, 5), 2),
+        ("other", (5, 9), 1),
+    ]
+)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
-@given(_shapes, st.sampled_from(["normal", "t1", "spiky", "uniform"]), st.booleans(), st.integers(0, 2 ** 31 - 1),
-       st.sampled_from(["ort", "x86", "any"]))
+@given(
+    _shapes,
+    st.sampled_from(["normal", "t1", "spiky", "uniform"]),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from(["ort", "x86", "any"]),
+)
 def test_safe_weights_never_saturate(spec, dist, per_channel, seed, lay):
     kind, shape, group = spec
     rng = np.random.default_rng(seed)
-    w = {"normal": rng.normal(size=shape), "t1": rng.standard_t(1, size=shape),
-         "uniform": rng.uniform(-1, 1, size=shape), "spiky": rng.normal(size=shape) * (rng.random(shape) < 0.2) * 50
-         }[dist].astype(np.float32)
+    w = {
+        "normal": rng.normal(size=shape),
+        "t1": rng.standard_t(1, size=shape),
+        "uniform": rng.uniform(-1, 1, size=shape),
+        "spiky": rng.normal(size=shape) * (rng.random(shape) < 0.2) * 50,
+    }[dist].astype(np.float32)
     role = so.Role(kind, group)
     axis = (1 if kind == "matmul" else 0) if per_channel else None
     red = tuple(i for i in range(w.ndim) if i != axis) if per_channel else None
@@ -297,16 +471,21 @@ def test_safe_weights_never_saturate(spec, dist, per_channel, seed, lay):
 def test_bad_layout_and_missing_dependency_message():
     with pytest.raises(ValueError, match="layout"):
         so.quantize_dynamic("a.onnx", "b.onnx", layout="nope")
-    code = ("import sys; sys.modules['onnxruntime'] = None\n"
-            "import safeobs.onnx as so\n"
-            "try:\n    so.require()\nexcept ImportError as e:\n    print(e)")
+    code = (
+        "import sys; sys.modules['onnxruntime'] = None\n"
+        "import safeobs.onnx as so\n"
+        "try:\n    so.require()\nexcept ImportError as e:\n    print(e)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
     assert "pip install 'safeobs[onnx]'" in out
 
 
 def test_import_safeobs_does_not_import_onnx():
-    out = subprocess.run([sys.executable, "-c", "import safeobs, sys; print('onnxruntime' in sys.modules, "
-                          "'onnx' in sys.modules)"], capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", "import safeobs, sys; print('onnxruntime' in sys.modules, 'onnx' in sys.modules)"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     assert out == ["False", "False"]
 
 
@@ -322,16 +501,31 @@ def small_models(tmp_path_factory):
     mlp = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.GELU(), torch.nn.Linear(96, 40)).eval()
     with torch.no_grad():
         mlp[0].weight[:, :8] *= 6  # heavy-tailed input columns, like attention output dense
-    torch.onnx.export(mlp, (torch.randn(4, 48),), str(d / "mlp.onnx"), dynamo=False, input_names=["x"],
-                      dynamic_axes={"x": {0: "b"}})
-    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU(),
-                              torch.nn.Conv2d(16, 12, 1), torch.nn.ReLU(), torch.nn.Conv2d(12, 8, 3, stride=2)).eval()
-    torch.onnx.export(cnn, (torch.rand(1, 3, 12, 12),), str(d / "cnn.onnx"), dynamo=False, input_names=["x"],
-                      dynamic_axes={"x": {0: "b"}})
+    torch.onnx.export(
+        mlp, (torch.randn(4, 48),), str(d / "mlp.onnx"), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "b"}}
+    )
+    cnn = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 12, 1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(12, 8, 3, stride=2),
+    ).eval()
+    torch.onnx.export(
+        cnn,
+        (torch.rand(1, 3, 12, 12),),
+        str(d / "cnn.onnx"),
+        dynamo=False,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "b"}},
+    )
     rng = np.random.default_rng(0)
-    xs = {"mlp": (rng.standard_t(4, size=(16, 48)) * 2).astype(np.float32),
-          "cnn": rng.random((4, 3, 12, 12)).astype(np.float32) * 3}
+    xs = {
+        "mlp": (rng.standard_t(4, size=(16, 48)) * 2).astype(np.float32),
+        "cnn": rng.random((4, 3, 12, 12)).astype(np.float32) * 3,
+    }
     return d, xs
 
 
@@ -385,7 +579,7 @@ def test_quantize_static_drop_in(small_models, fmt, act):
 
     d, xs = small_models
     x = xs["cnn"]
-    feeds = [{"x": x[i:i + 1]} for i in range(len(x))]
+    feeds = [{"x": x[i : i + 1]} for i in range(len(x))]
     kw = dict(quant_format=getattr(QuantFormat, fmt), activation_type=getattr(QuantType, act), per_channel=True)
     quantize_static(str(d / "cnn.onnx"), str(d / "ort_s.onnx"), _Reader(feeds), **kw)
     with pytest.warns(UserWarning, match="reduce_range"):
@@ -427,8 +621,14 @@ def test_cli_audit_and_repair(small_models, tmp_path):
     d, xs = small_models
     x = xs["cnn"]
     src = tmp_path / "q.onnx"
-    quantize_static(str(d / "cnn.onnx"), str(src), _Reader([{"x": x[:2]}]), quant_format=QuantFormat.QOperator,
-                    activation_type=QuantType.QUInt8, per_channel=True)
+    quantize_static(
+        str(d / "cnn.onnx"),
+        str(src),
+        _Reader([{"x": x[:2]}]),
+        quant_format=QuantFormat.QOperator,
+        activation_type=QuantType.QUInt8,
+        per_channel=True,
+    )
     np.savez(tmp_path / "in.npz", x=x)
     r = _cli("audit", str(src), "--inputs", str(tmp_path / "in.npz"))
     assert r.returncode == 1 and "UNSAFE" in r.stdout and "exact" in r.stdout and "Traceback" not in r.stderr
@@ -438,8 +638,11 @@ def test_cli_audit_and_repair(small_models, tmp_path):
     assert _cli("audit", str(out), "--inputs", str(tmp_path / "in.npz")).returncode == 0
     before, after = onnx.load(str(src)), onnx.load(str(out))
     assert [n.SerializeToString() for n in before.graph.node] == [n.SerializeToString() for n in after.graph.node]
-    changed = [a.name for a, b in zip(before.graph.initializer, after.graph.initializer)
-               if a.SerializeToString() != b.SerializeToString()]
+    changed = [
+        a.name
+        for a, b in zip(before.graph.initializer, after.graph.initializer)
+        if a.SerializeToString() != b.SerializeToString()
+    ]
     # only codes / scales of unsafe weights and their int32 biases
     assert changed and all(n.endswith(("_quantized", "_scale", "_zero_point")) for n in changed)
     wb = {w.codes_name: w for w in so.read_weights(before)}
@@ -450,7 +653,10 @@ def test_cli_audit_and_repair(small_models, tmp_path):
     # the repaired model: host output == exact integer output
     np.testing.assert_array_equal(_run(out, x), _run(out, x, exact=True))
     # usage errors: exit 2, one line, no traceback
-    for args in (("audit", str(tmp_path / "missing.onnx")), ("audit", str(src), "--inputs", str(tmp_path / "x.npz")),
-                 ("repair", str(src), "-o", str(tmp_path / "nodir" / "o.onnx"))):
+    for args in (
+        ("audit", str(tmp_path / "missing.onnx")),
+        ("audit", str(src), "--inputs", str(tmp_path / "x.npz")),
+        ("repair", str(src), "-o", str(tmp_path / "nodir" / "o.onnx")),
+    ):
         r = _cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") <= 1, (args, r.stderr)

@@ -39,6 +39,7 @@ def test_demo_runs_without_the_weights_wheel(monkeypatch):
 
     def no_wheel(*a, **k):
         raise FileNotFoundError("weights wheel hidden by the test")
+
     monkeypatch.setattr(models, "_wheel_file", no_wheel)
     res = demo.run(quick=True, mode=None)
     safe = [r for r in res["rows"] if r["setup"] == "safeobs"]
@@ -54,14 +55,16 @@ def test_missing_optional_dependency_is_one_line_with_the_pip_command(module, ex
 
 def test_cli_demo_without_scikit_image_exits_2_with_one_line():
     """A subprocess in which scikit-image cannot be imported (a meta-path blocker), as after `pip install .`."""
-    code = ("import sys, importlib.abc\n"
-            "class Block(importlib.abc.MetaPathFinder):\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] in ('skimage', 'sklearn'):\n"
-            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "from safeobs import cli\n"
-            "sys.exit(cli.main(['demo', '--quick', '--no-real', '-q']))\n")
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('skimage', 'sklearn'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from safeobs import cli\n"
+        "sys.exit(cli.main(['demo', '--quick', '--no-real', '-q']))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
@@ -72,8 +75,23 @@ def test_cli_demo_without_scikit_image_exits_2_with_one_line():
 @pytest.mark.slow
 def test_built_wheel_carries_the_demo_weights(tmp_path):
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), str(root)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = tmp_path.glob("safeobs-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -21,9 +21,12 @@ from safeobs.torch_ao.observers import _SafeMixin  # noqa: E402
 def toy():
     g = torch.Generator().manual_seed(0)
     m = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(16 * 8 * 8, 10),
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 8 * 8, 10),
     ).eval()
     with torch.no_grad():
         for p in m.parameters():  # large same-sign weights: stock observers pair unsafe codes
@@ -41,10 +44,14 @@ def quantize(model, x, config):
 @pytest.fixture(scope="module")
 def converted():
     model, x = toy()
-    return model, x, {
-        "torch": quantize(model, x, xiq.get_default_x86_inductor_quantization_config()),
-        "safeobs": quantize(model, x, pt2e.get_x86_inductor_quantization_config()),
-    }
+    return (
+        model,
+        x,
+        {
+            "torch": quantize(model, x, xiq.get_default_x86_inductor_quantization_config()),
+            "safeobs": quantize(model, x, pt2e.get_x86_inductor_quantization_config()),
+        },
+    )
 
 
 @pytest.mark.parametrize("is_qat", [False, True])

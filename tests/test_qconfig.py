@@ -138,7 +138,8 @@ def test_quantize_dynamic_uses_full_range_and_is_safe():
     assert torch.equal(emu, exact)
     with pytest.raises(TypeError, match="safe weight observer"):
         torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(model), {torch.nn.Linear: tq.default_dynamic_qconfig},
+            copy.deepcopy(model),
+            {torch.nn.Linear: tq.default_dynamic_qconfig},
             mapping=qconfig.get_default_dynamic_quant_module_mappings(),
         )
 
@@ -179,8 +180,9 @@ def _real(model, x, engine, mode, tmp_path):
     path = tmp_path / "model.pt"
     with torch.no_grad():
         torch.jit.save(torch.jit.trace(model, x[:1]), str(path))
-    return realrun.run_module(path, [x.numpy()], mode=_avx2_mode(mode, model, engine), engine=engine,
-                                 trust_pickle=True)[0]  # the test's own TorchScript file
+    return realrun.run_module(
+        path, [x.numpy()], mode=_avx2_mode(mode, model, engine), engine=engine, trust_pickle=True
+    )[0]  # the test's own TorchScript file
 
 
 # qemu Haswell, and the fastest way to this host's real AVX2 kernels (native on an AVX2 host, else
@@ -219,8 +221,9 @@ def test_minilm_dynamic_is_bit_identical_to_exact_emulation(engine, mode, tmp_pa
     assert_safe(model)
     batch = models.tokenizer()(data.sentences("heldout")[:4])
     ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
-    (real,), (exact,) = realrun.run_module(model, [(ids, mask)], mode=_avx2_mode(mode, model, engine), engine=engine,
-                                              emulate=dict(isa="avx2", exact=True))
+    (real,), (exact,) = realrun.run_module(
+        model, [(ids, mask)], mode=_avx2_mode(mode, model, engine), engine=engine, emulate=dict(isa="avx2", exact=True)
+    )
     assert np.array_equal(real, exact)
     # ...and the emulator is not trivially equal: torch's own dynamic model with 8-bit inputs saturates
     stock = tq.quantize_dynamic(models.minilm(), {torch.nn.Linear: tq.default_dynamic_qconfig})

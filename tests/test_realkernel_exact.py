@@ -21,8 +21,13 @@ def _forced_groupwise(c, isa: str, host: str) -> bool:
     """Groupwise takes its kernel from cpuinfo, not the forced ISA (spec §2): emulate those under qemu."""
     if c["op"] not in ("conv2d", "conv3d") or host == isa:
         return False
-    return any(dispatch.fbgemm_conv_path(c["w"].shape, groups=c["groups"], stride=c["stride"], padding=c["padding"],
-                                         dilation=c["dilation"], isa=i) == "groupwise" for i in (isa, host))
+    return any(
+        dispatch.fbgemm_conv_path(
+            c["w"].shape, groups=c["groups"], stride=c["stride"], padding=c["padding"], dilation=c["dilation"], isa=i
+        )
+        == "groupwise"
+        for i in (isa, host)
+    )
 
 
 def _relo_or_jit(c, engine: str, isa: str) -> bool:
@@ -38,20 +43,27 @@ def check_bit_exact(mode: str, engine: str, per_family: int) -> None:
     cases = draw_cases(FAMILIES, per_family, engine=engine, isa=isa, seed_name=f"{mode}-{engine}")
     cases = [c for c in cases if known_bug(c, engine, isa, "avx2" if mode == "haswell" else host) is None]
     if mode in ("avx2", "avx512"):  # groupwise / x86 routing follow cpuinfo, not the forced ISA (spec §2, §3)
-        cases = [c for c in cases if not _forced_groupwise(c, isa, host)
-                 and realkernel.forced_mismatch(mode, engine, realkernel.case_convs([c])) is None]
+        cases = [
+            c
+            for c in cases
+            if not _forced_groupwise(c, isa, host)
+            and realkernel.forced_mismatch(mode, engine, realkernel.case_convs([c])) is None
+        ]
     real = realkernel.run_ops(cases, mode=mode, engine=engine)
 
     wrong, saturating, saturated, beats_exact, jit = [], 0, 0, 0, 0
     for i, (c, r) in enumerate(zip(cases, real)):
         y, sat = emulator.run_case(c, engine=engine, isa=isa, want_saturation=True)
-        same = y.shape == r.shape and (np.array_equal(y.view(np.int32), r.view(np.int32)) if y.dtype == np.float32
-                                       else np.array_equal(y, r))
+        same = y.shape == r.shape and (
+            np.array_equal(y.view(np.int32), r.view(np.int32)) if y.dtype == np.float32 else np.array_equal(y, r)
+        )
         if not same and _relo_or_jit(c, engine, isa):  # the unmodelled brgemm-vs-jit_int8 choice: jit is exact
             same = np.array_equal(emulator.run_case(c, engine=engine, isa=isa, exact=True), r)
             jit += same
         if not same:
-            wrong.append((i, c["family"], c["op"], c["w"].shape, int(np.sum(y != r)) if y.shape == r.shape else "shape"))
+            wrong.append(
+                (i, c["family"], c["op"], c["w"].shape, int(np.sum(y != r)) if y.shape == r.shape else "shape")
+            )
         if not c["full"]:
             assert sat.count == 0, f"case {i} ({c['family']}): data in [0,127] cannot saturate"
         elif kernel_of(c, engine, isa).saturates:
@@ -66,12 +78,21 @@ def check_bit_exact(mode: str, engine: str, per_family: int) -> None:
         assert beats_exact > 0
 
 
-NATIVE = [("native", "fbgemm"), ("native", "x86"), ("native", "onednn"),
-          ("avx2", "fbgemm"), ("avx2", "onednn"), ("avx512", "fbgemm"), ("avx512", "onednn"), ("avx512", "x86")]
+NATIVE = [
+    ("native", "fbgemm"),
+    ("native", "x86"),
+    ("native", "onednn"),
+    ("avx2", "fbgemm"),
+    ("avx2", "onednn"),
+    ("avx512", "fbgemm"),
+    ("avx512", "onednn"),
+    ("avx512", "x86"),
+]
 
 
-@pytest.mark.parametrize("mode,engine", [pytest.param(*me, marks=mode_param(me[0]).marks, id="-".join(me))
-                                         for me in NATIVE])
+@pytest.mark.parametrize(
+    "mode,engine", [pytest.param(*me, marks=mode_param(me[0]).marks, id="-".join(me)) for me in NATIVE]
+)
 def test_bit_exact_native(mode, engine):
     check_bit_exact(mode, engine, per_family=6)
 

@@ -30,11 +30,13 @@ DENSE = conv((16, 8, 3, 3))
 def host(monkeypatch):
     """Simulate a host kind; ``vbmi`` says whether its CPUID has AVX512_VBMI (Ice Lake, Zen 4: a forced
     AVX512_CORE run is then an "avx512_vbmi" CPU; Skylake-SP / Cascade Lake: "avx512")."""
+
     def set_host(isa, vbmi=None):
         vbmi = isa == "avx512_vbmi" if vbmi is None else vbmi
         monkeypatch.setattr(realkernel, "host_isa", lambda: isa)
         monkeypatch.setattr(realkernel, "forced_avx512_isa", lambda: "avx512_vbmi" if vbmi else "avx512")
         return isa
+
     return set_host
 
 
@@ -52,8 +54,11 @@ def test_forced_isa_on_vnni_host_cannot_reproduce_x86_conv_routing():
         why = realkernel.forced_mismatch("avx2", "x86", [c], host="vnni")
         assert why and "oneDNN" in why
     # routed to FBGEMM by both: > 100 groups, asymmetric weights, output_padding
-    for c in (DW_WIDE, conv((16, 8, 3, 3), symmetric=False),
-              conv((8, 8, 3, 3), transposed=True, stride=2, output_padding=1)):
+    for c in (
+        DW_WIDE,
+        conv((16, 8, 3, 3), symmetric=False),
+        conv((8, 8, 3, 3), transposed=True, stride=2, output_padding=1),
+    ):
         assert realkernel.forced_mismatch("avx2", "x86", [c], host="vnni") is None
     assert realkernel.forced_mismatch("avx2", "x86", [DW, DENSE], host="avx512") is None  # no VNNI: all FBGEMM
 
@@ -64,35 +69,41 @@ def test_forcing_nothing_is_never_a_mismatch():
     assert realkernel.forced_mismatch("haswell", "x86", [GROUPWISE, DW], host="vnni") is None
 
 
-@pytest.mark.parametrize("h,isa,engine,convs,want", [
-    ("avx2", "avx2", "x86", [GROUPWISE], "native"),
-    ("avx2", "avx512", "fbgemm", [], None),  # qemu cannot emulate AVX-512
-    ("avx2", "vnni", "fbgemm", [], None),
-    ("avx512", "avx2", "fbgemm", [DENSE, DW], "avx2"),
-    ("avx512", "avx2", "fbgemm", [GROUPWISE], "haswell"),
-    ("avx512", "avx512", "x86", [GROUPWISE], "native"),
-    ("vnni", "avx2", "x86", [DW], "haswell"),
-    ("vnni", "avx2", "x86", [DW_WIDE], "avx2"),
-    ("vnni", "avx2", "x86", [], "avx2"),  # Linear only: x86 runs FBGEMM everywhere
-    ("vnni", "avx512", "onednn", [GROUPWISE, DW], "avx512"),
-    ("vnni", "avx512", "fbgemm", [GROUPWISE], None),
-    ("vnni", "vnni", "x86", [DW], "native"),
-])
+@pytest.mark.parametrize(
+    "h,isa,engine,convs,want",
+    [
+        ("avx2", "avx2", "x86", [GROUPWISE], "native"),
+        ("avx2", "avx512", "fbgemm", [], None),  # qemu cannot emulate AVX-512
+        ("avx2", "vnni", "fbgemm", [], None),
+        ("avx512", "avx2", "fbgemm", [DENSE, DW], "avx2"),
+        ("avx512", "avx2", "fbgemm", [GROUPWISE], "haswell"),
+        ("avx512", "avx512", "x86", [GROUPWISE], "native"),
+        ("vnni", "avx2", "x86", [DW], "haswell"),
+        ("vnni", "avx2", "x86", [DW_WIDE], "avx2"),
+        ("vnni", "avx2", "x86", [], "avx2"),  # Linear only: x86 runs FBGEMM everywhere
+        ("vnni", "avx512", "onednn", [GROUPWISE, DW], "avx512"),
+        ("vnni", "avx512", "fbgemm", [GROUPWISE], None),
+        ("vnni", "vnni", "x86", [DW], "native"),
+    ],
+)
 def test_mode_for(host, monkeypatch, h, isa, engine, convs, want):
     host(h, vbmi=False)
     monkeypatch.setattr(realkernel, "available", lambda mode: True)
     assert realkernel.mode_for(isa, engine, convs) == want
 
 
-@pytest.mark.parametrize("h,vbmi,isa,want", [
-    ("vnni", True, "avx512", None),  # Zen 4 / Ice Lake forced down: relo layouts, never a Skylake-SP
-    ("vnni", True, "avx512_vbmi", "avx512"),
-    ("vnni", False, "avx512_vbmi", None),  # Cascade Lake has no VBMI
-    ("avx512_vbmi", True, "avx512_vbmi", "native"),
-    ("avx512_vbmi", True, "avx512", None),
-    ("avx512", False, "avx512_vbmi", None),
-    ("avx512_vbmi", True, "avx2", "avx2"),
-])
+@pytest.mark.parametrize(
+    "h,vbmi,isa,want",
+    [
+        ("vnni", True, "avx512", None),  # Zen 4 / Ice Lake forced down: relo layouts, never a Skylake-SP
+        ("vnni", True, "avx512_vbmi", "avx512"),
+        ("vnni", False, "avx512_vbmi", None),  # Cascade Lake has no VBMI
+        ("avx512_vbmi", True, "avx512_vbmi", "native"),
+        ("avx512_vbmi", True, "avx512", None),
+        ("avx512", False, "avx512_vbmi", None),
+        ("avx512_vbmi", True, "avx2", "avx2"),
+    ],
+)
 def test_mode_for_avx512_kinds(host, monkeypatch, h, vbmi, isa, want):
     host(h, vbmi=vbmi)
     monkeypatch.setattr(realkernel, "available", lambda mode: True)
@@ -128,9 +139,22 @@ def test_mode_for_without_qemu(host, monkeypatch):
 
 def _groupwise_case():
     rng = np.random.default_rng(0)
-    return dict(op="conv2d", x=rng.integers(0, 256, (1, 32, 5, 5)).astype(np.uint8), x_scale=0.05, x_zp=3,
-                w=rng.integers(-128, 128, (32, 4, 3, 3)).astype(np.int8), w_scale=0.01, w_zp=0, bias=None,
-                y_scale=8.0, y_zp=128, groups=8, stride=1, padding=1, dilation=1)
+    return dict(
+        op="conv2d",
+        x=rng.integers(0, 256, (1, 32, 5, 5)).astype(np.uint8),
+        x_scale=0.05,
+        x_zp=3,
+        w=rng.integers(-128, 128, (32, 4, 3, 3)).astype(np.int8),
+        w_scale=0.01,
+        w_zp=0,
+        bias=None,
+        y_scale=8.0,
+        y_zp=128,
+        groups=8,
+        stride=1,
+        padding=1,
+        dilation=1,
+    )
 
 
 def test_run_ops_refuses_a_forced_groupwise_run_before_starting_it(host, monkeypatch):

@@ -20,14 +20,24 @@ from safeobs.kernels import realkernel
 from safeobs.kernels.layout import LAYOUTS
 from safeobs.tools import realrun
 
-SETTINGS = dict(max_examples=40, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = dict(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 SHAPES = [  # (weight shape, groups)
-    ((6, 9), 1), ((5, 8), 1), ((4, 33), 1),                   # linear, odd/even K
-    ((8, 1, 3, 3), 8), ((6, 1, 5, 5), 6), ((8, 1, 3, 3), 4),  # depthwise 3x3 / 5x5, channel multiplier 2
-    ((5, 3, 3, 3), 1), ((4, 4, 1, 1), 1), ((6, 2, 3, 3), 2),  # dense (ic 3: pairs straddle taps), 1x1, grouped
-    ((4, 3, 5), 1),                                           # conv1d
+    ((6, 9), 1),
+    ((5, 8), 1),
+    ((4, 33), 1),  # linear, odd/even K
+    ((8, 1, 3, 3), 8),
+    ((6, 1, 5, 5), 6),
+    ((8, 1, 3, 3), 4),  # depthwise 3x3 / 5x5, channel multiplier 2
+    ((5, 3, 3, 3), 1),
+    ((4, 4, 1, 1), 1),
+    ((6, 2, 3, 3), 2),  # dense (ic 3: pairs straddle taps), 1x1, grouped
+    ((4, 3, 5), 1),  # conv1d
 ]
 
 
@@ -83,17 +93,35 @@ def test_codes_safe_for_every_layout_and_never_worse_than_rtn(data):
     bias_correction = data.draw(st.booleans())
     if data.draw(st.booleans()) and groups == 1:
         h, mu = h[0], mu[0]  # the shared (K, K) form
-    r = rounding.round_weight(w, h, mu, layout=layout, op=op, groups=groups, bias_correction=bias_correction,
-                              multipliers=data.draw(st.sampled_from([rounding.SCALE_SEARCH, (1.0,), (0.5, 2.0)])))
+    r = rounding.round_weight(
+        w,
+        h,
+        mu,
+        layout=layout,
+        op=op,
+        groups=groups,
+        bias_correction=bias_correction,
+        multipliers=data.draw(st.sampled_from([rounding.SCALE_SEARCH, (1.0,), (0.5, 2.0)])),
+    )
     assert r.codes.dtype == np.int8 and r.codes.shape == shape
     # independent check of the stored codes (safeobs.verify shares no code with rounding / solver)
-    q = torch._make_per_channel_quantized_tensor(torch.from_numpy(r.codes.copy()), torch.from_numpy(
-        r.scale.astype(np.float64)), torch.zeros(oc, dtype=torch.long), 0)
+    q = torch._make_per_channel_quantized_tensor(
+        torch.from_numpy(r.codes.copy()),
+        torch.from_numpy(r.scale.astype(np.float64)),
+        torch.zeros(oc, dtype=torch.long),
+        0,
+    )
     assert safeobs.verify(q, layout, op=op, groups=groups).ok
     # never worse than torch's RTN at the tightest safe scale, on the objective that the bias leaves
     scale0, _ = safeobs.safe_qparams(torch.from_numpy(w), layout=layout, op=op, groups=groups)
-    rtn = torch.quantize_per_channel(torch.from_numpy(w), scale0.double(), torch.zeros(oc, dtype=torch.long), 0,
-                                     torch.qint8).int_repr().numpy().astype(np.float64)
+    rtn = (
+        torch.quantize_per_channel(
+            torch.from_numpy(w), scale0.double(), torch.zeros(oc, dtype=torch.long), 0, torch.qint8
+        )
+        .int_repr()
+        .numpy()
+        .astype(np.float64)
+    )
     hg = np.broadcast_to(np.asarray(h).reshape(-1, k, k), (groups, k, k))
     mug = np.broadcast_to(np.asarray(mu).reshape(-1, k), (groups, k))
     m = hg - np.einsum("gi,gj->gij", mug, mug) if bias_correction else hg
@@ -103,8 +131,9 @@ def test_codes_safe_for_every_layout_and_never_worse_than_rtn(data):
     assert np.all(ours <= base + 1e-9 * np.abs(base) + 1e-300), (ours, base)
     if bias_correction:  # the bias delta is the mean error of the chosen codes
         e = w.reshape(oc, -1).astype(np.float64) - r.scale.astype(np.float64)[:, None] * r.codes.reshape(oc, -1)
-        np.testing.assert_allclose(r.bias_delta, np.einsum("rk,rk->r", e, mug[np.arange(oc) // ocg]),
-                                   rtol=1e-9, atol=1e-300)
+        np.testing.assert_allclose(
+            r.bias_delta, np.einsum("rk,rk->r", e, mug[np.arange(oc) // ocg]), rtol=1e-9, atol=1e-300
+        )
 
 
 def test_adversarial_pairs_are_clipped_not_only_scaled():
@@ -145,8 +174,9 @@ class _Net(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.BatchNorm2d(16), torch.nn.ReLU6())
-        self.dw = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 5, 1, 2, groups=16), torch.nn.BatchNorm2d(16),
-                                      torch.nn.ReLU())
+        self.dw = torch.nn.Sequential(
+            torch.nn.Conv2d(16, 16, 5, 1, 2, groups=16), torch.nn.BatchNorm2d(16), torch.nn.ReLU()
+        )
         self.pw = torch.nn.Conv2d(16, 24, 1)
         self.fc = torch.nn.Linear(24, 10)
 
@@ -187,6 +217,7 @@ def test_quantize_fx_api(one_thread):
         assert not torch.equal(q(x), rtn(x))
     # the pieces: calibrate + convert_fx + apply gives the same model
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
     prepared = prepare_fx(copy.deepcopy(model), safeobs.get_default_qconfig_mapping("x86"), calib[0])
     stats = rounding.calibrate(prepared, calib, progress=False)
     conv = convert_fx(prepared)
@@ -207,15 +238,23 @@ def test_quantize_fx_api(one_thread):
 def _eager_model(calib):
     """Eager flow (a picklable Sequential): fuse, prepare, rounding.calibrate, convert, rounding.apply."""
     torch.manual_seed(1)
-    m = torch.nn.Sequential(QuantStub(), torch.nn.Conv2d(3, 16, 3, 1, 1), torch.nn.ReLU(),
-                            torch.nn.Conv2d(16, 16, 5, 1, 2, groups=16), torch.nn.Conv2d(16, 8, 1), DeQuantStub())
+    m = torch.nn.Sequential(
+        QuantStub(),
+        torch.nn.Conv2d(3, 16, 3, 1, 1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 5, 1, 2, groups=16),
+        torch.nn.Conv2d(16, 8, 1),
+        DeQuantStub(),
+    )
     with torch.no_grad():
         m[3].weight[:, :, 2, 2] += 1.0
         m[3].weight[:, :, 2, 3] += 0.9  # flat positions 12, 13: paired by every layout
     m.eval()
     torch.ao.quantization.fuse_modules(m, [["1", "2"]], inplace=True)
-    m.qconfig = QConfig(activation=HistogramObserver.with_args(reduce_range=False),
-                        weight=safeobs.SafePerChannelMinMaxObserver.with_args(layout="x86"))
+    m.qconfig = QConfig(
+        activation=HistogramObserver.with_args(reduce_range=False),
+        weight=safeobs.SafePerChannelMinMaxObserver.with_args(layout="x86"),
+    )
     torch.ao.quantization.prepare(m, inplace=True)
     stats = rounding.calibrate(m, calib, progress=False)
     torch.ao.quantization.convert(m, inplace=True)
@@ -269,8 +308,9 @@ def test_real_kernel_bit_exact_no_saturation(one_thread):
     # the same layers with torch's min-max weights saturate on these inputs (the check is not vacuous)
     conv = m[3]
     w = conv.weight().dequantize()
-    stock = torch.quantize_per_channel(w, (w.abs().amax((1, 2, 3)) / 127.5).double(),
-                                       torch.zeros(16, dtype=torch.long), 0, torch.qint8)
+    stock = torch.quantize_per_channel(
+        w, (w.abs().amax((1, 2, 3)) / 127.5).double(), torch.zeros(16, dtype=torch.long), 0, torch.qint8
+    )
     m2 = copy.deepcopy(m)
     m2[3].set_weight_bias(stock, conv.bias())
     with torch.no_grad(), emulator.emulate(m2, engine="fbgemm", isa="avx2") as em2:
@@ -284,9 +324,13 @@ def test_pt2e_flow(one_thread):
 
     from safeobs import pt2e
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(),
-                                torch.nn.Conv2d(16, 16, 5, groups=16), torch.nn.Flatten(),
-                                torch.nn.Linear(16 * 8 * 8, 10)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 5, groups=16),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 8 * 8, 10),
+    ).eval()
     with torch.no_grad():
         model[2].weight[:, :, 2, 2:4] += 1.0
     x = _data(4, 3)[:, :, :14, :14]

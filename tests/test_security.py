@@ -1,4 +1,5 @@
 """Issue 17: nothing in an inspected file runs unless the user says so (``--trust-pickle`` / ``trust_pickle=True``)."""
+
 from __future__ import annotations
 
 import os
@@ -52,10 +53,16 @@ def _model(seed=0):
     """A small converted model with one unsafe conv (groups 2), static and dynamic Linears, a conv-transpose."""
     torch.backends.quantized.engine = "x86"
     g = torch.Generator().manual_seed(seed)
-    m = torch.nn.Sequential(nnq.Conv2d(4, 8, 3, groups=2), nnq.Linear(8, 4), nnqd.Linear(4, 3),
-                            nnq.ConvTranspose2d(8, 4, 3, groups=2)).eval()
-    w = torch.quantize_per_channel(torch.randn(8, 2, 3, 3, generator=g), torch.full((8,), 0.005).double(),
-                                   torch.zeros(8, dtype=torch.long), 0, torch.qint8)
+    m = torch.nn.Sequential(
+        nnq.Conv2d(4, 8, 3, groups=2), nnq.Linear(8, 4), nnqd.Linear(4, 3), nnq.ConvTranspose2d(8, 4, 3, groups=2)
+    ).eval()
+    w = torch.quantize_per_channel(
+        torch.randn(8, 2, 3, 3, generator=g),
+        torch.full((8,), 0.005).double(),
+        torch.zeros(8, dtype=torch.long),
+        0,
+        torch.qint8,
+    )
     m[0].set_weight_bias(w, torch.randn(8, generator=g))
     return m
 
@@ -83,8 +90,16 @@ def test_payloads_are_live(evil):
 
 
 @pytest.mark.parametrize("which", ["pickle", "torchscript"])
-@pytest.mark.parametrize("argv", [["audit"], ["audit", "--json"], ["audit", "--inputs", "X"],
-                                  ["repair", "-o", "OUT"], ["repair", "-o", "OUT", "--inputs", "X"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit"],
+        ["audit", "--json"],
+        ["audit", "--inputs", "X"],
+        ["repair", "-o", "OUT"],
+        ["repair", "-o", "OUT", "--inputs", "X"],
+    ],
+)
 def test_cli_refuses_code_bearing_files(capsys, tmp_path, evil, which, argv):
     pk, ts, marker = evil
     x = tmp_path / "x.pt"
@@ -220,9 +235,11 @@ def test_torchao_save_round_trip_without_trust(tmp_path, capsys):
     path, out = str(tmp_path / "ao.pt"), str(tmp_path / "ao_safe.pt")
     sto.save(m, path)
     # a fresh interpreter (torchao not imported, so none of its globals registered): still weights-only
-    code = ("import sys, torch\nfrom safeobs import qlayers\n"
-            "m, s = serialization.load_model(sys.argv[1])\n"
-            "assert s == 'state' and [q.kind for q in runtimes.layers(m)] == ['linear_torchao'], s\n")
+    code = (
+        "import sys, torch\nfrom safeobs import qlayers\n"
+        "m, s = serialization.load_model(sys.argv[1])\n"
+        "assert s == 'state' and [q.kind for q in runtimes.layers(m)] == ['linear_torchao'], s\n"
+    )
     subprocess.run([os.sys.executable, "-c", code, path], check=True, capture_output=True, timeout=600)
     before = list(torch.serialization.get_safe_globals())
     serialization.load_model(path)
@@ -272,8 +289,9 @@ def test_worker_loads_only_files_next_to_its_job(tmp_path, evil):
     pk, _, marker = evil
     src, dst = tmp_path / "job" / "in.pkl", tmp_path / "job" / "out.pkl"
     src.parent.mkdir()
-    src.write_bytes(pickle.dumps({"kind": "module", "engine": "x86", "path": pk, "inputs": [], "emulate": None,
-                                  "forced": None}))
+    src.write_bytes(
+        pickle.dumps({"kind": "module", "engine": "x86", "path": pk, "inputs": [], "emulate": None, "forced": None})
+    )
     from safeobs.tools import _realrun_worker
 
     with pytest.raises(RuntimeError, match="did not write"):

@@ -89,7 +89,9 @@ def _clipped(w, q, scale, ties=False):
     if not ties:
         return err > 0.5 * s * (1 + 1e-6) + tol
     codes = q.int_repr()
-    return (err > 0.5 * s * (1 + 1e-6) + tol) | (((codes == 127) | (codes == -128)) & (err >= 0.5 * s * (1 - 1e-6) - tol))
+    return (err > 0.5 * s * (1 + 1e-6) + tol) | (
+        ((codes == 127) | (codes == -128)) & (err >= 0.5 * s * (1 - 1e-6) - tol)
+    )
 
 
 def _violating_channels(codes: np.ndarray, lay, op, groups):
@@ -103,8 +105,12 @@ def _violating_channels(codes: np.ndarray, lay, op, groups):
 
 
 @settings(max_examples=int(os.environ.get("N_SYM", 7700)), **SETTINGS)
-@given(case=cases(), lay=st.sampled_from(["fbgemm", "onednn", "x86", "any"]),
-       qscheme=st.sampled_from(SYM), qrange=st.sampled_from(QRANGES))
+@given(
+    case=cases(),
+    lay=st.sampled_from(["fbgemm", "onednn", "x86", "any"]),
+    qscheme=st.sampled_from(SYM),
+    qrange=st.sampled_from(QRANGES),
+)
 def test_symmetric_safe_and_tight(case, lay, qscheme, qrange):
     w, op, groups = case
     if op == "conv_transpose":
@@ -130,9 +136,12 @@ def test_symmetric_safe_and_tight(case, lay, qscheme, qrange):
 
 
 @settings(max_examples=int(os.environ.get("N_AFF", 1500)), **SETTINGS)
-@given(case=cases(), lay=st.sampled_from(["fbgemm", "x86", "any"]),
-       qscheme=st.sampled_from([torch.per_channel_affine, torch.per_tensor_affine]),
-       qrange=st.sampled_from(QRANGES))
+@given(
+    case=cases(),
+    lay=st.sampled_from(["fbgemm", "x86", "any"]),
+    qscheme=st.sampled_from([torch.per_channel_affine, torch.per_tensor_affine]),
+    qrange=st.sampled_from(QRANGES),
+)
 def test_affine_safe_no_clipping(case, lay, qscheme, qrange):
     w, op, groups = case
     if op == "conv_transpose":
@@ -208,10 +217,23 @@ def test_user_pairs_match_layout_pairs():
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
-@given(st.sampled_from([((9, 40), "linear", None), ((5, 600), "linear", None), ((6, 3, 3, 3), "conv", None),
-                        ((16, 1, 3, 3), "conv", 16), ((6, 4, 1, 5), "conv", 2), ((4, 2, 2, 2, 2), "conv", None),
-                        ((8, 3, 2, 3), "conv_transpose", 2), ((8, 3, 2, 3), "conv_transpose", None)]),
-       st.sampled_from(["fbgemm", "onednn", "x86", "ort"]), st.integers(0, 2**32 - 1), st.booleans())
+@given(
+    st.sampled_from(
+        [
+            ((9, 40), "linear", None),
+            ((5, 600), "linear", None),
+            ((6, 3, 3, 3), "conv", None),
+            ((16, 1, 3, 3), "conv", 16),
+            ((6, 4, 1, 5), "conv", 2),
+            ((4, 2, 2, 2, 2), "conv", None),
+            ((8, 3, 2, 3), "conv_transpose", 2),
+            ((8, 3, 2, 3), "conv_transpose", None),
+        ]
+    ),
+    st.sampled_from(["fbgemm", "onednn", "x86", "ort"]),
+    st.integers(0, 2**32 - 1),
+    st.booleans(),
+)
 def test_lazy_pair_table_gives_the_same_scales_as_every_pair_checked(case, lay, seed, per_channel):
     """PairTable (looked up only where a code can exceed 64) == the full check over every layout pair."""
     shape, op, groups = case
@@ -227,19 +249,22 @@ def test_lazy_pair_table_gives_the_same_scales_as_every_pair_checked(case, lay, 
     assert np.array_equal(full, lazy)
 
 
-@pytest.mark.parametrize("bad,err", [
-    (dict(weight=torch.tensor([[float("nan"), 1.0]])), ValueError),
-    (dict(weight=torch.tensor([[float("inf"), 1.0]])), ValueError),
-    (dict(weight=torch.zeros(0, 4)), ValueError),
-    (dict(dtype=torch.quint8), TypeError),
-    (dict(qscheme=torch.per_channel_affine_float_qparams), ValueError),
-    (dict(ch_axis=3), ValueError),
-    (dict(ch_axis=1), ValueError),  # Linear pairs cross columns: per-column scales cannot be proven
-    (dict(quant_min=-129, quant_max=127), ValueError),
-    (dict(quant_min=1, quant_max=127), ValueError),
-    (dict(layout="arm"), ValueError),
-    (dict(weight=torch.randn(2, 3, 4, 5, 6, 7)), ValueError),
-])
+@pytest.mark.parametrize(
+    "bad,err",
+    [
+        (dict(weight=torch.tensor([[float("nan"), 1.0]])), ValueError),
+        (dict(weight=torch.tensor([[float("inf"), 1.0]])), ValueError),
+        (dict(weight=torch.zeros(0, 4)), ValueError),
+        (dict(dtype=torch.quint8), TypeError),
+        (dict(qscheme=torch.per_channel_affine_float_qparams), ValueError),
+        (dict(ch_axis=3), ValueError),
+        (dict(ch_axis=1), ValueError),  # Linear pairs cross columns: per-column scales cannot be proven
+        (dict(quant_min=-129, quant_max=127), ValueError),
+        (dict(quant_min=1, quant_max=127), ValueError),
+        (dict(layout="arm"), ValueError),
+        (dict(weight=torch.randn(2, 3, 4, 5, 6, 7)), ValueError),
+    ],
+)
 def test_bad_input(bad, err):
     kw = dict(weight=torch.randn(4, 6))
     kw.update(bad)

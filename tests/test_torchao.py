@@ -1,5 +1,6 @@
 """torchao adapter (issue 10): safe quantize_ configs, the pairing of torch._int_mm / onednn.qlinear_pointwise
 on the real kernels, the bit-exact emulator, verify / audit / repair of torchao models."""
+
 from __future__ import annotations
 
 import copy
@@ -48,8 +49,9 @@ def _kernel_pairs(k: int, isa: str) -> np.ndarray:
 
 
 # every oneDNN kernel torchao can reach: (op, source dtype, isa)
-TORCHAO_KERNELS = [(op, src, isa) for op in ("qlinear_pointwise", "_int_mm") for src in ("s8", "u8")
-                   for isa in dispatch.ISAS]
+TORCHAO_KERNELS = [
+    (op, src, isa) for op in ("qlinear_pointwise", "_int_mm") for src in ("s8", "u8") for isa in dispatch.ISAS
+]
 
 
 def _torchao_pairs(k: int) -> list[np.ndarray]:
@@ -72,15 +74,19 @@ def _model(k=301, n=64, seed=0, heavy=False):
 
 
 def test_import_safeobs_does_not_import_torchao():
-    code = ("import sys, safeobs, safeobs.emulator, safeobs.emulator_torchao, safeobs.audit, safeobs.repair; "
-            "print('torchao' in sys.modules)")
+    code = (
+        "import sys, safeobs, safeobs.emulator, safeobs.emulator_torchao, safeobs.audit, safeobs.repair; "
+        "print('torchao' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
 
 def test_missing_torchao_is_one_line_naming_pip():
-    code = ("import sys; sys.modules['torchao'] = None\n"
-            "try:\n    import safeobs.torchao\nexcept ImportError as e:\n    print(str(e))\n")
+    code = (
+        "import sys; sys.modules['torchao'] = None\n"
+        "try:\n    import safeobs.torchao\nexcept ImportError as e:\n    print(str(e))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert "pip install torchao" in out and "\n" not in out
 
@@ -88,8 +94,13 @@ def test_missing_torchao_is_one_line_naming_pip():
 # -- drop-in configs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ours,stock", [(sto.Int8DynamicActivationInt8WeightConfig, StockDynamic),
-                                        (sto.Int8StaticActivationInt8WeightConfig, StockStatic)])
+@pytest.mark.parametrize(
+    "ours,stock",
+    [
+        (sto.Int8DynamicActivationInt8WeightConfig, StockDynamic),
+        (sto.Int8StaticActivationInt8WeightConfig, StockStatic),
+    ],
+)
 def test_config_has_torchaos_fields_and_defaults(ours, stock):
     mine = {f.name: f for f in dataclasses.fields(ours)}
     theirs = {f.name: f for f in dataclasses.fields(stock)}
@@ -125,8 +136,14 @@ def test_quantize_drop_in(one_thread):
     assert y.shape == (4, 96) and torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("kw", [dict(granularity=PerTensor()), dict(act_mapping_type=MappingType.ASYMMETRIC),
-                                dict(granularity=[PerTensor(), PerRow()])])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(granularity=PerTensor()),
+        dict(act_mapping_type=MappingType.ASYMMETRIC),
+        dict(granularity=[PerTensor(), PerRow()]),
+    ],
+)
 def test_quantize_variants_are_safe(kw, one_thread):
     m = _model(k=257, n=24, seed=3)
     quantize_(m, sto.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False, **kw))
@@ -138,8 +155,9 @@ def test_quantize_variants_are_safe(kw, one_thread):
 
 def test_static_config_and_reduce_range(one_thread):
     m = _model(k=128, n=16, seed=4)
-    cfg = sto.Int8StaticActivationInt8WeightConfig(act_quant_scale=torch.tensor([[0.02]]), granularity=PerTensor(),
-                                                   set_inductor_config=False)
+    cfg = sto.Int8StaticActivationInt8WeightConfig(
+        act_quant_scale=torch.tensor([[0.02]]), granularity=PerTensor(), set_inductor_config=False
+    )
     quantize_(m, cfg)
     assert sto.verify(m).ok and m[0].weight.act_quant_scale is not None
     x = torch.randn(5, 128) * 3  # beyond the static range: codes clamp to int8, still safe
@@ -170,7 +188,10 @@ def test_bf16_model(one_thread):
 
 @st.composite
 def _weights(draw):
-    n, k = draw(st.integers(1, 6)), draw(st.sampled_from([2, 3, 7, 64, 257, 301, 513, 769]))  # K=1 per row: torchao itself fails
+    n, k = (
+        draw(st.integers(1, 6)),
+        draw(st.sampled_from([2, 3, 7, 64, 257, 301, 513, 769])),
+    )  # K=1 per row: torchao itself fails
     kind = draw(st.sampled_from(["normal", "heavy", "adversarial", "constant"]))
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
     if kind == "normal":
@@ -202,7 +223,9 @@ def test_safe_codes_property(w, per_row):
     raised = (scale > stock).reshape(-1)
     if raised.any():
         prev = torch.nextafter(scale, torch.zeros_like(scale))
-        codes_prev = quantize_affine(w, block, prev, torch.zeros_like(prev, dtype=torch.int8), torch.int8, -128, 127).numpy()
+        codes_prev = quantize_affine(
+            w, block, prev, torch.zeros_like(prev, dtype=torch.int8), torch.int8, -128, 127
+        ).numpy()
         pairs = np.concatenate([_kernel_pairs(w.shape[1], "avx2"), _kernel_pairs(w.shape[1], "avx512")])
         rows = np.flatnonzero(raised) if per_row else np.arange(w.shape[0])
         assert not _pair_sums_ok(codes_prev[rows] if per_row else codes_prev, pairs)
@@ -270,8 +293,15 @@ def _discovery_cases(mode):
 def _exact_cases(mode, rng):
     """Adversarial full-range data, bit-exact comparison: decode (M=1, small N, large K: the threading split
     of K) to prefill shapes, threads 1, 2 and 4, s8 and u8 sources, per-token scale, bias."""
-    shapes = [(1, 4096, 8, 4), (1, 2048, 16, 2), (3, 301, 40, 1), (7, 513, 33, 2), (64, 768, 64, 2),
-              (1, 257, 8, 1), (32, 64, 32, 1)]
+    shapes = [
+        (1, 4096, 8, 4),
+        (1, 2048, 16, 2),
+        (3, 301, 40, 1),
+        (7, 513, 33, 2),
+        (64, 768, 64, 2),
+        (1, 257, 8, 1),
+        (32, 64, 32, 1),
+    ]
     if mode == "haswell":
         shapes = shapes[2:4] + shapes[5:]
     cases = []
@@ -281,12 +311,20 @@ def _exact_cases(mode, rng):
         xu = rng.integers(0, 256, (m, k)).astype(np.uint8)
         ws = rng.uniform(1e-3, 2e-2, n).astype(np.float32)
         bias = rng.standard_normal(n).astype(np.float32)
-        cases += [dict(kind="qlinear", x=xs, x_scale=0.0173, w=w, w_scale=ws, bias=bias, threads=threads),
-                  dict(kind="qlinear", x=xu, x_scale=1.0, w=w, w_scale=ws, threads=threads),
-                  dict(kind="int_mm", a=xs, b=np.ascontiguousarray(w.T), threads=threads),
-                  dict(kind="int_mm", a=xu, b=np.ascontiguousarray(w.T), threads=threads)]
-    cases.append(dict(kind="qlinear", x=np.full((32, 64), 127, np.int8), w=np.full((32, 64), 127, np.int8),
-                      w_scale=np.ones(32, np.float32)))  # the issue's all-127 product
+        cases += [
+            dict(kind="qlinear", x=xs, x_scale=0.0173, w=w, w_scale=ws, bias=bias, threads=threads),
+            dict(kind="qlinear", x=xu, x_scale=1.0, w=w, w_scale=ws, threads=threads),
+            dict(kind="int_mm", a=xs, b=np.ascontiguousarray(w.T), threads=threads),
+            dict(kind="int_mm", a=xu, b=np.ascontiguousarray(w.T), threads=threads),
+        ]
+    cases.append(
+        dict(
+            kind="qlinear",
+            x=np.full((32, 64), 127, np.int8),
+            w=np.full((32, 64), 127, np.int8),
+            w_scale=np.ones(32, np.float32),
+        )
+    )  # the issue's all-127 product
     return cases
 
 
@@ -298,8 +336,18 @@ def _linear_cases(rng):
             x = rng.standard_normal((5, k)).astype(np.float32)
             x[0] = np.where(np.arange(k) % 2 == 0, 3.0, -3.0)  # every activation at +-127 in one token
             x[1] = 2.0
-            cases.append(dict(kind="linear", x=x, w=w, bias=rng.standard_normal(24).astype(np.float32),
-                              safe=safe, granularity=gran, asym=asym, threads=2))
+            cases.append(
+                dict(
+                    kind="linear",
+                    x=x,
+                    w=w,
+                    bias=rng.standard_normal(24).astype(np.float32),
+                    safe=safe,
+                    granularity=gran,
+                    asym=asym,
+                    threads=2,
+                )
+            )
     return cases
 
 
@@ -329,12 +377,15 @@ def test_real_kernels(mode):
     assert info["cpu_vnni"] == (HOST == "vnni" and mode != "haswell")
     # 1. pair discovery: a column saturates iff its candidate is a pair of the kernel's layout
     wrong, seen = [], 0
-    for (kind, src, k, cands, w), y in zip(meta, out[:len(disc)]):
+    for (kind, src, k, cands, w), y in zip(meta, out[: len(disc)]):
         acc = y[0] if kind == "qlinear" else y[0].astype(np.float64)
         x = 127 if src == "s8" else 255
         saturated = acc != w.astype(np.int64).sum(axis=1) * x
-        op, backend = ("qlinear_pointwise", "onednn") if kind == "qlinear" else (
-            "_int_mm", "onednn" if info["cpu_vnni"] else "aten")  # _int_mm: oneDNN gemm_api only if cpuinfo VNNI
+        op, backend = (
+            ("qlinear_pointwise", "onednn")
+            if kind == "qlinear"
+            else ("_int_mm", "onednn" if info["cpu_vnni"] else "aten")
+        )  # _int_mm: oneDNN gemm_api only if cpuinfo VNNI
         pairs = {tuple(p) for p in et.kernel_pairs(op, src, k, isa, backend=backend).tolist()}
         expected = np.array([c in pairs for c in cands])
         seen += int(saturated.sum())
@@ -345,7 +396,11 @@ def test_real_kernels(mode):
         assert seen > 0  # the probe really sees saturation (u8 qlinear_pointwise saturates here)
     # 2. emulator bit-exact (integer codes and float outputs, exact equality)
     base = len(disc)
-    bad = [i for i, (c, y) in enumerate(zip(exact, out[base:base + len(exact)])) if not np.array_equal(y, _emulate(c, info, mode))]
+    bad = [
+        i
+        for i, (c, y) in enumerate(zip(exact, out[base : base + len(exact)]))
+        if not np.array_equal(y, _emulate(c, info, mode))
+    ]
     assert not bad, f"emulator differs from the real kernel on cases {bad}"
     issue = out[base + len(exact) - 1]
     issue_saturates = et.onednn_kernel("qlinear_pointwise", "s8", isa).saturates  # AVX2 gemm:jit only
@@ -353,9 +408,17 @@ def test_real_kernels(mode):
     # 3. torchao Linears, eager: emulator bit-exact; safe codes safe; torchao's own codes are not
     path = "onednn" if info["cpu_vnni"] else "eager"  # cpuinfo VNNI: torchao's u8s8 branch on oneDNN at `isa`
     stock_unsafe = 0
-    for c, (y, qdata, scale) in zip(lin, out[base + len(exact):]):
-        emu = et.int8_dynamic_linear(c["x"], qdata, scale, c["bias"], act_per_row=c["granularity"] == "row",
-                                     act_symmetric=not c["asym"], isa=isa, path=path)
+    for c, (y, qdata, scale) in zip(lin, out[base + len(exact) :]):
+        emu = et.int8_dynamic_linear(
+            c["x"],
+            qdata,
+            scale,
+            c["bias"],
+            act_per_row=c["granularity"] == "row",
+            act_symmetric=not c["asym"],
+            isa=isa,
+            path=path,
+        )
         assert np.array_equal(y, emu), (c["safe"], c["granularity"], c["asym"])
         ok = all(_pair_sums_ok(qdata, _kernel_pairs(qdata.shape[1], i)) for i in ("avx2", "avx512"))
         assert ok or not c["safe"]
@@ -412,11 +475,14 @@ def test_torch_compile_freezing_kernel_and_safety():
 def test_torch_compile_freezing_with_and_without_pt2e_passes(x86_passes):
     """Both states in a fresh interpreter: importing torchao's X86InductorQuantizer registers, for the whole
     process, a smooth-quant pattern that also rewrites the u8s8 graph of VNNI hosts into qlinear_pointwise."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
-            + ("import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer\n" if x86_passes else "")
-            + f"import test_torchao; test_torchao._compile_freezing_check({x86_passes})\n")
-    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
-                       timeout=600)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        + ("import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer\n" if x86_passes else "")
+        + f"import test_torchao; test_torchao._compile_freezing_check({x86_passes})\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
 

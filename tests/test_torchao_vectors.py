@@ -11,6 +11,7 @@ Modes of the recording and what they correspond to in safeobs:
 The AVX-512 isa is each of :data:`safeobs.dispatch.AVX512_NO_VNNI` (torchao / matmul kernels do not depend on VBMI).
 No torch and no real kernels needed: numpy in, numpy out (``test_real_kernels`` runs the same cases natively).
 """
+
 from __future__ import annotations
 
 import json
@@ -150,8 +151,15 @@ def test_exact_cases(vec, mode, avx512):
         p, c = _exact_case(e, j)
         want = e[f"{c}_y_{mode}"]
         if p["kind"] == "qlinear":
-            got = et.qlinear_pointwise(e[f"{c}_x"], p["x_scale"] if p["x_scale"] is not None else 1.0, 0, e[f"{c}_w"],
-                                       e[f"{c}_w_scale"], e.get(f"{c}_bias"), isa=isa)
+            got = et.qlinear_pointwise(
+                e[f"{c}_x"],
+                p["x_scale"] if p["x_scale"] is not None else 1.0,
+                0,
+                e[f"{c}_w"],
+                e[f"{c}_w_scale"],
+                e.get(f"{c}_bias"),
+                isa=isa,
+            )
         else:
             got = et.int_mm(e[f"{c}_a"], e[f"{c}_b"], isa=isa, backend=_backend(mode))
         if not (got.dtype == want.dtype and np.array_equal(got, want)):
@@ -172,8 +180,9 @@ def test_extra_random_scale_qlinear(vec, mode, avx512):
     bad = []
     for q in names:
         p = json.loads(str(x[f"{q}_params_json"]))
-        got = et.qlinear_pointwise(x[f"{q}_x"], p["x_scale"], 0, x[f"{q}_w"], x[f"{q}_w_scale"], x.get(f"{q}_bias"),
-                                   isa=isa)
+        got = et.qlinear_pointwise(
+            x[f"{q}_x"], p["x_scale"], 0, x[f"{q}_w"], x[f"{q}_w_scale"], x.get(f"{q}_bias"), isa=isa
+        )
         if not np.array_equal(got, x[f"{q}_y_{mode}"]):
             bad.append(q)
     assert not bad, bad
@@ -253,10 +262,12 @@ def test_compiled_kernel_per_kind():
     """int_mm_kernel: the compiled AVX-512 path is the exact s8 qlinear_pointwise; AVX2's saturates."""
     for isa in AVX512:
         assert et.int_mm_kernel(isa, "compiled", x86_passes=False) == et.IntMMKernel(
-            "qlinear_pointwise", "onednn", "s8", False)
+            "qlinear_pointwise", "onednn", "s8", False
+        )
         assert et.int_mm_kernel(isa, "eager") == et.IntMMKernel("_int_mm", "aten", "s8", False)
         assert et.int_mm_kernel(isa, "onednn") == et.IntMMKernel("_int_mm", "onednn", "u8", True)
     assert et.int_mm_kernel("avx2", "compiled") == et.IntMMKernel("qlinear_pointwise", "onednn", "s8", True)
     assert et.int_mm_kernel("vnni", "compiled", x86_passes=False) == et.IntMMKernel("_int_mm", "onednn", "u8", False)
     assert et.int_mm_kernel("vnni", "compiled", x86_passes=True) == et.IntMMKernel(
-        "qlinear_pointwise", "onednn", "u8", False)
+        "qlinear_pointwise", "onednn", "u8", False
+    )

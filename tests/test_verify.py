@@ -26,8 +26,10 @@ def test_hand_built_codes():
     codes[1, 4:6] = (-128, -1)  # -129: unsafe, negative
     r = verify(codes, "fbgemm")
     assert not r and len(r) == 2
-    assert r.violations == [Violation("", 0, (2, 3), (65, 64), 129, "positive"),
-                            Violation("", 1, (10, 11), (-128, -1), -129, "negative")]
+    assert r.violations == [
+        Violation("", 0, (2, 3), (65, 64), 129, "positive"),
+        Violation("", 1, (10, 11), (-128, -1), -129, "negative"),
+    ]
     assert "positive sum 129" in repr(r)
     codes[0, 1] = -128  # opposite signs are always safe: 127*255 - 128*255 fits
     codes[0, 0] = 127
@@ -51,7 +53,9 @@ def test_float_tensor_rejected():
 
 def _model():
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(8 * 4 * 4, 6))
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(8 * 4 * 4, 6)
+    )
     with torch.no_grad():
         for mod in m:
             if hasattr(mod, "weight"):
@@ -63,8 +67,8 @@ def _model():
 def _convert(m, weight_observer):
     qm = torch.ao.quantization.QuantWrapper(m)
     qm.qconfig = torch.ao.quantization.QConfig(
-        activation=torch.ao.quantization.MinMaxObserver.with_args(dtype=torch.quint8),
-        weight=weight_observer)
+        activation=torch.ao.quantization.MinMaxObserver.with_args(dtype=torch.quint8), weight=weight_observer
+    )
     torch.ao.quantization.prepare(qm, inplace=True)
     qm(torch.rand(2, 3, 8, 8))
     return torch.ao.quantization.convert(qm, inplace=True)
@@ -90,7 +94,8 @@ def test_conv_transpose_module_uses_groups():
 def _convert_t(m, weight_observer):
     qm = torch.ao.quantization.QuantWrapper(m)
     qm.qconfig = torch.ao.quantization.QConfig(
-        activation=torch.ao.quantization.MinMaxObserver.with_args(dtype=torch.quint8), weight=weight_observer)
+        activation=torch.ao.quantization.MinMaxObserver.with_args(dtype=torch.quint8), weight=weight_observer
+    )
     torch.ao.quantization.prepare(qm, inplace=True)
     qm(torch.rand(1, 4, 5, 5))
     return torch.ao.quantization.convert(qm, inplace=True)
@@ -107,19 +112,57 @@ def _adversarial_cases(weight_observer):
     o = weight_observer()
     o(w)
     s, _ = o.calculate_qparams()
-    codes = torch.quantize_per_channel(w, s.double(), torch.zeros(24, dtype=torch.long), 0, torch.qint8).int_repr().numpy()
+    codes = (
+        torch.quantize_per_channel(w, s.double(), torch.zeros(24, dtype=torch.long), 0, torch.qint8).int_repr().numpy()
+    )
     x = np.concatenate([np.where(codes > 0, 255, 0), np.where(codes < 0, 255, 0)]).astype(np.uint8)
-    cases.append(dict(op="linear", x=x, x_scale=0.05, x_zp=0, w=codes, w_scale=s.numpy().astype(np.float64), w_zp=0,
-                      bias=None, y_scale=30.0, y_zp=0, relu=False))
+    cases.append(
+        dict(
+            op="linear",
+            x=x,
+            x_scale=0.05,
+            x_zp=0,
+            w=codes,
+            w_scale=s.numpy().astype(np.float64),
+            w_zp=0,
+            bias=None,
+            y_scale=30.0,
+            y_zp=0,
+            relu=False,
+        )
+    )
     wd = torch.from_numpy(rng.standard_t(3, (16, 1, 3, 3)).astype(np.float32))
     o = weight_observer()
     o(wd)
     s, _ = o.calculate_qparams()
-    cd = torch.quantize_per_channel(wd, s.double(), torch.zeros(16, dtype=torch.long), 0, torch.qint8).int_repr().numpy()
-    xd = np.stack([np.broadcast_to(np.where(cd[:, 0] > 0, 255, 0), (16, 3, 3)),
-                   np.broadcast_to(np.where(cd[:, 0] < 0, 255, 0), (16, 3, 3))]).astype(np.uint8)
-    cases.append(dict(op="conv2d", x=xd, x_scale=0.05, x_zp=0, w=cd, w_scale=s.numpy().astype(np.float64), w_zp=0,
-                      bias=None, y_scale=30.0, y_zp=0, relu=False, groups=16, stride=1, padding=1, dilation=1))
+    cd = (
+        torch.quantize_per_channel(wd, s.double(), torch.zeros(16, dtype=torch.long), 0, torch.qint8).int_repr().numpy()
+    )
+    xd = np.stack(
+        [
+            np.broadcast_to(np.where(cd[:, 0] > 0, 255, 0), (16, 3, 3)),
+            np.broadcast_to(np.where(cd[:, 0] < 0, 255, 0), (16, 3, 3)),
+        ]
+    ).astype(np.uint8)
+    cases.append(
+        dict(
+            op="conv2d",
+            x=xd,
+            x_scale=0.05,
+            x_zp=0,
+            w=cd,
+            w_scale=s.numpy().astype(np.float64),
+            w_zp=0,
+            bias=None,
+            y_scale=30.0,
+            y_zp=0,
+            relu=False,
+            groups=16,
+            stride=1,
+            padding=1,
+            dilation=1,
+        )
+    )
     return cases
 
 
@@ -132,8 +175,9 @@ def _exact(case):
 @pytest.mark.parametrize("engine", ["fbgemm", "x86", "onednn"])
 def test_real_kernels_bit_exact_with_safe_observers(engine):
     safe = _adversarial_cases(SafePerChannelMinMaxObserver)
-    stock = _adversarial_cases(lambda: torch.ao.quantization.PerChannelMinMaxObserver(
-        dtype=torch.qint8, qscheme=torch.per_channel_symmetric))
+    stock = _adversarial_cases(
+        lambda: torch.ao.quantization.PerChannelMinMaxObserver(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    )
     real = realkernel.run_ops(safe + stock, mode="haswell", engine=engine)  # one subprocess per engine
     for case, got in zip(safe, real[: len(safe)]):
         assert np.array_equal(np.asarray(got), np.asarray(_exact(case))), f"{engine} {case['op']}"

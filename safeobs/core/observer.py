@@ -72,8 +72,10 @@ class _SafeMixin:
 
     def calculate_qparams(self):
         (scale, zp), min_val = self._stock_qparams()
-        finite = bool(np.isfinite(self.min_val.detach().cpu().numpy()).all()
-                      and np.isfinite(self.max_val.detach().cpu().numpy()).all())
+        finite = bool(
+            np.isfinite(self.min_val.detach().cpu().numpy()).all()
+            and np.isfinite(self.max_val.detach().cpu().numpy()).all()
+        )
         if not finite and self._safe_weight is None:
             return scale, zp  # never observed: torch's defaults (and its warning)
         per_channel = self.qscheme in PER_CHANNEL
@@ -92,16 +94,24 @@ class _SafeMixin:
         if min_val is None:
             min_val = self.min_val
         args = (w, pairs, scale.numpy(), zp.numpy())
-        kw = dict(ch_axis=ch_axis, symmetric=self.qscheme in SYMMETRIC, quant_min=self.quant_min,
-                  quant_max=self.quant_max, min_val=min_val.detach().cpu().numpy(), check_pairs=check)
+        kw = dict(
+            ch_axis=ch_axis,
+            symmetric=self.qscheme in SYMMETRIC,
+            quant_min=self.quant_min,
+            quant_max=self.quant_max,
+            min_val=min_val.detach().cpu().numpy(),
+            check_pairs=check,
+        )
         if finite and w.size:
             # NaN/Inf in the observed weight would have reached min_val/max_val: no second pass over it
             check_range(self.quant_min, self.quant_max)
             new_scale, new_zp = _raise_scales(*args, **kw)
         else:
             new_scale, new_zp = raise_scales(*args, **kw)
-        return (torch.from_numpy(new_scale).to(scale.dtype).reshape(scale.shape),
-                torch.from_numpy(new_zp).to(zp.dtype).reshape(zp.shape))
+        return (
+            torch.from_numpy(new_scale).to(scale.dtype).reshape(scale.shape),
+            torch.from_numpy(new_zp).to(zp.dtype).reshape(zp.shape),
+        )
 
     # -- state: the observed weight travels as extra state ---------------------------------------
 
@@ -112,13 +122,15 @@ class _SafeMixin:
         w = state.get("weight") if isinstance(state, dict) else None
         self._safe_weight = None if w is None else w.detach().to("cpu", torch.float32, copy=True)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         key = prefix + _EXTRA
         if key not in state_dict:  # a stock torch observer's state: forget any recorded weight
             self._safe_weight = None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if key in missing_keys:
             missing_keys.remove(key)
 

@@ -148,8 +148,10 @@ def _receptive_fields(x: torch.Tensor, conv, max_positions: int) -> torch.Tensor
 
 def _batches(calibration):
     if isinstance(calibration, torch.Tensor):
-        raise TypeError("calibration must be an iterable of positional-argument tuples, e.g. [(x,)] or a "
-                        "DataLoader of tuples; got a bare Tensor (wrap it: [(x,)])")
+        raise TypeError(
+            "calibration must be an iterable of positional-argument tuples, e.g. [(x,)] or a "
+            "DataLoader of tuples; got a bare Tensor (wrap it: [(x,)])"
+        )
     for b in calibration:
         yield b if isinstance(b, (tuple, list)) else (b,)
 
@@ -248,11 +250,11 @@ def _gptq(w: np.ndarray, u: np.ndarray, scale: np.ndarray, partners: np.ndarray)
                 top, bottom = np.maximum(top, code), np.minimum(bottom, code)
             if shared:
                 e = (w[:, j] - s * code) / u[j, j]
-                w[:, j + 1:b1] -= e[:, None] * u[j, j + 1:b1][None, :]
+                w[:, j + 1 : b1] -= e[:, None] * u[j, j + 1 : b1][None, :]
                 err[:, j - b0] = e
             else:
                 e = (w[:, j] - s * code) / u[:, j, j]
-                w[:, j + 1:] -= e[:, None] * u[:, j, j + 1:]
+                w[:, j + 1 :] -= e[:, None] * u[:, j, j + 1 :]
         if shared and b1 < k:
             w[:, b1:] -= err @ u[b0:b1, b1:]
     return q
@@ -368,8 +370,9 @@ def _clip_pairs(q: np.ndarray, partners: np.ndarray) -> np.ndarray:
     return q
 
 
-def safe_round(weight, h, mean=None, *, layout: str = "x86", op: str | None = None, groups: int = 1,
-               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def safe_round(
+    weight, h, mean=None, *, layout: str = "x86", op: str | None = None, groups: int = 1, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scales)``: int8 codes shaped like ``weight`` and float32 per-output-channel scales.
 
     The hook for flows that store codes and scales themselves (torchao, ONNX Runtime): see

@@ -152,8 +152,8 @@ def _tight_bracket(wa, wb, lo_bits, hi_bits, feasible):
     narrowed ends verify (2 evaluations instead of ~20 bisection steps); elsewhere keep the wide bracket."""
     est = _threshold_estimate(wa, wb)
     with np.errstate(over="ignore", invalid="ignore"):
-        lo2 = np.maximum(lo_bits, _bits((est * (1 - 2.0 ** -19)).astype(np.float32)))
-        hi2 = np.minimum(hi_bits, _bits((est * (1 + 2.0 ** -19)).astype(np.float32)))
+        lo2 = np.maximum(lo_bits, _bits((est * (1 - 2.0**-19)).astype(np.float32)))
+        hi2 = np.minimum(hi_bits, _bits((est * (1 + 2.0**-19)).astype(np.float32)))
     idx = np.arange(len(est))
     good = np.isfinite(est) & (lo2 < hi2)
     good[good] &= feasible(idx[good], _from_bits(hi2[good]))
@@ -259,12 +259,14 @@ def raise_scales(
     """
     w = np.ascontiguousarray(weight, dtype=np.float32)
     check_inputs(w, quant_min, quant_max)
-    return _raise_scales(w, pairs, stock_scale, stock_zero_point, ch_axis, symmetric, quant_min, quant_max, min_val,
-                         check_pairs)
+    return _raise_scales(
+        w, pairs, stock_scale, stock_zero_point, ch_axis, symmetric, quant_min, quant_max, min_val, check_pairs
+    )
 
 
-def _raise_scales(w, pairs, stock_scale, stock_zero_point, ch_axis, symmetric, quant_min, quant_max, min_val,
-                  check_pairs):
+def _raise_scales(
+    w, pairs, stock_scale, stock_zero_point, ch_axis, symmetric, quant_min, quant_max, min_val, check_pairs
+):
     """:func:`raise_scales` on a float32 weight already known to be finite (the observers know it from
     their min/max: NaN and Inf propagate into them), without another pass over the weight."""
     table = None
@@ -287,16 +289,22 @@ def _raise_scales(w, pairs, stock_scale, stock_zero_point, ch_axis, symmetric, q
     scale = np.broadcast_to(np.asarray(stock_scale, dtype=np.float32).reshape(-1), (nch,)).copy()
     if not np.all(np.isfinite(scale) & (scale > 0)):
         raise ValueError("stock scales must be positive and finite")
-    if check_pairs and ch_axis is not None and np.any(
-        _group_of(pairs[:, 0], w.shape, ch_axis) != _group_of(pairs[:, 1], w.shape, ch_axis)
+    if (
+        check_pairs
+        and ch_axis is not None
+        and np.any(_group_of(pairs[:, 0], w.shape, ch_axis) != _group_of(pairs[:, 1], w.shape, ch_axis))
     ):
         raise ValueError(
             f"the kernels pair weights across channels of axis {ch_axis}; per-channel scales along this "
             "axis cannot be made safe pair by pair (use ch_axis=0, the output channels, or per-tensor)"
         )
     if symmetric:
-        return (_raise_symmetric(w, w3, table if table is not None else pairs, w.shape, ch_axis, scale, quant_min,
-                                 quant_max), np.zeros(nch, dtype=np.int64))
+        return (
+            _raise_symmetric(
+                w, w3, table if table is not None else pairs, w.shape, ch_axis, scale, quant_min, quant_max
+            ),
+            np.zeros(nch, dtype=np.int64),
+        )
     zp = np.broadcast_to(np.asarray(stock_zero_point, dtype=np.int64).reshape(-1), (nch,)).copy()
     group = _group_of(pairs[:, 0], w.shape, ch_axis)
     return _raise_affine(w, w3, pairs, group, scale, zp, quant_min, quant_max, min_val, fused=ch_axis is None)
@@ -336,8 +344,9 @@ def _raise_symmetric(w, w3, pairs, shape, ch_axis, scale, qmin, qmax):
         return _thresholds(flat[pairs[cand, 0]], flat[pairs[cand, 1]], gc, scale, qmin, qmax)
     if bind.size == 0:
         return scale
-    return _thresholds(flat[pairs[bind, 0]], flat[pairs[bind, 1]], _group_of(pairs[bind, 0], shape, ch_axis),
-                       scale, qmin, qmax)
+    return _thresholds(
+        flat[pairs[bind, 0]], flat[pairs[bind, 1]], _group_of(pairs[bind, 0], shape, ch_axis), scale, qmin, qmax
+    )
 
 
 _WINDOW = np.arange(-8, 9)  # float32 steps around the estimate: measured within 3 of the threshold
@@ -365,7 +374,7 @@ def _thresholds(wa, wb, g, scale, qmin, qmax):
     est = _threshold_estimate(wa[pre], wb[pre])
     fast = None
     if np.isfinite(est).all():
-        keep = est * (1 + 2.0 ** -19) > scale[g[pre]]
+        keep = est * (1 + 2.0**-19) > scale[g[pre]]
         may, est = pre[keep], est[keep]
         fast = scale.copy()
         if may.size:
@@ -451,7 +460,9 @@ def _raise_affine(w, w3, pairs, group, scale, zp, qmin, qmax, min_val, fused):
         sf[idx], zf[idx] = s, z
         sel = cand[np.isin(group[cand], idx)]
         g = group[sel]
-        tot = _raw_codes(flat[pairs[sel, 0]], sf[g], zf[g], fused) + _raw_codes(flat[pairs[sel, 1]], sf[g], zf[g], fused)
+        tot = _raw_codes(flat[pairs[sel, 0]], sf[g], zf[g], fused) + _raw_codes(
+            flat[pairs[sel, 1]], sf[g], zf[g], fused
+        )
         hi, lo = np.full(nch, -np.inf), np.full(nch, np.inf)
         np.maximum.at(hi, g, tot)
         np.minimum.at(lo, g, tot)
@@ -483,6 +494,7 @@ def _raise_affine(w, w3, pairs, group, scale, zp, qmin, qmax, min_val, fused):
             idx = idx_map[i]
             lower, upper = zp_interval(idx, s, candidates(_scatter(s, idx, nch)))
             return lower <= upper
+
         return feasible
 
     allch = np.arange(nch)
@@ -538,8 +550,9 @@ def check_qscheme(dtype, qscheme, ch_axis=None) -> None:
         raise ValueError(f"unsupported qscheme {qscheme}; use per_tensor/per_channel symmetric or affine")
 
 
-def stock_qparams(weight: torch.Tensor, *, qscheme, ch_axis=0, quant_min=-128, quant_max=127,
-                  dtype=torch.qint8, eps=F32_EPS):
+def stock_qparams(
+    weight: torch.Tensor, *, qscheme, ch_axis=0, quant_min=-128, quant_max=127, dtype=torch.qint8, eps=F32_EPS
+):
     """torch's own min-max observer qparams for ``weight``: the floor of every safe scale."""
     from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
 
@@ -577,16 +590,24 @@ def safe_qparams(
     per_channel = qscheme in PER_CHANNEL
     if per_channel and not -w.ndim <= ch_axis < w.ndim:
         raise ValueError(f"ch_axis={ch_axis} is out of range for a {w.ndim}-D weight")
-    scale, zp = stock_qparams(wt, qscheme=qscheme, ch_axis=ch_axis, quant_min=quant_min,
-                              quant_max=quant_max, dtype=dtype, eps=eps)
+    scale, zp = stock_qparams(
+        wt, qscheme=qscheme, ch_axis=ch_axis, quant_min=quant_min, quant_max=quant_max, dtype=dtype, eps=eps
+    )
     floor = scale.numpy()
     if min_scale is not None:
         floor = np.maximum(floor, np.float32(min_scale))
     new_scale, new_zp = raise_scales(
-        w, layout_pairs(w, layout, op, groups), floor, zp.numpy(),
-        ch_axis=ch_axis if per_channel else None, symmetric=qscheme in SYMMETRIC,
-        quant_min=quant_min, quant_max=quant_max,
+        w,
+        layout_pairs(w, layout, op, groups),
+        floor,
+        zp.numpy(),
+        ch_axis=ch_axis if per_channel else None,
+        symmetric=qscheme in SYMMETRIC,
+        quant_min=quant_min,
+        quant_max=quant_max,
         check_pairs=not pairs_stay_in_rows(w.ndim, infer_op(w.shape, op), ch_axis if per_channel else None),
     )
-    return (torch.from_numpy(new_scale.astype(np.float32)).reshape(scale.shape),
-            torch.from_numpy(new_zp).to(zp.dtype).reshape(zp.shape))
+    return (
+        torch.from_numpy(new_scale.astype(np.float32)).reshape(scale.shape),
+        torch.from_numpy(new_zp).to(zp.dtype).reshape(zp.shape),
+    )

@@ -48,9 +48,19 @@ def write(model: torch.nn.Module, f, found, *, arch: str | None = None) -> None:
         if base is not None:  # a stand-in: write the (repaired) weights back into the original state dict
             w = _layer_weight(lay.module, lay.kind)
             sd[key] = (w, sd[key][1]) if bias_key is None else w
-        meta.append({"name": lay.name, "kind": lay.kind, "key": key, "bias": bias_key if bias_key in sd else None,
-                     "groups": int(lay.groups), "stride": tuple(lay.stride), "padding": tuple(lay.padding),
-                     "dilation": tuple(lay.dilation), "output_padding": tuple(lay.output_padding)})
+        meta.append(
+            {
+                "name": lay.name,
+                "kind": lay.kind,
+                "key": key,
+                "bias": bias_key if bias_key in sd else None,
+                "groups": int(lay.groups),
+                "stride": tuple(lay.stride),
+                "padding": tuple(lay.padding),
+                "dilation": tuple(lay.dilation),
+                "output_padding": tuple(lay.output_padding),
+            }
+        )
     if arch is None and base is not None:
         arch = base.get("arch")
     torch.save({"format": FORMAT, "version": VERSION, "arch": arch, "layers": meta, "state_dict": sd}, f)

@@ -52,13 +52,14 @@ class Report:
         return iter(self.violations)
 
     def __repr__(self) -> str:
-        head = (f"VerifyReport(layout={self.layout!r}, modules={len(self.modules)}, "
-                f"violations={len(self.violations)}, ok={self.ok})")
+        head = (
+            f"VerifyReport(layout={self.layout!r}, modules={len(self.modules)}, "
+            f"violations={len(self.violations)}, ok={self.ok})"
+        )
         lines = [head]
         for v in self.violations[:20]:
             name = v.module or "<weight>"
-            lines.append(f"  {name} channel {v.channel}: indices {v.indices} codes {v.codes} "
-                         f"{v.sign} sum {v.pair_sum}")
+            lines.append(f"  {name} channel {v.channel}: indices {v.indices} codes {v.codes} {v.sign} sum {v.pair_sum}")
         if len(self.violations) > 20:
             lines.append(f"  ... {len(self.violations) - 20} more")
         return "\n".join(lines)
@@ -71,8 +72,9 @@ def _output_channel(shape, op, groups, idx: np.ndarray) -> np.ndarray:
     return chan[idx]
 
 
-def check_codes(codes, layout: str = "x86", *, op: str | None = None, groups: int | None = None,
-                name: str = "") -> list[Violation]:
+def check_codes(
+    codes, layout: str = "x86", *, op: str | None = None, groups: int | None = None, name: str = ""
+) -> list[Violation]:
     """Violations among integer weight ``codes`` (stored int8 values, PyTorch weight shape)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -93,8 +95,11 @@ def check_codes(codes, layout: str = "x86", *, op: str | None = None, groups: in
             continue
         chans = _output_channel(c.shape, op, groups, pairs[hit, 0])
         for k, ch in zip(hit, chans):
-            out.append(Violation(name, int(ch), (int(pairs[k, 0]), int(pairs[k, 1])),
-                                 (int(a[k]), int(b[k])), int(sums[k]), sign))
+            out.append(
+                Violation(
+                    name, int(ch), (int(pairs[k, 0]), int(pairs[k, 1])), (int(a[k]), int(b[k])), int(sums[k]), sign
+                )
+            )
     return sorted(out, key=lambda v: (v.module, v.channel, v.indices, v.sign))
 
 

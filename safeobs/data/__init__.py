@@ -4,6 +4,7 @@ Photos come from scikit-image and scikit-learn, sentences from the dataset
 descriptions bundled with scikit-learn.  The ``calib`` and ``heldout`` splits
 are disjoint by *source* (photo or document) and fully deterministic.
 """
+
 from __future__ import annotations
 
 import re
@@ -15,8 +16,14 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "PHOTO_SPLITS", "SENTENCE_SPLITS", "IMAGENET_MEAN", "IMAGENET_STD",
-    "load_photo", "preprocess", "photos", "sentences",
+    "PHOTO_SPLITS",
+    "SENTENCE_SPLITS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "load_photo",
+    "preprocess",
+    "photos",
+    "sentences",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,8 +38,15 @@ PHOTO_SPLITS = {
 # Source documents (scikit-learn dataset descriptions) per split.
 SENTENCE_SPLITS = {
     "calib": ("breast_cancer", "california_housing", "covtype", "diabetes", "iris", "kddcup99", "lfw"),
-    "heldout": ("digits", "linnerud", "olivetti_faces", "rcv1", "species_distributions",
-                "twenty_newsgroups", "wine_data"),
+    "heldout": (
+        "digits",
+        "linnerud",
+        "olivetti_faces",
+        "rcv1",
+        "species_distributions",
+        "twenty_newsgroups",
+        "wine_data",
+    ),
 }
 _SPLITS = ("calib", "heldout", "all")
 
@@ -102,7 +116,7 @@ def preprocess(image, size: int = 224) -> torch.Tensor:
     x = _resize_short(_to_tensor(image), round(size * 256 / 224))
     h, w = x.shape[-2:]
     top, left = (h - size) // 2, (w - size) // 2
-    return _normalise(x[..., top:top + size, left:left + size])
+    return _normalise(x[..., top : top + size, left : left + size])
 
 
 def _crops(image, size: int) -> torch.Tensor:
@@ -113,7 +127,7 @@ def _crops(image, size: int) -> torch.Tensor:
         x = _resize_short(x0, short)
         h, w = x.shape[-2:]
         offs = [((h - size) // 2, (w - size) // 2), (0, 0), (0, w - size), (h - size, 0), (h - size, w - size)]
-        out += [x[..., t:t + size, l:l + size] for t, l in offs]
+        out += [x[..., t : t + size, l : l + size] for t, l in offs]
     views = torch.cat(out)
     return _normalise(torch.cat([views, views.flip(-1)]))
 
@@ -138,12 +152,12 @@ def photos(split: str = "calib", size: int = 224) -> torch.Tensor:
 
 # -------------------------------------------------------------------------- sentences
 _INLINE = [
-    (re.compile(r":\w+:`([^`<]*?)\s*(?:<[^>]*>)?`"), r"\1"),   # :ref:`text <target>`
-    (re.compile(r"`([^`<]+?)\s*<[^>]*>`_+"), r"\1"),            # `text <url>`_
-    (re.compile(r"``([^`]*)``"), r"\1"),                        # ``literal``
-    (re.compile(r"`([^`]*)`_*"), r"\1"),                        # `interpreted`
-    (re.compile(r"\*\*?([^*]+)\*\*?"), r"\1"),                  # **bold**, *emph*
-    (re.compile(r"\[\d+\]_?"), ""),                             # citation refs
+    (re.compile(r":\w+:`([^`<]*?)\s*(?:<[^>]*>)?`"), r"\1"),  # :ref:`text <target>`
+    (re.compile(r"`([^`<]+?)\s*<[^>]*>`_+"), r"\1"),  # `text <url>`_
+    (re.compile(r"``([^`]*)``"), r"\1"),  # ``literal``
+    (re.compile(r"`([^`]*)`_*"), r"\1"),  # `interpreted`
+    (re.compile(r"\*\*?([^*]+)\*\*?"), r"\1"),  # **bold**, *emph*
+    (re.compile(r"\[\d+\]_?"), ""),  # citation refs
     (re.compile(r"https?://\S+"), ""),
 ]
 _MARKUP_LINE = re.compile(r"^\s*(\.\.|[=\-~*^+#|]{3,}|:[\w ]+:|[-*+|]\s|\d+\.\s|\(\d+\)|\[\d+\])")
@@ -153,6 +167,7 @@ _SENT_SPLIT = re.compile(r"(?<!\b[A-Z]\.)(?<=[.!?])\s+(?=[A-Z(\"])")  # not afte
 def _descr_text(name: str) -> str:
     try:
         from importlib import resources
+
         return resources.files("sklearn.datasets.descr").joinpath(f"{name}.rst").read_text(encoding="utf-8")
     except ModuleNotFoundError as e:
         raise ImportError("sentences() needs scikit-learn: pip install scikit-learn") from e
@@ -172,9 +187,15 @@ def _doc_sentences(text: str) -> list[str]:
         for s in _SENT_SPLIT.split(prose):
             s = s.strip()
             n_words = len(s.split())
-            if (5 <= n_words <= 40 and s[0].isupper() and s[-1] in ".!?"
-                    and s.count("(") == s.count(")") and s.count("[") == s.count("]")
-                    and s.count('"') % 2 == 0 and sum(c.isalpha() for c in s) >= 0.6 * len(s)):
+            if (
+                5 <= n_words <= 40
+                and s[0].isupper()
+                and s[-1] in ".!?"
+                and s.count("(") == s.count(")")
+                and s.count("[") == s.count("]")
+                and s.count('"') % 2 == 0
+                and sum(c.isalpha() for c in s) >= 0.6 * len(s)
+            ):
                 out.append(s)
     return out
 

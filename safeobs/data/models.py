@@ -9,6 +9,7 @@
 
 Every dense layer is an ``nn.Linear`` and every forward is FX-traceable.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "mobilenet_v2", "mobilenet_v2_demo", "MobileNetV2", "InvertedResidual", "mobilenet_weights_path",
-    "minilm", "MiniLM", "BertTokenizer", "tokenizer", "embed", "minilm_dir",
+    "mobilenet_v2",
+    "mobilenet_v2_demo",
+    "MobileNetV2",
+    "InvertedResidual",
+    "mobilenet_weights_path",
+    "minilm",
+    "MiniLM",
+    "BertTokenizer",
+    "tokenizer",
+    "embed",
+    "minilm_dir",
     "load_safetensors",
 ]
 
@@ -92,8 +102,15 @@ class MobileNetV2(nn.Module):
     """torchvision's MobileNetV2 (width 1.0). ``relu6=False`` uses ``nn.ReLU``
     like ``torchvision.models.quantization.mobilenet_v2``."""
 
-    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+    SETTINGS = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
 
     def __init__(self, num_classes: int = 1000, dropout: float = 0.2, relu6: bool = True):
         super().__init__()
@@ -190,12 +207,16 @@ class _SelfAttention(nn.Module):
         if hidden % heads:
             raise ValueError(f"hidden size {hidden} is not a multiple of {heads} heads")
         self.heads, self.head_dim = heads, hidden // heads
-        self.query, self.key, self.value = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
+        self.query, self.key, self.value = (
+            nn.Linear(hidden, hidden),
+            nn.Linear(hidden, hidden),
+            nn.Linear(hidden, hidden),
+        )
         self.dropout = nn.Dropout(p)
 
     def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
         shape = (self.heads, self.head_dim)
-        q = self.query(x).unflatten(-1, shape).transpose(1, 2)   # (B, H, L, D)
+        q = self.query(x).unflatten(-1, shape).transpose(1, 2)  # (B, H, L, D)
         k = self.key(x).unflatten(-1, shape).transpose(1, 2)
         v = self.value(x).unflatten(-1, shape).transpose(1, 2)
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + mask_bias
@@ -275,9 +296,18 @@ class MiniLM(nn.Module):
     """BERT encoder (defaults: all-MiniLM-L6-v2). ``forward(input_ids, attention_mask)``
     returns the last hidden state (B, L, hidden)."""
 
-    def __init__(self, vocab_size: int = 30522, hidden: int = 384, layers: int = 6, heads: int = 12,
-                 intermediate: int = 1536, max_position: int = 512, type_vocab: int = 2,
-                 eps: float = 1e-12, dropout: float = 0.1):
+    def __init__(
+        self,
+        vocab_size: int = 30522,
+        hidden: int = 384,
+        layers: int = 6,
+        heads: int = 12,
+        intermediate: int = 1536,
+        max_position: int = 512,
+        type_vocab: int = 2,
+        eps: float = 1e-12,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.embeddings = _Embeddings(vocab_size, hidden, max_position, type_vocab, eps, dropout)
         self.encoder = _Encoder(layers, hidden, heads, intermediate, eps, dropout)
@@ -307,13 +337,19 @@ def minilm(path: str | Path | None = None) -> MiniLM:
         cfg = json.loads(cfg_file.read_text())
         if cfg.get("hidden_act", "gelu") != "gelu" or cfg.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{cfg_file}: only gelu / absolute-position BERT models are supported")
-        kwargs = dict(vocab_size=cfg["vocab_size"], hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
-                      heads=cfg["num_attention_heads"], intermediate=cfg["intermediate_size"],
-                      max_position=cfg["max_position_embeddings"], type_vocab=cfg["type_vocab_size"],
-                      eps=cfg["layer_norm_eps"])
+        kwargs = dict(
+            vocab_size=cfg["vocab_size"],
+            hidden=cfg["hidden_size"],
+            layers=cfg["num_hidden_layers"],
+            heads=cfg["num_attention_heads"],
+            intermediate=cfg["intermediate_size"],
+            max_position=cfg["max_position_embeddings"],
+            type_vocab=cfg["type_vocab_size"],
+            eps=cfg["layer_norm_eps"],
+        )
     model = MiniLM(**kwargs)
     state = load_safetensors(file)
-    state = {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in state.items()}
+    state = {k[len("bert.") :] if k.startswith("bert.") else k: v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -400,7 +436,7 @@ def embed(model: nn.Module, sentences, tok: BertTokenizer | None = None, batch_s
     tok = tok or tokenizer()
     out = []
     for i in range(0, len(sentences), batch_size):
-        b = tok(list(sentences[i:i + batch_size]))
+        b = tok(list(sentences[i : i + batch_size]))
         h = model(b["input_ids"], b["attention_mask"])
         m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
         pooled = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)

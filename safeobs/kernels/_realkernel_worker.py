@@ -14,8 +14,9 @@ import numpy as np
 
 
 def _qx(torch, c):
-    return torch._make_per_tensor_quantized_tensor(torch.from_numpy(np.ascontiguousarray(c["x"], np.uint8)),
-                                                   float(c["x_scale"]), int(c["x_zp"]))
+    return torch._make_per_tensor_quantized_tensor(
+        torch.from_numpy(np.ascontiguousarray(c["x"], np.uint8)), float(c["x_scale"]), int(c["x_zp"])
+    )
 
 
 def _qw(torch, c):
@@ -25,8 +26,11 @@ def _qw(torch, c):
         return torch._make_per_tensor_quantized_tensor(w, float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0]))
     oc = w.shape[0]
     return torch._make_per_channel_quantized_tensor(
-        w, torch.from_numpy(np.broadcast_to(scale.reshape(-1), (oc,)).copy()),
-        torch.from_numpy(np.broadcast_to(zp.reshape(-1), (oc,)).copy()), 0)
+        w,
+        torch.from_numpy(np.broadcast_to(scale.reshape(-1), (oc,)).copy()),
+        torch.from_numpy(np.broadcast_to(zp.reshape(-1), (oc,)).copy()),
+        0,
+    )
 
 
 def _tuple(v, n):
@@ -53,8 +57,9 @@ def run_case(torch, c):
         packed = getattr(q, op + "_prepack")(w, bias, *hp, int(c.get("groups", 1)))
         y = getattr(q, op + relu)(x, packed, float(c["y_scale"]), int(c["y_zp"]))
     elif op == "conv_transpose2d":
-        hp = [_tuple(c.get(k, d), 2) for k, d in (("stride", 1), ("padding", 0), ("output_padding", 0),
-                                                  ("dilation", 1))]
+        hp = [
+            _tuple(c.get(k, d), 2) for k, d in (("stride", 1), ("padding", 0), ("output_padding", 0), ("dilation", 1))
+        ]
         if c.get("relu"):
             raise ValueError("torch has no fused quantized conv_transpose2d_relu")
         packed = q.conv_transpose2d_prepack(w, bias, *hp, int(c.get("groups", 1)))
@@ -72,7 +77,9 @@ def main(src: str, dst: str, run_module=None) -> None:
     with open(src, "rb") as f:
         job = pickle.load(f)
     torch.backends.quantized.engine = job["engine"]
-    if job["kind"] == "module" and os.path.dirname(os.path.abspath(job["path"])) != os.path.dirname(os.path.abspath(src)):
+    if job["kind"] == "module" and os.path.dirname(os.path.abspath(job["path"])) != os.path.dirname(
+        os.path.abspath(src)
+    ):
         raise RuntimeError("refusing to load a model file that realkernel.run_worker did not write next to the job")
     if job["kind"] == "ops":
         out = []

@@ -130,8 +130,12 @@ def fbgemm_conv_path(
         and stride[-1] in (1, 2)
     ):
         return "groupwise"
-    if not transposed and all(x == 1 for x in k) and all(s == 1 for s in stride) and dil1 and all(
-        p == 0 for p in padding
+    if (
+        not transposed
+        and all(x == 1 for x in k)
+        and all(s == 1 for s in stride)
+        and dil1
+        and all(p == 0 for p in padding)
     ):
         return "pointwise"
     if (
@@ -163,8 +167,15 @@ def onednn_conv_path(weight_shape: Sequence[int], *, groups: int = 1, transposed
     return "ref"
 
 
-def onednn_avx512_conv_path(weight_shape: Sequence[int], *, groups: int = 1, dilation=1, transposed: bool = False,
-                            isa: str = "avx512", output_width: int | None = None) -> str:
+def onednn_avx512_conv_path(
+    weight_shape: Sequence[int],
+    *,
+    groups: int = 1,
+    dilation=1,
+    transposed: bool = False,
+    isa: str = "avx512",
+    output_width: int | None = None,
+) -> str:
     """oneDNN's conv/deconv pairing on AVX-512 without VNNI (kernel-spec §8.3, measured: tests/data/onednn-avx512).
 
     Every brgemm / jit conv pairs input channels per tap ("conv"; exact when ICg == 1), 2-D depthwise is exact
@@ -226,15 +237,26 @@ def conv_kernel(
         engine = "onednn" if onednn else "fbgemm"
     if engine == "onednn":
         if isa in AVX512_NO_VNNI:
-            path = onednn_avx512_conv_path(weight_shape, groups=groups, dilation=dilation, transposed=transposed,
-                                           isa=isa, output_width=output_width)
+            path = onednn_avx512_conv_path(
+                weight_shape,
+                groups=groups,
+                dilation=dilation,
+                transposed=transposed,
+                isa=isa,
+                output_width=output_width,
+            )
             icg = weight_shape[0] // groups if transposed else weight_shape[1]
             return Kernel("onednn", path, path not in ("dw", "conv") or icg > 1)
         path = onednn_conv_path(weight_shape, groups=groups, transposed=transposed)
         return Kernel("onednn", path, isa != "vnni" and path == "conv")
     path = fbgemm_conv_path(
-        weight_shape, groups=groups, stride=stride, padding=padding, dilation=dilation,
-        transposed=transposed, isa=isa,
+        weight_shape,
+        groups=groups,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        transposed=transposed,
+        isa=isa,
     )
     # Depthwise and direct ConvTranspose are AVX2 vpmaddubsw JIT code on every CPU (§2).
     return Kernel("fbgemm", path, isa != "vnni" or path in ("depthwise", "direct"))

@@ -28,10 +28,23 @@ import numpy as np
 from . import dispatch, layout
 
 __all__ = [
-    "Saturation", "qlinear_codes", "qconv_codes", "qlinear_dynamic_codes",
-    "requantize_fbgemm", "requantize_onednn", "choose_qparams", "quantize_input",
-    "linear", "conv1d", "conv2d", "conv3d", "conv_transpose2d", "linear_dynamic",
-    "saturation", "emulate", "run_case",
+    "Saturation",
+    "qlinear_codes",
+    "qconv_codes",
+    "qlinear_dynamic_codes",
+    "requantize_fbgemm",
+    "requantize_onednn",
+    "choose_qparams",
+    "quantize_input",
+    "linear",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose2d",
+    "linear_dynamic",
+    "saturation",
+    "emulate",
+    "run_case",
 ]
 
 _F32 = np.float32
@@ -87,8 +100,7 @@ def _bias(bias, oc: int):
 def requantize_fbgemm(acc, x_scale, w_scale, bias, y_scale, y_zp, *, per_channel: bool, relu: bool = False):
     """FBGEMM ``ReQuantizeOutput`` AVX2 body (kernel-spec §5.3): int32 (P, OC) -> uint8 codes."""
     xf = np.asarray(acc, dtype=np.int32).astype(_F32)  # cvtdq2ps, RNE
-    return _requant_fbgemm(xf, x_scale, w_scale, _f32_or_none(bias), y_scale, y_zp, per_channel=per_channel,
-                           relu=relu)
+    return _requant_fbgemm(xf, x_scale, w_scale, _f32_or_none(bias), y_scale, y_zp, per_channel=per_channel, relu=relu)
 
 
 def _requant_fbgemm(xf, x_scale, w_scale, bias, y_scale, y_zp, *, per_channel: bool, relu: bool):
@@ -207,7 +219,7 @@ def _candidates(w_o: np.ndarray, pairs: np.ndarray, amax: np.ndarray):
     """
     m = len(pairs)
     if m == w_o.shape[2] // 2 and np.array_equal(pairs.reshape(-1), np.arange(2 * m)):  # flat (2m, 2m+1)
-        w0, w1 = w_o[:, :, 0:2 * m:2], w_o[:, :, 1:2 * m:2]
+        w0, w1 = w_o[:, :, 0 : 2 * m : 2], w_o[:, :, 1 : 2 * m : 2]
     else:
         w0, w1 = w_o[:, :, pairs[:, 0]], w_o[:, :, pairs[:, 1]]
     # |lane| <= max(amax0, amax1) * |w0+w1|: per pair, the smallest |w0+w1| that can saturate (>= 129).
@@ -320,9 +332,12 @@ def _windows(buf: np.ndarray, k, stride, dilation, groups: int, flip: bool):
     n, c = buf.shape[:2]
     win = tuple(d * (kk - 1) + 1 for kk, d in zip(k, dilation))
     v = np.lib.stride_tricks.sliding_window_view(buf, win, axis=tuple(range(2, 2 + nd)))
-    v = v[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)
-          + tuple(slice(None, None, -d if flip else d) for d in dilation)]
-    out_sp = v.shape[2:2 + nd]
+    v = v[
+        (slice(None), slice(None))
+        + tuple(slice(None, None, s) for s in stride)
+        + tuple(slice(None, None, -d if flip else d) for d in dilation)
+    ]
+    out_sp = v.shape[2 : 2 + nd]
     v = v.reshape((n, groups, c // groups) + v.shape[2:])
     # (N, G, ICg, *O, *k) -> (G, *k, ICg, N, *O)
     perm = (1,) + tuple(range(3 + nd, 3 + 2 * nd)) + (2, 0) + tuple(range(3, 3 + nd))
@@ -339,8 +354,10 @@ def _conv_input_buffer(x, k, stride, padding, dilation, transposed, output_paddi
         return buf, stride
     # Output o, tap r reads input i iff o + pad - r*dil == i*stride (§5.1); with the window
     # starting at o and its taps flipped, input i sits at left + i*stride.
-    out = [(s - 1) * st - 2 * p + d * (kk - 1) + op + 1
-           for s, st, p, d, kk, op in zip(sp, stride, padding, dilation, k, output_padding)]
+    out = [
+        (s - 1) * st - 2 * p + d * (kk - 1) + op + 1
+        for s, st, p, d, kk, op in zip(sp, stride, padding, dilation, k, output_padding)
+    ]
     if min(out) < 1:
         raise ValueError(f"transposed conv output size {out} is not positive")
     total = [o + d * (kk - 1) for o, d, kk in zip(out, dilation, k)]
@@ -378,8 +395,10 @@ def _qlinear(x, x_scale, x_zp, w, w_scale, w_zp, bias, *, engine, isa, exact, wa
     x = _codes(x, "input", 0, 255)
     w = _codes(w, "weight", -128, 127)
     if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
-        raise ValueError(f"linear needs input (..., {w.shape[1] if w.ndim == 2 else 'K'}) and weight (OC, K); "
-                         f"got {x.shape} and {w.shape}")
+        raise ValueError(
+            f"linear needs input (..., {w.shape[1] if w.ndim == 2 else 'K'}) and weight (OC, K); "
+            f"got {x.shape} and {w.shape}"
+        )
     kernel = dispatch.linear_kernel(engine, isa)
     oc = w.shape[0]
     ws = _per_channel(w_scale, oc, "weight scale", np.float64)
@@ -394,12 +413,28 @@ def _qlinear(x, x_scale, x_zp, w, w_scale, w_zp, bias, *, engine, isa, exact, wa
     return acc, sat, kernel, per_channel, ws, _bias(bias, oc)
 
 
-def qlinear_codes(x, x_scale, x_zp, w, w_scale, w_zp, bias, y_scale, y_zp, *,
-                  engine="x86", isa="avx2", relu=False, exact=False, _want_sat=False):
+def qlinear_codes(
+    x,
+    x_scale,
+    x_zp,
+    w,
+    w_scale,
+    w_zp,
+    bias,
+    y_scale,
+    y_zp,
+    *,
+    engine="x86",
+    isa="avx2",
+    relu=False,
+    exact=False,
+    _want_sat=False,
+):
     """Quantized Linear on codes: ``x`` uint8 (..., K), ``w`` int8 (OC, K), per-tensor or per-channel
     ``w_scale``/``w_zp``; returns uint8 codes (..., OC)."""
-    acc, sat, kernel, per_channel, ws, b = _qlinear(x, x_scale, x_zp, w, w_scale, w_zp, bias, engine=engine,
-                                                     isa=isa, exact=exact, want_sat=_want_sat)
+    acc, sat, kernel, per_channel, ws, b = _qlinear(
+        x, x_scale, x_zp, w, w_scale, w_zp, bias, engine=engine, isa=isa, exact=exact, want_sat=_want_sat
+    )
     if kernel.backend == "fbgemm":
         q = _requant_fbgemm(acc.astype(_F32), x_scale, ws, b, y_scale, y_zp, per_channel=per_channel, relu=relu)
     else:
@@ -408,9 +443,30 @@ def qlinear_codes(x, x_scale, x_zp, w, w_scale, w_zp, bias, y_scale, y_zp, *,
     return (q, sat) if _want_sat else q
 
 
-def qconv_codes(x, x_scale, x_zp, w, w_scale, w_zp, bias, y_scale, y_zp, *, stride=1, padding=0, dilation=1,
-                groups=1, transposed=False, output_padding=0, engine="x86", isa="avx2", relu=False,
-                exact=False, kernel: dispatch.Kernel | None = None, _want_sat=False):
+def qconv_codes(
+    x,
+    x_scale,
+    x_zp,
+    w,
+    w_scale,
+    w_zp,
+    bias,
+    y_scale,
+    y_zp,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    transposed=False,
+    output_padding=0,
+    engine="x86",
+    isa="avx2",
+    relu=False,
+    exact=False,
+    kernel: dispatch.Kernel | None = None,
+    _want_sat=False,
+):
     """Quantized Conv{1,2,3}d / ConvTranspose on codes: ``x`` uint8 (N, C, *S); ``w`` int8 in PyTorch's
     layout ((OC, IC/G, *k), or (IC, OC/G, *k) when ``transposed``); returns uint8 (N, OC, *O).
 
@@ -424,7 +480,9 @@ def qconv_codes(x, x_scale, x_zp, w, w_scale, w_zp, bias, y_scale, y_zp, *, stri
     op = "conv_transpose" if transposed else "conv"
     g, ocg, icg, _ = layout.group_sizes(w.shape, op, groups)
     if x.shape[1] != icg * g:
-        raise ValueError(f"input has {x.shape[1]} channels, weight {tuple(w.shape)} with groups={groups} needs {icg * g}")
+        raise ValueError(
+            f"input has {x.shape[1]} channels, weight {tuple(w.shape)} with groups={groups} needs {icg * g}"
+        )
     stride, padding, dilation, output_padding = dispatch.conv_params(w.shape, stride, padding, dilation, output_padding)
     oc = g * ocg
     ws = _per_channel(w_scale, oc, "weight scale", np.float64)
@@ -434,11 +492,22 @@ def qconv_codes(x, x_scale, x_zp, w, w_scale, w_zp, bias, y_scale, y_zp, *, stri
         raise ValueError("torch 2.13 supports only per-tensor weights for quantized ConvTranspose")
     k = tuple(w.shape[2:])
     if kernel is None:
-        out_w = _conv_out_size(x.shape[-1], k[-1], stride[-1], padding[-1], dilation[-1],
-                               output_padding[-1] if transposed else None)
-        kernel = dispatch.conv_kernel(engine, isa, w.shape, groups=groups, stride=stride, padding=padding,
-                                      dilation=dilation, transposed=transposed, output_padding=output_padding,
-                                      weight_symmetric=bool(np.all(wzp == 0)), output_width=out_w)
+        out_w = _conv_out_size(
+            x.shape[-1], k[-1], stride[-1], padding[-1], dilation[-1], output_padding[-1] if transposed else None
+        )
+        kernel = dispatch.conv_kernel(
+            engine,
+            isa,
+            w.shape,
+            groups=groups,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            transposed=transposed,
+            output_padding=output_padding,
+            weight_symmetric=bool(np.all(wzp == 0)),
+            output_width=out_w,
+        )
     if kernel.backend == "onednn" and np.any(wzp != 0):
         raise ValueError("oneDNN requires weight zero points of 0")
     fill = int(x_zp) if kernel.backend == "fbgemm" and kernel.path != "direct" else 0  # §5.2, §8.2
@@ -508,19 +577,23 @@ def quantize_input(x, scale, zero_point):
     return np.clip(np.rint(t), 0, 255).astype(np.uint8)
 
 
-def qlinear_dynamic_codes(x, w, w_scale, w_zp, bias, *, reduce_range=False, engine="x86", isa="avx2",
-                          relu=False, exact=False, _want_sat=False):
+def qlinear_dynamic_codes(
+    x, w, w_scale, w_zp, bias, *, reduce_range=False, engine="x86", isa="avx2", relu=False, exact=False, _want_sat=False
+):
     """Dynamic quantized Linear (kernel-spec §6): float32 ``x`` (..., K), int8 codes ``w``; float32 out."""
     x = np.asarray(x, dtype=_F32)
-    xs_d, xzp = _choose_qparams(float(x.min()) if x.size else 0.0, float(x.max()) if x.size else 0.0,
-                                reduce_range, 0, 255)
+    xs_d, xzp = _choose_qparams(
+        float(x.min()) if x.size else 0.0, float(x.max()) if x.size else 0.0, reduce_range, 0, 255
+    )
     xs = _F32(xs_d)
     xq = quantize_input(x, xs, xzp)
     if engine == "onednn":
-        return _qlinear_dynamic_onednn(x, xq, xs_d, xzp, w, w_scale, w_zp, bias, isa=isa, relu=relu, exact=exact,
-                                       want_sat=_want_sat)
-    acc, sat, _, _, ws, b = _qlinear(xq, xs, xzp, w, w_scale, w_zp, bias, engine=engine, isa=isa, exact=exact,
-                                     want_sat=_want_sat)
+        return _qlinear_dynamic_onednn(
+            x, xq, xs_d, xzp, w, w_scale, w_zp, bias, isa=isa, relu=relu, exact=exact, want_sat=_want_sat
+        )
+    acc, sat, _, _, ws, b = _qlinear(
+        xq, xs, xzp, w, w_scale, w_zp, bias, engine=engine, isa=isa, exact=exact, want_sat=_want_sat
+    )
     # ReQuantizeForFloat AVX2 is fma(f32(acc), f32(As*Bs), bias) with one rounding (checked against the
     # real op; mul then add differs by 1 ulp).  The float64 product is exact; the float64 add can only
     # double-round when the sum needs > 53 bits and lands on an f32 tie (not observed).
@@ -555,8 +628,9 @@ def _qlinear_dynamic_onednn(x, xq, xs_d, xzp, w, w_scale, w_zp, bias, *, isa, re
         with np.errstate(divide="ignore", invalid="ignore"):
             t = (x / _F32(xs_d)).astype(_F32) + _F32(xzp)
         xq = np.clip(np.rint(t), 0, 255).astype(np.uint8)
-    acc, sat, _, _, ws, b = _qlinear(xq, _F32(xs_d), xzp, w, w_scale, w_zp, bias, engine="onednn", isa=isa,
-                                     exact=exact, want_sat=want_sat)
+    acc, sat, _, _, ws, b = _qlinear(
+        xq, _F32(xs_d), xzp, w, w_scale, w_zp, bias, engine="onednn", isa=isa, exact=exact, want_sat=want_sat
+    )
     # qlinear_prepack.cpp: per tensor ``1.0/q_scale()`` from the double, per channel ``1.0f/scale.item<float>()``
     wrec = _recip2(ws) if np.asarray(w_scale).size == 1 else _recip2(ws.astype(_F32))
     if isa == "avx2":
@@ -596,8 +670,11 @@ def _weight_codes(t):
     if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
         return t.int_repr().numpy(), float(t.q_scale()), int(t.q_zero_point())
     if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric) and t.q_per_channel_axis() == 0:
-        return (t.int_repr().numpy(), t.q_per_channel_scales().numpy().astype(np.float64),
-                t.q_per_channel_zero_points().numpy().astype(np.int64))
+        return (
+            t.int_repr().numpy(),
+            t.q_per_channel_scales().numpy().astype(np.float64),
+            t.q_per_channel_zero_points().numpy().astype(np.int64),
+        )
     raise TypeError("weight must be per-tensor or per-channel (axis 0) quantized")
 
 
@@ -611,8 +688,9 @@ def _wrap(codes, scale, zero_point):
     torch = _torch()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantized tensor creation is deprecated (pytorch/pytorch#184982)
-        return torch._make_per_tensor_quantized_tensor(torch.from_numpy(np.ascontiguousarray(codes)),
-                                                       float(scale), int(zero_point))
+        return torch._make_per_tensor_quantized_tensor(
+            torch.from_numpy(np.ascontiguousarray(codes)), float(scale), int(zero_point)
+        )
 
 
 def _split(result, want_sat: bool):
@@ -620,27 +698,72 @@ def _split(result, want_sat: bool):
     return result if want_sat else (result, None)
 
 
-def _linear_call(input, weight, bias=None, scale=None, zero_point=None, *, engine="x86", isa="avx2",
-                 relu=False, exact=False, _want_sat=True):
+def _linear_call(
+    input,
+    weight,
+    bias=None,
+    scale=None,
+    zero_point=None,
+    *,
+    engine="x86",
+    isa="avx2",
+    relu=False,
+    exact=False,
+    _want_sat=True,
+):
     x, xs, xzp = _act_codes(input)
     w, ws, wzp = _weight_codes(weight)
     scale = xs if scale is None else scale
     zero_point = xzp if zero_point is None else zero_point
-    q, sat = _split(qlinear_codes(x, xs, xzp, w, ws, wzp, _bias_np(bias), scale, zero_point, engine=engine,
-                                  isa=isa, relu=relu, exact=exact, _want_sat=_want_sat), _want_sat)
+    q, sat = _split(
+        qlinear_codes(
+            x,
+            xs,
+            xzp,
+            w,
+            ws,
+            wzp,
+            _bias_np(bias),
+            scale,
+            zero_point,
+            engine=engine,
+            isa=isa,
+            relu=relu,
+            exact=exact,
+            _want_sat=_want_sat,
+        ),
+        _want_sat,
+    )
     return (_wrap(q, scale, zero_point), sat)
 
 
-def linear(input, weight, bias=None, scale=None, zero_point=None, *, engine="x86", isa="avx2", relu=False,
-           exact=False):
+def linear(input, weight, bias=None, scale=None, zero_point=None, *, engine="x86", isa="avx2", relu=False, exact=False):
     """``torch.ao.nn.quantized.functional.linear`` (``relu``: ``linear_relu``) as the kernel computes it."""
-    return _linear_call(input, weight, bias, scale, zero_point, engine=engine, isa=isa, relu=relu, exact=exact,
-                        _want_sat=False)[0]
+    return _linear_call(
+        input, weight, bias, scale, zero_point, engine=engine, isa=isa, relu=relu, exact=exact, _want_sat=False
+    )[0]
 
 
-def _conv_call(nd, input, weight, bias, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
-               scale=1.0, zero_point=0, dtype=None, *, engine="x86", isa="avx2", relu=False, exact=False,
-               _want_sat=True):
+def _conv_call(
+    nd,
+    input,
+    weight,
+    bias,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    padding_mode="zeros",
+    scale=1.0,
+    zero_point=0,
+    dtype=None,
+    *,
+    engine="x86",
+    isa="avx2",
+    relu=False,
+    exact=False,
+    _want_sat=True,
+):
     torch = _torch()
     if dtype is not None and dtype != torch.quint8:
         raise ValueError("only torch.quint8 output is supported")
@@ -650,70 +773,270 @@ def _conv_call(nd, input, weight, bias, stride=1, padding=0, dilation=1, groups=
         raise ValueError(f"conv{nd}d needs {nd + 2}-D input and weight, got {input.dim()}-D and {weight.dim()}-D")
     x, xs, xzp = _act_codes(input)
     w, ws, wzp = _weight_codes(weight)
-    q, sat = _split(qconv_codes(x, xs, xzp, w, ws, wzp, _bias_np(bias), scale, zero_point, stride=stride,
-                                padding=padding, dilation=dilation, groups=groups, engine=engine, isa=isa,
-                                relu=relu, exact=exact, _want_sat=_want_sat), _want_sat)
+    q, sat = _split(
+        qconv_codes(
+            x,
+            xs,
+            xzp,
+            w,
+            ws,
+            wzp,
+            _bias_np(bias),
+            scale,
+            zero_point,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            engine=engine,
+            isa=isa,
+            relu=relu,
+            exact=exact,
+            _want_sat=_want_sat,
+        ),
+        _want_sat,
+    )
     return _wrap(q, scale, zero_point), sat
 
 
-def conv1d(input, weight, bias, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", scale=1.0,
-           zero_point=0, dtype=None, *, engine="x86", isa="avx2", relu=False, exact=False):
+def conv1d(
+    input,
+    weight,
+    bias,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    padding_mode="zeros",
+    scale=1.0,
+    zero_point=0,
+    dtype=None,
+    *,
+    engine="x86",
+    isa="avx2",
+    relu=False,
+    exact=False,
+):
     """``torch.ao.nn.quantized.functional.conv1d`` as the kernel computes it."""
-    return _conv_call(1, input, weight, bias, stride, padding, dilation, groups, padding_mode, scale, zero_point,
-                      dtype, engine=engine, isa=isa, relu=relu, exact=exact, _want_sat=False)[0]
+    return _conv_call(
+        1,
+        input,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
+        scale,
+        zero_point,
+        dtype,
+        engine=engine,
+        isa=isa,
+        relu=relu,
+        exact=exact,
+        _want_sat=False,
+    )[0]
 
 
-def conv2d(input, weight, bias, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", scale=1.0,
-           zero_point=0, dtype=None, *, engine="x86", isa="avx2", relu=False, exact=False):
+def conv2d(
+    input,
+    weight,
+    bias,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    padding_mode="zeros",
+    scale=1.0,
+    zero_point=0,
+    dtype=None,
+    *,
+    engine="x86",
+    isa="avx2",
+    relu=False,
+    exact=False,
+):
     """``torch.ao.nn.quantized.functional.conv2d`` as the kernel computes it."""
-    return _conv_call(2, input, weight, bias, stride, padding, dilation, groups, padding_mode, scale, zero_point,
-                      dtype, engine=engine, isa=isa, relu=relu, exact=exact, _want_sat=False)[0]
+    return _conv_call(
+        2,
+        input,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
+        scale,
+        zero_point,
+        dtype,
+        engine=engine,
+        isa=isa,
+        relu=relu,
+        exact=exact,
+        _want_sat=False,
+    )[0]
 
 
-def conv3d(input, weight, bias, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", scale=1.0,
-           zero_point=0, dtype=None, *, engine="x86", isa="avx2", relu=False, exact=False):
+def conv3d(
+    input,
+    weight,
+    bias,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    padding_mode="zeros",
+    scale=1.0,
+    zero_point=0,
+    dtype=None,
+    *,
+    engine="x86",
+    isa="avx2",
+    relu=False,
+    exact=False,
+):
     """``torch.ao.nn.quantized.functional.conv3d`` as the kernel computes it."""
-    return _conv_call(3, input, weight, bias, stride, padding, dilation, groups, padding_mode, scale, zero_point,
-                      dtype, engine=engine, isa=isa, relu=relu, exact=exact, _want_sat=False)[0]
+    return _conv_call(
+        3,
+        input,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
+        scale,
+        zero_point,
+        dtype,
+        engine=engine,
+        isa=isa,
+        relu=relu,
+        exact=exact,
+        _want_sat=False,
+    )[0]
 
 
-def _conv_transpose_call(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
-                         scale=1.0, zero_point=0, *, engine="x86", isa="avx2", relu=False, exact=False,
-                         _want_sat=True):
+def _conv_transpose_call(
+    input,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    output_padding=0,
+    groups=1,
+    dilation=1,
+    scale=1.0,
+    zero_point=0,
+    *,
+    engine="x86",
+    isa="avx2",
+    relu=False,
+    exact=False,
+    _want_sat=True,
+):
     if input.dim() != 4 or weight.dim() != 4:
         raise ValueError("conv_transpose2d needs 4-D input and weight")
     x, xs, xzp = _act_codes(input)
     w, ws, wzp = _weight_codes(weight)
-    q, sat = _split(qconv_codes(x, xs, xzp, w, ws, wzp, _bias_np(bias), scale, zero_point, stride=stride,
-                                padding=padding, dilation=dilation, groups=groups, transposed=True,
-                                output_padding=output_padding, engine=engine, isa=isa, relu=relu, exact=exact,
-                                _want_sat=_want_sat), _want_sat)
+    q, sat = _split(
+        qconv_codes(
+            x,
+            xs,
+            xzp,
+            w,
+            ws,
+            wzp,
+            _bias_np(bias),
+            scale,
+            zero_point,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            transposed=True,
+            output_padding=output_padding,
+            engine=engine,
+            isa=isa,
+            relu=relu,
+            exact=exact,
+            _want_sat=_want_sat,
+        ),
+        _want_sat,
+    )
     return _wrap(q, scale, zero_point), sat
 
 
-def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
-                     scale=1.0, zero_point=0, *, engine="x86", isa="avx2", relu=False, exact=False):
+def conv_transpose2d(
+    input,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    output_padding=0,
+    groups=1,
+    dilation=1,
+    scale=1.0,
+    zero_point=0,
+    *,
+    engine="x86",
+    isa="avx2",
+    relu=False,
+    exact=False,
+):
     """``torch.ops.quantized.conv_transpose2d`` (weight (IC, OC/G, kh, kw), per-tensor) as the kernel computes it."""
-    return _conv_transpose_call(input, weight, bias, stride, padding, output_padding, groups, dilation, scale,
-                                zero_point, engine=engine, isa=isa, relu=relu, exact=exact, _want_sat=False)[0]
+    return _conv_transpose_call(
+        input,
+        weight,
+        bias,
+        stride,
+        padding,
+        output_padding,
+        groups,
+        dilation,
+        scale,
+        zero_point,
+        engine=engine,
+        isa=isa,
+        relu=relu,
+        exact=exact,
+        _want_sat=False,
+    )[0]
 
 
-def _linear_dynamic_call(input, weight, bias=None, *, reduce_range=False, engine="x86", isa="avx2", relu=False,
-                         exact=False, _want_sat=True):
+def _linear_dynamic_call(
+    input, weight, bias=None, *, reduce_range=False, engine="x86", isa="avx2", relu=False, exact=False, _want_sat=True
+):
     torch = _torch()
     if not isinstance(input, torch.Tensor) or input.is_quantized or not input.is_floating_point():
         raise TypeError("linear_dynamic input must be a float tensor")
     w, ws, wzp = _weight_codes(weight)
-    y, sat = _split(qlinear_dynamic_codes(input.detach().float().numpy(), w, ws, wzp, _bias_np(bias),
-                                          reduce_range=reduce_range, engine=engine, isa=isa, relu=relu,
-                                          exact=exact, _want_sat=_want_sat), _want_sat)
+    y, sat = _split(
+        qlinear_dynamic_codes(
+            input.detach().float().numpy(),
+            w,
+            ws,
+            wzp,
+            _bias_np(bias),
+            reduce_range=reduce_range,
+            engine=engine,
+            isa=isa,
+            relu=relu,
+            exact=exact,
+            _want_sat=_want_sat,
+        ),
+        _want_sat,
+    )
     return torch.from_numpy(y), sat
 
 
 def linear_dynamic(input, weight, bias=None, *, reduce_range=False, engine="x86", isa="avx2", exact=False):
     """``torch.ops.quantized.linear_dynamic`` (float in, float out) as the kernel computes it."""
-    return _linear_dynamic_call(input, weight, bias, reduce_range=reduce_range, engine=engine, isa=isa,
-                                exact=exact, _want_sat=False)[0]
+    return _linear_dynamic_call(
+        input, weight, bias, reduce_range=reduce_range, engine=engine, isa=isa, exact=exact, _want_sat=False
+    )[0]
 
 
 _CALLS = {
@@ -771,8 +1094,7 @@ def _module_forward(mod, name, rep: Emulation, engine, isa, exact):
         def fwd(x):
             if mod._packed_params.dtype != _torch().qint8:
                 raise NotImplementedError("only qint8 dynamic Linear is emulated")
-            y, sat = _linear_dynamic_call(x, mod.weight(), mod.bias(), reduce_range=reduce_range, relu=relu,
-                                           **kw)
+            y, sat = _linear_dynamic_call(x, mod.weight(), mod.bias(), reduce_range=reduce_range, relu=relu, **kw)
             record(sat)
             return y.to(x.dtype)
     elif isinstance(mod, nnq.Linear):
@@ -783,15 +1105,27 @@ def _module_forward(mod, name, rep: Emulation, engine, isa, exact):
             record(sat)
             return y
     elif isinstance(mod, nnq.ConvTranspose2d):
+
         def fwd(x):
-            y, sat = _conv_transpose_call(x, mod.weight(), mod.bias(), mod.stride, mod.padding,
-                                          mod.output_padding, mod.groups, mod.dilation, mod.scale,
-                                          mod.zero_point, **kw)
+            y, sat = _conv_transpose_call(
+                x,
+                mod.weight(),
+                mod.bias(),
+                mod.stride,
+                mod.padding,
+                mod.output_padding,
+                mod.groups,
+                mod.dilation,
+                mod.scale,
+                mod.zero_point,
+                **kw,
+            )
             record(sat)
             return y
     elif isinstance(mod, (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d)):
-        nd = {nnq.Conv1d: 1, nnq.Conv2d: 2, nnq.Conv3d: 3}[next(c for c in (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d)
-                                                              if isinstance(mod, c))]
+        nd = {nnq.Conv1d: 1, nnq.Conv2d: 2, nnq.Conv3d: 3}[
+            next(c for c in (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d) if isinstance(mod, c))
+        ]
         relu = isinstance(mod, (nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d))
 
         def fwd(x):
@@ -799,8 +1133,21 @@ def _module_forward(mod, name, rep: Emulation, engine, isa, exact):
             if mod.padding_mode != "zeros":  # as the module: pad first, then convolve with padding 0
                 x = tF.pad(x, mod._reversed_padding_repeat_twice, mode=mod.padding_mode)
                 padding = 0
-            y, sat = _conv_call(nd, x, mod.weight(), mod.bias(), mod.stride, padding, mod.dilation, mod.groups,
-                                "zeros", mod.scale, mod.zero_point, relu=relu, **kw)
+            y, sat = _conv_call(
+                nd,
+                x,
+                mod.weight(),
+                mod.bias(),
+                mod.stride,
+                padding,
+                mod.dilation,
+                mod.groups,
+                "zeros",
+                mod.scale,
+                mod.zero_point,
+                relu=relu,
+                **kw,
+            )
             record(sat)
             return y
     else:  # a module another runtime owns (torchao's int8 Linear, ...), or nothing to emulate
@@ -858,24 +1205,63 @@ def patched_forwards(model, rep: Emulation, make):
                 del mod.forward
 
 
-def run_case(case: dict, *, engine: str = "x86", isa: str = "avx2", exact: bool = False, want_saturation=False,
-             kernel: dispatch.Kernel | None = None):
+def run_case(
+    case: dict,
+    *,
+    engine: str = "x86",
+    isa: str = "avx2",
+    exact: bool = False,
+    want_saturation=False,
+    kernel: dispatch.Kernel | None = None,
+):
     """Emulate one :mod:`safeobs.realkernel` case dict (same keys); returns codes (float for linear_dynamic),
     and the :class:`Saturation` too when ``want_saturation``.  ``kernel`` forces a conv's kernel (see
     :func:`qconv_codes`)."""
     c = case
     kw = dict(engine=engine, isa=isa, exact=exact, _want_sat=True)
     if c["op"] == "linear_dynamic":
-        y, sat = qlinear_dynamic_codes(c["x"], c["w"], c["w_scale"], c.get("w_zp", 0), c.get("bias"),
-                                       reduce_range=bool(c.get("reduce_range", False)), relu=bool(c.get("relu")), **kw)
+        y, sat = qlinear_dynamic_codes(
+            c["x"],
+            c["w"],
+            c["w_scale"],
+            c.get("w_zp", 0),
+            c.get("bias"),
+            reduce_range=bool(c.get("reduce_range", False)),
+            relu=bool(c.get("relu")),
+            **kw,
+        )
     elif c["op"] == "linear":
-        y, sat = qlinear_codes(c["x"], c["x_scale"], c["x_zp"], c["w"], c["w_scale"], c.get("w_zp", 0),
-                               c.get("bias"), c["y_scale"], c["y_zp"], relu=bool(c.get("relu")), **kw)
+        y, sat = qlinear_codes(
+            c["x"],
+            c["x_scale"],
+            c["x_zp"],
+            c["w"],
+            c["w_scale"],
+            c.get("w_zp", 0),
+            c.get("bias"),
+            c["y_scale"],
+            c["y_zp"],
+            relu=bool(c.get("relu")),
+            **kw,
+        )
     elif c["op"] in ("conv1d", "conv2d", "conv3d", "conv_transpose2d"):
         hp = {k: c[k] for k in ("stride", "padding", "dilation", "groups", "output_padding") if k in c}
-        y, sat = qconv_codes(c["x"], c["x_scale"], c["x_zp"], c["w"], c["w_scale"], c.get("w_zp", 0), c.get("bias"),
-                             c["y_scale"], c["y_zp"], transposed=c["op"] == "conv_transpose2d",
-                             relu=bool(c.get("relu")), kernel=kernel, **hp, **kw)
+        y, sat = qconv_codes(
+            c["x"],
+            c["x_scale"],
+            c["x_zp"],
+            c["w"],
+            c["w_scale"],
+            c.get("w_zp", 0),
+            c.get("bias"),
+            c["y_scale"],
+            c["y_zp"],
+            transposed=c["op"] == "conv_transpose2d",
+            relu=bool(c.get("relu")),
+            kernel=kernel,
+            **hp,
+            **kw,
+        )
     else:
         raise ValueError(f"unknown op {c['op']!r}")
     return (y, sat) if want_saturation else y

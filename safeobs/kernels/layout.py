@@ -164,7 +164,7 @@ def whi_pairs(kernel_size: Sequence[int]) -> np.ndarray:
     rows = int(np.prod(k[:-1])) if len(k) > 1 else 1
     seq = np.arange(rows * kw, dtype=np.int64).reshape(rows, kw).T.reshape(-1)  # kw-major
     m = len(seq) // 2
-    return np.stack([seq[0:2 * m:2], seq[1:2 * m:2]], axis=1)
+    return np.stack([seq[0 : 2 * m : 2], seq[1 : 2 * m : 2]], axis=1)
 
 
 def k_block_pairs(k: int, block: int) -> np.ndarray:
@@ -230,8 +230,11 @@ def _pairs_in_layout(layout: str, op: str, shape: tuple, groups: int) -> np.ndar
         parts.append(flat_pairs(kg))
     if layout in ("onednn", "x86"):
         if op == "linear":
-            parts += [k_block_pairs(kg, onednn_matmul_block(kg, "avx2")),
-                      k_block_pairs(kg, onednn_matmul_block(kg, "avx512")), flat_pairs(kg)]
+            parts += [
+                k_block_pairs(kg, onednn_matmul_block(kg, "avx2")),
+                k_block_pairs(kg, onednn_matmul_block(kg, "avx512")),
+                flat_pairs(kg),
+            ]
         else:
             parts += [per_tap_pairs(taps, icg), row_pairs(shape[2:], icg)]
             if icg == 1 and op == "conv":
@@ -279,8 +282,9 @@ def weight_pairs(
     Layout ``"any"`` depends on the values, not the shape: see :func:`any_pairs`.
     """
     if layout not in LAYOUTS or layout == "any":
-        raise ValueError(f"layout must be one of {tuple(x for x in LAYOUTS if x != 'any')} here, got {layout!r} "
-                         "(see any_pairs)")
+        raise ValueError(
+            f"layout must be one of {tuple(x for x in LAYOUTS if x != 'any')} here, got {layout!r} (see any_pairs)"
+        )
     op = infer_op(weight_shape, op)
     if op == "conv" and groups is not None:
         group_sizes(weight_shape, op, groups)
@@ -334,8 +338,12 @@ def _near_plan(shape: tuple, layout: str, op: str):
 
     cols = _row_columns(shape, layout, op)
     kc = int(np.prod(shape[1:]))
-    flat = kc % 2 == 0 and len(cols) == kc // 2 and np.array_equal(cols[:, 0], np.arange(0, kc, 2)) \
+    flat = (
+        kc % 2 == 0
+        and len(cols) == kc // 2
+        and np.array_equal(cols[:, 0], np.arange(0, kc, 2))
         and np.array_equal(cols[:, 1], cols[:, 0] + 1)
+    )
     return cols, flat, torch.from_numpy(cols[:, 0].copy()), torch.from_numpy(cols[:, 1].copy())
 
 
@@ -345,8 +353,9 @@ class PairTable:
     channel, §5.1/§8.2), in O(len(elems)).  A MiniLM-sized weight has millions of pairs; the solver only
     needs the few that hold a code of magnitude >= 65.  :meth:`array` materialises them all (cached)."""
 
-    def __init__(self, weight_shape: Sequence[int], layout: str = "x86", op: str | None = None,
-                 groups: int | None = None):
+    def __init__(
+        self, weight_shape: Sequence[int], layout: str = "x86", op: str | None = None, groups: int | None = None
+    ):
         op = infer_op(weight_shape, op)
         if layout not in LAYOUTS or layout == "any":
             raise ValueError(f"layout must be one of {tuple(x for x in LAYOUTS if x != 'any')} here, got {layout!r}")

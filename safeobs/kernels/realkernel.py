@@ -83,8 +83,10 @@ def forced_avx512_isa(flags: set[str] | None = None) -> str:
     return "avx512_vbmi" if "avx512vbmi" in flags else "avx512"
 
 
-_FORCED = {"FBGEMM_ENABLE_INSTRUCTIONS": {"AVX2": "avx2", "AVX512": "avx512"},
-           "ONEDNN_MAX_CPU_ISA": {"AVX2": "avx2", "AVX512_CORE": "avx512"}}
+_FORCED = {
+    "FBGEMM_ENABLE_INSTRUCTIONS": {"AVX2": "avx2", "AVX512": "avx512"},
+    "ONEDNN_MAX_CPU_ISA": {"AVX2": "avx2", "AVX512_CORE": "avx512"},
+}
 
 
 def _forced_isa(name: str, host: str) -> str:
@@ -101,8 +103,11 @@ def process_isa(engine: str = "fbgemm", environ=None) -> str:
     engine x86 needs both to agree).  A variable can only lower the ISA (kernel-spec §2.1)."""
     env = os.environ if environ is None else environ
     host = host_isa()
-    names = {"fbgemm": ["FBGEMM_ENABLE_INSTRUCTIONS"], "onednn": ["ONEDNN_MAX_CPU_ISA"],
-             "x86": ["FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"]}[engine]
+    names = {
+        "fbgemm": ["FBGEMM_ENABLE_INSTRUCTIONS"],
+        "onednn": ["ONEDNN_MAX_CPU_ISA"],
+        "x86": ["FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"],
+    }[engine]
     isas = set()
     for name in names:
         forced = _FORCED[name].get(env.get(name, "").strip().upper())
@@ -132,20 +137,37 @@ def available(mode: str) -> bool:
     return "avx2" in _cpu_flags() and ISAS.index(host_isa()) >= ISAS.index(mode)
 
 
-def _conv_facts(op: str, w_shape, groups=1, stride=1, padding=0, dilation=1, output_padding=0,
-                symmetric=True) -> dict:
-    return dict(transposed=op.startswith("conv_transpose"), w_shape=tuple(int(s) for s in w_shape), groups=int(groups),
-                stride=stride, padding=padding, dilation=dilation, output_padding=output_padding,
-                symmetric=bool(symmetric))
+def _conv_facts(op: str, w_shape, groups=1, stride=1, padding=0, dilation=1, output_padding=0, symmetric=True) -> dict:
+    return dict(
+        transposed=op.startswith("conv_transpose"),
+        w_shape=tuple(int(s) for s in w_shape),
+        groups=int(groups),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        output_padding=output_padding,
+        symmetric=bool(symmetric),
+    )
 
 
 def case_convs(cases) -> list[dict]:
     """The conv facts :func:`forced_mismatch` needs, from :func:`run_ops` case dicts."""
     import numpy as np
 
-    return [_conv_facts(c["op"], np.shape(c["w"]), c.get("groups", 1), c.get("stride", 1), c.get("padding", 0),
-                        c.get("dilation", 1), c.get("output_padding", 0), np.all(np.asarray(c.get("w_zp", 0)) == 0))
-            for c in cases if str(c.get("op", "")).startswith("conv")]
+    return [
+        _conv_facts(
+            c["op"],
+            np.shape(c["w"]),
+            c.get("groups", 1),
+            c.get("stride", 1),
+            c.get("padding", 0),
+            c.get("dilation", 1),
+            c.get("output_padding", 0),
+            np.all(np.asarray(c.get("w_zp", 0)) == 0),
+        )
+        for c in cases
+        if str(c.get("op", "")).startswith("conv")
+    ]
 
 
 def forced_mismatch(mode: str, engine: str, convs=(), host: str | None = None) -> str | None:
@@ -164,19 +186,34 @@ def forced_mismatch(mode: str, engine: str, convs=(), host: str | None = None) -
         return None
     for c in convs:
         symmetric_route = dispatch.should_use_onednn_quant(
-            weight_symmetric=c["symmetric"], groups=c["groups"], output_padding=c["output_padding"], isa=host)
+            weight_symmetric=c["symmetric"], groups=c["groups"], output_padding=c["output_padding"], isa=host
+        )
         if engine == "x86" and symmetric_route != dispatch.should_use_onednn_quant(
-                weight_symmetric=c["symmetric"], groups=c["groups"], output_padding=c["output_padding"], isa=mode):
-            return (f"engine x86 routes conv {c['w_shape']} (groups {c['groups']}) to oneDNN by this {host} host's "
-                    f"cpuinfo, where a real {mode} CPU runs FBGEMM (kernel-spec §3)")
+            weight_symmetric=c["symmetric"], groups=c["groups"], output_padding=c["output_padding"], isa=mode
+        ):
+            return (
+                f"engine x86 routes conv {c['w_shape']} (groups {c['groups']}) to oneDNN by this {host} host's "
+                f"cpuinfo, where a real {mode} CPU runs FBGEMM (kernel-spec §3)"
+            )
         if engine == "onednn" or (engine == "x86" and symmetric_route):
             continue
-        paths = {dispatch.fbgemm_conv_path(c["w_shape"], groups=c["groups"], stride=c["stride"], padding=c["padding"],
-                                           dilation=c["dilation"], transposed=c["transposed"], isa=i)
-                 for i in (host, mode)}
+        paths = {
+            dispatch.fbgemm_conv_path(
+                c["w_shape"],
+                groups=c["groups"],
+                stride=c["stride"],
+                padding=c["padding"],
+                dilation=c["dilation"],
+                transposed=c["transposed"],
+                isa=i,
+            )
+            for i in (host, mode)
+        }
         if "groupwise" in paths:
-            return (f"FBGEMM groupwise conv {c['w_shape']} (groups {c['groups']}) ignores FBGEMM_ENABLE_INSTRUCTIONS: "
-                    f"it picks its kernel and G_together from this {host} host's cpuinfo (kernel-spec §2, §4)")
+            return (
+                f"FBGEMM groupwise conv {c['w_shape']} (groups {c['groups']}) ignores FBGEMM_ENABLE_INSTRUCTIONS: "
+                f"it picks its kernel and G_together from this {host} host's cpuinfo (kernel-spec §2, §4)"
+            )
     return None
 
 
@@ -195,8 +232,11 @@ def mode_for(isa: str, engine: str = "fbgemm", convs=()) -> str | None:
     if ISAS.index(isa) > ISAS.index(host):
         return None
     forced = "avx512" if isa in ("avx512", "avx512_vbmi") else isa
-    if forced in ("avx2", "avx512") and _forced_isa(forced, host) == isa \
-            and forced_mismatch(forced, engine, convs, host) is None:
+    if (
+        forced in ("avx2", "avx512")
+        and _forced_isa(forced, host) == isa
+        and forced_mismatch(forced, engine, convs, host) is None
+    ):
         return forced
     if isa == "avx2" and available("haswell"):
         return "haswell"
@@ -208,10 +248,12 @@ def describe(mode: str, engine: str = "fbgemm") -> str:
     _check_mode(mode)
     host = host_isa()
     isa = mode_isa(mode)
-    how = {"native": f"native {host} host",
-           "haswell": "qemu-x86_64 -cpu Haswell",
-           "avx2": f"{host} host forced to AVX2" if isa != host else f"native {host} host",
-           "avx512": f"{host} host forced to AVX512_CORE" if isa != host else f"native {host} host"}[mode]
+    how = {
+        "native": f"native {host} host",
+        "haswell": "qemu-x86_64 -cpu Haswell",
+        "avx2": f"{host} host forced to AVX2" if isa != host else f"native {host} host",
+        "avx512": f"{host} host forced to AVX512_CORE" if isa != host else f"native {host} host",
+    }[mode]
     return f"{engine} on {isa} ({how})"
 
 
@@ -234,8 +276,9 @@ def _command(mode: str, args: list[str], worker: str = "safeobs.kernels._realker
     return cmd, env
 
 
-def run_worker(worker: str, job, mode: str, timeout: float, label: str = "real-kernel", env: dict | None = None,
-               write=None):
+def run_worker(
+    worker: str, job, mode: str, timeout: float, label: str = "real-kernel", env: dict | None = None, write=None
+):
     """Pickle ``job`` to ``python -m worker IN OUT`` (or ``python worker.py IN OUT``) in ONE fresh subprocess
     under ``mode``, with ``env`` added to its environment; its result.
 
@@ -272,8 +315,10 @@ def run_worker(worker: str, job, mode: str, timeout: float, label: str = "real-k
 def _run(job: dict, mode: str, timeout: float, write=None, worker: str = "safeobs.kernels._realkernel_worker"):
     out = run_worker(worker, job, mode, timeout, write=write)
     if isinstance(out, dict) and "mismatch" in out:
-        raise ValueError(f"mode {mode!r} cannot run this model as a real {mode} CPU would: {out['mismatch']}; "
-                         f"use realkernel.mode_for({mode!r}, ...) (qemu Haswell for avx2)")
+        raise ValueError(
+            f"mode {mode!r} cannot run this model as a real {mode} CPU would: {out['mismatch']}; "
+            f"use realkernel.mode_for({mode!r}, ...) (qemu Haswell for avx2)"
+        )
     return out
 
 
@@ -287,6 +332,8 @@ def run_ops(cases, *, mode: str = "native", engine: str = "fbgemm", timeout: flo
             raise ValueError("every case needs at least 'op' and 'x'")
     why = forced_mismatch(mode, engine, case_convs(cases)) if mode in MODES else None
     if why:
-        raise ValueError(f"mode {mode!r} would not run these cases as a real {mode} CPU does: {why}; "
-                         f"use realkernel.mode_for({mode!r}, engine, case_convs(cases)) (qemu Haswell for avx2)")
+        raise ValueError(
+            f"mode {mode!r} would not run these cases as a real {mode} CPU does: {why}; "
+            f"use realkernel.mode_for({mode!r}, engine, case_convs(cases)) (qemu Haswell for avx2)"
+        )
     return _run({"kind": "ops", "engine": engine, "cases": cases}, mode, timeout)

@@ -39,12 +39,32 @@ def load_cases(directory: Path) -> dict[str, list[dict]]:
             if p.get("kind", "op") != "op":
                 continue
             pre = f"c{i:03d}_"
-            c = {k: p[k] for k in ("op", "relu", "x_scale", "x_zp", "y_scale", "y_zp", "groups", "stride", "padding",
-                                   "dilation", "reduce_range") if k in p}
-            c.update(x=d[pre + "x"], w=d[pre + "w"], w_zp=0, bias=d[pre + "bias"] if p["bias"] else None,
-                     w_scale=d[pre + "w_scale"] if p["w_scale"] == "array" else p["w_scale"])
+            c = {
+                k: p[k]
+                for k in (
+                    "op",
+                    "relu",
+                    "x_scale",
+                    "x_zp",
+                    "y_scale",
+                    "y_zp",
+                    "groups",
+                    "stride",
+                    "padding",
+                    "dilation",
+                    "reduce_range",
+                )
+                if k in p
+            }
+            c.update(
+                x=d[pre + "x"],
+                w=d[pre + "w"],
+                w_zp=0,
+                bias=d[pre + "bias"] if p["bias"] else None,
+                w_scale=d[pre + "w_scale"] if p["w_scale"] == "array" else p["w_scale"],
+            )
             cases.append(c)
-        out[f.name[len("cases_"):-4]] = cases
+        out[f.name[len("cases_") : -4]] = cases
     if not out:
         raise ValueError(f"no cases_<family>.npz files in {directory}")
     return out
@@ -99,15 +119,24 @@ def record(out: Path, cases_dir: Path = DEFAULT_CASES, isas=("avx2", "avx512", "
         mode = realkernel.mode_for(isa, "onednn")
         if mode is None or mode == "haswell":  # qemu: no ONEDNN_VERBOSE timing games, and slow; skip
             continue
-        ys, impls = realkernel.run_worker("safeobs.kernels.record", {"cases": flat}, mode, 1800.0, label="recorder",
-                                          env={"ONEDNN_VERBOSE": "1", "OMP_NUM_THREADS": "1"})
+        ys, impls = realkernel.run_worker(
+            "safeobs.kernels.record",
+            {"cases": flat},
+            mode,
+            1800.0,
+            label="recorder",
+            env={"ONEDNN_VERBOSE": "1", "OMP_NUM_THREADS": "1"},
+        )
         results[isa] = (mode, ys, impls)
     if not results:
         raise RuntimeError("this host reaches no CPU kind to record")
     start = 0
     for fam, cs in families.items():
-        arrays = {"params_json": np.array([json.dumps({k: v for k, v in c.items() if not isinstance(v, np.ndarray)},
-                                                      default=float) for c in cs])}
+        arrays = {
+            "params_json": np.array(
+                [json.dumps({k: v for k, v in c.items() if not isinstance(v, np.ndarray)}, default=float) for c in cs]
+            )
+        }
         for i, c in enumerate(cs):
             for k in ("x", "w", "w_scale", "bias"):
                 if isinstance(c.get(k), np.ndarray):
@@ -115,14 +144,18 @@ def record(out: Path, cases_dir: Path = DEFAULT_CASES, isas=("avx2", "avx512", "
         for isa, (_, ys, impls) in results.items():
             for i in range(len(cs)):
                 arrays[f"c{i:03d}_y_{isa}"] = ys[start + i]
-            arrays[f"impl_{isa}"] = np.array(impls[start:start + len(cs)])
+            arrays[f"impl_{isa}"] = np.array(impls[start : start + len(cs)])
         np.savez_compressed(out / f"cases_{fam}.npz", **arrays)
         start += len(cs)
     import torch
 
-    host = {"cpu": realkernel.cpu_name(), "host_isa": realkernel.host_isa(), "torch": torch.__version__,
-            "modes": {isa: realkernel.describe(m, "onednn") for isa, (m, _, _) in results.items()},
-            "cases": len(flat)}
+    host = {
+        "cpu": realkernel.cpu_name(),
+        "host_isa": realkernel.host_isa(),
+        "torch": torch.__version__,
+        "modes": {isa: realkernel.describe(m, "onednn") for isa, (m, _, _) in results.items()},
+        "cases": len(flat),
+    }
     (out / "host.json").write_text(json.dumps(host, indent=1))
     return host
 

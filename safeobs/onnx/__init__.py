@@ -93,8 +93,9 @@ def _kernel_view(w: np.ndarray, role: Role, axis: int | None):
     return w, axis, None
 
 
-def layout_pairs_for(v: np.ndarray, op: str | None, layout: str, ch_axis: int | None,
-                     role: Role | None = None) -> np.ndarray:
+def layout_pairs_for(
+    v: np.ndarray, op: str | None, layout: str, ch_axis: int | None, role: Role | None = None
+) -> np.ndarray:
     """Pairs (indices into ``v.ravel()``) that must be safe; unknown ops use the top-two rule per channel."""
     from ..kernels import layout as L
 
@@ -127,8 +128,9 @@ def ort_codes(w: np.ndarray, scale, zero_point, axis: int | None, qmin=-128, qma
     return np.clip(q, qmin, qmax).astype(np.int8)
 
 
-def pair_violations(codes: np.ndarray, role: Role, axis: int | None, layout: str = "ort",
-                    weight: np.ndarray | None = None) -> np.ndarray:
+def pair_violations(
+    codes: np.ndarray, role: Role, axis: int | None, layout: str = "ort", weight: np.ndarray | None = None
+) -> np.ndarray:
     """Channels (indices along ``axis``, [0] per tensor) with a kernel pair whose codes can saturate."""
     v, ch, op = _kernel_view(codes.astype(np.int16), role, axis)
     pairs = layout_pairs_for(v if weight is None else _kernel_view(weight, role, axis)[0], op, layout, ch, role)
@@ -137,12 +139,13 @@ def pair_violations(codes: np.ndarray, role: Role, axis: int | None, layout: str
     bad = pairs[(tot > 128) | (tot < -128), 0]
     if ch is None:
         return np.array([0] if bad.size else [], dtype=np.int64)
-    inner = int(np.prod(v.shape[ch + 1:]))
+    inner = int(np.prod(v.shape[ch + 1 :]))
     return np.unique((bad // inner) % v.shape[ch])
 
 
-def safe_weight_params(w: np.ndarray, role: Role, scale, zero_point, axis: int | None, *, symmetric: bool = True,
-                       layout: str = "ort"):
+def safe_weight_params(
+    w: np.ndarray, role: Role, scale, zero_point, axis: int | None, *, symmetric: bool = True, layout: str = "ort"
+):
     """Tightest safe ``(scale, zero_point, codes)`` for an int8 ONNX weight, never below ORT's ``scale``.
 
     ``axis``: ORT's per-channel axis (None per tensor).  The solver works on the kernel's view of the
@@ -210,8 +213,9 @@ def _replace_initializer(onnx_model, name: str, array: np.ndarray, like) -> None
     old = onnx_model.get_initializer(name)
     if old is None:
         return
-    new = onnx.numpy_helper.from_array(np.asarray(array).astype(onnx.helper.tensor_dtype_to_np_dtype(like.data_type))
-                                       .reshape(tuple(like.dims)), name)
+    new = onnx.numpy_helper.from_array(
+        np.asarray(array).astype(onnx.helper.tensor_dtype_to_np_dtype(like.data_type)).reshape(tuple(like.dims)), name
+    )
     onnx_model.remove_initializer(old)
     onnx_model.add_initializer(new)
 
@@ -237,8 +241,9 @@ def _hooks(ctx: _Context):
         w = onnx.numpy_helper.to_array(quantizer.model.get_initializer(weight_name))
         sc_init, zp_init = quantizer.model.get_initializer(scale_name), quantizer.model.get_initializer(zp_name)
         scale, zp = onnx.numpy_helper.to_array(sc_init), onnx.numpy_helper.to_array(zp_init)
-        s, z, codes = safe_weight_params(w, roles[weight_name], scale, zp, axis, symmetric=bool(np.all(zp == 0)),
-                                         layout=ctx.layout)
+        s, z, codes = safe_weight_params(
+            w, roles[weight_name], scale, zp, axis, symmetric=bool(np.all(zp == 0)), layout=ctx.layout
+        )
         _replace_initializer(quantizer.model, scale_name, s, sc_init)
         _replace_initializer(quantizer.model, zp_name, z, zp_init)
         q_init = quantizer.model.get_initializer(q_name)
@@ -252,8 +257,9 @@ def _hooks(ctx: _Context):
             _apply(self, weight.name, None, out[1], out[2], out[0])
         return out
 
-    def quantize_weight_per_channel_impl(self, weight_name, weight_qType, channel_axis, reduce_range=True,
-                                         keep_float_weight=False):
+    def quantize_weight_per_channel_impl(
+        self, weight_name, weight_qType, channel_axis, reduce_range=True, keep_float_weight=False
+    ):
         out = orig_pc(self, weight_name, weight_qType, channel_axis, reduce_range, keep_float_weight)
         if _is_int8(weight_qType):
             rank = len(quantizer_dims(self, weight_name))
@@ -270,8 +276,9 @@ def _hooks(ctx: _Context):
             axis = qp.get("axis")
             axis = None if axis is None else axis % w.ndim
             zp = np.asarray(qp["zero_point"])
-            s, z, _ = safe_weight_params(w, roles[name], qp["scale"], zp, axis, symmetric=bool(np.all(zp == 0)),
-                                         layout=ctx.layout)
+            s, z, _ = safe_weight_params(
+                w, roles[name], qp["scale"], zp, axis, symmetric=bool(np.all(zp == 0)), layout=ctx.layout
+            )
             ctx.changed[name] = int(np.sum(s != np.asarray(qp["scale"], np.float32).reshape(-1)))
             qp["scale"] = s.reshape(np.shape(qp["scale"])).astype(np.asarray(qp["scale"]).dtype)
             qp["zero_point"] = z.reshape(zp.shape).astype(zp.dtype)
@@ -294,8 +301,11 @@ def quantizer_dims(quantizer, name: str) -> tuple:
 def _bind(fn, args, kwargs):
     bound = inspect.signature(fn).bind(*args, **kwargs)
     if bound.arguments.get("reduce_range"):
-        warnings.warn("safeobs: reduce_range=True ignored: safe weights keep the full 8-bit range exact",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            "safeobs: reduce_range=True ignored: safe weights keep the full 8-bit range exact",
+            UserWarning,
+            stacklevel=3,
+        )
     bound.arguments["reduce_range"] = False
     return bound
 
@@ -449,22 +459,43 @@ def read_weights(model) -> list[QWeight]:
             spec = (ins[3], ins[4], ins[5], Role("matmul"), ins[0], ins[2])
         elif t == "MatMulInteger":
             b = base_of(ins[1])
-            spec = (ins[1], b + "_scale", ins[3] if len(ins) > 3 else None, Role("matmul"), ins[0],
-                    ins[2] if len(ins) > 2 else None)
+            spec = (
+                ins[1],
+                b + "_scale",
+                ins[3] if len(ins) > 3 else None,
+                Role("matmul"),
+                ins[0],
+                ins[2] if len(ins) > 2 else None,
+            )
         elif t == "ConvInteger":
             b = base_of(ins[1])
-            spec = (ins[1], b + "_scale", ins[3] if len(ins) > 3 else None, Role("conv", a.get("group", 1)),
-                    ins[0], ins[2] if len(ins) > 2 else None)
+            spec = (
+                ins[1],
+                b + "_scale",
+                ins[3] if len(ins) > 3 else None,
+                Role("conv", a.get("group", 1)),
+                ins[0],
+                ins[2] if len(ins) > 2 else None,
+            )
         elif t == "MatMulIntegerToFloat":
-            spec = (ins[1], ins[3], ins[5] if len(ins) > 5 else None, Role("matmul"), ins[0],
-                    ins[4] if len(ins) > 4 else None)
+            spec = (
+                ins[1],
+                ins[3],
+                ins[5] if len(ins) > 5 else None,
+                Role("matmul"),
+                ins[0],
+                ins[4] if len(ins) > 4 else None,
+            )
         elif t == "DynamicQuantizeMatMul":
             spec = (ins[1], ins[2], ins[3] if len(ins) > 3 else None, Role("matmul"), None, None)
         elif t in WEIGHT_OPS and len(ins) > 1:
             p = producers.get(ins[1])
             if p is not None and p.op_type == "DequantizeLinear" and p.input[0] in inits:
-                role = (Role("conv", a.get("group", 1)) if t == "Conv" else
-                        Role("gemm_t" if t == "Gemm" and a.get("transB", 0) else "matmul"))
+                role = (
+                    Role("conv", a.get("group", 1))
+                    if t == "Conv"
+                    else Role("gemm_t" if t == "Gemm" and a.get("transB", 0) else "matmul")
+                )
                 pa = _attrs(p)
                 codes = arr(p.input[0])
                 spec = (p.input[0], p.input[1], p.input[2] if len(p.input) > 2 else None, role, ins[0], None)
@@ -489,9 +520,23 @@ def read_weights(model) -> list[QWeight]:
         else:
             ad = act_dtype(spec[4])
         conv = {k: v for k, v in a.items() if k in ("strides", "pads", "dilations", "group", "auto_pad")}
-        out.append(QWeight(node.name or f"{t}_{len(out)}", t, "qdq" if t in WEIGHT_OPS else "qoperator", spec[0],
-                           spec[1] if scale is not None else None, spec[2] if zp is not None else None, axis,
-                           spec[3], codes, scale, zp, ad, conv))
+        out.append(
+            QWeight(
+                node.name or f"{t}_{len(out)}",
+                t,
+                "qdq" if t in WEIGHT_OPS else "qoperator",
+                spec[0],
+                spec[1] if scale is not None else None,
+                spec[2] if zp is not None else None,
+                axis,
+                spec[3],
+                codes,
+                scale,
+                zp,
+                ad,
+                conv,
+            )
+        )
     return out
 
 

@@ -45,15 +45,24 @@ def audit_model(model, inputs: dict | None = None, x64quantprecision: bool = Fal
         for isa in so.ISAS:
             kernel, sat = qw.kernel(isa, x64quantprecision)
             cells[isa] = {"kernel": kernel, "saturates": sat, "unsafe_channels": int(len(unsafe_ch)) if sat else 0}
-        rows.append({"node": qw.node, "op": qw.op_type, "weight": qw.codes_name, "shape": list(qw.codes.shape),
-                     "activation": qw.act_dtype, "cells": cells})
+        rows.append(
+            {
+                "node": qw.node,
+                "op": qw.op_type,
+                "weight": qw.codes_name,
+                "shape": list(qw.codes.shape),
+                "activation": qw.act_dtype,
+                "cells": cells,
+            }
+        )
     if inputs is not None:
         counts = emulate_saturation(model, weights, inputs)
         for row, c in zip(rows, counts):
             for isa in so.ISAS:
                 row["cells"][isa]["saturated_lanes"] = c.get(isa, 0) if row["cells"][isa]["saturates"] else 0
-    unsafe = [r["node"] for r in rows if any(c["unsafe_channels"] or c.get("saturated_lanes", 0)
-                                              for c in r["cells"].values())]
+    unsafe = [
+        r["node"] for r in rows if any(c["unsafe_channels"] or c.get("saturated_lanes", 0) for c in r["cells"].values())
+    ]
     return {"nodes": rows, "unsafe": unsafe}
 
 
@@ -64,9 +73,15 @@ def _act_tensors(model, weights):
     producers = {o: n for n in g.node for o in n.output}
     out = []
     for i, qw in enumerate(weights):
-        node = by_name.get(qw.node) or [n for n in g.node if qw.codes_name in n.input or
-                                       any(producers.get(x) is not None and qw.codes_name in producers[x].input
-                                           for x in n.input)][0]
+        node = (
+            by_name.get(qw.node)
+            or [
+                n
+                for n in g.node
+                if qw.codes_name in n.input
+                or any(producers.get(x) is not None and qw.codes_name in producers[x].input for x in n.input)
+            ][0]
+        )
         t = node.op_type
         if t in ("QLinearConv", "QLinearMatMul"):
             out.append((node.input[0], node.input[2], False))
@@ -132,8 +147,17 @@ def emulate_saturation(model, weights, inputs: dict) -> list[dict]:
                 continue
             if qw.role.kind == "conv":
                 at = qw.conv_attrs
-                E._conv_acc(x, qw.codes, zp, wz, at.get("strides"), at.get("pads"), at.get("dilations"),
-                            at.get("group", 1), True)
+                E._conv_acc(
+                    x,
+                    qw.codes,
+                    zp,
+                    wz,
+                    at.get("strides"),
+                    at.get("pads"),
+                    at.get("dilations"),
+                    at.get("group", 1),
+                    True,
+                )
             else:
                 b = qw.codes.T if qw.role.kind == "gemm_t" else qw.codes
                 E.MatMulInteger(x, b, zp, wz.reshape(-1) if np.size(wz) > 1 else wz, isa=isa)
@@ -163,8 +187,11 @@ def format_audit(result: dict, only_unsafe: bool = False) -> str:
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, width)).rstrip() for line in [head] + rows]
     n = len(result["nodes"])
     if result["unsafe"]:
-        lines.append(f"UNSAFE: {len(result['unsafe'])} of {n} integer nodes can saturate: "
-                     + ", ".join(result["unsafe"][:8]) + (", ..." if len(result["unsafe"]) > 8 else ""))
+        lines.append(
+            f"UNSAFE: {len(result['unsafe'])} of {n} integer nodes can saturate: "
+            + ", ".join(result["unsafe"][:8])
+            + (", ..." if len(result["unsafe"]) > 8 else "")
+        )
     else:
         lines.append(f"OK: none of {n} integer nodes can saturate on any x86 CPU")
     return "\n".join(lines)
@@ -194,8 +221,13 @@ def _bias_of(model, qw):
             return n.input[8], None
         if n.op_type in ("Conv", "Gemm") and len(n.input) > 2:
             pw, pb = producers.get(n.input[1]), producers.get(n.input[2])
-            if pw is not None and pw.input[0] == qw.codes_name and pb is not None and pb.op_type == "DequantizeLinear" \
-                    and pb.input[0] in inits:
+            if (
+                pw is not None
+                and pw.input[0] == qw.codes_name
+                and pb is not None
+                and pb.op_type == "DequantizeLinear"
+                and pb.input[0] in inits
+            ):
                 return pb.input[0], pb.input[1]
     return None
 
@@ -206,8 +238,13 @@ def repair_model(model, layout: str = "ort") -> list[dict]:
     infos = []
     arr = {i.name: i for i in model.graph.initializer}
     for qw in _unique(so.read_weights(model)):
-        info = {"weight": qw.codes_name, "node": qw.node, "op": qw.op_type, "changed": 0,
-                "channels": 1 if qw.axis is None else int(qw.codes.shape[qw.axis])}
+        info = {
+            "weight": qw.codes_name,
+            "node": qw.node,
+            "op": qw.op_type,
+            "changed": 0,
+            "channels": 1 if qw.axis is None else int(qw.codes.shape[qw.axis]),
+        }
         infos.append(info)
         if qw.codes.dtype != np.int8 or not qw.kernel("avx2")[1] and not qw.kernel("avx512")[1]:
             continue
@@ -221,10 +258,13 @@ def repair_model(model, layout: str = "ort") -> list[dict]:
         shape = [1] * qw.codes.ndim
         if qw.axis is not None:
             shape[qw.axis] = -1
-        wf = ((qw.codes.astype(np.float32) - np.asarray(zp, np.float32).reshape(shape))
-              * np.asarray(qw.scale, np.float32).reshape(shape)).astype(np.float32)
-        s, z, codes = so.safe_weight_params(wf, qw.role, qw.scale, zp, qw.axis, symmetric=bool(np.all(zp == 0)),
-                                            layout=layout)
+        wf = (
+            (qw.codes.astype(np.float32) - np.asarray(zp, np.float32).reshape(shape))
+            * np.asarray(qw.scale, np.float32).reshape(shape)
+        ).astype(np.float32)
+        s, z, codes = so.safe_weight_params(
+            wf, qw.role, qw.scale, zp, qw.axis, symmetric=bool(np.all(zp == 0)), layout=layout
+        )
         old_s = np.asarray(qw.scale, np.float32).reshape(-1)
         keep = np.ones(old_s.size, bool)
         keep[bad] = False
@@ -248,10 +288,17 @@ def repair_model(model, layout: str = "ort") -> list[dict]:
                 bs = onnx.numpy_helper.to_array(arr[bias[1]]).astype(np.float64)
                 _set_init(model, bias[1], (bs / (ratio if bs.size == ratio.size else ratio[0])).astype(np.float32))
         ref = wf
-        deq = ((new_codes.astype(np.float32) - np.asarray(z, np.float32).reshape(shape)) * s.reshape(shape))
-        info.update(changed=int(bad.size), bits_lost=float(np.mean(np.log2(s[bad] / old_s[bad]))),
-                    weight_sqnr=float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2)
-                                                    / max(np.sum((ref - deq).astype(np.float64) ** 2), 1e-30))))
+        deq = (new_codes.astype(np.float32) - np.asarray(z, np.float32).reshape(shape)) * s.reshape(shape)
+        info.update(
+            changed=int(bad.size),
+            bits_lost=float(np.mean(np.log2(s[bad] / old_s[bad]))),
+            weight_sqnr=float(
+                10
+                * np.log10(
+                    np.sum(ref.astype(np.float64) ** 2) / max(np.sum((ref - deq).astype(np.float64) ** 2), 1e-30)
+                )
+            ),
+        )
     return infos
 
 
@@ -294,7 +341,9 @@ def cmd_audit(args, dump) -> int:
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001 - ORT errors on bad inputs
-        raise ValueError(f"{args.model}: cannot run the model on --inputs ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ValueError(
+            f"{args.model}: cannot run the model on --inputs ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     if not result["nodes"]:
         raise ValueError(f"{args.model}: no integer node with int8/uint8 weights (is it quantized?)")
     result["model"] = args.model

@@ -64,7 +64,7 @@ def _raw_acc(a: np.ndarray, b: np.ndarray, saturate: bool) -> tuple[np.ndarray, 
     step = max(1, _CHUNK // max(rows, 1))
     nsat = 0
     for s in range(0, cand_n.size, step):
-        n, m = cand_n[s:s + step], cand_m[s:s + step]
+        n, m = cand_n[s : s + step], cand_m[s : s + step]
         lane = a64[:, 2 * m] * b0[m, n] + a64[:, 2 * m + 1] * b1[m, n]  # (rows, C)
         corr = np.clip(lane, -32768, 32767) - lane
         nsat += int(np.count_nonzero(corr))
@@ -84,7 +84,12 @@ def _gemm(a, b, a_zp, b_zp, saturate: bool) -> np.ndarray:
     az = np.asarray(a_zp, np.int64)
     bz = np.asarray(b_zp, np.int64).reshape(1, -1) if np.ndim(b_zp) else np.asarray(b_zp, np.int64)
     k = a.shape[1]
-    acc = acc - az * b.astype(np.int64).sum(0, keepdims=True) - bz * a.astype(np.int64).sum(1, keepdims=True) + k * az * bz
+    acc = (
+        acc
+        - az * b.astype(np.int64).sum(0, keepdims=True)
+        - bz * a.astype(np.int64).sum(1, keepdims=True)
+        + k * az * bz
+    )
     return _wrap32(acc)
 
 
@@ -100,8 +105,9 @@ def _matmul_batched(a, b, a_zp, b_zp, isa):
     if b.ndim != 2:
         raise ValueError(f"the emulator supports 2-D weights B (K, N), got shape {b.shape}")
     lead = a.shape[:-1]
-    out = _gemm(a.reshape(-1, a.shape[-1]), b, _zp(a_zp, a.dtype), _zp(b_zp, b.dtype),
-                _kernel_saturates(a.dtype, b.dtype, isa))
+    out = _gemm(
+        a.reshape(-1, a.shape[-1]), b, _zp(a_zp, a.dtype), _zp(b_zp, b.dtype), _kernel_saturates(a.dtype, b.dtype, isa)
+    )
     return out.reshape(*lead, b.shape[1])
 
 
@@ -118,8 +124,9 @@ def _float_out(acc, a_scale, b_scale, bias):
     return y.astype(np.float32)
 
 
-def MatMulIntegerToFloat(A, B, a_scale, b_scale, a_zero_point=None, b_zero_point=None, bias=None, *,
-                         isa: str = "avx2") -> np.ndarray:
+def MatMulIntegerToFloat(
+    A, B, a_scale, b_scale, a_zero_point=None, b_zero_point=None, bias=None, *, isa: str = "avx2"
+) -> np.ndarray:
     """com.microsoft MatMulIntegerToFloat: ``f32(acc) * (a_scale * b_scale) + bias``."""
     acc = _matmul_batched(A, B, a_zero_point, b_zero_point, isa)
     return _float_out(acc, a_scale, b_scale, bias)
@@ -156,8 +163,9 @@ def _requantize(acc, x_scale, w_scale, y_scale, y_zero_point, bias=None):
     return (np.rint(f).astype(np.int32) + int(yz)).astype(yz.dtype)
 
 
-def QLinearMatMul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, *,
-                  isa: str = "avx2") -> np.ndarray:
+def QLinearMatMul(
+    a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, *, isa: str = "avx2"
+) -> np.ndarray:
     """ONNX QLinearMatMul with ORT's requantization (per-column ``b_scale`` allowed)."""
     acc = _matmul_batched(a, b, a_zero_point, b_zero_point, isa)
     return _requantize(acc, a_scale, b_scale, y_scale, y_zero_point)
@@ -171,8 +179,10 @@ def _conv_geometry(x_shape, w_shape, strides, pads, dilations):
     strides = tuple(strides or (1,) * nd)
     dilations = tuple(dilations or (1,) * nd)
     pads = tuple(pads or (0,) * (2 * nd))
-    out = tuple((x_shape[2 + i] + pads[i] + pads[nd + i] - dilations[i] * (w_shape[2 + i] - 1) - 1) // strides[i] + 1
-                for i in range(nd))
+    out = tuple(
+        (x_shape[2 + i] + pads[i] + pads[nd + i] - dilations[i] * (w_shape[2 + i] - 1) - 1) // strides[i] + 1
+        for i in range(nd)
+    )
     return nd, strides, dilations, pads, out
 
 
@@ -185,8 +195,10 @@ def _im2col(x, w_shape, x_zp, strides, pads, dilations, group):
     k = w_shape[2:]
     cols = []
     for tap in np.ndindex(*k):
-        sl = tuple(slice(tap[i] * dilations[i], tap[i] * dilations[i] + (out[i] - 1) * strides[i] + 1, strides[i])
-                   for i in range(nd))
+        sl = tuple(
+            slice(tap[i] * dilations[i], tap[i] * dilations[i] + (out[i] - 1) * strides[i] + 1, strides[i])
+            for i in range(nd)
+        )
         cols.append(xp[(slice(None), slice(None)) + sl].reshape(n, c, -1))
     col = np.stack(cols, axis=2)  # (N, C, taps, P)
     icg = c // group
@@ -213,15 +225,30 @@ def _conv_acc(x, w, x_zp, w_zp, strides, pads, dilations, group, saturate, onnx_
     nsat = 0
     for gi in range(g):
         a = col[:, gi].reshape(n * p, kg)
-        acc = _gemm(a, wk[gi].T, _zp(x_zp, x.dtype), wz[gi * ocg:(gi + 1) * ocg], sat)
+        acc = _gemm(a, wk[gi].T, _zp(x_zp, x.dtype), wz[gi * ocg : (gi + 1) * ocg], sat)
         nsat += _LAST["saturated"]
-        res[:, gi * ocg:(gi + 1) * ocg] = acc.reshape(n, p, ocg).transpose(0, 2, 1)
+        res[:, gi * ocg : (gi + 1) * ocg] = acc.reshape(n, p, ocg).transpose(0, 2, 1)
     _LAST["saturated"] = nsat
     return res.reshape(n, oc, *out)
 
 
-def QLinearConv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, B=None, *,
-                strides=None, pads=None, dilations=None, group: int = 1, isa: str = "avx2") -> np.ndarray:
+def QLinearConv(
+    x,
+    x_scale,
+    x_zero_point,
+    w,
+    w_scale,
+    w_zero_point,
+    y_scale,
+    y_zero_point,
+    B=None,
+    *,
+    strides=None,
+    pads=None,
+    dilations=None,
+    group: int = 1,
+    isa: str = "avx2",
+) -> np.ndarray:
     """ONNX QLinearConv (``B``: int32 bias) as ORT's CPU EP computes it (explicit ``pads`` only)."""
     x, w = np.asarray(x), np.asarray(w)
     sat = _kernel_saturates(x.dtype, w.dtype, isa)
@@ -232,12 +259,24 @@ def QLinearConv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_z
     return _requantize(acc, x_scale, ws, y_scale, y_zero_point, bias)
 
 
-def ConvInteger(x, w, x_zero_point=None, w_zero_point=None, *, strides=None, pads=None, dilations=None,
-                group: int = 1, isa: str = "avx2") -> np.ndarray:
+def ConvInteger(
+    x,
+    w,
+    x_zero_point=None,
+    w_zero_point=None,
+    *,
+    strides=None,
+    pads=None,
+    dilations=None,
+    group: int = 1,
+    isa: str = "avx2",
+) -> np.ndarray:
     """ONNX ConvInteger: exact on every ISA (ORT computes W x im2col(X), the S8U8 / U8U8 dispatch)."""
     _check_isa(isa)
     return _conv_acc(x, w, x_zero_point, w_zero_point, strides, pads, dilations, group, False)
 
 
-OPS = {f.__name__: f for f in (MatMulInteger, MatMulIntegerToFloat, DynamicQuantizeMatMul, QLinearMatMul,
-                               QLinearConv, ConvInteger)}
+OPS = {
+    f.__name__: f
+    for f in (MatMulInteger, MatMulIntegerToFloat, DynamicQuantizeMatMul, QLinearMatMul, QLinearConv, ConvInteger)
+}

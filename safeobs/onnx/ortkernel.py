@@ -47,8 +47,14 @@ def _tensor_type(arr: np.ndarray):
     return onnx.helper.np_dtype_to_tensor_dtype(np.asarray(arr).dtype)
 
 
-def single_node(op: str, inputs: list, attrs: dict | None = None, out_dtype=np.float32, out_rank: int | None = None,
-                domain: str = "") -> tuple[bytes, list[str]]:
+def single_node(
+    op: str,
+    inputs: list,
+    attrs: dict | None = None,
+    out_dtype=np.float32,
+    out_rank: int | None = None,
+    domain: str = "",
+) -> tuple[bytes, list[str]]:
     """A model with one node ``op``; ``inputs`` is a list of ``(name, array, is_initializer)`` (or None
     for an omitted optional input).  Returns the serialized model and the names of its graph inputs."""
     onnx = _onnx()
@@ -82,8 +88,14 @@ def run(runs: list[dict], *, mode: str = "native", timeout: float = 1200.0) -> l
     subprocess.  Returns one list of outputs per run (a list of such lists for a list of feeds)."""
     if not available(mode):
         raise RuntimeError(f"ORT mode {mode!r} is not available on this host (onnxruntime or qemu missing)")
-    out = run_worker(str(Path(__file__).with_name("_ort_worker.py")), {"runs": runs}, mode, timeout, label="ORT",
-                     env={"OMP_NUM_THREADS": "1"})
+    out = run_worker(
+        str(Path(__file__).with_name("_ort_worker.py")),
+        {"runs": runs},
+        mode,
+        timeout,
+        label="ORT",
+        env={"OMP_NUM_THREADS": "1"},
+    )
     for r in out:
         if isinstance(r, str):
             raise RuntimeError(f"ORT run failed: {r}")

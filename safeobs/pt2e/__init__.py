@@ -55,9 +55,7 @@ class SafeMovingAveragePerChannelMinMaxObserver(_SafeMixin, _aobs.MovingAverageP
     _default_qscheme = torch.per_channel_symmetric
 
 
-def get_x86_inductor_quantization_config(
-    is_qat: bool = False, is_dynamic: bool = False, layout: str = "x86"
-):
+def get_x86_inductor_quantization_config(is_qat: bool = False, is_dynamic: bool = False, layout: str = "x86"):
     """torchao's default X86InductorQuantizer config with safe per-channel weights and activations
     on the full [0, 255] range (``reduce_range=False``).
 
@@ -67,20 +65,28 @@ def get_x86_inductor_quantization_config(
         raise ValueError(
             f"layout must cover oneDNN, which Inductor lowers to: one of ('x86', 'onednn', 'any'), got {layout!r}"
         )
-    stock = _xiq.get_default_x86_inductor_quantization_config(
-        is_qat=is_qat, is_dynamic=is_dynamic, reduce_range=False
-    )
+    stock = _xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat, is_dynamic=is_dynamic, reduce_range=False)
     kw = dict(eps=2**-12, layout=layout)  # eps as torchao's config sets it
     if is_qat:  # the fused fake-quant computes qparams in C++ and would bypass the solver
         ctr = _AoFakeQuantize.with_args(
-            observer=SafeMovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127,
-            dtype=torch.int8, qscheme=torch.per_channel_symmetric, ch_axis=0, **kw,
+            observer=SafeMovingAveragePerChannelMinMaxObserver,
+            quant_min=-128,
+            quant_max=127,
+            dtype=torch.int8,
+            qscheme=torch.per_channel_symmetric,
+            ch_axis=0,
+            **kw,
         )
     else:
         ctr = SafePerChannelMinMaxObserver.with_args(**kw)
     weight = QuantizationSpec(
-        dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_channel_symmetric,
-        ch_axis=0, is_dynamic=False, observer_or_fake_quant_ctr=ctr,
+        dtype=torch.int8,
+        quant_min=-128,
+        quant_max=127,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=ctr,
     )
     return dataclasses.replace(stock, weight=weight)
 

@@ -45,8 +45,12 @@ def _pt2e_layers(gm):
         if op is None or len(node.args) < 2:
             continue
         xin, wobs = node.args[0], node.args[1]
-        if not (getattr(xin, "op", None) == "call_module" and getattr(wobs, "op", None) == "call_module"
-                and wobs.args and getattr(wobs.args[0], "op", None) == "get_attr"):
+        if not (
+            getattr(xin, "op", None) == "call_module"
+            and getattr(wobs, "op", None) == "call_module"
+            and wobs.args
+            and getattr(wobs.args[0], "op", None) == "get_attr"
+        ):
             continue
         w = operator.attrgetter(wobs.args[0].target)(gm).detach().float()
         b = node.args[2] if len(node.args) > 2 else None
@@ -54,8 +58,9 @@ def _pt2e_layers(gm):
         yield node.name, xin.target, w, b, op, (None if op == "linear" else _ConvParams(w, node.args))
 
 
-def calibrate_pt2e(prepared: torch.fx.GraphModule, calibration: Iterable, *, progress: bool | None = None,
-                   max_positions: int = 16384) -> dict:
+def calibrate_pt2e(
+    prepared: torch.fx.GraphModule, calibration: Iterable, *, progress: bool | None = None, max_positions: int = 16384
+) -> dict:
     """:func:`calibrate` for a ``prepare_pt2e`` model: runs the calibration (feeding torchao's observers) and
     returns ``{conv/linear node name: LayerStats}`` from hooks on the input observers."""
     stats, handles = {}, []
@@ -67,8 +72,12 @@ def calibrate_pt2e(prepared: torch.fx.GraphModule, calibration: Iterable, *, pro
         def hook(_m, _inp, out, st=st, op=op, params=params, k=k):
             x = out.detach().to(torch.float32)
             # an observer module may be shared between several tensors: only this node's input counts
-            if op == "linear" and x.shape[-1] != k or op == "conv" and (
-                    x.dim() != st.weight.dim() or x.shape[1] != st.weight.shape[1] * params.groups):
+            if (
+                op == "linear"
+                and x.shape[-1] != k
+                or op == "conv"
+                and (x.dim() != st.weight.dim() or x.shape[1] != st.weight.shape[1] * params.groups)
+            ):
                 return
             with torch.no_grad():
                 if op == "linear":
@@ -81,6 +90,7 @@ def calibrate_pt2e(prepared: torch.fx.GraphModule, calibration: Iterable, *, pro
                 st.xx += torch.bmm(c.transpose(1, 2), c).double().numpy()
                 st.xsum += c.sum(1).double().numpy()
                 st.n += c.shape[1]
+
         handles.append(prepared.get_submodule(obs).register_forward_hook(hook))
     bar = progress_bar(progress, "safeobs calibration", len(calibration) if hasattr(calibration, "__len__") else None)
     try:
@@ -97,8 +107,15 @@ def calibrate_pt2e(prepared: torch.fx.GraphModule, calibration: Iterable, *, pro
     return stats
 
 
-def apply_pt2e(converted: torch.fx.GraphModule, stats: dict, *, layout: str = "x86", bias_correction: bool = True,
-               multipliers=DEFAULT_MULTIPLIERS, progress: bool | None = None) -> dict:
+def apply_pt2e(
+    converted: torch.fx.GraphModule,
+    stats: dict,
+    *,
+    layout: str = "x86",
+    bias_correction: bool = True,
+    multipliers=DEFAULT_MULTIPLIERS,
+    progress: bool | None = None,
+) -> dict:
     """:func:`apply` for a ``convert_pt2e`` model: replaces the int8 weight constants, their per-channel
     scales and the float biases of the nodes in ``stats`` (node names are kept by convert_pt2e)."""
     import operator
@@ -120,8 +137,11 @@ def apply_pt2e(converted: torch.fx.GraphModule, stats: dict, *, layout: str = "x
         if node is None or st.n == 0 or len(node.args) < 2:
             continue
         d = node.args[1]
-        if getattr(d, "target", None) is not dq or any(getattr(a, "op", None) != "get_attr" for a in d.args[:3]) \
-                or int(d.args[3]) != 0:
+        if (
+            getattr(d, "target", None) is not dq
+            or any(getattr(a, "op", None) != "get_attr" for a in d.args[:3])
+            or int(d.args[3]) != 0
+        ):
             continue
         codes_t, scale_t, zp_t = (operator.attrgetter(a.target)(converted) for a in d.args[:3])
         if codes_t.dtype != torch.int8 or tuple(codes_t.shape) != tuple(st.weight.shape) or bool(zp_t.any()):
@@ -129,8 +149,16 @@ def apply_pt2e(converted: torch.fx.GraphModule, stats: dict, *, layout: str = "x
         b = node.args[2] if len(node.args) > 2 else None
         has_bias = getattr(b, "op", None) == "get_attr"
         bar.step(name)
-        r = round_weight(st.weight, st.h, st.mean, layout=layout, op=st.op, groups=st.groups,
-                         bias_correction=bias_correction and has_bias, multipliers=multipliers)
+        r = round_weight(
+            st.weight,
+            st.h,
+            st.mean,
+            layout=layout,
+            op=st.op,
+            groups=st.groups,
+            bias_correction=bias_correction and has_bias,
+            multipliers=multipliers,
+        )
         put(d.args[0].target, torch.from_numpy(r.codes.copy()))
         put(d.args[1].target, torch.from_numpy(r.scale).to(scale_t.dtype))
         if bias_correction and has_bias:

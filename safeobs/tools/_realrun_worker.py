@@ -31,6 +31,7 @@ def run_module(torch, job):
         why = realkernel.forced_mismatch(job["forced"], job["engine"], model_convs(model))
         if why:
             return {"mismatch": why}
+
     def run():
         out = []
         with torch.no_grad():

@@ -22,10 +22,14 @@ from . import runtimes
 from .runtimes import COMBOS, TORCHAO_COMBOS, is_script, layers
 
 SHORT_PATH = {"pointwise": "1x1", "depthwise": "dw", "groupwise": "group"}
-NO_EMULATION_SCRIPT = ("TorchScript models are audited from their weights only: emulating with data needs the "
-                       "eager model (pass module:function)")
-NO_EMULATION_STATE = ("a safeobs state file holds the layers, not the forward pass: emulating with data needs "
-                      "the eager model (pass --arch module:function)")
+NO_EMULATION_SCRIPT = (
+    "TorchScript models are audited from their weights only: emulating with data needs the "
+    "eager model (pass module:function)"
+)
+NO_EMULATION_STATE = (
+    "a safeobs state file holds the layers, not the forward pass: emulating with data needs "
+    "the eager model (pass --arch module:function)"
+)
 
 
 def kernel_for(layer: QLayer, engine: str, isa: str):
@@ -40,8 +44,14 @@ def pair_violations(codes: np.ndarray, kernel, op: str, groups: int, isa: str) -
     pos = kernel_pairs(kernel, shape, op, groups, isa)
     oc = int(np.prod(kernel_order(shape, op, groups).shape[:2]))
     if len(pos) == 0:
-        return {"pairs": 0, "violating_pairs": 0, "channels": [], "per_channel": {}, "worst_positive": None,
-                "worst_negative": None}
+        return {
+            "pairs": 0,
+            "violating_pairs": 0,
+            "channels": [],
+            "per_channel": {},
+            "worst_positive": None,
+            "worst_negative": None,
+        }
     order = kernel_order(shape, op, groups).reshape(oc, -1)
     ia, ib = order[:, pos[:, 0]], order[:, pos[:, 1]]  # (OC, n) indices into codes.ravel()
     flat = codes.astype(np.int64).ravel()
@@ -54,19 +64,34 @@ def pair_violations(codes: np.ndarray, kernel, op: str, groups: int, isa: str) -
     chans = np.flatnonzero(count)
     worst = excess.argmax(axis=1)[chans]
     per_channel = {
-        int(c): {"violating_pairs": int(count[c]), "indices": [int(ia[c, k]), int(ib[c, k])],
-                 "codes": [int(a[c, k]), int(b[c, k])]}
+        int(c): {
+            "violating_pairs": int(count[c]),
+            "indices": [int(ia[c, k]), int(ib[c, k])],
+            "codes": [int(a[c, k]), int(b[c, k])],
+        }
         for c, k in zip(chans, worst)
     }
-    return {"pairs": int(pos.shape[0]) * oc, "violating_pairs": int(count.sum()), "channels": chans.tolist(),
-            "per_channel": per_channel, "worst_positive": int(psum.max()), "worst_negative": int(nsum.min())}
+    return {
+        "pairs": int(pos.shape[0]) * oc,
+        "violating_pairs": int(count.sum()),
+        "channels": chans.tolist(),
+        "per_channel": per_channel,
+        "worst_positive": int(psum.max()),
+        "worst_negative": int(nsum.min()),
+    }
 
 
 def audit_layer(layer: QLayer, combos=COMBOS) -> dict:
     """Kernel and violating pairs of one layer for each ``"engine/isa"`` in ``combos``."""
     codes = layer.codes
-    out = {"name": layer.name, "kind": layer.kind, "shape": list(layer.weight.shape), "groups": layer.groups,
-           "qscheme": str(layer.weight.qscheme()).replace("torch.", ""), "kernels": {}}
+    out = {
+        "name": layer.name,
+        "kind": layer.kind,
+        "shape": list(layer.weight.shape),
+        "groups": layer.groups,
+        "qscheme": str(layer.weight.qscheme()).replace("torch.", ""),
+        "kernels": {},
+    }
     for combo in combos:
         engine, isa = combo.split("/")
         k = kernel_for(layer, engine, isa)
@@ -142,8 +167,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def format_audit(result: dict, only_unsafe: bool = False) -> str:
     """Human tables: kernel path and violating channels per layer and engine/isa, then saturation counts."""
     combos = result["combos"]
-    lines = ["Kernels and violating channels (path:N = N output channels hold a pair that can saturate;",
-             "path:ok = saturating kernel, no violating pair; path:exact = kernel accumulates exactly)", ""]
+    lines = [
+        "Kernels and violating channels (path:N = N output channels hold a pair that can saturate;",
+        "path:ok = saturating kernel, no violating pair; path:exact = kernel accumulates exactly)",
+        "",
+    ]
     rows = []
     for lay in result["layers"]:
         if only_unsafe and not lay["unsafe"]:
@@ -171,8 +199,11 @@ def format_audit(result: dict, only_unsafe: bool = False) -> str:
     if result["unsafe"]:
         bad = result["unsafe_layers"]
         more = f", ... ({len(bad)} in all)" if len(bad) > 6 else ""
-        lines += ["", f"UNSAFE: {len(bad)} of {n} layers can saturate: {', '.join(bad[:6])}{more}",
-                  "        fix: safeobs repair MODEL -o OUT"]
+        lines += [
+            "",
+            f"UNSAFE: {len(bad)} of {n} layers can saturate: {', '.join(bad[:6])}{more}",
+            "        fix: safeobs repair MODEL -o OUT",
+        ]
     else:
         lines += ["", f"SAFE: no pair of any of the {n} layers can saturate on any engine/isa audited"]
     return "\n".join(lines)

@@ -28,8 +28,9 @@ def qconfigs() -> dict:
     from ..torch_ao.qconfig import get_default_qconfig as safe_qconfig
 
     full = HistogramObserver.with_args(reduce_range=False)
-    seven = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
-                                               quant_min=-64, quant_max=63)
+    seven = PerChannelMinMaxObserver.with_args(
+        dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-64, quant_max=63
+    )
     return {
         "torch x86 default": get_default_qconfig("x86"),  # 7-bit activations, per-channel min-max weights
         "full-range 8-bit": get_default_qconfig("onednn"),  # 8-bit activations, same weights
@@ -84,28 +85,46 @@ def _setup_case(conv, x_cal, y_cal, qconfig) -> dict:
     _, s0, _ = _qparams(lambda: stock, w)
     lost = np.log2(np.maximum(ws.numpy() / s0.numpy(), 1.0))
     return {
-        "x_scale": float(xs), "x_zp": int(xz), "y_scale": float(ys), "y_zp": int(yz),
-        "w": qw.int_repr().numpy(), "w_scale": ws.numpy().astype(np.float64), "w_zp": wz.numpy().astype(np.int64),
-        "bias": conv.bias.detach().numpy().astype(np.float32), "stride": tuple(conv.stride),
-        "padding": tuple(conv.padding), "dilation": tuple(conv.dilation), "groups": conv.groups,
+        "x_scale": float(xs),
+        "x_zp": int(xz),
+        "y_scale": float(ys),
+        "y_zp": int(yz),
+        "w": qw.int_repr().numpy(),
+        "w_scale": ws.numpy().astype(np.float64),
+        "w_zp": wz.numpy().astype(np.int64),
+        "bias": conv.bias.detach().numpy().astype(np.float32),
+        "stride": tuple(conv.stride),
+        "padding": tuple(conv.padding),
+        "dilation": tuple(conv.dilation),
+        "groups": conv.groups,
         "act_bits": 7 if aobs.quant_max - aobs.quant_min < 255 else 8,
         "weight_sqnr_db": sqnr(w.numpy(), qw.dequantize().numpy()),
-        "bits_kept_min": float(8 - lost.max()), "bits_kept_mean": float(8 - lost.mean()),
+        "bits_kept_min": float(8 - lost.max()),
+        "bits_kept_mean": float(8 - lost.mean()),
     }
 
 
 def _simulate(case: dict, xq: np.ndarray) -> np.ndarray:
     """The forum's float simulation: dequantized input and weight, float conv, requantize (codes)."""
     x = (xq.astype(np.float32) - case["x_zp"]) * np.float32(case["x_scale"])
-    w = ((case["w"].astype(np.float32) - case["w_zp"].reshape(-1, 1, 1, 1).astype(np.float32))
-         * case["w_scale"].astype(np.float32).reshape(-1, 1, 1, 1))
-    y = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(case["bias"]), case["stride"],
-                 case["padding"], case["dilation"], case["groups"]).numpy()
+    w = (case["w"].astype(np.float32) - case["w_zp"].reshape(-1, 1, 1, 1).astype(np.float32)) * case["w_scale"].astype(
+        np.float32
+    ).reshape(-1, 1, 1, 1)
+    y = F.conv2d(
+        torch.from_numpy(x),
+        torch.from_numpy(w),
+        torch.from_numpy(case["bias"]),
+        case["stride"],
+        case["padding"],
+        case["dilation"],
+        case["groups"],
+    ).numpy()
     return np.clip(np.rint(y / np.float32(case["y_scale"])) + case["y_zp"], 0, 255).astype(np.uint8)
 
 
-def run(quick: bool = False, calib: int | None = None, evaluate: int | None = None, mode: str | None = "auto",
-        progress=None) -> dict:
+def run(
+    quick: bool = False, calib: int | None = None, evaluate: int | None = None, mode: str | None = "auto", progress=None
+) -> dict:
     """Run the demo; returns ``{"mode", "engine", "isa", "calib", "eval", "rows": [...]}`` (one row per
     layer, scenario and setup).  ``mode``: a :mod:`safeobs.realkernel` mode, "auto" or None (no real kernel)."""
     from .. import data
@@ -153,19 +172,25 @@ def run(quick: bool = False, calib: int | None = None, evaluate: int | None = No
         sim = _simulate(c, c["x"])
         out = yr if yr is not None else ye
         deq = (out.astype(np.float32) - yz) * np.float32(ys)
-        rows.append({
-            "layer": m["layer"], "scenario": m["scenario"], "setup": m["setup"],
-            "act_bits": c["act_bits"], "bits_kept_min": c["bits_kept_min"], "bits_kept_mean": c["bits_kept_mean"],
-            "weight_sqnr_db": c["weight_sqnr_db"],
-            "outputs": int(out.size),
-            "saturated_outputs": int(np.count_nonzero(out != yx)),
-            "saturated_lanes": int(sat.count),
-            "op_error": float(np.abs(out.astype(np.int64) - sim).max() * ys),
-            "op_error_lsb": int(np.abs(out.astype(np.int64) - sim).max()),
-            "output_sqnr_db": sqnr(m["float"], deq),
-            "real_equals_emulator": None if yr is None else bool(np.array_equal(yr, ye)),
-            "real_equals_exact": None if yr is None else bool(np.array_equal(yr, yx)),
-        })
+        rows.append(
+            {
+                "layer": m["layer"],
+                "scenario": m["scenario"],
+                "setup": m["setup"],
+                "act_bits": c["act_bits"],
+                "bits_kept_min": c["bits_kept_min"],
+                "bits_kept_mean": c["bits_kept_mean"],
+                "weight_sqnr_db": c["weight_sqnr_db"],
+                "outputs": int(out.size),
+                "saturated_outputs": int(np.count_nonzero(out != yx)),
+                "saturated_lanes": int(sat.count),
+                "op_error": float(np.abs(out.astype(np.int64) - sim).max() * ys),
+                "op_error_lsb": int(np.abs(out.astype(np.int64) - sim).max()),
+                "output_sqnr_db": sqnr(m["float"], deq),
+                "real_equals_emulator": None if yr is None else bool(np.array_equal(yr, ye)),
+                "real_equals_exact": None if yr is None else bool(np.array_equal(yr, yx)),
+            }
+        )
     tick("compare")
     return {"mode": mode, "engine": ENGINE, "isa": ISA, "calib": len(x_cal), "eval": len(x_eval), "rows": rows}
 
@@ -174,20 +199,43 @@ def format_demo(result: dict) -> str:
     """The demo's tables, one per layer."""
     mode = result["mode"]
     src = f"real kernel: {result['engine']} {mode}" if mode else "no real kernel available: emulator output"
-    lines = [f"Quantized Conv2d op bad output, reproduced on MobileNetV2 ImageNet weights "
-             f"({result['calib']} calibration / {result['eval']} held-out photos; {src})", ""]
-    head = ["scenario", "setup", "act bits", "w bits kept", "w SQNR", "saturated", "sat lanes", "op err",
-            "out SQNR", "real==emu"]
+    lines = [
+        f"Quantized Conv2d op bad output, reproduced on MobileNetV2 ImageNet weights "
+        f"({result['calib']} calibration / {result['eval']} held-out photos; {src})",
+        "",
+    ]
+    head = [
+        "scenario",
+        "setup",
+        "act bits",
+        "w bits kept",
+        "w SQNR",
+        "saturated",
+        "sat lanes",
+        "op err",
+        "out SQNR",
+        "real==emu",
+    ]
     for layer in dict.fromkeys(r["layer"] for r in result["rows"]):
         rows = []
         for r in result["rows"]:
             if r["layer"] != layer:
                 continue
             eq = "n/a" if r["real_equals_emulator"] is None else ("yes" if r["real_equals_emulator"] else "NO")
-            rows.append([r["scenario"], r["setup"], str(r["act_bits"]),
-                         f"{r['bits_kept_min']:.2f}/{r['bits_kept_mean']:.2f}", f"{r['weight_sqnr_db']:.1f} dB",
-                         f"{r['saturated_outputs']}/{r['outputs']}", str(r["saturated_lanes"]),
-                         f"{r['op_error']:.3g} ({r['op_error_lsb']})", f"{r['output_sqnr_db']:.1f} dB", eq])
+            rows.append(
+                [
+                    r["scenario"],
+                    r["setup"],
+                    str(r["act_bits"]),
+                    f"{r['bits_kept_min']:.2f}/{r['bits_kept_mean']:.2f}",
+                    f"{r['weight_sqnr_db']:.1f} dB",
+                    f"{r['saturated_outputs']}/{r['outputs']}",
+                    str(r["saturated_lanes"]),
+                    f"{r['op_error']:.3g} ({r['op_error_lsb']})",
+                    f"{r['output_sqnr_db']:.1f} dB",
+                    eq,
+                ]
+            )
         widths = [max(len(x[i]) for x in rows + [head]) for i in range(len(head))]
         fmt = lambda row: "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
         lines += [f"{layer}:", fmt(head), "  ".join("-" * w for w in widths)] + [fmt(x) for x in rows] + [""]

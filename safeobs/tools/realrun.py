@@ -18,8 +18,13 @@ __all__ = ["model_convs", "run_module"]
 
 def model_convs(model) -> list[dict]:
     """The conv facts of a converted model's quantized convs (eager or TorchScript)."""
-    return [realkernel._conv_facts(q.kind, tuple(q.weight.shape), q.groups, q.stride, q.padding, q.dilation,
-                        q.output_padding or 0, q.symmetric) for q in layers(model) if q.op != "linear"]
+    return [
+        realkernel._conv_facts(
+            q.kind, tuple(q.weight.shape), q.groups, q.stride, q.padding, q.dilation, q.output_padding or 0, q.symmetric
+        )
+        for q in layers(model)
+        if q.op != "linear"
+    ]
 
 
 def _write_model(model, path: str) -> dict:
@@ -36,13 +41,23 @@ def _write_model(model, path: str) -> dict:
     try:
         torch.save(model, path)
     except Exception as e:  # e.g. FX GraphModules holding unpicklable attributes
-        raise ValueError(f"cannot hand this model to the worker ({type(e).__name__}); trace it to TorchScript "
-                         "first") from None
+        raise ValueError(
+            f"cannot hand this model to the worker ({type(e).__name__}); trace it to TorchScript first"
+        ) from None
     return {"path": path, "format": "pickle"}
 
 
-def run_module(path, inputs, *, mode: str = "native", engine: str = "x86", emulate: dict | None = None,
-               timeout: float = 1200.0, trust_pickle: bool = False, arch=None) -> list:
+def run_module(
+    path,
+    inputs,
+    *,
+    mode: str = "native",
+    engine: str = "x86",
+    emulate: dict | None = None,
+    timeout: float = 1200.0,
+    trust_pickle: bool = False,
+    arch=None,
+) -> list:
     """Run a model on each of ``inputs`` (numpy arrays or tuples of them; float inputs) in ONE subprocess.
     Returns one numpy array per input (int codes when the output is quantized).
 
@@ -71,7 +86,17 @@ def run_module(path, inputs, *, mode: str = "native", engine: str = "x86", emula
             raise ValueError(f"{path}: a safeobs state file holds the layers, not the forward pass: pass arch=")
     else:
         raise TypeError(f"path must be a model file or a torch.nn.Module, got {type(path).__name__}")
-    job = {"kind": "module", "engine": engine, "inputs": list(inputs), "emulate": emulate,
-           "forced": mode if mode in ("avx2", "avx512") else None}
-    return realkernel._run(job, mode, timeout, write=lambda d: _write_model(model, os.path.join(d, "model.pt")),
-                           worker="safeobs.tools._realrun_worker")
+    job = {
+        "kind": "module",
+        "engine": engine,
+        "inputs": list(inputs),
+        "emulate": emulate,
+        "forced": mode if mode in ("avx2", "avx512") else None,
+    }
+    return realkernel._run(
+        job,
+        mode,
+        timeout,
+        write=lambda d: _write_model(model, os.path.join(d, "model.pt")),
+        worker="safeobs.tools._realrun_worker",
+    )

@@ -28,16 +28,22 @@ def sqnr(ref, approx) -> float:
     """Signal-to-quantization-noise ratio of ``approx`` against ``ref`` in dB (inf when equal)."""
     ref, approx = np.asarray(ref, np.float64), np.asarray(approx, np.float64)
     err = np.sum((ref - approx) ** 2)
-    return float("inf") if err == 0 else float(10 * np.log10(np.sum(ref ** 2) / err))
+    return float("inf") if err == 0 else float(10 * np.log10(np.sum(ref**2) / err))
 
 
 def repair_layer(layer: QLayer, layout: str = "x86") -> dict:
     """Make one layer safe under ``layout`` (in place); returns what changed."""
     w = layer.weight
     codes = w.int_repr().numpy()
-    info = {"name": layer.name, "kind": layer.kind, "channels": int(w.shape[0] if layer.op != "conv_transpose"
-                                                                   else w.shape[1] * layer.groups),
-            "changed": 0, "changed_channels": [], "bits_lost": 0.0, "weight_sqnr_db": None}
+    info = {
+        "name": layer.name,
+        "kind": layer.kind,
+        "channels": int(w.shape[0] if layer.op != "conv_transpose" else w.shape[1] * layer.groups),
+        "changed": 0,
+        "changed_channels": [],
+        "bits_lost": 0.0,
+        "weight_sqnr_db": None,
+    }
     if not check_codes(codes, layout, op=layer.op, groups=layer.groups):
         return info
     wf = w.dequantize().numpy()
@@ -55,29 +61,44 @@ def repair_layer(layer: QLayer, layout: str = "x86") -> dict:
     symmetric = bool(np.all(zp0 == 0))
     pairs = layout_pairs(wf, layout, layer.op, layer.groups)
     new_scale, new_zp = raise_scales(
-        wf, pairs, scale0.astype(np.float32), zp0, ch_axis=ch_axis, symmetric=symmetric,
-        check_pairs=not pairs_stay_in_rows(wf.ndim, layer.op, ch_axis))
+        wf,
+        pairs,
+        scale0.astype(np.float32),
+        zp0,
+        ch_axis=ch_axis,
+        symmetric=symmetric,
+        check_pairs=not pairs_stay_in_rows(wf.ndim, layer.op, ch_axis),
+    )
     changed = (new_scale > scale0.astype(np.float32)) | (new_zp != zp0)
     scale = np.where(changed, new_scale.astype(np.float64), scale0)  # unchanged: the stored double, exactly
     zp = np.where(changed, new_zp, zp0)
     if per_tensor:
         q = torch.quantize_per_tensor(torch.from_numpy(wf), float(scale[0]), int(zp[0]), torch.qint8)
     else:
-        fresh = torch.quantize_per_channel(torch.from_numpy(wf), torch.from_numpy(scale), torch.from_numpy(zp),
-                                           0, torch.qint8).int_repr().numpy()
+        fresh = (
+            torch.quantize_per_channel(
+                torch.from_numpy(wf), torch.from_numpy(scale), torch.from_numpy(zp), 0, torch.qint8
+            )
+            .int_repr()
+            .numpy()
+        )
         mask = changed.reshape((-1,) + (1,) * (codes.ndim - 1))
         new_codes = np.where(mask, fresh, codes)  # unchanged channels keep their stored codes
-        q = torch._make_per_channel_quantized_tensor(torch.from_numpy(new_codes), torch.from_numpy(scale),
-                                                     torch.from_numpy(zp), 0)
+        q = torch._make_per_channel_quantized_tensor(
+            torch.from_numpy(new_codes), torch.from_numpy(scale), torch.from_numpy(zp), 0
+        )
     left = check_codes(q.int_repr().numpy(), layout, op=layer.op, groups=layer.groups)
     if left:  # the solver's guarantee; never expected
         raise RuntimeError(f"{layer.name}: {len(left)} pairs still unsafe after repair")
     set_weight(layer, q)
     chans = np.flatnonzero(changed)
-    info.update(changed=int(chans.size) if not per_tensor else info["channels"],
-                changed_channels=chans.tolist() if not per_tensor else list(range(info["channels"])),
-                bits_lost=float(np.log2(scale / scale0).max()), weight_sqnr_db=sqnr(wf, q.dequantize().numpy()),
-                per_tensor=per_tensor)
+    info.update(
+        changed=int(chans.size) if not per_tensor else info["channels"],
+        changed_channels=chans.tolist() if not per_tensor else list(range(info["channels"])),
+        bits_lost=float(np.log2(scale / scale0).max()),
+        weight_sqnr_db=sqnr(wf, q.dequantize().numpy()),
+        per_tensor=per_tensor,
+    )
     return info
 
 
@@ -110,8 +131,10 @@ def save(model, out: str, example_inputs: tuple | None = None, *, arch: str | No
     except (TypeError, ValueError, RuntimeError) as e:
         if os.path.exists(out):
             os.remove(out)
-        raise ModelError(f"cannot save this model as a state file ({str(e).splitlines()[0][:160]}); pass --inputs "
-                         "or --photos to save it as TorchScript instead") from None
+        raise ModelError(
+            f"cannot save this model as a state file ({str(e).splitlines()[0][:160]}); pass --inputs "
+            "or --photos to save it as TorchScript instead"
+        ) from None
     return "state"
 
 
@@ -122,9 +145,13 @@ def format_repair(infos: list[dict], only_changed: bool = True) -> str:
     lines = [head, "-" * len(head)]
     for i in rows:
         sq = "-" if i["weight_sqnr_db"] is None else f"{i['weight_sqnr_db']:.1f} dB"
-        lines.append(f"{i['name']:<28} {i['kind']:<16} {str(i['changed']) + '/' + str(i['channels']):>11} "
-                     f"{i['bits_lost']:>9.2f} {sq:>12}")
+        lines.append(
+            f"{i['name']:<28} {i['kind']:<16} {str(i['changed']) + '/' + str(i['channels']):>11} "
+            f"{i['bits_lost']:>9.2f} {sq:>12}"
+        )
     n = sum(1 for i in infos if i["changed"])
-    lines.append(f"{n} of {len(infos)} layers changed; "
-                 f"{sum(i['changed'] for i in infos)} of {sum(i['channels'] for i in infos)} channels re-quantized")
+    lines.append(
+        f"{n} of {len(infos)} layers changed; "
+        f"{sum(i['changed'] for i in infos)} of {sum(i['channels'] for i in infos)} channels re-quantized"
+    )
     return "\n".join(lines)

@@ -126,6 +126,14 @@ def _is_int8tensor_module(mod) -> bool:
 
 
 register(Runtime("torch.ao", "safeobs.torch_ao.qlayers", owns=lambda mod: True, combos=COMBOS), fallback=True)
-register(Runtime("torchao", "safeobs.torchao.adapter", owns=_is_int8tensor_module, kinds=("linear_torchao",),
-                 combos=TORCHAO_COMBOS, module_forward=True))
+register(
+    Runtime(
+        "torchao",
+        "safeobs.torchao.adapter",
+        owns=_is_int8tensor_module,
+        kinds=("linear_torchao",),
+        combos=TORCHAO_COMBOS,
+        module_forward=True,
+    )
+)
 register(Runtime("onnx", "safeobs.onnx.audit", suffixes=(".onnx",)))

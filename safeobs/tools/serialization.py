@@ -35,12 +35,15 @@ from .runtimes import is_script, layers
 
 FORMAT, VERSION = statefile.FORMAT, statefile.VERSION
 TRUST = "--trust-pickle (Python: trust_pickle=True)"
-TORCHSCRIPT = ("a TorchScript archive (torch.jit.save): torch.jit.load runs the TorchScript code it carries "
-               "(its __setstate__ methods)")
+TORCHSCRIPT = (
+    "a TorchScript archive (torch.jit.save): torch.jit.load runs the TorchScript code it carries "
+    "(its __setstate__ methods)"
+)
 PICKLE = "a full Python pickle (torch.save of a module or other Python objects): unpickling it can run any code"
-HOW = (f"; pass {TRUST} only if you trust where it comes from, or ask for its state dict "
-       "(safeobs.save(model, path)) or an ONNX export")
-
+HOW = (
+    f"; pass {TRUST} only if you trust where it comes from, or ask for its state dict "
+    "(safeobs.save(model, path)) or an ONNX export"
+)
 
 
 class ModelError(ValueError):
@@ -131,8 +134,10 @@ def load(path: str, *, trust_pickle: bool = False, arch=None):
         return _build(path, obj["state_dict"], arch), "state_dict"
     if isinstance(obj, Mapping) and obj and all(isinstance(k, str) for k in obj):
         if arch is None:
-            raise ModelError(f"{path}: a state dict; pass --arch module:function (Python: arch=), a function that "
-                             "returns the converted model to load it into (importing it runs that module)")
+            raise ModelError(
+                f"{path}: a state dict; pass --arch module:function (Python: arch=), a function that "
+                "returns the converted model to load it into (importing it runs that module)"
+            )
         return _build(path, obj, arch), "state_dict"
     raise ModelError(f"{path}: holds a {type(obj).__name__}, not a model or a state dict")
 
@@ -147,8 +152,10 @@ def _build(path, state_dict, arch):
     try:
         model.load_state_dict(state_dict)
     except Exception as e:
-        raise ModelError(f"{path}: its state dict does not fit the model of {getattr(arch, '__name__', arch)} "
-                         f"({str(e).splitlines()[0][:160]})") from None
+        raise ModelError(
+            f"{path}: its state dict does not fit the model of {getattr(arch, '__name__', arch)} "
+            f"({str(e).splitlines()[0][:160]})"
+        ) from None
     return model
 
 
@@ -189,8 +196,10 @@ def _standin(path, bundle) -> torch.nn.Module:
                 parent = parent._modules[part]
             parent.add_module(last, mod)
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise ModelError(f"{path}: a safeobs state file whose layer list does not match its state dict "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+        raise ModelError(
+            f"{path}: a safeobs state file whose layer list does not match its state dict "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        ) from None
     root._safeobs_state = bundle
     root.eval()
     return root
@@ -218,8 +227,13 @@ def _layer_module(meta: dict, sd: dict) -> torch.nn.Module:
         raise ValueError(f"{meta['name']}: unknown layer kind {kind!r}")
     transposed, nd, g = bool(found.group(1)), int(found.group(2)), int(meta["groups"])
     cls = getattr(nnq, f"ConvTranspose{nd}d" if transposed else f"Conv{nd}d")
-    hp = dict(stride=tuple(meta["stride"]), padding=tuple(meta["padding"]), dilation=tuple(meta["dilation"]),
-              groups=g, bias=b is not None)
+    hp = dict(
+        stride=tuple(meta["stride"]),
+        padding=tuple(meta["padding"]),
+        dilation=tuple(meta["dilation"]),
+        groups=g,
+        bias=b is not None,
+    )
     if transposed:
         mod = cls(w.shape[0], w.shape[1] * g, tuple(w.shape[2:]), output_padding=tuple(meta["output_padding"]), **hp)
     else:

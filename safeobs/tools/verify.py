@@ -27,8 +27,9 @@ def verify(obj, layout: str = "x86", *, op: str | None = None, groups: int | Non
     if isinstance(obj, torch.nn.Module):  # eager or TorchScript, any registered runtime
         return check_layers(runtimes.layers(obj), layout)
     if isinstance(obj, torch.Tensor) and type(obj).__name__ == "Int8Tensor":  # torchao weight: stored codes
-        return Report(layout, [""], check_codes(obj.qdata.detach().cpu().numpy(), layout, op=op or "linear",
-                                                groups=groups))
+        return Report(
+            layout, [""], check_codes(obj.qdata.detach().cpu().numpy(), layout, op=op or "linear", groups=groups)
+        )
     if isinstance(obj, torch.Tensor):
         if obj.is_quantized:
             if obj.dtype != torch.qint8:

@@ -37,6 +37,7 @@ __all__ = [
     "SafeHistogramObserver",
 ]
 
+
 class SafeMinMaxObserver(_SafeMixin, tobs.MinMaxObserver):
     """:class:`torch.ao.quantization.MinMaxObserver` with provably saturation-free qparams."""
 

@@ -52,9 +52,19 @@ def _eager_layer(name, mod) -> QLayer | None:
         return QLayer(name, "linear_dynamic" if dynamic else "linear", op, w, mod.bias(), module=mod)
     nd = w.dim() - 2
     kind = f"conv_transpose{nd}d" if op == "conv_transpose" else f"conv{nd}d"
-    return QLayer(name, kind, op, w, mod.bias(), groups=int(groups), stride=tuple(mod.stride),
-                  padding=tuple(mod.padding), dilation=tuple(mod.dilation),
-                  output_padding=tuple(getattr(mod, "output_padding", (0,) * nd)), module=mod)
+    return QLayer(
+        name,
+        kind,
+        op,
+        w,
+        mod.bias(),
+        groups=int(groups),
+        stride=tuple(mod.stride),
+        padding=tuple(mod.padding),
+        dilation=tuple(mod.dilation),
+        output_padding=tuple(getattr(mod, "output_padding", (0,) * nd)),
+        module=mod,
+    )
 
 
 def _script_layer(name, mod) -> QLayer | None:
@@ -90,10 +100,20 @@ def _script_layer(name, mod) -> QLayer | None:
         v = tuple(int(x) for x in getattr(q, f"conv{dims}d_{what}")(pp))
         return v[-nd:]
 
-    return QLayer(name, kind, "conv_transpose" if transposed else "conv", w, b,
-                  groups=int(getattr(q, f"conv{dims}d_groups")(pp)), stride=hp("stride"),
-                  padding=hp("padding"), dilation=hp("dilation"),
-                  output_padding=hp("output_padding") if transposed else (0,) * nd, module=mod, script=True)
+    return QLayer(
+        name,
+        kind,
+        "conv_transpose" if transposed else "conv",
+        w,
+        b,
+        groups=int(getattr(q, f"conv{dims}d_groups")(pp)),
+        stride=hp("stride"),
+        padding=hp("padding"),
+        dilation=hp("dilation"),
+        output_padding=hp("output_padding") if transposed else (0,) * nd,
+        module=mod,
+        script=True,
+    )
 
 
 def qlayer(name: str, mod, script: bool = False) -> QLayer | None:
@@ -132,10 +152,18 @@ def kernel_for(layer: QLayer, engine: str, isa: str) -> dispatch.Kernel:
         engine = "x86"
     if layer.op == "linear":
         return dispatch.linear_kernel(engine, isa)
-    return dispatch.conv_kernel(engine, isa, tuple(layer.weight.shape), groups=layer.groups, stride=layer.stride,
-                                padding=layer.padding, dilation=layer.dilation,
-                                transposed=layer.op == "conv_transpose", output_padding=layer.output_padding or 0,
-                                weight_symmetric=layer.symmetric)
+    return dispatch.conv_kernel(
+        engine,
+        isa,
+        tuple(layer.weight.shape),
+        groups=layer.groups,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        transposed=layer.op == "conv_transpose",
+        output_padding=layer.output_padding or 0,
+        weight_symmetric=layer.symmetric,
+    )
 
 
 def emulate(model, engine: str, isa: str):

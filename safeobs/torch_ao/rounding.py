@@ -24,8 +24,11 @@ def _float_layer(mod):
     inner = mod[0] if isinstance(mod, _FusedModule) else mod
     if isinstance(inner, torch.nn.Linear):
         return inner, "linear"
-    if isinstance(inner, (torch.nn.Conv1d, torch.nn.Conv2d)) and inner.padding_mode == "zeros" \
-            and not isinstance(inner.padding, str):
+    if (
+        isinstance(inner, (torch.nn.Conv1d, torch.nn.Conv2d))
+        and inner.padding_mode == "zeros"
+        and not isinstance(inner.padding, str)
+    ):
         return inner, "conv"
     return None
 
@@ -51,8 +54,14 @@ class StatsCollector:
             w = layer.weight.detach().to(torch.float32)
             g = 1 if op == "linear" else int(layer.groups)
             k = int(np.prod(w.shape[1:]))
-            self.stats[name] = LayerStats(op, g, w, None if layer.bias is None else layer.bias.detach().float(),
-                                          np.zeros((g, k, k)), np.zeros((g, k)))
+            self.stats[name] = LayerStats(
+                op,
+                g,
+                w,
+                None if layer.bias is None else layer.bias.detach().float(),
+                np.zeros((g, k, k)),
+                np.zeros((g, k)),
+            )
             self._handles.append(mod.register_forward_pre_hook(self._hook(name, layer, op)))
 
     def _hook(self, name, layer, op):
@@ -67,13 +76,14 @@ class StatsCollector:
                     c = x.reshape(1, -1, x.shape[-1])  # (1, M, K)
                     if c.shape[1] > self.max_positions:
                         gen = torch.Generator().manual_seed(c.shape[1])
-                        c = c[:, torch.randperm(c.shape[1], generator=gen)[:self.max_positions]]
+                        c = c[:, torch.randperm(c.shape[1], generator=gen)[: self.max_positions]]
                 else:
                     c = _receptive_fields(x, layer, self.max_positions)
                 st.xx += torch.bmm(c.transpose(1, 2), c).double().numpy()
                 st.xsum += c.sum(1).double().numpy()
                 st.n += c.shape[1]
             st.seconds += time.perf_counter() - t
+
         return hook
 
     def remove(self) -> None:
@@ -114,13 +124,22 @@ def _quantized_modules(model):
     from torch.ao.nn.quantized.modules.conv import _ConvNd, _ConvTransposeNd
 
     for name, mod in model.named_modules():
-        if isinstance(mod, (nnq.Linear, nnqd.Linear)) or (isinstance(mod, _ConvNd)
-                                                          and not isinstance(mod, _ConvTransposeNd)):
+        if isinstance(mod, (nnq.Linear, nnqd.Linear)) or (
+            isinstance(mod, _ConvNd) and not isinstance(mod, _ConvTransposeNd)
+        ):
             yield name, mod
 
 
-def apply(converted: torch.nn.Module, stats: dict, *, layout: str = "x86", bias_correction: bool = True,
-          multipliers=DEFAULT_MULTIPLIERS, gptq: bool = True, progress: bool | None = None) -> dict:
+def apply(
+    converted: torch.nn.Module,
+    stats: dict,
+    *,
+    layout: str = "x86",
+    bias_correction: bool = True,
+    multipliers=DEFAULT_MULTIPLIERS,
+    gptq: bool = True,
+    progress: bool | None = None,
+) -> dict:
     """Rewrite, in place, the int8 weights (and biases) of ``converted`` with safe data-aware codes.
 
     ``stats``: from :func:`calibrate` on the prepared model that ``converted`` came from (module
@@ -134,21 +153,37 @@ def apply(converted: torch.nn.Module, stats: dict, *, layout: str = "x86", bias_
     for name, mod in _quantized_modules(converted):
         st = stats.get(name)
         wq = mod.weight()
-        if st is None or st.n == 0 or not wq.is_quantized or wq.dtype != torch.qint8 \
-                or wq.qscheme() not in (torch.per_channel_symmetric, torch.per_channel_affine) \
-                or wq.q_per_channel_axis() != 0 or bool(wq.q_per_channel_zero_points().any()) \
-                or tuple(wq.shape) != tuple(st.weight.shape):
+        if (
+            st is None
+            or st.n == 0
+            or not wq.is_quantized
+            or wq.dtype != torch.qint8
+            or wq.qscheme() not in (torch.per_channel_symmetric, torch.per_channel_affine)
+            or wq.q_per_channel_axis() != 0
+            or bool(wq.q_per_channel_zero_points().any())
+            or tuple(wq.shape) != tuple(st.weight.shape)
+        ):
             continue
         todo.append((name, mod, st))
     bar = progress_bar(progress, "safeobs rounding", len(todo))
     out = {}
     for name, mod, st in todo:
         bar.step(name)
-        r = round_weight(st.weight, st.h, st.mean, layout=layout, op=st.op, groups=st.groups,
-                         bias_correction=bias_correction, multipliers=multipliers, gptq=gptq)
+        r = round_weight(
+            st.weight,
+            st.h,
+            st.mean,
+            layout=layout,
+            op=st.op,
+            groups=st.groups,
+            bias_correction=bias_correction,
+            multipliers=multipliers,
+            gptq=gptq,
+        )
         scale = torch.from_numpy(r.scale.astype(np.float64))
-        qw = torch._make_per_channel_quantized_tensor(torch.from_numpy(r.codes.copy()), scale,
-                                                      torch.zeros(len(scale), dtype=torch.long), 0)
+        qw = torch._make_per_channel_quantized_tensor(
+            torch.from_numpy(r.codes.copy()), scale, torch.zeros(len(scale), dtype=torch.long), 0
+        )
         bias = st.bias
         if bias_correction:
             bias = (torch.zeros(len(scale)) if bias is None else bias.clone()) + torch.from_numpy(r.bias_delta).float()
@@ -158,9 +193,17 @@ def apply(converted: torch.nn.Module, stats: dict, *, layout: str = "x86", bias_
     return out
 
 
-def quantize_fx(model: torch.nn.Module, example_inputs: tuple, calibration: Iterable, *, backend: str = "x86",
-                qconfig_mapping=None, data_aware: bool = True, bias_correction: bool = True,
-                progress: bool | None = None) -> torch.fx.GraphModule:
+def quantize_fx(
+    model: torch.nn.Module,
+    example_inputs: tuple,
+    calibration: Iterable,
+    *,
+    backend: str = "x86",
+    qconfig_mapping=None,
+    data_aware: bool = True,
+    bias_correction: bool = True,
+    progress: bool | None = None,
+) -> torch.fx.GraphModule:
     """``prepare_fx`` → calibrate on ``calibration`` → ``convert_fx`` → safe data-aware weights.
 
     ``calibration``: iterable of positional-argument tuples.  ``qconfig_mapping`` defaults to
@@ -182,8 +225,14 @@ def quantize_fx(model: torch.nn.Module, example_inputs: tuple, calibration: Iter
     return converted
 
 
-def quantize_dynamic(model: torch.nn.Module, calibration: Iterable, *, backend: str = "x86",
-                     bias_correction: bool = True, progress: bool | None = None) -> torch.nn.Module:
+def quantize_dynamic(
+    model: torch.nn.Module,
+    calibration: Iterable,
+    *,
+    backend: str = "x86",
+    bias_correction: bool = True,
+    progress: bool | None = None,
+) -> torch.nn.Module:
     """:func:`safeobs.quantize_dynamic` (8-bit dynamic inputs) with data-aware safe Linear weights."""
     from .qconfig import _layout
     from .qconfig import quantize_dynamic as _qd

@@ -72,8 +72,10 @@ TORCHAO_LAYOUTS = ("x86", "onednn", "any")
 
 def _check_layout(layout):
     if layout not in TORCHAO_LAYOUTS:
-        raise ValueError(f"layout must be one of {TORCHAO_LAYOUTS} for torchao's oneDNN int8 matmul, got {layout!r}"
-                         + (" ('fbgemm' misses oneDNN's AVX2 K-block pairs)" if layout == "fbgemm" else ""))
+        raise ValueError(
+            f"layout must be one of {TORCHAO_LAYOUTS} for torchao's oneDNN int8 matmul, got {layout!r}"
+            + (" ('fbgemm' misses oneDNN's AVX2 K-block pairs)" if layout == "fbgemm" else "")
+        )
 
 
 @dataclasses.dataclass
@@ -116,8 +118,9 @@ def _granularities(config):
     return act, weight
 
 
-def safe_weight_scale(weight: torch.Tensor, granularity=None, *, layout: str = "x86",
-                      reduce_range: bool = False) -> torch.Tensor:
+def safe_weight_scale(
+    weight: torch.Tensor, granularity=None, *, layout: str = "x86", reduce_range: bool = False
+) -> torch.Tensor:
     """torchao's symmetric int8 weight scale for ``weight`` (N, K), raised per row only where a pair
     of ``layout`` could saturate; shaped like torchao's (keepdim), float32."""
     _check_layout(layout)
@@ -125,8 +128,10 @@ def safe_weight_scale(weight: torch.Tensor, granularity=None, *, layout: str = "
     if not isinstance(granularity, (PerRow, PerTensor)):
         raise ValueError(f"granularity must be PerRow() or PerTensor(), got {granularity!r}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise TypeError(f"weight must be a 2-D float tensor (a Linear weight), got "
-                        f"{type(weight).__name__} {getattr(weight, 'shape', '')}")
+        raise TypeError(
+            f"weight must be a 2-D float tensor (a Linear weight), got "
+            f"{type(weight).__name__} {getattr(weight, 'shape', '')}"
+        )
     if weight.numel() == 0:
         raise ValueError("weight is empty")
     if not torch.isfinite(weight).all():
@@ -134,16 +139,29 @@ def safe_weight_scale(weight: torch.Tensor, granularity=None, *, layout: str = "
     qmin, qmax = (-64, 63) if reduce_range else (-128, 127)
     block = list(get_block_size(weight.shape, granularity))
     scale, _ = choose_qparams_affine(
-        input=weight, mapping_type=MappingType.SYMMETRIC, block_size=block, target_dtype=torch.int8,
-        quant_min=qmin, quant_max=qmax, scale_dtype=torch.float32, zero_point_dtype=torch.int8, keepdim=True,
+        input=weight,
+        mapping_type=MappingType.SYMMETRIC,
+        block_size=block,
+        target_dtype=torch.int8,
+        quant_min=qmin,
+        quant_max=qmax,
+        scale_dtype=torch.float32,
+        zero_point_dtype=torch.int8,
+        keepdim=True,
         eps=torch.finfo(torch.float32).eps,
     )
     if reduce_range:  # |codes| <= 64: every pair sums within [-128, 126]
         return scale
     w = weight.detach().to(torch.float32).cpu().numpy()  # torchao quantizes w * f32(1/s) in float32 too
     per_row = isinstance(granularity, PerRow)
-    new, _ = raise_scales(w, layout_pairs(w, layout, "linear"), scale.detach().cpu().numpy().reshape(-1),
-                          ch_axis=0 if per_row else None, symmetric=True, check_pairs=False)
+    new, _ = raise_scales(
+        w,
+        layout_pairs(w, layout, "linear"),
+        scale.detach().cpu().numpy().reshape(-1),
+        ch_axis=0 if per_row else None,
+        symmetric=True,
+        check_pairs=False,
+    )
     return torch.from_numpy(new.astype(np.float32)).reshape(scale.shape).to(scale.device)
 
 
@@ -156,14 +174,19 @@ def quantize_weight(weight: torch.Tensor, config) -> Int8Tensor:
     if static:
         if config.act_quant_scale is None:
             raise ValueError("Int8StaticActivationInt8WeightConfig needs act_quant_scale")
-        extra = dict(act_quant_scale=config.act_quant_scale.detach(),
-                     act_quant_zero_point=None if config.act_quant_zero_point is None
-                     else config.act_quant_zero_point.detach())
+        extra = dict(
+            act_quant_scale=config.act_quant_scale.detach(),
+            act_quant_zero_point=None if config.act_quant_zero_point is None else config.act_quant_zero_point.detach(),
+        )
     q = Int8Tensor.from_hp(
-        weight, granularity=weight_g, scale=scale,
-        act_quant_kwargs=QuantizeTensorToInt8Kwargs(granularity=act_g, mapping_type=config.act_mapping_type,
-                                                    reduce_range=config.reduce_range),
-        reduce_range=config.reduce_range, **extra,
+        weight,
+        granularity=weight_g,
+        scale=scale,
+        act_quant_kwargs=QuantizeTensorToInt8Kwargs(
+            granularity=act_g, mapping_type=config.act_mapping_type, reduce_range=config.reduce_range
+        ),
+        reduce_range=config.reduce_range,
+        **extra,
     )
     left = check_codes(q.qdata.detach().cpu().numpy(), config.layout, op="linear")
     if left:  # the solver's guarantee; never expected
@@ -180,7 +203,8 @@ def _transform(module: torch.nn.Module, config, *, parameter_name: str = "weight
     new_weight = quantize_weight(getattr(module, parameter_name), config)
     setattr(module, parameter_name, torch.nn.Parameter(new_weight, requires_grad=False))
     module.extra_repr = types.MethodType(
-        partial(_module_extra_repr, original_extra_repr=module.extra_repr, parameter_name=parameter_name), module)
+        partial(_module_extra_repr, original_extra_repr=module.extra_repr, parameter_name=parameter_name), module
+    )
     make_picklable(module)
     return module
 
@@ -195,7 +219,11 @@ def make_picklable(model: torch.nn.Module) -> torch.nn.Module:
     """
     for mod in model.modules():
         er = vars(mod).get("extra_repr")
-        if isinstance(er, types.MethodType) and isinstance(er.__func__, partial) and not hasattr(er.__func__, "__name__"):
+        if (
+            isinstance(er, types.MethodType)
+            and isinstance(er.__func__, partial)
+            and not hasattr(er.__func__, "__name__")
+        ):
             er.__func__.__name__ = "extra_repr"
     return model
 
@@ -232,8 +260,9 @@ def as_qtensor(weight: Int8Tensor) -> torch.Tensor:
 def _as_qtensor(q, scale):
     if scale.size == 1:
         return torch._make_per_tensor_quantized_tensor(q, float(scale[0]), 0)
-    return torch._make_per_channel_quantized_tensor(q, torch.from_numpy(scale.astype(np.float64)),
-                                                    torch.zeros(scale.size, dtype=torch.int64), 0)
+    return torch._make_per_channel_quantized_tensor(
+        q, torch.from_numpy(scale.astype(np.float64)), torch.zeros(scale.size, dtype=torch.int64), 0
+    )
 
 
 def qlayer(name: str, mod) -> QLayer:
@@ -259,5 +288,7 @@ def set_weight(layer: QLayer, qweight: torch.Tensor) -> None:
 
 def verify(model: torch.nn.Module, layout: str = "x86") -> Report:
     """:func:`safeobs.verify` for a torchao-quantized model: every weight pair that can saturate."""
-    return check_layers((LayerCodes(name, mod.weight.qdata.detach().cpu().numpy(), "linear")
-                         for name, mod in quantized_linears(model)), layout)
+    return check_layers(
+        (LayerCodes(name, mod.weight.qdata.detach().cpu().numpy(), "linear") for name, mod in quantized_linears(model)),
+        layout,
+    )

@@ -33,9 +33,12 @@ def run(cases, *, mode: str = "native", timeout: float = 900.0):
 
 
 def _info(torch):
-    return {"cpu_vnni": bool(torch.cpu._is_vnni_supported()), "cpu_amx": bool(torch.cpu._is_amx_tile_supported()),
-            "capability": torch.backends.cpu.get_cpu_capability(),
-            "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
+    return {
+        "cpu_vnni": bool(torch.cpu._is_vnni_supported()),
+        "cpu_amx": bool(torch.cpu._is_amx_tile_supported()),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+    }
 
 
 def _linear(torch, c):
@@ -54,9 +57,11 @@ def _linear(torch, c):
         lin.weight.copy_(w)
         if c.get("bias") is not None:
             lin.bias.copy_(torch.from_numpy(np.asarray(c["bias"], np.float32)))
-    kw = dict(granularity=PerRow() if c.get("granularity", "row") == "row" else PerTensor(),
-              act_mapping_type=MappingType.ASYMMETRIC if c.get("asym") else MappingType.SYMMETRIC,
-              set_inductor_config=False)
+    kw = dict(
+        granularity=PerRow() if c.get("granularity", "row") == "row" else PerTensor(),
+        act_mapping_type=MappingType.ASYMMETRIC if c.get("asym") else MappingType.SYMMETRIC,
+        set_inductor_config=False,
+    )
     cfg = sto.Int8DynamicActivationInt8WeightConfig(**kw) if c.get("safe") else Stock(**kw)
     model = torch.nn.Sequential(copy.deepcopy(lin)).eval()
     quantize_(model, cfg)
@@ -69,16 +74,30 @@ def _linear(torch, c):
 def run_case(torch, c):
     kind = c["kind"]
     if kind == "int_mm":
-        return torch._int_mm(torch.from_numpy(np.ascontiguousarray(c["a"])),
-                             torch.from_numpy(np.ascontiguousarray(c["b"]))).numpy()
+        return torch._int_mm(
+            torch.from_numpy(np.ascontiguousarray(c["a"])), torch.from_numpy(np.ascontiguousarray(c["b"]))
+        ).numpy()
     if kind == "qlinear":
         x = torch.from_numpy(np.ascontiguousarray(c["x"]))
-        packed = torch.ops.onednn.qlinear_prepack(torch.from_numpy(np.ascontiguousarray(c["w"], np.int8)),
-                                                  list(x.shape))
+        packed = torch.ops.onednn.qlinear_prepack(
+            torch.from_numpy(np.ascontiguousarray(c["w"], np.int8)), list(x.shape)
+        )
         bias = None if c.get("bias") is None else torch.from_numpy(np.asarray(c["bias"], np.float32))
         y = torch.ops.onednn.qlinear_pointwise(
-            x, float(c.get("x_scale", 1.0)), 0, packed, torch.from_numpy(np.asarray(c["w_scale"], np.float32)),
-            None, bias, 1.0, 0, torch.float32, "none", [], "")
+            x,
+            float(c.get("x_scale", 1.0)),
+            0,
+            packed,
+            torch.from_numpy(np.asarray(c["w_scale"], np.float32)),
+            None,
+            bias,
+            1.0,
+            0,
+            torch.float32,
+            "none",
+            [],
+            "",
+        )
         return y.numpy()
     if kind == "linear":
         return _linear(torch, c)

@@ -40,8 +40,20 @@ import numpy as np
 from ..kernels import dispatch, layout
 from ..kernels import emulator as _emu
 
-__all__ = ["PATHS", "IntMMKernel", "int_mm_kernel", "x86_passes_registered", "onednn_kernel", "kernel_pairs", "int_mm",
-           "qlinear_pointwise", "choose_qparams_affine", "quantize_affine", "int8_dynamic_linear", "emulate"]
+__all__ = [
+    "PATHS",
+    "IntMMKernel",
+    "int_mm_kernel",
+    "x86_passes_registered",
+    "onednn_kernel",
+    "kernel_pairs",
+    "int_mm",
+    "qlinear_pointwise",
+    "choose_qparams_affine",
+    "quantize_affine",
+    "int8_dynamic_linear",
+    "emulate",
+]
 
 _F32 = np.float32
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -73,8 +85,9 @@ def x86_passes_registered() -> bool:
     return bool(info and info().currsize)
 
 
-def int_mm_kernel(isa: str = "avx2", path: str = "eager", *, act_mapping: str = "symmetric",
-                  x86_passes: bool | None = None) -> IntMMKernel:
+def int_mm_kernel(
+    isa: str = "avx2", path: str = "eager", *, act_mapping: str = "symmetric", x86_passes: bool | None = None
+) -> IntMMKernel:
     """The kernel torchao's int8 dynamic Linear runs on a CPU of ``isa`` (no AMX) along ``path``.
 
     ``x86_passes`` (None: :func:`x86_passes_registered`): torchao's PT2E Inductor passes are registered, so
@@ -86,8 +99,11 @@ def int_mm_kernel(isa: str = "avx2", path: str = "eager", *, act_mapping: str = 
     if path == "onednn":
         return IntMMKernel("_int_mm", "onednn", "u8", isa != "vnni")
     if isa == "vnni":
-        if path == "compiled" and act_mapping == "symmetric" and (
-                x86_passes_registered() if x86_passes is None else x86_passes):
+        if (
+            path == "compiled"
+            and act_mapping == "symmetric"
+            and (x86_passes_registered() if x86_passes is None else x86_passes)
+        ):
             return IntMMKernel("qlinear_pointwise", "onednn", "u8", False)
         return IntMMKernel("_int_mm", "onednn", src, False)
     if path == "compiled" and act_mapping == "symmetric":
@@ -137,8 +153,9 @@ def _onednn_acc(a_u8, x_zp, w, kernel, isa, exact, want_sat):
     """oneDNN on u8 codes (M, K) and weight rows (N, K) with ``kernel``'s pairs: int32 acc - x_zp * rowsum."""
     w = np.ascontiguousarray(w, dtype=np.int8)
     order, w_o, wzp_o = _emu._weights_in_order(w, "linear", 1, np.zeros(w.shape[0], np.int64))
-    act = _emu._Act(np.ascontiguousarray(a_u8.reshape(-1, w.shape[1]).T, dtype=np.uint8)[None], None, 1,
-                    a_u8.shape[:-1])
+    act = _emu._Act(
+        np.ascontiguousarray(a_u8.reshape(-1, w.shape[1]).T, dtype=np.uint8)[None], None, 1, a_u8.shape[:-1]
+    )
     pairs = _emu._pairs(kernel, w.shape, "linear", 1, isa, exact)
     return _emu._gemm(act, w_o, int(x_zp), wzp_o, pairs, order, want_sat)
 
@@ -170,14 +187,16 @@ def int_mm(a, b, *, isa: str = "avx2", backend: str | None = None, exact: bool =
         return (out, None) if _want_sat else out
     shift = 128 if a.dtype == np.int8 else 0  # oneDNN s8 source: +128 to u8, minus 128 * colsum(b)
     a_u8 = (a.astype(np.int16) + shift).astype(np.uint8)
-    acc, sat = _onednn_acc(a_u8, shift, np.ascontiguousarray(b.T), onednn_kernel("_int_mm", "u8", isa), isa, False,
-                           _want_sat)
+    acc, sat = _onednn_acc(
+        a_u8, shift, np.ascontiguousarray(b.T), onednn_kernel("_int_mm", "u8", isa), isa, False, _want_sat
+    )
     out = _wrap32(acc)
     return (out, sat) if _want_sat else out
 
 
-def qlinear_pointwise(x, x_scale, x_zp, w, w_scale, bias=None, *, isa: str = "avx2", exact: bool = False,
-                      _want_sat: bool = False):
+def qlinear_pointwise(
+    x, x_scale, x_zp, w, w_scale, bias=None, *, isa: str = "avx2", exact: bool = False, _want_sat: bool = False
+):
     """``torch.ops.onednn.qlinear_pointwise`` with float32 output (output scale 1, zero point 0), as
     Inductor calls it for torchao: ``x`` int8/uint8 codes (M, K), ``w`` int8 (N, K) (the prepacked
     weight), per-channel ``w_scale`` (N,); returns float32 (M, N).
@@ -208,8 +227,15 @@ def qlinear_pointwise(x, x_scale, x_zp, w, w_scale, bias=None, *, isa: str = "av
 # -- torchao's activation quantization -------------------------------------------------------------
 
 
-def choose_qparams_affine(x, *, per_row: bool = True, symmetric: bool = True, quant_min: int = -128,
-                          quant_max: int = 127, eps: float = F32_EPS):
+def choose_qparams_affine(
+    x,
+    *,
+    per_row: bool = True,
+    symmetric: bool = True,
+    quant_min: int = -128,
+    quant_max: int = 127,
+    eps: float = F32_EPS,
+):
     """torchao ``choose_qparams_affine`` for int8 (float32 input), per row of the last dim or per tensor:
     ``(scale (rows, 1) float32, zero_point (rows, 1) int8)``."""
     x = np.asarray(x, dtype=_F32)
@@ -236,10 +262,23 @@ def quantize_affine(x, scale, zero_point, quant_min: int = -128, quant_max: int 
 # -- the whole Linear ----------------------------------------------------------------------------
 
 
-def int8_dynamic_linear(x, w, w_scale, bias=None, *, act_per_row: bool = True, act_symmetric: bool = True,
-                        reduce_range: bool = False, act_scale=None, act_zero_point=None, isa: str = "avx2",
-                        path: str = "eager", exact: bool = False, x86_passes: bool | None = None,
-                        _want_sat: bool = False):
+def int8_dynamic_linear(
+    x,
+    w,
+    w_scale,
+    bias=None,
+    *,
+    act_per_row: bool = True,
+    act_symmetric: bool = True,
+    reduce_range: bool = False,
+    act_scale=None,
+    act_zero_point=None,
+    isa: str = "avx2",
+    path: str = "eager",
+    exact: bool = False,
+    x86_passes: bool | None = None,
+    _want_sat: bool = False,
+):
     """torchao ``Int8Tensor`` linear (dynamic or static int8 activations, int8 weights), float32.
 
     ``x`` float32 (..., K); ``w`` int8 codes (N, K) (``Int8Tensor.qdata``), ``w_scale`` (N,) or scalar;
@@ -257,16 +296,16 @@ def int8_dynamic_linear(x, w, w_scale, bias=None, *, act_per_row: bool = True, a
     qmin, qmax = (-64, 63) if reduce_range else (-128, 127)
     x2 = x.reshape(-1, x.shape[-1])
     if act_scale is None:
-        xs, xzp = choose_qparams_affine(x2, per_row=act_per_row, symmetric=act_symmetric, quant_min=qmin,
-                                        quant_max=qmax)
+        xs, xzp = choose_qparams_affine(
+            x2, per_row=act_per_row, symmetric=act_symmetric, quant_min=qmin, quant_max=qmax
+        )
     else:
         xs = np.asarray(act_scale, dtype=_F32).reshape(-1, 1)
         xzp = np.zeros_like(xs, np.int8) if act_zero_point is None else np.asarray(act_zero_point).reshape(-1, 1)
     xq = quantize_affine(x2, xs, xzp, qmin, qmax)
     ws = np.asarray(w_scale, dtype=_F32).reshape(-1)
     b = None if bias is None else np.asarray(bias, dtype=_F32)
-    kernel = int_mm_kernel(isa, path, act_mapping="symmetric" if act_symmetric else "asymmetric",
-                           x86_passes=x86_passes)
+    kernel = int_mm_kernel(isa, path, act_mapping="symmetric" if act_symmetric else "asymmetric", x86_passes=x86_passes)
     per_tensor_act = xs.size == 1
     if kernel.op == "qlinear_pointwise":
         xin, xzp_in = (xq, 0) if kernel.src == "s8" else ((xq.astype(np.int16) + 128).astype(np.uint8), 128)
@@ -279,8 +318,14 @@ def int8_dynamic_linear(x, w, w_scale, bias=None, *, act_per_row: bool = True, a
                 y = y + b
     else:
         if kernel.src == "u8":  # torchao's u8s8 branch: a + 128, then subtract 128 * colsum(w)
-            c, sat = int_mm((xq.astype(np.int16) + 128).astype(np.uint8), w.T, isa=isa, backend=kernel.backend,
-                            exact=exact, _want_sat=True)
+            c, sat = int_mm(
+                (xq.astype(np.int16) + 128).astype(np.uint8),
+                w.T,
+                isa=isa,
+                backend=kernel.backend,
+                exact=exact,
+                _want_sat=True,
+            )
             c = _wrap32(c.astype(np.int64) - 128 * w.astype(np.int64).sum(axis=1))
         else:
             c, sat = int_mm(xq, w.T, isa=isa, backend=kernel.backend, exact=exact, _want_sat=True)
@@ -305,8 +350,12 @@ def is_torchao_linear(mod) -> bool:
     import torch
 
     w = getattr(mod, "weight", None)
-    return (isinstance(mod, torch.nn.Linear) and type(w).__name__ == "Int8Tensor"
-            and getattr(w, "act_quant_kwargs", None) is not None and w.qdata.dim() == 2)
+    return (
+        isinstance(mod, torch.nn.Linear)
+        and type(w).__name__ == "Int8Tensor"
+        and getattr(w, "act_quant_kwargs", None) is not None
+        and w.qdata.dim() == 2
+    )
 
 
 def weight_codes(w):
@@ -316,8 +365,9 @@ def weight_codes(w):
     return w.qdata.detach().cpu().numpy(), w.scale.detach().float().cpu().numpy().reshape(-1)
 
 
-def module_forward(mod, name, rep, engine: str, isa: str, exact: bool, path: str | None = None,
-                   x86_passes: bool | None = None):
+def module_forward(
+    mod, name, rep, engine: str, isa: str, exact: bool, path: str | None = None, x86_passes: bool | None = None
+):
     """An emulated ``forward`` for a torchao int8 Linear (or None): the hook of :func:`safeobs.emulator.emulate`.
 
     ``engine="onednn"`` there means the oneDNN kernel (``path="compiled"``); other engines mean eager.
@@ -340,9 +390,22 @@ def module_forward(mod, name, rep, engine: str, isa: str, exact: bool, path: str
         a_s = None if w.act_quant_scale is None else w.act_quant_scale.detach().float().cpu().numpy()
         a_z = None if w.act_quant_zero_point is None else w.act_quant_zero_point.detach().cpu().numpy()
         bias = None if mod.bias is None else mod.bias.detach().float().cpu().numpy()
-        y, sat = int8_dynamic_linear(xin, codes, ws, bias, act_per_row=per_row, act_symmetric=symmetric,
-                                     reduce_range=bool(kw.reduce_range), act_scale=a_s, act_zero_point=a_z,
-                                     isa=isa, path=path, exact=exact, x86_passes=x86_passes, _want_sat=True)
+        y, sat = int8_dynamic_linear(
+            xin,
+            codes,
+            ws,
+            bias,
+            act_per_row=per_row,
+            act_symmetric=symmetric,
+            reduce_range=bool(kw.reduce_range),
+            act_scale=a_s,
+            act_zero_point=a_z,
+            isa=isa,
+            path=path,
+            exact=exact,
+            x86_passes=x86_passes,
+            _want_sat=True,
+        )
         rep.saturation[name] = rep.saturation.get(name, 0) + sat.count
         rep.calls[name] = rep.calls.get(name, 0) + 1
         return torch.from_numpy(y).to(x.dtype)
@@ -359,6 +422,9 @@ def emulate(model, *, isa: str = "avx2", path: str = "eager", exact: bool = Fals
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     dispatch.check_engine_isa("x86", isa)
     rep = _emu.Emulation()
-    with _emu.patched_forwards(model, rep, lambda mod, name: module_forward(mod, name, rep, "x86", isa, exact,
-                                                                            path=path, x86_passes=x86_passes)):
+    with _emu.patched_forwards(
+        model,
+        rep,
+        lambda mod, name: module_forward(mod, name, rep, "x86", isa, exact, path=path, x86_passes=x86_passes),
+    ):
         yield rep
