@@ -236,7 +236,7 @@ def test_torchao_save_round_trip_without_trust(tmp_path, capsys):
     sto.save(m, path)
     # a fresh interpreter (torchao not imported, so none of its globals registered): still weights-only
     code = (
-        "import sys, torch\nfrom safeobs import qlayers\n"
+        "import sys, torch\nfrom safeobs.tools import runtimes, serialization\n"
         "m, s = serialization.load_model(sys.argv[1])\n"
         "assert s == 'state' and [q.kind for q in runtimes.layers(m)] == ['linear_torchao'], s\n"
     )
