@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import warnings
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -1173,7 +1174,7 @@ def register_module_forward(hook, *, key=None):
 
 
 @contextlib.contextmanager
-def emulate(model, *, engine: str = "x86", isa: str = "avx2", exact: bool = False):
+def emulate(model, *, engine: str = "x86", isa: str = "avx2", exact: bool = False) -> Iterator[Emulation]:
     """Within the block, every converted quantized Linear/Conv(Transpose)/fused-ReLU/dynamic Linear module
     of ``model`` computes through this emulator; yields an :class:`Emulation` collecting saturation counts.
     Other ops stay torch's.  The original ``forward`` methods are restored on exit."""

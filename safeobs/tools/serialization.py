@@ -26,7 +26,7 @@ import pickle
 import re
 import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -245,7 +245,9 @@ def _layer_module(meta: dict, sd: dict) -> torch.nn.Module:
 # -- loading models and inputs (safeobs.load_model, the CLI) ----------------------------------------
 
 
-def load_model(spec: str, *, trust_pickle: bool = False, arch=None):
+def load_model(
+    spec: str | os.PathLike, *, trust_pickle: bool = False, arch: str | Callable[[], torch.nn.Module] | None = None
+) -> tuple[torch.nn.Module, str]:
     """``(model, source)`` from a model file or ``module:function``; nothing in a file runs by default.
 
     Files: a safeobs state file or a state dict (``torch.load(weights_only=True)``; a plain state dict
