@@ -95,4 +95,4 @@ def test_built_wheel_carries_the_demo_weights(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = tmp_path.glob("safeobs-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "safeobs/_data/mobilenet_v2_demo.npz" in names and "safeobs/_data/mobilenet_v2_demo.json" in names
+    assert "safeobs/data/_data/mobilenet_v2_demo.npz" in names and "safeobs/data/_data/mobilenet_v2_demo.json" in names
