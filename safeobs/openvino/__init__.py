@@ -11,7 +11,7 @@ openvino and nncf are imported lazily (``pip install 'safeobs[openvino]'``).
 """
 
 from ._deps import INSTALL_HINT, require_nncf, require_openvino
-from .quantize import float_weights, quantize, rewrite
+from .ptq import float_weights, quantize, rewrite
 from .weights import ISAS, QWeight, isa_kernel, read_weights, safe_codes, unsafe_channels
 
 __all__ = ["INSTALL_HINT", "ISAS", "QWeight", "float_weights", "isa_kernel", "quantize", "read_weights",

@@ -201,24 +201,24 @@ def probe_case(kind: str, **kw) -> dict:
     return {"model": model, "feeds": [x], "exact": exact, "kg": kg, "meta": meta}
 
 
+def decode_case(case: dict, result: dict, isa: str) -> dict:
+    """The measured pairs of one :func:`probe_case` from its run result (per group for grouped convs: every
+    group must agree), the int8 primitive that ran, and :func:`expected_pairs` for ``isa``."""
+    y = np.asarray(result["outputs"][0][0], np.float64)
+    y = y.reshape(-1, y.shape[-1]) if case["meta"]["kind"] == "matmul" else y.reshape(y.shape[1], -1).T
+    sat = np.any(y != case["exact"][None, :], axis=0)  # per output channel, over rows / spatial positions
+    kg = case["kg"]
+    found = [decode_pairs(s) for s in sat.reshape(-1, kg, probe_rows(kg).shape[1])]
+    if any(not np.array_equal(f, found[0]) for f in found[1:]):
+        raise RuntimeError(f"pair discovery {case['meta']}: groups pair differently")
+    return {"meta": case["meta"], "runtime": int8_primitives(result["runtime"]), "pairs": found[0],
+            "expected": expected_pairs(case["meta"], isa)}
+
+
 def discover_pairs(cases: list[dict], mode: str = "native") -> list[dict]:
-    """Run :func:`probe_case` cases in ONE subprocess; per case the measured pairs (per group for grouped convs:
-    every group must agree), the int8 primitive that ran, and the expected OpenVINO pairs from
-    :func:`safeobs.layout.kernel_pairs`-style rules (:func:`expected_pairs`)."""
+    """Run :func:`probe_case` cases in ONE subprocess and :func:`decode_case` each."""
     res = run([{"model": c["model"], "feeds": c["feeds"]} for c in cases], mode=mode)
-    out = []
-    for c, r in zip(cases, res):
-        y = np.asarray(r["outputs"][0][0], np.float64)
-        y = y.reshape(-1, y.shape[-1]) if c["meta"]["kind"] == "matmul" else y.reshape(y.shape[1], -1).T
-        sat = np.any(y != c["exact"][None, :], axis=0)  # per output channel, any row / spatial position
-        kg = c["kg"]
-        reps = sat.reshape(-1, kg, probe_rows(kg).shape[1])
-        found = [decode_pairs(s) for s in reps]
-        if any(not np.array_equal(f, found[0]) for f in found[1:]):
-            raise RuntimeError(f"pair discovery {c['meta']}: groups pair differently")
-        out.append({"meta": c["meta"], "runtime": int8_primitives(r["runtime"]), "pairs": found[0],
-                    "expected": expected_pairs(c["meta"], mode_isa(mode))})
-    return out
+    return [decode_case(c, r, mode_isa(mode)) for c, r in zip(cases, res)]
 
 
 def expected_pairs(meta: dict, isa: str) -> np.ndarray:
