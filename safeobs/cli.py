@@ -45,12 +45,12 @@ examples:
 AUDIT_EPILOG = """\
 MODEL is a converted (quantized) model:
   a safeobs state file (safeobs.save, safeobs.torchao.save, safeobs repair -o), a state dict with
-  --arch, an .onnx file; module:function, a function (importable from the current directory) that
+  --arch, an .onnx file, an OpenVINO IR .xml (with its .bin); module:function, a function (importable from the current directory) that
   returns the eager converted model (convert_fx / torch.ao.quantization.convert); or, with
   --trust-pickle only, a TorchScript file (torch.jit.save) or a torch.save(model) pickle.
 
 What runs: state files and state dicts are read with torch.load(weights_only=True) and .onnx with
-onnx.load: no code from the file runs.  module:function and --arch import and run the code you name.
+onnx.load (an OpenVINO .xml/.bin with ov.Core.read_model): no code from the file runs.  module:function and --arch import and run the code you name.
 A pickle or TorchScript file can run code as it is loaded, hence --trust-pickle (only for files you
 trust).  --inputs/--photos execute the model's forward pass: for a pickled module or a TorchScript
 file that is code from the file too.
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=REPAIR_EPILOG, formatter_class=fmt)
     model_args(r)
     r.add_argument("-o", "--output", required=True, metavar="OUT", help="where to save the repaired model")
-    r.add_argument("--layout", default=None, choices=("x86", "fbgemm", "onednn", "ort"),
+    r.add_argument("--layout", default=None, choices=("x86", "fbgemm", "onednn", "ort", "openvino"),
                    help="kernels to be safe for (default x86: all of them; ort for .onnx models)")
     r.add_argument("--all", action="store_true", help="list unchanged layers too")
     return p
@@ -226,9 +226,20 @@ def _onnx_command(name: str, args) -> int:
         raise UsageError(str(e)) from None
 
 
+def _openvino_command(name: str, args) -> int:
+    """MODEL.xml: OpenVINO IR (safeobs.openvino.audit); no code runs when it loads, so no trust flag."""
+    try:
+        from .openvino import audit as ov_audit
+        return getattr(ov_audit, f"cmd_{name}")(args, _dump)
+    except (ValueError, ImportError) as e:
+        raise UsageError(str(e)) from None
+
+
 def cmd_audit(args) -> int:
     from . import audit
 
+    if args.model.lower().endswith(".xml"):
+        return _openvino_command("audit", args)
     if args.model.lower().endswith(".onnx"):
         return _onnx_command("audit", args)
     combos = None  # audit picks COMBOS, or TORCHAO_COMBOS (eager|compiled/isa) for a torchao quantize_ model
@@ -256,6 +267,8 @@ def cmd_repair(args) -> int:
     parent = os.path.dirname(os.path.abspath(args.output))
     if os.path.isdir(args.output) or not os.path.isdir(parent):
         raise UsageError(f"{args.output}: cannot write there (a directory, or its folder does not exist)")
+    if args.model.lower().endswith(".xml"):
+        return _openvino_command("repair", args)
     if args.model.lower().endswith(".onnx"):
         if not os.path.isfile(args.model):
             raise UsageError(f"{args.model}: no such file")
@@ -281,7 +294,8 @@ def cmd_repair(args) -> int:
     return EXIT_OK
 
 
-_EXTRAS = {"skimage": "demo", "sklearn": "demo", "torchao": "torchao", "onnx": "onnx", "onnxruntime": "onnx"}
+_EXTRAS = {"skimage": "demo", "sklearn": "demo", "torchao": "torchao", "onnx": "onnx", "onnxruntime": "onnx",
+           "openvino": "openvino", "nncf": "openvino"}
 
 
 def missing_dependency(e: ImportError) -> str:

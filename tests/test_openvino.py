@@ -312,3 +312,56 @@ def test_missing_openvino_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     lines = out.strip().splitlines()
     assert len(lines) == 2 and all("pip install 'safeobs[openvino]'" in ln for ln in lines)
+
+
+# -- 4. audit / repair of OpenVINO IR ------------------------------------------------------------------------
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "safeobs", *args], capture_output=True, text=True)
+
+
+def test_cli_audit_repair_ir(models, tmp_path):
+    """audit exits 1 on NNCF's DISABLE IR, repair rewrites only unsafe channels' bytes (XML identical), the repaired
+    IR audits 0; bad paths exit 2."""
+    stock = str(tmp_path / "stock.xml")
+    ov.save_model(models["cnn"]["stock"], stock, compress_to_fp16=False)
+    r = _cli("audit", stock)
+    assert r.returncode == 1 and "jit_avx2_I8" in r.stdout and "jit_gemm_I8" in r.stdout, r.stdout + r.stderr
+    out = str(tmp_path / "safe.xml")
+    r = _cli("repair", stock, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert open(stock, "rb").read() == open(out, "rb").read()
+    from safeobs.openvino import audit as A
+
+    old, new = (np.fromfile(str(tmp_path / f), np.uint8) for f in ("stock.bin", "safe.bin"))
+    assert old.size == new.size
+    consts = A._const_layers(open(stock).read())
+    patched = {qw.codes_node.get_friendly_name() for qw in W.read_weights(A.load_ir(stock))} | \
+        {qw.scale_node.get_friendly_name() for qw in W.read_weights(A.load_ir(stock))}
+    inside = np.zeros(old.size, bool)
+    for name in patched:
+        off, size, _ = consts[name]
+        inside[off:off + size] = True
+    assert np.all(old[~inside] == new[~inside]) and np.any(old != new)
+    r = _cli("audit", out, "--json")
+    assert r.returncode == 0, r.stdout
+    # the repaired IR equals the in-memory safe rewrite's safety and still compiles to int8
+    rt = ov.Core().compile_model(out, "CPU").get_runtime_model()
+    assert any(op.get_rt_info()["runtimePrecision"].astype(str) == "u8" for op in rt.get_ordered_ops()
+               if op.get_rt_info()["layerType"].astype(str) == "Convolution")
+    assert _cli("audit", str(tmp_path / "missing.xml")).returncode == 2
+    assert _cli("repair", stock, "-o", str(tmp_path / "x.onnx")).returncode == 2
+    (tmp_path / "bad.xml").write_text("<net>")
+    (tmp_path / "bad.bin").write_bytes(b"")
+    assert _cli("audit", str(tmp_path / "bad.xml")).returncode == 2
+
+
+def test_repair_leaves_safe_ir_unchanged(models, tmp_path):
+    safe = str(tmp_path / "s.xml")
+    ov.save_model(models["mlp"]["safe"], safe, compress_to_fp16=False)
+    from safeobs.openvino import audit as A
+
+    infos = A.repair_ir(safe, str(tmp_path / "r.xml"))
+    assert all(i["changed"] == 0 for i in infos)
+    assert open(tmp_path / "s.bin", "rb").read() == open(tmp_path / "r.bin", "rb").read()
