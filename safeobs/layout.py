@@ -248,8 +248,8 @@ def _pairs_in_layout(layout: str, op: str, shape: tuple, groups: int) -> np.ndar
             if icg == 1 and op == "conv":
                 if len(shape) == 5:  # 3-D depthwise runs as gemm on AVX-512 (§8.3); flat kept from before
                     parts += [flat_pairs(kg), k_block_pairs(kg, onednn_matmul_block(kg, "avx512"))]
-                else:  # relo "whi" on AVX-512 VBMI
-                    parts.append(whi_pairs(shape[2:]))
+                else:  # relo "whi" on AVX-512 VBMI, and the flat gemm its grouped convs fall back to
+                    parts += [whi_pairs(shape[2:]), flat_pairs(kg)]
     return np.concatenate(parts) if parts else _EMPTY
 
 
