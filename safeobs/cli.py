@@ -44,12 +44,14 @@ examples:
 AUDIT_EPILOG = """\
 MODEL is a converted (quantized) model:
   a safeobs state file (safeobs.save, safeobs.torchao.save, safeobs repair -o), a state dict with
-  --arch, an .onnx file; module:function, a function (importable from the current directory) that
-  returns the eager converted model (convert_fx / torch.ao.quantization.convert); or, with
+  --arch, an .onnx file, an OpenVINO IR .xml (with its .bin); module:function, a function (importable
+  from the current directory) that returns the eager converted model (convert_fx /
+  torch.ao.quantization.convert); or, with
   --trust-pickle only, a TorchScript file (torch.jit.save) or a torch.save(model) pickle.
 
 What runs: state files and state dicts are read with torch.load(weights_only=True) and .onnx with
-onnx.load: no code from the file runs.  module:function and --arch import and run the code you name.
+onnx.load (an OpenVINO .xml/.bin with ov.Core.read_model): no code from the file runs.
+module:function and --arch import and run the code you name.
 A pickle or TorchScript file can run code as it is loaded, hence --trust-pickle (only for files you
 trust).  --inputs/--photos execute the model's forward pass: for a pickled module or a TorchScript
 file that is code from the file too.
@@ -210,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--layout",
         default=None,
-        choices=("x86", "fbgemm", "onednn", "ort"),
+        choices=("x86", "fbgemm", "onednn", "ort", "openvino"),
         help="kernels to be safe for (default x86: all of them; ort for .onnx models)",
     )
     r.add_argument("--all", action="store_true", help="list unchanged layers too")
@@ -263,7 +265,7 @@ def _file_command(rt, name: str, args) -> int:
     except ImportError as e:
         raise UsageError(str(e)) from None
     if name == "repair":
-        args.layout, args.layout_default = args.layout or "ort", args.layout is None
+        args.layout, args.layout_default = args.layout or getattr(adapter, "DEFAULT_LAYOUT", "ort"), args.layout is None
     try:
         return getattr(adapter, f"cmd_{name}")(args, _dump)
     except (ValueError, ImportError) as e:
@@ -330,7 +332,15 @@ def cmd_repair(args) -> int:
     return EXIT_OK
 
 
-_EXTRAS = {"skimage": "demo", "sklearn": "demo", "torchao": "torchao", "onnx": "onnx", "onnxruntime": "onnx"}
+_EXTRAS = {
+    "skimage": "demo",
+    "sklearn": "demo",
+    "torchao": "torchao",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "openvino": "openvino",
+    "nncf": "openvino",
+}
 
 
 def missing_dependency(e: ImportError) -> str:

@@ -63,98 +63,54 @@ def _cases(family):
 ALL = [(f, i, case) for f in FAMILIES for i, case in enumerate(_cases(f))]
 
 
-def _jit_fallback(c, impl: str) -> bool:
-    """A dense IC=1 conv that oneDNN's brgemm efficiency heuristic hands to the exact jit_int8 kernel on a VBMI CPU
-    (README, "What was verified where"): safeobs assumes the saturating relo layout there (conservative)."""
-    return "jit_int8" in impl and c["op"].startswith("conv") and np.shape(c["w"])[1] == 1 and c.get("groups", 1) == 1
+def _relo_format(impl: str) -> str | None:
+    return next((RELO[f] for f in RELO if impl.endswith("|" + f)), None)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_emulator_reproduces_every_recorded_case(mode):
-    """Bit-exact (uint8 codes, float32 bits) with the kernel dispatch predicts, for all 390 cases in each mode."""
+    """Bit-exact (uint8 codes, float32 bits) with the kernel dispatch predicts, for all 390 cases in each mode,
+    including the small IC=1 convs a VBMI CPU hands to jit_int8 (brgemm's scratchpad guard)."""
     isa = MODES[mode]
-    bad, fallback = [], []
+    bad = []
     for family, i, (c, _, real, impl) in ALL:
-        if mode == "forced" and _jit_fallback(c, impl[mode]):
-            fallback.append((family, i))
-            continue
         y = emulator.run_case(c, engine="onednn", isa=isa)
         if not np.array_equal(y, real[mode]):
             bad.append((family, i, impl[mode]))
     assert not bad, f"{len(bad)} recorded {mode} cases differ: {bad[:5]}"
-    if mode != "forced":
-        assert not fallback
-    assert len(fallback) <= 12  # the unmodelled heuristic stays a corner (11 of 390 recorded ran jit_int8)
-
-
-def test_jit_fallbacks_are_exact_and_the_emulator_is_conservative_there():
-    """Where a VBMI CPU runs jit_int8 instead of relo, the real output is the exact per-tap kernel; the emulator's
-    relo answer may only add saturation, never miss it: its lanes at relo pairs are a superset of none."""
-    seen = 0
-    for family, i, (c, _, real, impl) in ALL:
-        if not _jit_fallback(c, impl["forced"]):
-            continue
-        seen += 1
-        exact = emulator.run_case(
-            c, engine="onednn", isa="avx512_vbmi", kernel=dispatch.Kernel("onednn", "conv", False)
-        )
-        assert np.array_equal(exact, real["forced"]), (family, i)
-        w = np.shape(c["w"])
-        x_w = c["x"].shape[-1]
-        k = dispatch.conv_kernel(
-            "onednn",
-            "avx512_vbmi",
-            w,
-            groups=1,
-            dilation=c.get("dilation", 1),
-            output_width=int(
-                emulator._conv_out_size(
-                    x_w,
-                    w[-1],
-                    *(
-                        np.broadcast_to(c.get(n, dv), (len(w) - 2,))[-1]
-                        for n, dv in (("stride", 1), ("padding", 0), ("dilation", 1))
-                    ),
-                )
-            ),
-        )
-        if k.saturates:  # conservative: relo may run there, so never called exact
-            assert k.path.startswith("relo"), (family, i)
-        else:
-            assert np.array_equal(emulator.run_case(c, engine="onednn", isa="avx512_vbmi"), real["forced"])
-    assert seen > 0
 
 
 def test_recorded_implementations_are_the_kernels_dispatch_names():
-    """Each recorded relo weight format is the relo layout dispatch picks from the output width."""
-    checked = 0
+    """Each recorded relo weight format is the relo layout dispatch picks, and every IC=1 conv that ran jit_int8
+    or a per-tap brgemm layout is predicted exact."""
+    relo = fallback = 0
     for family, i, (c, kind, real, impl) in ALL:
-        fmt = impl["forced"].split("|")[-1]
-        if fmt not in RELO:
+        if not c["op"].startswith("conv") or c["op"] == "conv_transpose2d":
             continue
         w = np.shape(c["w"])
-        out_w = emulator._conv_out_size(
-            c["x"].shape[-1],
-            w[-1],
-            *(
-                np.broadcast_to(c.get(k, d), (len(w) - 2,))[-1]
-                for k, d in (("stride", 1), ("padding", 0), ("dilation", 1))
-            ),
-        )
         k = dispatch.conv_kernel(
             "onednn",
             "avx512_vbmi",
             w,
             groups=c.get("groups", 1),
+            stride=c.get("stride", 1),
+            padding=c.get("padding", 0),
             dilation=c.get("dilation", 1),
-            output_width=int(out_w),
+            input_shape=c["x"].shape,
+            x_zero_point=c["x_zp"],
+            y_scale=c["y_scale"],
         )
-        if int(np.prod(w[2:-1])) == 1:  # one kernel row (1 x k, conv1d): whi == wi
-            assert k.path in ("relo_whi", "relo_wi")
-        else:
-            assert k.path == RELO[fmt], (family, i, w, out_w, fmt)
-        checked += 1
-    assert checked >= 20
+        want = _relo_format(impl["forced"])
+        if want is not None:
+            if int(np.prod(w[2:-1])) == 1:  # one kernel row (1 x k, conv1d): whi == wi
+                assert k.path in ("relo_whi", "relo_wi"), (family, i)
+            else:
+                assert k.path == want, (family, i, w, impl["forced"])
+            relo += 1
+        elif w[1] == 1 and "jit_int8" in impl["forced"] and c.get("groups", 1) == 1:
+            assert not k.saturates, (family, i, w, k)
+            fallback += 1
+    assert relo >= 20 and fallback >= 5
 
 
 def _pair_shapes():
@@ -167,9 +123,6 @@ def _shape_kernel(s, isa):
     if s["family"].startswith("linear"):
         return dispatch.linear_kernel("onednn", isa), w, "linear", 1
     op = "conv_transpose" if s["op"].startswith("conv_t") else "conv"
-    nd = len(w) - 2
-    st, pd, dl = (np.broadcast_to(s[k], (nd,))[-1] for k in ("stride", "padding", "dilation"))
-    out_w = None if op == "conv_transpose" else emulator._conv_out_size(s["S"][-1], w[-1], st, pd, dl)
     k = dispatch.conv_kernel(
         "onednn",
         isa,
@@ -179,8 +132,8 @@ def _shape_kernel(s, isa):
         padding=s["padding"],
         dilation=s["dilation"],
         transposed=op == "conv_transpose",
-        output_width=out_w,
-    )
+        input_shape=(1, w[1] * s["groups"]) + tuple(s["S"]),
+    )  # probes: batch 1, x_zp 0
     return k, w, op, s["groups"]
 
 
@@ -192,7 +145,7 @@ def _known_bug(s):
 @pytest.mark.parametrize("mode", ["forced", "skx"])
 def test_pair_discovery_matches_kernel_pairs_and_layouts_cover_it(mode):
     """Every candidate pair that saturated is a pair of the predicted kernel (and of the "onednn"/"x86" layouts);
-    every predicted pair saturated, except in the jit_int8 fallback shapes (conservative)."""
+    and every predicted pair saturated."""
     d, shapes = _pair_shapes()
     isa, res, cand, cs = MODES[mode], d["res_" + mode], d["cand"], d["cand_shape"]
     missed, extra = [], []
@@ -206,9 +159,7 @@ def test_pair_discovery_matches_kernel_pairs_and_layouts_cover_it(mode):
         sat = res[sel] == 1
         if (sat & ~got).any():
             missed.append((i, s["family"], w, k.path))
-        if (got & ~sat).any() and not _jit_fallback(
-            {"op": s["op"], "w": np.empty(w), "groups": s["groups"]}, str(d["impl_" + mode][i])
-        ):
+        if (got & ~sat).any():
             extra.append((i, s["family"], w, k.path))
         if sat.any():  # the layouts the solver uses hold every real pair (channel 0's weight indices)
             g_lay = g if op == "conv_transpose" else None

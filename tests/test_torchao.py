@@ -530,3 +530,25 @@ def test_repair_in_place_and_emulate_hook(one_thread):
     with torch.no_grad(), emulator.emulate(m, engine="onednn", isa="avx2") as rep:
         m(x)
     assert rep.total == 0
+
+
+def test_safe_flow_is_bit_identical_across_the_cpus_this_host_reaches():
+    """The promise: safeobs's torchao Linears give the same bits on every kernel (eager torchao, native and with
+    oneDNN forced down to AVX2 / AVX512_CORE, where cpuinfo VNNI keeps torchao on oneDNN's saturating gemm);
+    torchao's own weights do not where a forced kernel saturates."""
+    modes = [
+        m
+        for m in ("native", "avx2", "avx512")
+        if realkernel.available(m) and (m == "native" or realkernel.mode_isa(m) != HOST)
+    ]
+    if len(modes) < 2:
+        pytest.skip(f"this {HOST} host reaches one CPU kind only (the emulator tests cover the others)")
+    lin = _linear_cases(np.random.default_rng(21))
+    outs = {m: _torchao_worker.run(lin, mode=m)[1] for m in modes}
+    for i, c in enumerate(lin):
+        ys = [outs[m][i][0] for m in modes]
+        if c["safe"]:
+            assert all(np.array_equal(ys[0], y) for y in ys[1:]), (i, c["granularity"], c["asym"])
+    if HOST == "vnni":  # forced runs saturate stock weights on gemm_api (cpuinfo VNNI): some stock case differs
+        stock = [i for i, c in enumerate(lin) if not c["safe"]]
+        assert any(not np.array_equal(outs["native"][i][0], outs[m][i][0]) for i in stock for m in modes[1:])

@@ -171,20 +171,26 @@ def onednn_avx512_conv_path(
     weight_shape: Sequence[int],
     *,
     groups: int = 1,
+    stride=1,
+    padding=0,
     dilation=1,
     transposed: bool = False,
     isa: str = "avx512",
     output_width: int | None = None,
+    input_shape: Sequence[int] | None = None,
+    threads: int = 1,
+    x_zero_point: int = 0,
+    y_scale: float = 1.0,
 ) -> str:
-    """oneDNN's conv/deconv pairing on AVX-512 without VNNI (kernel-spec §8.3, measured: tests/data/onednn-avx512).
+    """oneDNN's conv/deconv pairing on AVX-512 without VNNI (measured: tests/data/onednn-avx512; kernel-spec §8.3).
 
     Every brgemm / jit conv pairs input channels per tap ("conv"; exact when ICg == 1), 2-D depthwise is exact
-    ("dw"), 3-D depthwise runs gemm_s8u8s32 ("gemm").  With VBMI (``isa="avx512_vbmi"``) convs with one input
-    channel per group, dilation 1 and more than one tap take brgemm's "relo" layouts, chosen by the output width:
-    OW >= 5 pairs the whole kernel in kw-major order ("relo_whi"), OW <= 4 pairs each kernel row ("relo_wi"; a
-    one-column kernel then stays per tap).  ``output_width`` None gives "relo" (either).  Dense IC=1 convs with
-    little work run jit_int8 instead (exact); that efficiency heuristic is not modelled, so the emulator is
-    conservative there (README, "What was verified where").
+    ("dw"), 3-D depthwise runs gemm_s8u8s32 ("gemm").  With VBMI (``isa="avx512_vbmi"``) 1-D/2-D convs with one
+    input channel per group, dilation 1 and more than one tap try brgemm's relo layouts (jit_brgemm_conv_utils.cpp
+    ``init_conf``): kw-major "relo_whi" when KH > 1 and OW > 4, else per-row "relo_wi" when KW > 1.  brgemm refuses
+    small ones (:func:`_brgemm_refuses`, needs ``input_shape``): dense convs then run jit_int8 (per tap: exact),
+    grouped ones gemm.  Without ``input_shape`` the answer is "relo_whi"/"relo_wi" from ``output_width``
+    (conservative: the refusal can only make it exact or flat), or "relo" (either) without that too.
     """
     nd = len(weight_shape) - 2
     if transposed:
@@ -198,11 +204,101 @@ def onednn_avx512_conv_path(
     dil = (dilation,) * nd if isinstance(dilation, int) else tuple(dilation)
     if isa != "avx512_vbmi" or nd == 3 or any(d != 1 for d in dil) or int(np.prod(k)) == 1:
         return "conv"
-    if output_width is None:
+    st = (stride,) * nd if isinstance(stride, int) else tuple(stride)
+    pd = (padding,) * nd if isinstance(padding, int) else tuple(padding)
+    kh, kw = (1,) + k if nd == 1 else k
+    sh, sw = (1,) + st if nd == 1 else st
+    ph, pw = (0,) + pd if nd == 1 else pd
+    if input_shape is not None:
+        ih, iw = (1, input_shape[-1]) if nd == 1 else tuple(input_shape[-2:])
+        oh, ow = (ih + 2 * ph - kh) // sh + 1, (iw + 2 * pw - kw) // sw + 1
+    elif output_width is None:
         return "relo"
-    if output_width >= 5:
-        return "relo_whi"
-    return "relo_wi" if k[-1] > 1 else "conv"
+    else:
+        ow = output_width
+    path = "relo_whi" if kh > 1 and ow > 4 else "relo_wi" if kw > 1 else "trans" if ow == 1 else "conv"
+    if (
+        path != "conv"
+        and input_shape is not None
+        and _brgemm_refuses(
+            path,
+            kh,
+            kw,
+            oh,
+            ow,
+            sh,
+            sw,
+            ph,
+            pw,
+            ih,
+            iw,
+            ocg,
+            int(input_shape[0]),
+            groups,
+            threads,
+            x_zero_point != 0,
+            float(y_scale) != 1.0,
+        )
+    ):
+        return "conv" if groups == 1 else "gemm"
+    return "conv" if path == "trans" else path
+
+
+def _brgemm_refuses(path, kh, kw, oh, ow, sh, sw, ph, pw, ih, iw, ocg, mb, groups, nthr, src_zp, dst_scale) -> bool:
+    """Whether oneDNN 3.12's brgemm conv (avx512_core, int8, ICg == 1, one of its transposing paths) refuses a shape.
+
+    jit_brgemm_conv_utils.cpp ``init_scratchpad`` returns unimplemented, silently, when the scratchpad it books
+    exceeds ``64 * nthr * (src + weight + dst bytes)``; every booking is 4 KiB aligned and costs its size + 4096
+    (memory_tracking.hpp ``registry_t::book``).  The bookings (brgemm batch, transposed input, input mask, relo
+    weight buffer, src zero-point compensation, dst scales) follow ``init_conf``'s blocking for these shapes (one
+    output row per block for whi, all rows otherwise, the whole OW).  The dst-scales booking passes ``4 * nthr`` as
+    an element count of 4096-byte elements: ``16384 * nthr + 4096`` bytes whenever PyTorch sets a dst scale (output
+    scale != 1).  Matched 70,980 of 70,980 probes on the real kernel (1 and 2 threads, input zero points, output
+    scales, paddings, strides 1-3, OC 1-96, kernels up to 11), registry sizes confirmed in gdb.  The OC block of
+    OC per group not in {<=16, 32, 64, ...} is a fit (oneDNN picks it by an efficiency estimate).
+    """
+    rnd = lambda a, b: -(-a // b) * b  # noqa: E731
+    dup = lambda a, b: -(-a // b)  # noqa: E731
+    page = 4096
+    whi, relo = path == "relo_whi", path in ("relo_whi", "relo_wi")
+    b_pad = (oh - 1) * sh + kh - (ih + ph)
+    r_pad = (ow - 1) * sw + kw - (iw + pw)
+    ihp, iwp = ih + ph + b_pad, iw + pw + r_pad
+    if ocg <= 16:
+        oc_block = 16
+    elif ocg > 32 and rnd(ocg, 16) % 48 == 0 and ih * iw > 81 * sh * sw:
+        oc_block = 48
+    else:
+        oc_block = 16 * {3: 2}.get(min(dup(ocg, 16), 4), min(dup(ocg, 16), 4))
+    os_blocking = (
+        ph < kh and b_pad < kh and r_pad < kw and pw < kw and iwp < 10800 and sh == 1 and (ow == 1 or kw <= sw)
+    )
+    oh_block = 1 if whi else oh
+    if not whi and nthr > 1:
+        oh_block = min(oh_block, dup(oh, dup(nthr, mb * dup((groups if ocg > 32 else 1) * ocg, oc_block))))
+    lda = (kh if whi else 1) * sw * (1 if relo else 4) * (kw if ow == 1 else 1)
+    hs = min(ihp, (oh_block - 1) * min(kh, sh) + kh) + max(0, ph) + max(0, b_pad)
+    if os_blocking:
+        adj_sh = 1 if whi else sh
+        oskip = (0 if ow == 1 else ((kw - 1) // sw) * adj_sh) + (adj_sh - 1) * ow
+        m = ow * oh_block
+        hs = dup(rnd(hs * iwp, rnd(m + oskip * (dup(m, ow) - 1), 16)), iwp) + kh
+    inp = (kh if whi else 1) * hs * iwp * groups * lda + (((oh - 1) * oh_block * sh * lda + lda) if whi else 0)
+    scratch = nthr * dup(rnd(kh * kw * 40, page), 40) * 40 + page  # brgemm batch elements, 40 bytes each
+    scratch += nthr * rnd(inp, page) + page
+    scratch += nthr * rnd(dup(oh, oh_block) * groups, page) + page  # input mask (OW is one block)
+    wei_oc = rnd(ocg, 16) if relo else rnd(ocg, oc_block)
+    if relo:
+        rd, rows = (kh * kw, 1) if whi else (kw, kh)
+        non_oc = rows * rnd(rd, 4 * (16 if kw * (kh if whi else 1) > 64 else 1))
+        scratch += rnd(groups * rnd(ocg, oc_block) * non_oc, 1024) + page
+    if src_zp and any(p != 0 for p in (ph, b_pad, pw, r_pad)):  # zero-point compensation per output range
+        ranges = min(oh, rnd(oh_block + 1 + abs(ph) + abs(b_pad), oh_block))
+        scratch += 4 * groups * rnd(ocg, oc_block) * ranges * ow + page  # get_comp_ow_size: OW (one OW block)
+    if dst_scale:  # key_conv_dst_scales
+        scratch += 4 * nthr * page + page
+    wei = groups * wei_oc * (1 if relo else 4) * kh * kw + (4 * groups * wei_oc if src_zp else 0)
+    return scratch > 64 * nthr * (mb * groups * ih * iw + wei + mb * groups * ocg * oh * ow)
 
 
 def should_use_onednn_quant(*, weight_symmetric: bool, groups: int, output_padding=0, isa: str) -> bool:
@@ -224,11 +320,17 @@ def conv_kernel(
     output_padding=0,
     weight_symmetric: bool = True,
     output_width: int | None = None,
+    input_shape: Sequence[int] | None = None,
+    threads: int = 1,
+    x_zero_point: int = 0,
+    y_scale: float = 1.0,
 ) -> Kernel:
     """Kernel of a quantized conv / conv_transpose call (kernel-spec §2-§4, §8).
 
-    ``output_width`` (the last output dim) decides oneDNN's relo layout on ``isa="avx512_vbmi"``; without it
-    the kernel is ``"relo"``, whose pairs are the union of both layouts."""
+    On ``isa="avx512_vbmi"`` oneDNN's choice for ICg == 1 convs depends on the call: ``input_shape`` (N, C, *S),
+    the intra-op ``threads``, whether the input zero point is non-zero and the output scale is not 1 decide it
+    (:func:`onednn_avx512_conv_path`); ``output_width`` alone gives the relo layout (conservative); neither gives
+    ``"relo"``, whose pairs are the union of both layouts."""
     check_engine_isa(engine, isa)
     if engine == "x86":
         onednn = should_use_onednn_quant(
@@ -240,10 +342,16 @@ def conv_kernel(
             path = onednn_avx512_conv_path(
                 weight_shape,
                 groups=groups,
+                stride=stride,
+                padding=padding,
                 dilation=dilation,
                 transposed=transposed,
                 isa=isa,
                 output_width=output_width,
+                input_shape=input_shape,
+                threads=threads,
+                x_zero_point=x_zero_point,
+                y_scale=y_scale,
             )
             icg = weight_shape[0] // groups if transposed else weight_shape[1]
             return Kernel("onednn", path, path not in ("dw", "conv") or icg > 1)

@@ -30,6 +30,7 @@ from . import dispatch, layout
 
 __all__ = [
     "Saturation",
+    "qlinear_acc",
     "qlinear_codes",
     "qconv_codes",
     "qlinear_dynamic_codes",
@@ -407,11 +408,23 @@ def _qlinear(x, x_scale, x_zp, w, w_scale, w_zp, bias, *, engine, isa, exact, wa
     if kernel.backend == "onednn" and np.any(wzp != 0):
         raise ValueError("oneDNN requires weight zero points of 0")
     per_channel = np.asarray(w_scale).size > 1 or np.asarray(w_zp).size > 1
-    order, w_o, wzp_o = _weights_in_order(w, "linear", 1, wzp)
+    acc, sat = qlinear_acc(x, x_zp, w, wzp, kernel=kernel, isa=isa, exact=exact, _want_sat=want_sat)
+    return acc, sat, kernel, per_channel, ws, _bias(bias, oc)
+
+
+def qlinear_acc(
+    x, x_zp, w, w_zp=0, *, kernel: dispatch.Kernel, isa: str = "avx2", exact: bool = False, _want_sat: bool = False
+):
+    """The int32 accumulators ``sum_k (x - x_zp)(w - w_zp)`` (P, OC) of a linear on u8 codes ``x`` (..., K) and
+    int8 codes ``w`` (OC, K) as ``kernel`` adds them (its int16 pairs saturate; exact float64 integers), and
+    the :class:`Saturation` when ``_want_sat``: the shared integer core of every matmul-like op (torch.ao
+    Linear, torchao's ``_int_mm`` / ``qlinear_pointwise``)."""
+    wzp = _per_channel(w_zp, np.shape(w)[0], "weight zero point", np.int64)
+    order, w_o, wzp_o = _weights_in_order(np.asarray(w), "linear", 1, wzp)
+    x = np.asarray(x)
     act = _Act(np.ascontiguousarray(x.reshape(-1, w.shape[1]).T, dtype=np.uint8)[None], None, 1, x.shape[:-1])
     pairs = _pairs(kernel, w.shape, "linear", 1, isa, exact)
-    acc, sat = _gemm(act, w_o, int(x_zp), wzp_o, pairs, order, want_sat)
-    return acc, sat, kernel, per_channel, ws, _bias(bias, oc)
+    return _gemm(act, w_o, int(x_zp), wzp_o, pairs, order, _want_sat)
 
 
 def qlinear_codes(
@@ -466,13 +479,15 @@ def qconv_codes(
     relu=False,
     exact=False,
     kernel: dispatch.Kernel | None = None,
+    threads: int = 1,
     _want_sat=False,
 ):
     """Quantized Conv{1,2,3}d / ConvTranspose on codes: ``x`` uint8 (N, C, *S); ``w`` int8 in PyTorch's
     layout ((OC, IC/G, *k), or (IC, OC/G, *k) when ``transposed``); returns uint8 (N, OC, *O).
 
-    ``kernel`` overrides :func:`safeobs.dispatch.conv_kernel`'s answer, e.g. with the implementation a
-    recorded run named (``ONEDNN_VERBOSE``)."""
+    ``threads``: torch's intra-op threads of the emulated run (oneDNN's AVX-512 VBMI kernel choice for ICg == 1
+    convs depends on it, :func:`safeobs.dispatch.conv_kernel`).  ``kernel`` overrides the dispatch, e.g. with
+    the implementation a recorded run named (``ONEDNN_VERBOSE``)."""
     x = _codes(x, "input", 0, 255)
     w = _codes(w, "weight", -128, 127)
     nd = w.ndim - 2
@@ -493,9 +508,6 @@ def qconv_codes(
         raise ValueError("torch 2.13 supports only per-tensor weights for quantized ConvTranspose")
     k = tuple(w.shape[2:])
     if kernel is None:
-        out_w = _conv_out_size(
-            x.shape[-1], k[-1], stride[-1], padding[-1], dilation[-1], output_padding[-1] if transposed else None
-        )
         kernel = dispatch.conv_kernel(
             engine,
             isa,
@@ -507,7 +519,10 @@ def qconv_codes(
             transposed=transposed,
             output_padding=output_padding,
             weight_symmetric=bool(np.all(wzp == 0)),
-            output_width=out_w,
+            input_shape=x.shape,
+            threads=threads,
+            x_zero_point=int(x_zp),
+            y_scale=float(y_scale),
         )
     if kernel.backend == "onednn" and np.any(wzp != 0):
         raise ValueError("oneDNN requires weight zero points of 0")
@@ -523,13 +538,6 @@ def qconv_codes(
         q = _requant_onednn(acc.astype(_F32), x_scale, ws, b, y_scale, y_zp, relu=relu)
     q = np.moveaxis(q.reshape((x.shape[0],) + tuple(out_sp) + (oc,)), -1, 1)
     return (q, sat) if _want_sat else q
-
-
-def _conv_out_size(size, k, stride, pad, dil, output_padding=None):
-    """Output length of one spatial dim (``output_padding`` given: transposed conv)."""
-    if output_padding is None:
-        return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-    return (size - 1) * stride - 2 * pad + dil * (k - 1) + output_padding + 1
 
 
 _SMALL_SCALE = 6.1e-5

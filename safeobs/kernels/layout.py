@@ -40,7 +40,7 @@ import numpy as np
 
 from .dispatch import OPS, Kernel
 
-LAYOUTS = ("fbgemm", "onednn", "x86", "any", "ort")
+LAYOUTS = ("fbgemm", "onednn", "x86", "any", "ort", "openvino")
 
 # "ort": ONNX Runtime's MLAS U8S8 kernels (QGEMM for MatMulInteger / MatMulIntegerToFloat /
 # DynamicQuantizeMatMul / QLinearMatMul, ConvSym and im2col QGEMM for QLinearConv) pair the flat
@@ -48,6 +48,12 @@ LAYOUTS = ("fbgemm", "onednn", "x86", "any", "ort")
 # (tests/test_onnx.py), source onnxruntime/core/mlas/lib/qgemm_kernel_avx2.cpp (PackedK = 4, vpmaddubsw),
 # convsym.cpp.  ONNX Conv weights (OC, IC/G, *k) have torch's layout; a MatMul weight B is (K, N):
 # pass B.T (safeobs.onnx does).  "x86" and "any" contain these pairs too.
+#
+# "openvino": the OpenVINO CPU plugin's int8 kernels (bundled oneDNN; pair discovery in safeobs/openvino/kernel.py,
+# tests/test_openvino.py): Convolution / GroupConvolution pair input channels (2m, 2m+1) of one tap, group-local
+# (jit_avx2_I8, jit_avx2_1x1_I8, brgconv_avx512[_1x1]_I8); depthwise is exact; FullyConnected pairs K in
+# gemm_s8u8s32 blocks on AVX2 (jit_gemm_I8: K=302 -> 150 pairs) and flat on AVX-512 (brgemm_avx512_I8: 151).
+# A subset of "onednn" (hence of "x86"); "any" covers it too.
 
 _EMPTY = np.zeros((0, 2), dtype=np.int64)
 
@@ -228,6 +234,11 @@ def _pairs_in_layout(layout: str, op: str, shape: tuple, groups: int) -> np.ndar
     parts = []
     if layout in ("fbgemm", "x86", "ort"):
         parts.append(flat_pairs(kg))
+    if layout == "openvino":
+        if op == "linear":
+            parts += [k_block_pairs(kg, onednn_matmul_block(kg, "avx2")), flat_pairs(kg)]
+        else:
+            parts.append(per_tap_pairs(taps, icg))
     if layout in ("onednn", "x86"):
         if op == "linear":
             parts += [
@@ -240,8 +251,8 @@ def _pairs_in_layout(layout: str, op: str, shape: tuple, groups: int) -> np.ndar
             if icg == 1 and op == "conv":
                 if len(shape) == 5:  # 3-D depthwise runs as gemm on AVX-512 (§8.3); flat kept from before
                     parts += [flat_pairs(kg), k_block_pairs(kg, onednn_matmul_block(kg, "avx512"))]
-                else:  # relo "whi" on AVX-512 VBMI
-                    parts.append(whi_pairs(shape[2:]))
+                else:  # relo "whi" on AVX-512 VBMI, and the flat gemm its grouped convs fall back to
+                    parts += [whi_pairs(shape[2:]), flat_pairs(kg)]
     return np.concatenate(parts) if parts else _EMPTY
 
 

@@ -137,3 +137,4 @@ register(
     )
 )
 register(Runtime("onnx", "safeobs.onnx.audit", suffixes=(".onnx",)))
+register(Runtime("openvino", "safeobs.openvino.audit", suffixes=(".xml",)))

@@ -151,13 +151,9 @@ def kernel_pairs(op: str, src: str, k: int, isa: str, *, backend: str = "onednn"
 
 def _onednn_acc(a_u8, x_zp, w, kernel, isa, exact, want_sat):
     """oneDNN on u8 codes (M, K) and weight rows (N, K) with ``kernel``'s pairs: int32 acc - x_zp * rowsum."""
-    w = np.ascontiguousarray(w, dtype=np.int8)
-    order, w_o, wzp_o = _emu._weights_in_order(w, "linear", 1, np.zeros(w.shape[0], np.int64))
-    act = _emu._Act(
-        np.ascontiguousarray(a_u8.reshape(-1, w.shape[1]).T, dtype=np.uint8)[None], None, 1, a_u8.shape[:-1]
+    return _emu.qlinear_acc(
+        a_u8, x_zp, np.ascontiguousarray(w, dtype=np.int8), kernel=kernel, isa=isa, exact=exact, _want_sat=want_sat
     )
-    pairs = _emu._pairs(kernel, w.shape, "linear", 1, isa, exact)
-    return _emu._gemm(act, w_o, int(x_zp), wzp_o, pairs, order, want_sat)
 
 
 def _wrap32(v: np.ndarray) -> np.ndarray:

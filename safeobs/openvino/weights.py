@@ -1,0 +1,241 @@
+"""The int8 weights of an OpenVINO model as the CPU plugin's kernels see them, and their safe rewrite.
+
+NNCF (3.4, OpenVINO backend, ``compress_weights`` default) emits every int8 weight as
+``Constant(i8) -> Convert(f32) -> Multiply(Constant scale f32)`` feeding input 1 of Convolution
+``[OC, IC, *k]``, GroupConvolution ``[G, OCg, ICg, *k]`` or MatMul (``[N, K]`` with ``transpose_b``, as
+``ov.convert_model`` emits Linear; else ``[K, N]``); codes are symmetric in [-127, 127] with
+``scale = max|w| / 127`` per output channel (``OverflowFix.DISABLE``).  A ``Subtract`` of a non-zero zero
+point makes the plugin run the node in f32 (probe: ``brgconv_avx512_f32``), so such weights never saturate;
+an all-zero Subtract is folded away and the node runs in int8.
+
+Pairs (pair discovery, safeobs/openvino/kernel.py): see layout ``"openvino"``.  Per ISA
+(:func:`isa_pairs`): avx2 convs per tap, FullyConnected in gemm K blocks; avx512 convs per tap,
+FullyConnected flat; vnni none; depthwise none everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from safeobs.core import solver
+from safeobs.kernels import layout
+
+from ._deps import require_openvino
+
+WEIGHT_OPS = ("Convolution", "GroupConvolution", "MatMul")
+ISAS = ("avx2", "avx512", "vnni")
+QMIN, QMAX = -127, 127  # NNCF's narrow-range int8 weights
+
+
+@dataclass
+class QWeight:
+    """One int8 weight: ``node`` (consumer), the Constant nodes holding codes and scale, and its kernel view."""
+
+    name: str
+    op_type: str
+    node: object
+    codes_node: object
+    scale_node: object
+    zero_point: bool  # a non-zero zero-point Subtract: the plugin runs f32
+    groups: int
+    transpose: bool  # MatMul weight stored [K, N]
+
+    @property
+    def op(self) -> str:
+        return "linear" if self.op_type == "MatMul" else "conv"
+
+    @property
+    def codes(self) -> np.ndarray:
+        return self.codes_node.get_data()
+
+    @property
+    def scale(self) -> np.ndarray:
+        return self.scale_node.get_data()
+
+    def view(self, w: np.ndarray) -> np.ndarray:
+        """The stored array (codes or floats) as the kernel's (OC, ICg, *k) / (N, K) array."""
+        if self.op_type == "GroupConvolution":
+            return w.reshape(-1, *w.shape[2:])
+        if self.transpose:
+            return np.ascontiguousarray(w.T)
+        return w
+
+    def unview(self, v: np.ndarray) -> np.ndarray:
+        shape = self.codes_node.get_output_shape(0)
+        return np.ascontiguousarray(v.T if self.transpose else v).reshape(tuple(shape))
+
+    def channel_scales(self) -> tuple[np.ndarray, bool]:
+        """Per output channel scales of the kernel view (and whether the scale is per channel)."""
+        s = np.asarray(self.scale, np.float32)
+        oc = self.view(self.codes).shape[0]
+        if s.size == 1:
+            return np.full(oc, s.reshape(-1)[0], np.float32), False
+        if s.size != oc:
+            raise ValueError(f"{self.name}: scale of shape {s.shape} is not per output channel")
+        return s.reshape(-1).astype(np.float32), True
+
+    @property
+    def depthwise(self) -> bool:
+        return self.op_type == "GroupConvolution" and self.codes.shape[1] == 1 and self.codes.shape[2] == 1
+
+    @property
+    def int8(self) -> bool:
+        return not self.zero_point
+
+
+def _const(output):
+    node = output.get_node()
+    return node if node.get_type_name() == "Constant" else None
+
+
+def read_weights(model) -> list[QWeight]:
+    """Every ``Constant(i8) -> Convert -> [Subtract] -> Multiply`` weight of Convolution / GroupConvolution /
+    2-D MatMul in ``model``."""
+    out = []
+    for op in model.get_ordered_ops():
+        t = op.get_type_name()
+        if t not in WEIGHT_OPS or op.get_input_size() < 2:
+            continue
+        mul = op.input_value(1).get_node()
+        if mul.get_type_name() != "Multiply":
+            continue
+        a, b = (mul.input_value(i).get_node() for i in (0, 1))
+        scale = b if b.get_type_name() == "Constant" else a if a.get_type_name() == "Constant" else None
+        src = a if scale is b else b
+        if scale is None:
+            continue
+        zp = False
+        if src.get_type_name() == "Subtract":
+            zpc = _const(src.input_value(1))
+            if zpc is None:
+                continue
+            zp = bool(np.any(zpc.get_data() != 0))
+            if zpc.get_element_type().get_type_name() in ("i8", "u8"):
+                continue  # Subtract on integer codes: not NNCF's pattern
+            src = src.input_value(0).get_node()
+        if src.get_type_name() != "Convert":
+            continue
+        codes = _const(src.input_value(0))
+        if codes is None or codes.get_element_type().get_type_name() != "i8":
+            continue
+        shape = tuple(codes.get_output_shape(0))
+        groups, transpose = 1, False
+        if t == "MatMul":
+            if len(shape) != 2 or op.input_value(1).get_node() is not mul:
+                continue
+            transpose = not op.get_attributes().get("transpose_b", False)
+        elif t == "GroupConvolution":
+            groups = shape[0]
+        out.append(QWeight(op.get_friendly_name(), t, op, codes, scale, zp, groups, transpose))
+    return out
+
+
+# -- pairs per ISA and for the union -----------------------------------------------------------------------
+
+
+def _columns(v_shape, op: str, isa: str) -> np.ndarray:
+    """Pairs of one output channel's natural row (``v.reshape(OC, -1)``) that an ``isa`` kernel adds."""
+    kc = int(np.prod(v_shape[1:]))
+    if isa == "vnni":
+        return np.zeros((0, 2), np.int64)
+    if op == "linear":
+        return (
+            layout.k_block_pairs(kc, layout.onednn_matmul_block(kc, "avx2")) if isa == "avx2" else layout.flat_pairs(kc)
+        )
+    icg, taps = int(v_shape[1]), int(np.prod(v_shape[2:]))
+    pos = layout.per_tap_pairs(taps, icg)
+    return (pos % icg) * taps + pos // icg  # kernel position t*ICg + ic -> natural column ic*taps + t
+
+
+def isa_kernel(qw: QWeight, isa: str) -> str:
+    """The primitive the plugin runs for this weight on ``isa`` (probed: ``get_runtime_model()``)."""
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+    if not qw.int8:
+        return "f32 (zero-point Subtract)"
+    if qw.op == "linear":
+        return {"avx2": "jit_gemm_I8", "avx512": "brgemm_avx512_I8", "vnni": "brgemm_avx512_I8 (VNNI)"}[isa]
+    k = qw.codes.shape[3:] if qw.op_type == "GroupConvolution" else qw.codes.shape[2:]
+    k1 = all(int(d) == 1 for d in k)
+    if isa == "avx2":
+        return "jit_avx2_1x1_I8" if k1 and not qw.groups > 1 else "jit_avx2_I8"
+    if qw.depthwise:
+        return {"avx512": "jit_avx512_I8 (depthwise)", "vnni": "brgconv_avx512_dw_I8"}[isa]
+    if qw.groups > 1:
+        return "jit_avx512_I8" + (" (VNNI)" if isa == "vnni" else "")
+    return ("brgconv_avx512_1x1_I8" if k1 else "brgconv_avx512_I8") + (" (VNNI)" if isa == "vnni" else "")
+
+
+def unsafe_channels(qw: QWeight, isa: str, codes: np.ndarray | None = None) -> np.ndarray:
+    """Output channels (of the kernel view) with a pair of codes summing past +-128 on ``isa``."""
+    if not qw.int8 or qw.depthwise or isa == "vnni":
+        return np.zeros(0, np.int64)
+    v = qw.view(qw.codes if codes is None else codes)
+    rows = v.reshape(v.shape[0], -1).astype(np.int16)
+    cols = _columns(v.shape, qw.op, isa)
+    if len(cols) == 0:
+        return np.zeros(0, np.int64)
+    tot = rows[:, cols[:, 0]] + rows[:, cols[:, 1]]
+    return np.flatnonzero(np.any((tot > solver.PAIR_MAX) | (tot < solver.PAIR_MIN), axis=1))
+
+
+def safe_codes(qw: QWeight, w: np.ndarray | None = None, lay: str = "openvino") -> tuple[np.ndarray, np.ndarray]:
+    """Tightest safe ``(codes, scale)`` (stored shapes) for ``qw``; floor: its current scale.
+
+    ``w``: the float weight in the stored layout (default: the dequantized codes).  Scales come from
+    :func:`safeobs.solver.raise_scales` over layout ``lay``'s pairs, codes from :func:`safeobs.solver.quantize`
+    in [-127, 127]; every pair is then checked and a channel the rounding still breaks takes the next float32
+    scale (an exact check).
+    """
+    stock, per_channel = qw.channel_scales()
+    v = np.array(
+        qw.view(
+            np.asarray(w, np.float32) if w is not None else qw.codes.astype(np.float32) * qw.scale.astype(np.float32)
+        ),
+        order="C",
+        copy=True,
+    )
+    if qw.depthwise or not qw.int8:
+        pairs = np.zeros((0, 2), np.int64)
+    else:
+        pairs = solver.layout_pairs(v, lay, qw.op)
+    if per_channel:
+        s, _ = solver.raise_scales(
+            v, pairs, stock, 0, ch_axis=0, symmetric=True, quant_min=QMIN, quant_max=QMAX, check_pairs=False
+        )
+    else:
+        s, _ = solver.raise_scales(
+            v, pairs, stock[:1], 0, ch_axis=None, symmetric=True, quant_min=QMIN, quant_max=QMAX, check_pairs=False
+        )
+        s = np.full_like(stock, s[0])
+    s = s.astype(np.float32)
+    check = [] if (qw.depthwise or not qw.int8) else [i for i in ISAS if i != "vnni"]
+    for _ in range(64):
+        codes = _quantize(v, s)
+        bad = np.unique(np.concatenate([unsafe_channels(qw, i, qw.unview(codes)) for i in check] or [[]])).astype(int)
+        if bad.size == 0:
+            break
+        s[bad if per_channel else slice(None)] = np.nextafter(s[bad if per_channel else slice(None)], np.inf)
+    else:
+        raise RuntimeError(f"{qw.name}: no safe scale found (float32 rounding did not settle)")
+    scale_shape = tuple(qw.scale_node.get_output_shape(0))
+    return qw.unview(codes), (s.reshape(scale_shape) if per_channel else s[:1].reshape(scale_shape))
+
+
+def _quantize(v: np.ndarray, s: np.ndarray) -> np.ndarray:
+    shape = (-1,) + (1,) * (v.ndim - 1)
+    return solver.quantize(v, s.reshape(shape), QMIN, QMAX).astype(np.int8)
+
+
+def replace_constants(qw: QWeight, codes: np.ndarray, scale: np.ndarray) -> None:
+    """Swap the codes and scale Constants of ``qw`` for new ones (same names, shapes and types) in its model."""
+    ops = require_openvino().opset13
+    new = []
+    for old, arr, dt in ((qw.codes_node, codes, np.int8), (qw.scale_node, scale, np.float32)):
+        c = ops.constant(np.ascontiguousarray(arr, dtype=dt))
+        c.set_friendly_name(old.get_friendly_name())
+        old.output(0).replace(c.output(0))
+        new.append(c)
+    qw.codes_node, qw.scale_node = new

@@ -1,0 +1,427 @@
+"""OpenVINO + NNCF (issue 21): pair discovery on the CPU plugin, safe drop-in ``nncf.quantize``, audit/repair.
+
+Real kernels run in ONE subprocess per mode: ``native`` (this host; VNNI: exact), ``avx512``
+(``ONEDNN_MAX_CPU_ISA=AVX512_CORE``, honoured by the plugin's oneDNN: brgconv/brgemm without VNNI) and
+``haswell`` (qemu-x86_64 -cpu Haswell: jit_avx2_I8 / jit_avx2_1x1_I8 / jit_gemm_I8).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+ov = pytest.importorskip("openvino", reason="openvino not installed (pip install 'safeobs[openvino]')")
+nncf = pytest.importorskip("nncf", reason="nncf not installed (pip install 'safeobs[openvino]')")
+torch = pytest.importorskip("torch")
+
+from safeobs import openvino as sov  # noqa: E402
+from safeobs.core import solver  # noqa: E402
+from safeobs.kernels import layout, realkernel  # noqa: E402
+from safeobs.openvino import kernel as K  # noqa: E402
+from safeobs.openvino import ptq as Q  # noqa: E402
+from safeobs.openvino import weights as W  # noqa: E402
+
+warnings.filterwarnings("ignore", module="nncf")
+ops = ov.opset13
+
+MODES = [
+    pytest.param("native", id="native"),
+    pytest.param(
+        "avx512",
+        id="avx512",
+        marks=pytest.mark.skipif(not K.available("avx512"), reason="no AVX-512 host to force AVX512_CORE on"),
+    ),
+    pytest.param(
+        "haswell",
+        id="haswell",
+        marks=[pytest.mark.qemu, pytest.mark.skipif(not K.available("haswell"), reason="qemu-x86_64 not on PATH")],
+    ),
+]
+
+# -- the cases: pair discovery probes + small torch models, all run in one subprocess per mode --------------
+
+PROBES = [
+    ("conv", dict(ic=8, k=(1, 1))),
+    ("conv", dict(ic=64, k=(1, 1))),
+    ("conv", dict(ic=3, k=(3, 3))),
+    ("conv", dict(ic=8, k=(3, 3))),
+    ("conv", dict(ic=16, k=(3, 3))),
+    ("conv", dict(ic=64, k=(3, 3))),
+    ("conv", dict(ic=16, k=(3, 3), groups=2)),
+    ("conv", dict(ic=16, k=(3, 3), groups=16)),
+    ("matmul", dict(k=64)),
+    ("matmul", dict(k=64, transpose_b=False)),
+    ("matmul", dict(k=300)),
+    ("matmul", dict(k=302)),
+    ("matmul", dict(k=302, transpose_b=False)),
+    ("matmul", dict(k=1000)),
+]
+
+
+class CNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, 32, 1)
+        self.dw = torch.nn.Conv2d(32, 32, 3, groups=32, padding=1)
+        self.g = torch.nn.Conv2d(32, 32, 3, groups=2, padding=1)
+        self.fc = torch.nn.Linear(32 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x))
+        x = torch.relu(self.dw(x))
+        x = torch.relu(self.g(x))
+        return self.fc(x.flatten(1))
+
+
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(64, 302), torch.nn.ReLU(), torch.nn.Linear(302, 10))
+
+
+def _worst_inputs(shape, rng):
+    """Every activation of the first layer at the top (or bottom) of its range, random signs, and heavy noise."""
+    return [
+        np.full(shape, 10, np.float32),
+        np.full(shape, -10, np.float32),
+        (np.sign(rng.standard_normal(shape)) * 10).astype(np.float32),
+        (rng.standard_normal(shape) * 4).astype(np.float32),
+    ]
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, m, shape in (("cnn", CNN().eval(), (1, 3, 8, 8)), ("mlp", _mlp().eval(), (1, 64))):
+        om = ov.convert_model(m, example_input=torch.randn(*shape))
+        data = nncf.Dataset([rng.standard_normal(shape).astype(np.float32) for _ in range(8)])
+        out[name] = dict(
+            float=om,
+            shape=shape,
+            inputs=_worst_inputs(shape, rng),
+            safe=sov.quantize(om, data, subset_size=8),
+            stock=nncf.quantize(om, data, subset_size=8, advanced_parameters=Q._advanced(nncf, None)),
+        )
+    return out
+
+
+_RESULTS = {}
+
+
+def _results(mode, models):
+    """Every probe and model of this module through the plugin in ONE subprocess for ``mode`` (cached)."""
+    if mode not in _RESULTS:
+        probes = [K.probe_case(kind, **kw) for kind, kw in PROBES]
+        runs = [{"model": c["model"], "feeds": c["feeds"]} for c in probes]
+        keys = [(n, v) for n in sorted(models) for v in ("safe", "stock")]
+        runs += [{"model": models[n][v], "feeds": models[n]["inputs"]} for n, v in keys]
+        res = K.run(runs, mode=mode)
+        _RESULTS[mode] = {
+            "probes": [K.decode_case(c, r, K.mode_isa(mode)) for c, r in zip(probes, res)],
+            "models": dict(zip(keys, res[len(probes) :])),
+        }
+    return _RESULTS[mode]
+
+
+# -- 1. pair discovery --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pair_discovery_matches_layout(mode, models):
+    """Measured pairs == layout "openvino" for the mode's ISA: 0 false positives, 0 false negatives."""
+    isa = K.mode_isa(mode)
+    for r in _results(mode, models)["probes"]:
+        exp = r["expected"]
+        assert np.array_equal(r["pairs"], exp.reshape(-1, 2)), (mode, r["meta"], r["pairs"][:8], exp[:8])
+        prims = {p for _, _, p in r["runtime"]}
+        assert len(prims) == 1 and prims.pop().endswith("_I8"), r["runtime"]  # ran in int8
+    if isa == "avx2":
+        by = {
+            (r["meta"]["kind"], r["meta"].get("k"), r["meta"].get("transpose_b")): r
+            for r in _results(mode, models)["probes"]
+        }
+        assert len(by[("matmul", 302, True)]["pairs"]) == 150  # gemm K blocks of 151: not flat (151)
+        assert by[("matmul", 302, True)]["runtime"][0][2] == "jit_gemm_I8"
+    if isa == "vnni":
+        assert all(len(r["pairs"]) == 0 for r in _results(mode, models)["probes"])
+
+
+def test_probe_decoding_rejects_inconsistent_patterns():
+    sat = np.zeros((4, 3), bool)
+    sat[0] = [True, True, False]  # 0 pairs with 1, but 1 says nothing
+    with pytest.raises(RuntimeError):
+        K.decode_pairs(sat)
+    sat[1] = [True, False, False]
+    assert K.decode_pairs(sat).tolist() == [[0, 1]]
+
+
+SHAPES = [
+    (8, 3, 3, 3),
+    (16, 16, 1, 1),
+    (6, 5, 3, 3),
+    (4, 7, 3, 3, 3),
+    (12, 1, 3, 3),
+    (10, 64),
+    (10, 300),
+    (10, 302),
+    (5, 1000),
+    (4, 1538),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_openvino_layout_inside_x86_and_onednn(shape):
+    ovp = {tuple(p) for p in layout.weight_pairs(shape, "openvino").tolist()}
+    for lay in ("onednn", "x86"):
+        assert ovp <= {tuple(p) for p in layout.weight_pairs(shape, lay).tolist()}, lay
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_any_and_x86_scales_are_safe_for_openvino(shape):
+    w = np.random.default_rng(1).standard_t(2, size=shape).astype(np.float32)
+    pairs = layout.weight_pairs(shape, "openvino")
+    for lay in ("any", "x86", "openvino"):
+        s, _ = solver.safe_qparams(torch.from_numpy(w), layout=lay)
+        q = solver.quantize(w, s.numpy().reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.int32).ravel()
+        tot = q[pairs[:, 0]] + q[pairs[:, 1]] if len(pairs) else np.zeros(0)
+        assert np.all((tot <= 128) & (tot >= -128)), lay
+
+
+# -- 2. quantize: the weight rewrite -------------------------------------------------------------------------
+
+
+def _nncf_weight_model(w: np.ndarray, kind: str, groups: int = 1, transpose_b: bool = True):
+    """A model holding ``w`` as NNCF stores it (codes = round(w / s), s = max|w| / 127 per output channel)."""
+    v = w.reshape(w.shape[0], -1)
+    s = np.maximum(np.abs(v).max(1), 1e-12).astype(np.float32) / np.float32(127)
+    codes = np.clip(np.round(w / s.reshape((-1,) + (1,) * (w.ndim - 1))), -127, 127).astype(np.int8)
+    if kind == "matmul":
+        x = ops.parameter([1, w.shape[1]], np.float32)
+        st_codes, sc = (codes, s.reshape(-1, 1)) if transpose_b else (codes.T.copy(), s.reshape(1, -1))
+        wt = ops.multiply(ops.convert(ops.constant(st_codes), np.float32), ops.constant(sc))
+        return ov.Model([ops.matmul(x, wt, False, transpose_b)], [x]), (w if transpose_b else w.T.copy())
+    nd = w.ndim - 2
+    x = ops.parameter([1, w.shape[1] * groups] + [d + 2 for d in w.shape[2:]], np.float32)
+    if groups == 1:
+        wt = ops.multiply(
+            ops.convert(ops.constant(codes), np.float32), ops.constant(s.reshape(-1, *[1] * (w.ndim - 1)))
+        )
+        y = ops.convolution(x, wt, [1] * nd, [0] * nd, [0] * nd, [1] * nd)
+        return ov.Model([y], [x]), w
+    g_shape = (groups, w.shape[0] // groups) + w.shape[1:]
+    wt = ops.multiply(
+        ops.convert(ops.constant(codes.reshape(g_shape)), np.float32),
+        ops.constant(s.reshape(groups, -1, *[1] * (w.ndim - 1))),
+    )
+    return ov.Model([ops.group_convolution(x, wt, [1] * nd, [0] * nd, [0] * nd, [1] * nd)], [x]), w.reshape(g_shape)
+
+
+_DISTS = ("normal", "t2", "adversarial")
+
+
+def _weights(dist, shape, seed):
+    rng = np.random.default_rng(seed)
+    if dist == "normal":
+        return rng.standard_normal(shape).astype(np.float32)
+    if dist == "t2":
+        return rng.standard_t(2, size=shape).astype(np.float32)
+    w = rng.uniform(0.9, 1.0, size=shape).astype(np.float32)  # every pair near +max: the worst case
+    w[..., ::3] *= -1
+    return w
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(["conv", "group", "matmul", "matmul_kn"]),
+    dist=st.sampled_from(_DISTS),
+    oc=st.integers(1, 6),
+    icg=st.integers(1, 20),
+    k=st.sampled_from([1, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_safe_codes_pair_bound_and_tight(kind, dist, oc, icg, k, seed):
+    """Safe codes satisfy the pair bound for every ISA's pairs (and layout "openvino"); every raised scale is the
+    smallest: one float32 step down breaks a pair."""
+    if kind.startswith("matmul"):
+        w = _weights(dist, (oc, icg * k * 37), seed)
+        model, stored = _nncf_weight_model(w, "matmul", transpose_b=kind == "matmul")
+    else:
+        groups = 2 if kind == "group" else 1
+        w = _weights(dist, (oc * groups, icg, k, k), seed)
+        model, stored = _nncf_weight_model(w, "conv", groups)
+    (qw,) = W.read_weights(model)
+    codes, scale = W.safe_codes(qw, stored)
+    assert codes.dtype == np.int8 and codes.shape == qw.codes.shape and scale.shape == qw.scale.shape
+    assert codes.min() >= -127 and codes.max() <= 127
+    for isa in ("avx2", "avx512"):
+        assert W.unsafe_channels(qw, isa, codes).size == 0
+    v = qw.view(codes).astype(np.int32).ravel()
+    p = layout.weight_pairs(qw.view(codes).shape, "openvino")
+    if len(p):
+        tot = v[p[:, 0]] + v[p[:, 1]]
+        assert tot.max() <= 128 and tot.min() >= -128
+    s_new, s_old = scale.reshape(-1), qw.scale.reshape(-1)
+    assert np.all(s_new >= s_old)
+    vw = qw.view(stored)
+    for c in np.flatnonzero(s_new > s_old):
+        down = np.nextafter(s_new[c], np.float32(0))
+        row = solver.quantize(vw[c : c + 1], down, -127, 127).astype(np.int8)
+        trial = qw.view(codes).copy()
+        trial[c : c + 1] = row
+        assert any(c in W.unsafe_channels(qw, i, qw.unview(trial)) for i in ("avx2", "avx512")), c
+
+
+def test_quantize_keeps_advanced_parameters_and_full_8bit():
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+    adv = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE, disable_bias_correction=True)
+    got = Q._advanced(nncf, adv)
+    assert got.overflow_fix == OverflowFix.DISABLE and got.disable_bias_correction is True
+    assert adv.overflow_fix == OverflowFix.ENABLE  # the caller's object is not changed
+    with pytest.raises(TypeError):
+        Q._advanced(nncf, {"overflow_fix": "enable"})
+
+
+def test_quantize_rejects_bad_input():
+    with pytest.raises(TypeError, match="openvino.Model"):
+        sov.quantize(torch.nn.Linear(2, 2), nncf.Dataset([np.zeros((1, 2), np.float32)]))
+    m = ov.convert_model(torch.nn.Linear(2, 2), example_input=torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="layout"):
+        sov.quantize(m, nncf.Dataset([np.zeros((1, 2), np.float32)]), layout="fbgemm")
+
+
+def test_quantized_models_safe_and_full_range(models):
+    for name, m in models.items():
+        weights = W.read_weights(m["safe"])
+        assert len(weights) == (5 if name == "cnn" else 2)
+        for qw in weights:
+            for isa in W.ISAS:
+                assert W.unsafe_channels(qw, isa).size == 0, (name, qw.name, isa)
+        stock = W.read_weights(m["stock"])
+        assert any(W.unsafe_channels(qw, "avx2").size for qw in stock)  # NNCF DISABLE alone is not safe
+        assert max(int(np.abs(qw.codes).max()) for qw in stock) == 127
+
+
+def test_runs_in_int8_on_the_plugin(models):
+    """The rewritten model still compiles to the plugin's int8 primitives (runtimePrecision u8/i8)."""
+    core = ov.Core()
+    for name, m in models.items():
+        rt = core.compile_model(m["safe"], "CPU").get_runtime_model()
+        rows = [
+            (op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+            for op in rt.get_ordered_ops()
+        ]
+        heavy = [r for r in rows if r[0] in ("Convolution", "FullyConnected", "MatMul")]
+        assert heavy and all(p in ("u8", "i8") for _, p in heavy), (name, heavy)
+
+
+# -- 3. real kernels: AVX2 (qemu) against VNNI / forced AVX-512 ---------------------------------------------
+
+
+def _outputs(mode, models, name, variant):
+    return [o[0] for o in _results(mode, models)["models"][(name, variant)]["outputs"]]
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(not K.available("haswell"), reason="qemu-x86_64 not on PATH")
+@pytest.mark.skipif(realkernel.host_isa() != "vnni", reason="needs a VNNI host for the exact reference")
+@pytest.mark.parametrize("name", ["cnn", "mlp"])
+def test_safe_model_bit_exact_on_avx2(name, models):
+    """0 saturated lanes: on worst-case inputs AVX2's outputs equal VNNI's (exact int32 accumulation) bit for bit;
+    forced AVX-512 too."""
+    ref = _outputs("native", models, name, "safe")
+    modes = ["haswell"] + (["avx512"] if K.available("avx512") else [])
+    for mode in modes:
+        got = _outputs(mode, models, name, "safe")
+        for a, b in zip(ref, got):
+            assert np.array_equal(a, b), (mode, np.abs(a - b).max())
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(not K.available("haswell"), reason="qemu-x86_64 not on PATH")
+@pytest.mark.skipif(realkernel.host_isa() != "vnni", reason="needs a VNNI host for the exact reference")
+@pytest.mark.parametrize("name", ["cnn", "mlp"])
+def test_stock_nncf_disable_saturates_on_avx2(name, models):
+    ref = _outputs("native", models, name, "stock")
+    got = _outputs("haswell", models, name, "stock")
+    assert any(not np.array_equal(a, b) for a, b in zip(ref, got))
+
+
+# -- dependencies ----------------------------------------------------------------------------------------------
+
+
+def test_missing_openvino_names_the_extra():
+    code = (
+        "import sys; sys.modules['openvino'] = None; sys.modules['nncf'] = None\n"
+        "from safeobs.openvino import require_openvino, require_nncf\n"
+        "for f in (require_openvino, require_nncf):\n"
+        "    try:\n        f()\n    except ImportError as e:\n        print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and all("pip install 'safeobs[openvino]'" in ln for ln in lines)
+
+
+# -- 4. audit / repair of OpenVINO IR ------------------------------------------------------------------------
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "safeobs", *args], capture_output=True, text=True)
+
+
+def test_cli_audit_repair_ir(models, tmp_path):
+    """audit exits 1 on NNCF's DISABLE IR, repair rewrites only unsafe channels' bytes (XML identical), the repaired
+    IR audits 0; bad paths exit 2."""
+    stock = str(tmp_path / "stock.xml")
+    ov.save_model(models["cnn"]["stock"], stock, compress_to_fp16=False)
+    r = _cli("audit", stock)
+    assert r.returncode == 1 and "jit_avx2_I8" in r.stdout and "jit_gemm_I8" in r.stdout, r.stdout + r.stderr
+    out = str(tmp_path / "safe.xml")
+    r = _cli("repair", stock, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert open(stock, "rb").read() == open(out, "rb").read()
+    from safeobs.openvino import audit as A
+
+    old, new = (np.fromfile(str(tmp_path / f), np.uint8) for f in ("stock.bin", "safe.bin"))
+    assert old.size == new.size
+    consts = A._const_layers(open(stock).read())
+    patched = {qw.codes_node.get_friendly_name() for qw in W.read_weights(A.load_ir(stock))} | {
+        qw.scale_node.get_friendly_name() for qw in W.read_weights(A.load_ir(stock))
+    }
+    inside = np.zeros(old.size, bool)
+    for name in patched:
+        off, size, _ = consts[name]
+        inside[off : off + size] = True
+    assert np.all(old[~inside] == new[~inside]) and np.any(old != new)
+    r = _cli("audit", out, "--json")
+    assert r.returncode == 0, r.stdout
+    # the repaired IR equals the in-memory safe rewrite's safety and still compiles to int8
+    rt = ov.Core().compile_model(out, "CPU").get_runtime_model()
+    assert any(
+        op.get_rt_info()["runtimePrecision"].astype(str) == "u8"
+        for op in rt.get_ordered_ops()
+        if op.get_rt_info()["layerType"].astype(str) == "Convolution"
+    )
+    assert _cli("audit", str(tmp_path / "missing.xml")).returncode == 2
+    assert _cli("repair", stock, "-o", str(tmp_path / "x.onnx")).returncode == 2
+    (tmp_path / "bad.xml").write_text("<net>")
+    (tmp_path / "bad.bin").write_bytes(b"")
+    assert _cli("audit", str(tmp_path / "bad.xml")).returncode == 2
+
+
+def test_repair_leaves_safe_ir_unchanged(models, tmp_path):
+    safe = str(tmp_path / "s.xml")
+    ov.save_model(models["mlp"]["safe"], safe, compress_to_fp16=False)
+    from safeobs.openvino import audit as A
+
+    infos = A.repair_ir(safe, str(tmp_path / "r.xml"))
+    assert all(i["changed"] == 0 for i in infos)
+    assert open(tmp_path / "s.bin", "rb").read() == open(tmp_path / "r.bin", "rb").read()
