@@ -5,6 +5,7 @@ VENV       := .venv
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip
 STAMP      := $(VENV)/.safeobs-setup-stamp
+DOCS_STAMP := $(VENV)/.safeobs-docs-stamp
 TORCH_PIN  := torch==2.13.0
 TORCHAO_PIN := torchao==0.18.0
 ONNX_PINS  := onnx==1.23.2 onnxruntime==1.31.1
@@ -14,7 +15,7 @@ PYTEST_ARGS ?=
 QEMU       ?= qemu-x86_64
 SUDO       := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup qemu lint test demo bench clean
+.PHONY: setup qemu lint test demo bench docs clean
 
 setup: qemu $(STAMP)
 
@@ -49,6 +50,14 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/run_all.py
 
+# The docs extra (mkdocs, material, mkdocstrings) on top of the pinned setup; API pages read the source.
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PIP) install -q -e '.[docs]'
+	touch $@
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
