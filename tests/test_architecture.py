@@ -14,7 +14,17 @@ ROOT = Path(__file__).resolve().parent.parent / "safeobs"
 
 # Lowest first.  The top (cli, __init__, __main__, the safeobs.emulator / safeobs.rounding aliases) may import
 # anything; within a layer modules may import each other, except that runtime folders stay apart.
-LAYERS = {"kernels": 0, "core": 1, "data": 2, "torch_ao": 3, "pt2e": 3, "torchao": 3, "onnx": 3, "openvino": 3, "tools": 4}
+LAYERS = {
+    "kernels": 0,
+    "core": 1,
+    "data": 2,
+    "torch_ao": 3,
+    "pt2e": 3,
+    "torchao": 3,
+    "onnx": 3,
+    "openvino": 3,
+    "tools": 4,
+}
 TOP = 5
 RUNTIMES = {"torch_ao", "pt2e", "torchao", "onnx", "openvino"}
 LOW_FORBIDDEN = ("torchao", "onnx", "onnxruntime", "openvino", "nncf")  # third-party, for kernels/ and core/
