@@ -193,10 +193,10 @@ def _chunks(x: np.ndarray, d: _Dims, kb: int, chunk: int):
             gc = rc // d.ocg
             for g0 in range(0, d.g, gc):
                 yield g0 * d.ocg, np.ascontiguousarray(x4[g0:g0 + gc]).reshape(-1, kb)
-        else:
-            for r0 in range(0, d.g * d.ocg, rc):
-                g, o0 = divmod(r0, d.ocg)
-                yield r0, np.ascontiguousarray(x4[g, o0:o0 + rc]).reshape(-1, kb)
+        else:  # a group holds more than one chunk: G <= size / chunk iterations of the outer loop
+            for g in range(d.g):
+                for o0 in range(0, d.ocg, rc):
+                    yield g * d.ocg + o0, np.ascontiguousarray(x4[g, o0:o0 + rc]).reshape(-1, kb)
 
 
 def _bad(a: np.ndarray, b: np.ndarray, fast: bool) -> np.ndarray:
