@@ -462,3 +462,13 @@ def test_repair_in_place_and_emulate_hook(one_thread):
     with torch.no_grad(), emulator.emulate(m, engine="onednn", isa="avx2") as rep:
         m(x)
     assert rep.total == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_non_finite_weight_is_rejected(bad, reduce_range):
+    w = torch.randn(8, 16)
+    w[3, 5] = bad
+    for g in (PerRow(), PerTensor()):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            sto.safe_weight_scale(w, g, reduce_range=reduce_range)
