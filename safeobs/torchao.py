@@ -165,7 +165,7 @@ def quantize_weight(weight: torch.Tensor, config) -> Int8Tensor:
                                                     reduce_range=config.reduce_range),
         reduce_range=config.reduce_range, **extra,
     )
-    # the solver's guarantee, re-checked on the stored codes: ~2% of quantize_ since issue 20 (safeobs.pairsums)
+    # the solver's guarantee, re-checked on the stored codes: ~3% of quantize_ since issue 20 (safeobs.pairsums)
     left = check_codes(q.qdata.detach().cpu().numpy(), config.layout, op="linear")
     if left:  # never expected
         raise RuntimeError(f"{len(left)} weight pairs still unsafe after solving; please report")
