@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +34,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's safeobs, also in the workers (PYTHONPATH below)
 
 from safeobs.pairsums import CHUNK  # noqa: E402
+
 LLAMA = [(4096, 4096), (4096, 11008), (11008, 4096)]
 SWEEP = [(1024, 1024), (2048, 2048), (4096, 4096), (8192, 8192), (11008, 11008)]
 OLD_MAX = 50_000_000  # old verify: ~0.45 us and ~80 B per weight; beyond this it costs minutes and GBs
-BLOCK = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096),
-         "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008)}
+BLOCK = {
+    "q": (4096, 4096),
+    "k": (4096, 4096),
+    "v": (4096, 4096),
+    "o": (4096, 4096),
+    "gate": (11008, 4096),
+    "up": (11008, 4096),
+    "down": (4096, 11008),
+}
 
 
 def log(msg):
@@ -61,6 +70,7 @@ def _measure(fn, repeats: int):
         base = _rss_kb("VmRSS")
     except OSError:  # no clear_refs: ru_maxrss is then a high-water mark since start
         import resource
+
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     out = fn()
@@ -146,7 +156,7 @@ def worker(job: dict) -> dict:
     times, mbs = [], []
     for _ in range(2):
         m = build()
-        sec, mb, _ = _measure(lambda: quantize_(m, cfg()), 1)
+        sec, mb, _ = _measure(partial(quantize_, m, cfg()), 1)
         times.append(sec)
         mbs.append(mb)
         del m
@@ -155,8 +165,9 @@ def worker(job: dict) -> dict:
 
 def run_job(job: dict) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
-                         env=env, timeout=900)
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, env=env, timeout=900
+    )
     if out.returncode:
         raise RuntimeError(f"{job}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -190,10 +201,13 @@ def plot(res, path):
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     rows = sorted(res["layers"], key=lambda r: r["numel"])
-    for key, label, mk in [("scan", "code scan (floor)", "o"), ("verify_new", "verify x86 (pairsums)", "s"),
-                           ("check_codes", "check_codes x86 (numpy codes)", "d"),
-                           ("verify_old", "verify x86 (weight_pairs, before)", "x"),
-                           ("safe_qparams", "safe_qparams (solver)", "^")]:
+    for key, label, mk in [
+        ("scan", "code scan (floor)", "o"),
+        ("verify_new", "verify x86 (pairsums)", "s"),
+        ("check_codes", "check_codes x86 (numpy codes)", "d"),
+        ("verify_old", "verify x86 (weight_pairs, before)", "x"),
+        ("safe_qparams", "safe_qparams (solver)", "^"),
+    ]:
         pts = [(r["numel"], r[key]) for r in rows if r.get(key)]
         if pts:
             n = [p[0] for p in pts]
@@ -222,31 +236,43 @@ def ms(m) -> str:
 
 
 def write_md(res, path):
-    L = [f"# Scale: verify, solver and torchao quantize_ on LLM-sized weights (issue 20)", "",
-         f"Host: {res['host']} ({res['isa']}, {res['cores']} cores, shared); torch {res['torch']}, "
-         f"torchao {res['torchao']}, numpy {res['numpy']}.  `python benchmarks/bench_scale.py` "
-         f"({res['minutes']:.1f} min).  Student-t (df=3) weights, safe per-channel codes; each number from a fresh "
-         "subprocess: time = best of 1-20 runs, memory = peak RSS above the RSS before the call.", "",
-         "`verify` = `safeobs.verify(q, \"x86\")` of the qint8 tensor (its `int_repr()` copy included); `check_codes` "
-         "= the same check on the numpy codes (what `safeobs.torchao` runs after quantizing); `before` = the "
-         f"`weight_pairs` table (old check_codes), run up to {OLD_MAX / 1e6:.0f}M weights only.", "",
-         "| weight | weights | scan ms | verify ms (x scan) | check_codes ms | verify before ms | speed-up "
-         "| verify MB (x int8) | before MB | safe_qparams ms | safe_qparams MB |",
-         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    L = [
+        "# Scale: verify, solver and torchao quantize_ on LLM-sized weights (issue 20)",
+        "",
+        f"Host: {res['host']} ({res['isa']}, {res['cores']} cores, shared); torch {res['torch']}, "
+        f"torchao {res['torchao']}, numpy {res['numpy']}.  `python benchmarks/bench_scale.py` "
+        f"({res['minutes']:.1f} min).  Student-t (df=3) weights, safe per-channel codes; each number from a fresh "
+        "subprocess: time = best of 1-20 runs, memory = peak RSS above the RSS before the call.",
+        "",
+        '`verify` = `safeobs.verify(q, "x86")` of the qint8 tensor (its `int_repr()` copy included); `check_codes` '
+        "= the same check on the numpy codes (what `safeobs.torchao` runs after quantizing); `before` = the "
+        f"`weight_pairs` table (old check_codes), run up to {OLD_MAX / 1e6:.0f}M weights only.",
+        "",
+        "| weight | weights | scan ms | verify ms (x scan) | check_codes ms | verify before ms | speed-up "
+        "| verify MB (x int8) | before MB | safe_qparams ms | safe_qparams MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in sorted(res["layers"], key=lambda r: (r["numel"], r["shape"])):
         sc, nw, old, sq = r["scan"], r["verify_new"], r.get("verify_old"), r["safe_qparams"]
         int8_mb = r["numel"] / 2**20
-        L.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['numel'] / 1e6:.1f}M | {ms(sc)} | "
-                 f"{ms(nw)} ({nw['sec'] / sc['sec']:.1f}x) | {ms(r['check_codes'])} | "
-                 + (f"{ms(old)} | {old['sec'] / nw['sec']:.0f}x | " if old else "not run | - | ")
-                 + f"{nw['mb']:.0f} ({nw['mb'] / int8_mb:.2f}x) | " + (f"{old['mb']:.0f} | " if old else "- | ")
-                 + f"{ms(sq)} | {sq['mb']:.0f} |")
-    L += ["", "| torchao `quantize_` | torchao s | safeobs.torchao s | ratio | torchao MB | safeobs MB |",
-          "|---|---:|---:|---:|---:|---:|"]
+        L.append(
+            f"| {r['shape'][0]}x{r['shape'][1]} | {r['numel'] / 1e6:.1f}M | {ms(sc)} | "
+            f"{ms(nw)} ({nw['sec'] / sc['sec']:.1f}x) | {ms(r['check_codes'])} | "
+            + (f"{ms(old)} | {old['sec'] / nw['sec']:.0f}x | " if old else "not run | - | ")
+            + f"{nw['mb']:.0f} ({nw['mb'] / int8_mb:.2f}x) | "
+            + (f"{old['mb']:.0f} | " if old else "- | ")
+            + f"{ms(sq)} | {sq['mb']:.0f} |"
+        )
+    L += [
+        "",
+        "| torchao `quantize_` | torchao s | safeobs.torchao s | ratio | torchao MB | safeobs MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, key in (("one 4096x11008 Linear", "torchao_linear"), ("one Llama-2-7B decoder block", "torchao_block")):
         a, b = res[key]["torchao"], res[key]["safeobs"]
-        L.append(f"| {name} | {a['sec']:.2f} | {b['sec']:.2f} | {b['sec'] / a['sec']:.2f}x | {a['mb']:.0f} | "
-                 f"{b['mb']:.0f} |")
+        L.append(
+            f"| {name} | {a['sec']:.2f} | {b['sec']:.2f} | {b['sec'] / a['sec']:.2f}x | {a['mb']:.0f} | {b['mb']:.0f} |"
+        )
     big = next(r for r in res["layers"] if tuple(r["shape"]) == (4096, 11008))
     blk = res["torchao_block"]
     ratio_v = big["verify_new"]["sec"] / big["scan"]["sec"]
@@ -254,16 +280,21 @@ def write_md(res, path):
     ratio_b = blk["safeobs"]["sec"] / blk["torchao"]["sec"]
     share = big["check_codes"]["sec"] / res["torchao_linear"]["safeobs"]["sec"]
     ok = lambda c: "met" if c else "**missed**"
-    L += ["", "Targets (4096x11008, x86 layout):", "",
-          f"- verify <= 10x the code scan: {ratio_v:.1f}x, {ok(ratio_v <= 10)}.",
-          f"- verify peak extra memory <= 2x the int8 weight: {mem_v:.2f}x, {ok(mem_v <= 2)} "
-          "(the qint8 tensor's `int_repr()` copy is 1x of it; pairsums adds row chunks of "
-          f"{CHUNK // 1024}K codes and int16/bool temporaries of that size).",
-          f"- safeobs.torchao RTN quantize_ of a decoder block <= 1.5x torchao's time: {ratio_b:.2f}x, "
-          f"{ok(ratio_b <= 1.5)}.",
-          f"- the post-quantize check inside safeobs.torchao's quantize_: check_codes of 4096x11008 takes "
-          f"{ms(big['check_codes'])} ms = {100 * share:.1f}% of quantizing that Linear "
-          f"({'< 10%: kept on' if share < 0.1 else '>= 10%: should be opt-in'}).", ""]
+    L += [
+        "",
+        "Targets (4096x11008, x86 layout):",
+        "",
+        f"- verify <= 10x the code scan: {ratio_v:.1f}x, {ok(ratio_v <= 10)}.",
+        f"- verify peak extra memory <= 2x the int8 weight: {mem_v:.2f}x, {ok(mem_v <= 2)} "
+        "(the qint8 tensor's `int_repr()` copy is 1x of it; pairsums adds row chunks of "
+        f"{CHUNK // 1024}K codes and int16/bool temporaries of that size).",
+        f"- safeobs.torchao RTN quantize_ of a decoder block <= 1.5x torchao's time: {ratio_b:.2f}x, "
+        f"{ok(ratio_b <= 1.5)}.",
+        f"- the post-quantize check inside safeobs.torchao's quantize_: check_codes of 4096x11008 takes "
+        f"{ms(big['check_codes'])} ms = {100 * share:.1f}% of quantizing that Linear "
+        f"({'< 10%: kept on' if share < 0.1 else '>= 10%: should be opt-in'}).",
+        "",
+    ]
     path.write_text("\n".join(L))
 
 
@@ -284,8 +315,15 @@ def main():
     shapes = sorted(set(LLAMA + SWEEP), key=lambda s: (s[0] * s[1], s))
     if args.quick:
         shapes = [(1024, 1024), (4096, 11008), (4096, 4096), (11008, 4096)]
-    res = dict(host=realkernel.cpu_name(), isa=realkernel.host_isa(), cores=os.cpu_count(), torch=torch.__version__,
-               torchao=torchao.__version__, numpy=np.__version__, layers=[])
+    res = dict(
+        host=realkernel.cpu_name(),
+        isa=realkernel.host_isa(),
+        cores=os.cpu_count(),
+        torch=torch.__version__,
+        torchao=torchao.__version__,
+        numpy=np.__version__,
+        layers=[],
+    )
     with tempfile.TemporaryDirectory(prefix="safeobs-scale-") as tmp:
         d = Path(tmp)
         log(f"generating {len(shapes)} weights and their safe codes")

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -102,8 +103,10 @@ def _own_families(layout: str, op: str, icg: int, taps: int, kshape: tuple) -> l
             out += [kblock("avx2"), kblock("avx512"), flat]
         else:
             kw = kshape[-1]
-            out += [_Family("per_tap", None, 1, kg, ((0, taps, icg),)),
-                    _Family("row", None, 1, kg, ((0, taps // kw, kw * icg),))]
+            out += [
+                _Family("per_tap", None, 1, kg, ((0, taps, icg),)),
+                _Family("row", None, 1, kg, ((0, taps // kw, kw * icg),)),
+            ]
             if icg == 1 and op == "conv":
                 if len(kshape) == 3:  # 3-D depthwise: gemm (flat and AVX-512 K blocks)
                     out += [flat, kblock("avx512")]
@@ -120,8 +123,12 @@ def _positions(f: _Family) -> list[tuple]:
         h = ln // 2
         if s == 0 or h == 0:
             continue
-        seq = (np.arange(f.b, dtype=np.int64)[:, None, None] * f.lf + start
-               + np.arange(s, dtype=np.int64)[None, :, None] * ln + 2 * np.arange(h, dtype=np.int64)).ravel()
+        seq = (
+            np.arange(f.b, dtype=np.int64)[:, None, None] * f.lf
+            + start
+            + np.arange(s, dtype=np.int64)[None, :, None] * ln
+            + 2 * np.arange(h, dtype=np.int64)
+        ).ravel()
         p, q = (seq, seq + 1) if f.perm is None else (f.perm[seq], f.perm[seq + 1])
         out.append((start, s, ln, p, q))
     return out
@@ -183,21 +190,21 @@ def _chunks(x: np.ndarray, d: _Dims, kb: int, chunk: int):
     if d.op == "linear" or (d.op == "conv" and d.taps == 1):
         x2 = x.reshape(-1, kb)
         for r0 in range(0, x2.shape[0], rc):
-            yield r0, x2[r0:r0 + rc]
+            yield r0, x2[r0 : r0 + rc]
     elif d.op == "conv":
         x3 = x.reshape(-1, d.icg, d.taps)
         for r0 in range(0, x3.shape[0], rc):
-            yield r0, np.ascontiguousarray(x3[r0:r0 + rc].transpose(0, 2, 1)).reshape(-1, kb)
+            yield r0, np.ascontiguousarray(x3[r0 : r0 + rc].transpose(0, 2, 1)).reshape(-1, kb)
     else:  # (G, ICg, OCg, taps) -> (G, OCg, taps, ICg)
         x4 = x.reshape(d.g, d.icg, d.ocg, d.taps).transpose(0, 2, 3, 1)
         if rc >= d.ocg:
             gc = rc // d.ocg
             for g0 in range(0, d.g, gc):
-                yield g0 * d.ocg, np.ascontiguousarray(x4[g0:g0 + gc]).reshape(-1, kb)
+                yield g0 * d.ocg, np.ascontiguousarray(x4[g0 : g0 + gc]).reshape(-1, kb)
         else:  # a group holds more than one chunk: G <= size / chunk iterations of the outer loop
             for g in range(d.g):
                 for o0 in range(0, d.ocg, rc):
-                    yield g * d.ocg + o0, np.ascontiguousarray(x4[g, o0:o0 + rc]).reshape(-1, kb)
+                    yield g * d.ocg + o0, np.ascontiguousarray(x4[g, o0 : o0 + rc]).reshape(-1, kb)
 
 
 _LITTLE = sys.byteorder == "little"
@@ -234,8 +241,9 @@ def _natural(d: _Dims, kb: int, rows: np.ndarray, p: np.ndarray) -> np.ndarray:
     return ((g * d.icg + ic) * d.ocg + o) * d.taps + t
 
 
-def violations(codes, layout: str = "x86", op: str | None = None, groups=None, *, skip: Sequence[str] = (),
-               chunk: int = CHUNK):
+def violations(
+    codes, layout: str = "x86", op: str | None = None, groups=None, *, skip: Sequence[str] = (), chunk: int = CHUNK
+):
     """The pairs of ``layout`` whose codes leave [-128, 128] (same-sign parts), without building all pairs.
 
     Returns ``(pairs, a, b)``: ``pairs`` ``(m, 2)`` int64 indices into ``codes.ravel()`` (the subset of
@@ -265,7 +273,7 @@ def violations(codes, layout: str = "x86", op: str | None = None, groups=None, *
                     if fast and _LITTLE and f.perm is None and f.b == 1 and s * ln == kb and ln % 2 == 0:
                         hit = np.flatnonzero(_bad_adjacent(ko))  # every (2m, 2m+1) of the row: int16 lanes
                     else:
-                        v = arr[:, :, start:start + s * ln].reshape(r, f.b, s, ln)[..., :2 * h]
+                        v = arr[:, :, start : start + s * ln].reshape(r, f.b, s, ln)[..., : 2 * h]
                         v = v.reshape(r, f.b, s, h, 2)
                         hit = np.flatnonzero(_bad(v[..., 0], v[..., 1], fast))
                     if hit.size:

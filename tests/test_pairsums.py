@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from safeobs import layout, pairsums
 from safeobs.verify import check_codes
@@ -24,14 +25,27 @@ def brute(codes, lay, op, groups):
 kernel = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
 shapes = st.one_of(
     st.builds(lambda n, k: ("linear", (n, k), None), st.integers(1, 3), st.integers(1, 1600)),
-    st.builds(lambda n, k: ("linear", (n, k), None), st.integers(1, 3),
-              st.sampled_from([255, 256, 257, 383, 384, 385, 511, 513, 767, 769, 1151, 1153, 1535, 1537])),
-    st.builds(lambda oc, icg, k, g: ("conv", (oc, icg) + k, g),
-              st.integers(1, 4), st.integers(1, 6), kernel, st.sampled_from([None, 1])),
+    st.builds(
+        lambda n, k: ("linear", (n, k), None),
+        st.integers(1, 3),
+        st.sampled_from([255, 256, 257, 383, 384, 385, 511, 513, 767, 769, 1151, 1153, 1535, 1537]),
+    ),
+    st.builds(
+        lambda oc, icg, k, g: ("conv", (oc, icg) + k, g),
+        st.integers(1, 4),
+        st.integers(1, 6),
+        kernel,
+        st.sampled_from([None, 1]),
+    ),
     st.builds(lambda g, k: ("conv", (2 * g, 1) + k, g), st.integers(1, 3), kernel),  # ICg = 1, grouped
-    st.builds(lambda g, ocg, icg, k, given: ("conv_transpose", (g * icg, ocg) + k, g if given else None),
-              st.integers(1, 4), st.integers(1, 3), st.integers(1, 4),
-              st.lists(st.integers(1, 3), min_size=1, max_size=3).map(tuple), st.booleans()),
+    st.builds(
+        lambda g, ocg, icg, k, given: ("conv_transpose", (g * icg, ocg) + k, g if given else None),
+        st.integers(1, 4),
+        st.integers(1, 3),
+        st.integers(1, 4),
+        st.lists(st.integers(1, 3), min_size=1, max_size=3).map(tuple),
+        st.booleans(),
+    ),
 )
 
 
@@ -49,8 +63,13 @@ def codes_for(kind, shape, seed):
 
 
 @settings(max_examples=600, deadline=None, derandomize=True, database=None)
-@given(shapes, st.sampled_from(LAYOUTS), st.sampled_from(["uniform", "heavy", "dense", "edge", "safe"]),
-       st.integers(0, 2**31), st.sampled_from([pairsums.CHUNK, 1, 5, 64]))
+@given(
+    shapes,
+    st.sampled_from(LAYOUTS),
+    st.sampled_from(["uniform", "heavy", "dense", "edge", "safe"]),
+    st.integers(0, 2**31),
+    st.sampled_from([pairsums.CHUNK, 1, 5, 64]),
+)
 def test_violations_equal_brute_force(case, lay, kind, seed, chunk):
     op, shape, groups = case
     c = codes_for(kind, shape, seed)
@@ -81,9 +100,14 @@ def test_wide_integer_codes_take_the_general_path(case, lay, seed):
 def test_check_codes_equals_the_pair_table_path(lay):
     """verify.check_codes on pairsums gives the Violations (channels, order) the pair-table path gave."""
     rng = np.random.default_rng(3)
-    for op, shape, groups in [("linear", (5, 301), None), ("conv", (4, 3, 3, 3), None), ("conv", (6, 1, 3, 3), 6),
-                              ("conv", (4, 1, 2, 3, 3), 4), ("conv_transpose", (6, 2, 3, 3), None),
-                              ("conv_transpose", (6, 2, 3, 3), 3)]:
+    for op, shape, groups in [
+        ("linear", (5, 301), None),
+        ("conv", (4, 3, 3, 3), None),
+        ("conv", (6, 1, 3, 3), 6),
+        ("conv", (4, 1, 2, 3, 3), 4),
+        ("conv_transpose", (6, 2, 3, 3), None),
+        ("conv_transpose", (6, 2, 3, 3), 3),
+    ]:
         c = codes_for("edge", shape, int(rng.integers(1 << 30)))
         got = check_codes(c, lay, op=op, groups=groups)
         pairs = brute(c, lay, op, groups)
@@ -102,19 +126,25 @@ def _one_pair(shape, i, j, value=100):
     return c
 
 
-@pytest.mark.parametrize("shape,op,groups,lay,family,pair", [
-    ((1, 3, 2, 1), "conv", None, "fbgemm", "flat", (4, 1)),  # ic2 tap0 + ic0 tap1: straddles taps
-    ((1, 3, 1, 2), "conv", None, "onednn", "per_tap", (1, 3)),  # ic0, ic1 of tap 1 (the row pairs (3, 4) of 6)
-    ((1, 1, 3, 3), "conv", None, "x86", "whi", (0, 3)),  # kw-major: (kh0,kw0) + (kh1,kw0)
-    ((1, 1, 3, 3), "conv", None, "onednn", "row", (3, 4)),  # row 1: (kw0, kw1)
-    ((1, 301), "linear", None, "openvino", "kblock_avx2", (151, 152)),  # AVX2 blocks of 151: restart at 151
-    ((1, 1001), "linear", None, "x86", "kblock_avx512", (501, 502)),  # AVX-512 blocks of 501
-])
+@pytest.mark.parametrize(
+    "shape,op,groups,lay,family,pair",
+    [
+        ((1, 3, 2, 1), "conv", None, "fbgemm", "flat", (4, 1)),  # ic2 tap0 + ic0 tap1: straddles taps
+        ((1, 3, 1, 2), "conv", None, "onednn", "per_tap", (1, 3)),  # ic0, ic1 of tap 1 (the row pairs (3, 4) of 6)
+        ((1, 1, 3, 3), "conv", None, "x86", "whi", (0, 3)),  # kw-major: (kh0,kw0) + (kh1,kw0)
+        ((1, 1, 3, 3), "conv", None, "onednn", "row", (3, 4)),  # row 1: (kw0, kw1)
+        ((1, 301), "linear", None, "openvino", "kblock_avx2", (151, 152)),  # AVX2 blocks of 151: restart at 151
+        ((1, 1001), "linear", None, "x86", "kblock_avx512", (501, 502)),  # AVX-512 blocks of 501
+    ],
+)
 def test_dropping_a_family_changes_the_answer(shape, op, groups, lay, family, pair):
     c = _one_pair(shape, *pair)
     full = pairsums.violations(c, lay, op, groups)[0]
-    assert {tuple(sorted(p)) for p in full.tolist()} == {tuple(sorted(pair))} == \
-        {tuple(sorted(p)) for p in brute(c, lay, op, groups).tolist()}
+    assert (
+        {tuple(sorted(p)) for p in full.tolist()}
+        == {tuple(sorted(pair))}
+        == {tuple(sorted(p)) for p in brute(c, lay, op, groups).tolist()}
+    )
     assert family in pairsums.families(shape, lay, op, groups)
     assert len(pairsums.violations(c, lay, op, groups, skip=(family,))[0]) == 0
 
@@ -124,8 +154,9 @@ def test_conv_transpose_without_groups_unites_every_grouping():
     c = _one_pair(shape, 3, 4)
     assert len(pairsums.violations(c, "fbgemm", "conv_transpose", None)[0]) == 1  # from groups 2: (3, 4)
     assert len(pairsums.violations(c, "fbgemm", "conv_transpose", 1)[0]) == 0  # groups 1 pairs (2,3), (4,5)
-    assert np.array_equal(pairsums.violations(c, "fbgemm", "conv_transpose", None)[0],
-                          brute(c, "fbgemm", "conv_transpose", None))
+    assert np.array_equal(
+        pairsums.violations(c, "fbgemm", "conv_transpose", None)[0], brute(c, "fbgemm", "conv_transpose", None)
+    )
 
 
 def test_bad_input_is_rejected():
