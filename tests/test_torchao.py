@@ -75,7 +75,7 @@ def _model(k=301, n=64, seed=0, heavy=False):
 
 def test_import_safeobs_does_not_import_torchao():
     code = (
-        "import sys, safeobs, safeobs.emulator, safeobs.emulator_torchao, safeobs.audit, safeobs.repair; "
+        "import sys, safeobs, safeobs.emulator, safeobs.kernels.realkernel, safeobs.tools.audit, safeobs.tools.repair; "
         "print('torchao' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -552,3 +552,13 @@ def test_safe_flow_is_bit_identical_across_the_cpus_this_host_reaches():
     if HOST == "vnni":  # forced runs saturate stock weights on gemm_api (cpuinfo VNNI): some stock case differs
         stock = [i for i, c in enumerate(lin) if not c["safe"]]
         assert any(not np.array_equal(outs["native"][i][0], outs[m][i][0]) for i in stock for m in modes[1:])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_non_finite_weight_is_rejected(bad, reduce_range):
+    w = torch.randn(8, 16)
+    w[3, 5] = bad
+    for g in (PerRow(), PerTensor()):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            sto.safe_weight_scale(w, g, reduce_range=reduce_range)

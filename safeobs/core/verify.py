@@ -15,7 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..kernels.layout import LAYOUTS, any_pairs, infer_op, output_channel_rows, weight_pairs
+from ..kernels.layout import LAYOUTS, any_pairs, infer_op, output_channel_rows
+from . import pairsums
 
 POS_LIMIT = 128  # 255 * 128 = 32640 <= 32767
 NEG_LIMIT = -128  # 255 * -128 = -32640 >= -32768
@@ -81,11 +82,14 @@ def check_codes(
     c = np.asarray(codes)
     if not np.issubdtype(c.dtype, np.integer):
         raise TypeError(f"codes must be integers (the stored int8 values), got dtype {c.dtype}")
-    c = c.astype(np.int64)
     op = infer_op(c.shape, op)
-    pairs = any_pairs(c, op, groups) if layout == "any" else weight_pairs(c.shape, layout, op, groups)
-    flat = c.ravel()
-    a, b = flat[pairs[:, 0]], flat[pairs[:, 1]]
+    if layout == "any":
+        c = c.astype(np.int64)
+        pairs = any_pairs(c, op, groups)
+        flat = c.ravel()
+        a, b = flat[pairs[:, 0]], flat[pairs[:, 1]]
+    else:  # only the violating pairs, from strided pair sums (issue 20): no (n, 2) pair table
+        pairs, a, b = pairsums.violations(c, layout, op, groups)
     pos = np.maximum(a, 0) + np.maximum(b, 0)
     neg = np.minimum(a, 0) + np.minimum(b, 0)
     out = []
@@ -93,7 +97,7 @@ def check_codes(
         hit = np.flatnonzero(bad)
         if hit.size == 0:
             continue
-        chans = _output_channel(c.shape, op, groups, pairs[hit, 0])
+        chans = (_output_channel if layout == "any" else pairsums.channels)(c.shape, op, groups, pairs[hit, 0])
         for k, ch in zip(hit, chans):
             out.append(
                 Violation(
