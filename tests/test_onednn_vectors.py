@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from safeobs import emulator
-from safeobs.kernels import dispatch, layout, realkernel
+from safeobs.kernels import dispatch, layout, realkernel, record
 
 DATA = Path(__file__).parent / "data" / "onednn-avx512"
 MODES = {"forced": "avx512_vbmi", "skx": "avx512", "native": "vnni"}
@@ -23,37 +23,14 @@ FAMILIES = sorted(p.name[len("cases_") : -4] for p in DATA.glob("cases_*.npz"))
 RELO = {"Adcb16a": "relo_whi", "aBedc16b": "relo_whi", "Acdb16a": "relo_wi", "aBdec16b": "relo_wi"}
 
 
+INPUTS = record.load_cases(DATA, kinds=("op", "module_dynamic"))  # the recorder's reader: one definition
+
+
 def _cases(family):
     d, nat = np.load(DATA / f"cases_{family}.npz"), np.load(DATA / f"native_vnni_{family}.npz")
     out = []
-    for i, p in enumerate(json.loads(s) for s in d["params_json"]):
+    for i, (c, p) in enumerate(zip(INPUTS[family], (json.loads(s) for s in d["params_json"]))):
         pre = f"c{i:03d}_"
-        c = {
-            k: p[k]
-            for k in (
-                "op",
-                "relu",
-                "x_scale",
-                "x_zp",
-                "y_scale",
-                "y_zp",
-                "groups",
-                "stride",
-                "padding",
-                "dilation",
-                "reduce_range",
-            )
-            if k in p
-        }
-        c.update(
-            x=d[pre + "x"],
-            w=d[pre + "w"],
-            w_zp=0,
-            w_scale=d[pre + "w_scale"] if p["w_scale"] == "array" else p["w_scale"],
-            bias=d[pre + "bias"] if p["bias"] else None,
-        )
-        if p.get("kind") == "module_dynamic":  # torch.ao.nn.quantized.dynamic.Linear asks for 7-bit inputs
-            c["reduce_range"] = True
         real = {"forced": d[pre + "y_forced"], "skx": d[pre + "y_skx"], "native": nat[pre + "y_native"]}
         impl = {"forced": str(d["impl_forced"][i]), "skx": str(d["impl_skx"][i]), "native": str(nat["impl_native"][i])}
         out.append((c, p.get("kind", "op"), real, impl))
@@ -191,7 +168,6 @@ def test_recorder_reproduces_the_recording_on_this_host(tmp_path):
     oneDNN implementation of each case; its outputs equal the shipped recording for the kinds both have."""
     import shutil
 
-    from safeobs.kernels import record
 
     src = tmp_path / "in"
     src.mkdir()

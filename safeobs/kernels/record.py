@@ -26,17 +26,19 @@ import numpy as np
 
 from . import realkernel
 
-DEFAULT_CASES = Path(__file__).resolve().parent.parent / "tests" / "data" / "onednn-avx512"
+DEFAULT_CASES = Path(__file__).resolve().parents[2] / "tests" / "data" / "onednn-avx512"
 
 
-def load_cases(directory: Path) -> dict[str, list[dict]]:
-    """``{family: [case dict]}`` from ``cases_<family>.npz`` files (the realkernel case format)."""
+def load_cases(directory: Path, kinds=("op",)) -> dict[str, list[dict]]:
+    """``{family: [case dict]}`` from ``cases_<family>.npz`` files (the realkernel case format), the cases whose
+    recorded ``kind`` is in ``kinds`` ("op": a ``torch.ops.quantized`` call; "module_dynamic": the ao dynamic
+    Linear module, which asks for 7-bit inputs)."""
     out = {}
     for f in sorted(Path(directory).glob("cases_*.npz")):
         d = np.load(f)
         cases = []
         for i, p in enumerate(json.loads(s) for s in d["params_json"]):
-            if p.get("kind", "op") != "op":
+            if p.get("kind", "op") not in kinds:
                 continue
             pre = f"c{i:03d}_"
             c = {
@@ -63,6 +65,8 @@ def load_cases(directory: Path) -> dict[str, list[dict]]:
                 bias=d[pre + "bias"] if p["bias"] else None,
                 w_scale=d[pre + "w_scale"] if p["w_scale"] == "array" else p["w_scale"],
             )
+            if p.get("kind") == "module_dynamic":
+                c["reduce_range"] = True
             cases.append(c)
         out[f.name[len("cases_") : -4]] = cases
     if not out:
