@@ -168,7 +168,6 @@ def test_recorder_reproduces_the_recording_on_this_host(tmp_path):
     oneDNN implementation of each case; its outputs equal the shipped recording for the kinds both have."""
     import shutil
 
-
     src = tmp_path / "in"
     src.mkdir()
     for fam in ("conv2d_ic1", "linear_dynamic"):
