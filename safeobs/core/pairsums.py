@@ -1,6 +1,6 @@
 """Pair sums of int8 weight codes without materialising the pairs (issue 20).
 
-A second, independent formulation of the pairs of :mod:`safeobs.layout` (it imports nothing from it).
+A second, independent formulation of the pairs of :mod:`safeobs.kernels.layout` (it imports nothing from it).
 Every kernel reads one output channel's codes in *kernel order* (taps first, input channel fastest:
 ``p = t*ICg + ic``) and pairs ``(2m, 2m+1)`` of some sequence of those positions, restarting at
 segment starts.  Each pairing *family* is therefore a strided view of a row chunk in kernel order:
@@ -247,7 +247,7 @@ def violations(
     """The pairs of ``layout`` whose codes leave [-128, 128] (same-sign parts), without building all pairs.
 
     Returns ``(pairs, a, b)``: ``pairs`` ``(m, 2)`` int64 indices into ``codes.ravel()`` (the subset of
-    :func:`safeobs.layout.weight_pairs` that violates, same orientation; sorted and unique when that is),
+    :func:`safeobs.kernels.layout.weight_pairs` that violates, same orientation; sorted and unique when that is),
     ``a``/``b`` their codes as int64.  ``skip``: family names to leave out (tests only).
     """
     c = np.asarray(codes)

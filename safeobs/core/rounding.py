@@ -1,6 +1,6 @@
 """Safe, data-aware weight rounding: the codes that minimise each output channel's expected error.
 
-:mod:`safeobs.solver` picks, per output channel, the tightest scale at which *round-to-nearest*
+:mod:`safeobs.core.solver` picks, per output channel, the tightest scale at which *round-to-nearest*
 (RTN) is safe.  That is one point of the safe set.  Every integer code vector whose kernel pairs
 satisfy the bound is safe, at any scale, so this module searches that set for the codes that are
 best for the layer's *output* on the user's calibration data.
@@ -22,9 +22,9 @@ interval its already-rounded partners leave (below).  Per channel, the candidate
 smallest objective wins; RTN at the tightest safe scale is always a candidate.
 
 **Guarantee 1: every code vector produced is safe** (for the layout's pairs, any u8 activations).
-Write the bound in the sum form of :mod:`safeobs.solver` ("Equivalent form"): for codes in
+Write the bound in the sum form of :mod:`safeobs.core.solver` ("Equivalent form"): for codes in
 [-128, 127], ``P = max(a,0)+max(b,0) <= 128`` and ``N = min(a,0)+min(b,0) >= -128`` iff
-``-128 <= a + b <= 128``; by the solver's proof (module docstring of :mod:`safeobs.solver`) such a
+``-128 <= a + b <= 128``; by the solver's proof (module docstring of :mod:`safeobs.core.solver`) such a
 pair never saturates an int16 lane.  Codes are chosen in a fixed order.  When code ``q_j`` is
 chosen, every partner ``p`` of ``j`` already chosen has ``q_p`` in [-128, 127], and ``q_j`` is
 clipped to ``I_j = [-128, 127] ∩ ⋂_p [-128 - q_p, 128 - q_p]``.  Each interval contains 0 (since
@@ -33,7 +33,7 @@ defined.  After the clip, ``-128 <= q_j + q_p <= 128`` for every earlier partner
 ``{i, j}`` has one member chosen after the other, and the later one was clipped against the
 earlier one, so every pair satisfies the bound once all codes are chosen, whatever the scale, the
 error feedback or the data.  Partners are all pairs of the layout
-(:func:`safeobs.solver.layout_pairs`), so a code in several pairs (layout ``x86`` unions FBGEMM's
+(:func:`safeobs.core.solver.layout_pairs`), so a code in several pairs (layout ``x86`` unions FBGEMM's
 flat pairs with oneDNN's per-tap and per-row pairs) is clipped against all of them.  The RTN
 candidate is safe by the solver's proof.  The codes are checked once more before they are
 returned, and :func:`safeobs.verify` checks the stored codes independently.

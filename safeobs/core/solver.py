@@ -2,7 +2,7 @@
 
 **The bound.**  ``vpmaddubsw`` adds two u8*s8 products into a saturating int16 (kernel-spec §1);
 the operands are the *raw stored* codes, zero points included (§1, §5.3, §8.1).  For every pair
-``(w0, w1)`` of weight codes that a kernel of the layout pairs (:mod:`safeobs.layout`) we require
+``(w0, w1)`` of weight codes that a kernel of the layout pairs (:mod:`safeobs.kernels.layout`) we require
 
     P = max(w0, 0) + max(w1, 0) <= 128   and   N = min(w0, 0) + min(w1, 0) >= -128.
 
@@ -528,7 +528,7 @@ def _scatter(values, idx, n):
 
 
 def layout_pairs(weight: np.ndarray, layout: str = "x86", op: str | None = None, groups: int | None = None):
-    """Pairs that must be safe under ``layout``: a :class:`safeobs.layout.PairTable` (looked up lazily
+    """Pairs that must be safe under ``layout``: a :class:`safeobs.kernels.layout.PairTable` (looked up lazily
     by :func:`raise_scales`; ``.array()`` gives the ``(n, 2)`` indices into ``weight.ravel()``), or for
     layout ``"any"`` the value-dependent index array."""
     if layout not in LAYOUTS:
@@ -579,7 +579,7 @@ def safe_qparams(
     """Tightest safe (scale, zero_point) for ``weight``, shaped and typed like torch's observers.
 
     Scales are float32, never below torch's min-max scale (nor ``min_scale``); zero points are 0
-    for symmetric schemes.  ``op``/``groups`` tell :mod:`safeobs.layout` how the kernels pair the
+    for symmetric schemes.  ``op``/``groups`` tell :mod:`safeobs.kernels.layout` how the kernels pair the
     weight (2-D: linear, 3- to 5-D: conv; pass ``op="conv_transpose"`` for ConvTranspose).
     """
     check_qscheme(dtype, qscheme)

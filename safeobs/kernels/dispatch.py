@@ -2,7 +2,7 @@
 
 Mirrors kernel-spec §3 (engine dispatch) and §4 (FBGEMM ``ConvFastPath``).  The answer decides
 whether the kernel adds int16 pairs with ``vpmaddubsw`` (``saturates``) and how padding enters the
-pairs; *which* weights are paired is :mod:`safeobs.layout`'s job.
+pairs; *which* weights are paired is :mod:`safeobs.kernels.layout`'s job.
 """
 
 from __future__ import annotations

@@ -3,14 +3,14 @@
 Flat module in the style of JAX's ``lax_reference``: one function per op, same argument order as
 ``torch.ao.nn.quantized.functional``.  Every op reduces to
 
-1. an activation matrix in the kernels' K order (:func:`safeobs.layout.kernel_order`), built with
+1. an activation matrix in the kernels' K order (:func:`safeobs.kernels.layout.kernel_order`), built with
    strided views (conv, transposed conv) or a transpose (linear);
 2. one grouped GEMM: the exact product through float64 BLAS (exact for these ranges), plus a
    correction ``sat16(s) - s`` for the few pairs whose weight codes can saturate (§1);
 3. one requantization per backend (§5.3 FBGEMM, §8.2 oneDNN).
 
-Which kernel runs comes from :mod:`safeobs.dispatch`, which codes it pairs from
-:mod:`safeobs.layout`.  The integer core (:func:`qlinear_codes`, :func:`qconv_codes`,
+Which kernel runs comes from :mod:`safeobs.kernels.dispatch`, which codes it pairs from
+:mod:`safeobs.kernels.layout`.  The integer core (:func:`qlinear_codes`, :func:`qconv_codes`,
 :func:`qlinear_dynamic_codes`) works on plain numpy codes; the tensor functions are thin wrappers.
 ``exact=True`` runs the same kernel and requantization with exact int32 accumulation.
 """
@@ -486,7 +486,7 @@ def qconv_codes(
     layout ((OC, IC/G, *k), or (IC, OC/G, *k) when ``transposed``); returns uint8 (N, OC, *O).
 
     ``threads``: torch's intra-op threads of the emulated run (oneDNN's AVX-512 VBMI kernel choice for ICg == 1
-    convs depends on it, :func:`safeobs.dispatch.conv_kernel`).  ``kernel`` overrides the dispatch, e.g. with
+    convs depends on it, :func:`safeobs.kernels.dispatch.conv_kernel`).  ``kernel`` overrides the dispatch, e.g. with
     the implementation a recorded run named (``ONEDNN_VERBOSE``)."""
     x = _codes(x, "input", 0, 255)
     w = _codes(w, "weight", -128, 127)
@@ -1223,7 +1223,7 @@ def run_case(
     want_saturation=False,
     kernel: dispatch.Kernel | None = None,
 ):
-    """Emulate one :mod:`safeobs.realkernel` case dict (same keys); returns codes (float for linear_dynamic),
+    """Emulate one :mod:`safeobs.kernels.realkernel` case dict (same keys); returns codes (float for linear_dynamic),
     and the :class:`Saturation` too when ``want_saturation``.  ``kernel`` forces a conv's kernel (see
     :func:`qconv_codes`)."""
     c = case

@@ -188,7 +188,7 @@ def kernel_pairs(
     """Pairs, as positions of :func:`kernel_order`, that ``kernel`` adds with ``vpmaddubsw``.
 
     Empty when the kernel accumulates exactly (VNNI, oneDNN depthwise, oneDNN ref on AVX2).  The oneDNN kernel
-    path says the pairing (:func:`safeobs.dispatch.conv_kernel`; ``"relo"``: the union of both relo layouts).
+    path says the pairing (:func:`safeobs.kernels.dispatch.conv_kernel`; ``"relo"``: the union of both relo layouts).
     """
     if not kernel.saturates:
         return _EMPTY

@@ -66,7 +66,7 @@ def cpu_name() -> str:
 
 
 def host_isa(flags: set[str] | None = None) -> str:
-    """The host CPU as :mod:`safeobs.dispatch` names it: "vnni", "avx512_vbmi", "avx512" or "avx2"."""
+    """The host CPU as :mod:`safeobs.kernels.dispatch` names it: "vnni", "avx512_vbmi", "avx512" or "avx2"."""
     flags = _cpu_flags() if flags is None else flags
     if {"avx512f", "avx512bw", "avx512vl"} <= flags:
         if flags & {"avx512_vnni", "avx512vnni"}:

@@ -1,15 +1,15 @@
 """Record real-kernel vectors on this host: ``python -m safeobs.kernels.record --out DIR`` (issue 16).
 
-Re-runs the recorded oneDNN cases (inputs of ``tests/data/onednn-avx512`` or ``--cases DIR``) on every CPU kind this
-host reaches (:func:`safeobs.realkernel.mode_for`: native, and a forced AVX512_CORE / AVX2 run where it is a real CPU
-of that kind), one fresh process per mode, with ``ONEDNN_VERBOSE=1`` so that each case keeps the oneDNN
+Re-runs the recorded oneDNN cases (inputs of ``tests/data/onednn-avx512`` or ``--cases DIR``) on every CPU kind
+this host reaches (:func:`safeobs.kernels.realkernel.mode_for`: native, and a forced AVX512_CORE / AVX2 run where it
+is a real CPU of that kind), one fresh process per mode, with ``ONEDNN_VERBOSE=1`` so that each case keeps the oneDNN
 implementation that ran it.  Writes ``cases_<family>.npz`` with the inputs, ``y_<isa>`` and ``impl_<isa>`` per CPU
 kind, and ``host.json``.  Refresh the test vectors with it when torch or oneDNN changes, then compare them with
 ``safeobs.emulator``.
 
 A Skylake-SP (``isa="avx512"``) is reached only on such a CPU (or a VNNI CPU without VBMI forced down): a forced
-run on a VBMI host is ``avx512_vbmi`` (:func:`safeobs.realkernel.forced_avx512_isa`).  The CPUID-masking shim used
-for the shipped ``skx`` column is not part of safeobs.
+run on a VBMI host is ``avx512_vbmi`` (:func:`safeobs.kernels.realkernel.forced_avx512_isa`).  The CPUID-masking
+shim used for the shipped ``skx`` column is not part of safeobs.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ of the int8 weights, at ORT's two weight hooks:
 * QDQ: ``QDQQuantizer._calc_initializer_quant_params``.
 
 Both run before ORT quantizes the biases, which read the weight scale from the model, so int32
-biases follow the new scales.  The scales are the tightest ones that :mod:`safeobs.solver` proves
+biases follow the new scales.  The scales are the tightest ones that :mod:`safeobs.core.solver` proves
 safe for the kernels' pairs (layout ``"ort"``: MLAS's U8S8 kernels pair the flat (2m, 2m+1)
 positions of K, or of (taps, input channel) for Conv), never below ORT's own scale; the codes use
 ORT's formula ``clip(round(w / scale) + zp)``.  Activations keep the full u8 range and

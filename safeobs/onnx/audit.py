@@ -3,7 +3,7 @@
 audit: per integer node, the MLAS kernel ORT runs on each x86 ISA (:func:`safeobs.onnx.kernel_for`)
 and how many output channels hold a weight pair that kernel can saturate; with sample inputs
 (``--inputs x.npz``: one array per graph input) the node inputs are captured from ORT and the
-emulator (:mod:`safeobs.emulator_ort`) counts the int16 lanes that saturate on AVX2 / AVX-512.
+emulator (:mod:`safeobs.onnx.emulator`) counts the int16 lanes that saturate on AVX2 / AVX-512.
 
 repair: re-quantizes only the unsafe channels at the tightest safe scale (from the dequantized
 weights, no data needed), re-scales their int32 biases (QLinearConv ``B``, QDQ bias

@@ -1,7 +1,7 @@
 """One-node ONNX graphs of ORT's integer ops, run on the real MLAS kernels in a subprocess.
 
-The ground truth for :mod:`safeobs.emulator_ort` and for the ``ort`` pairing in
-:mod:`safeobs.layout`.  Weights are initializers (as in a quantized model, so ORT prepacks them),
+The ground truth for :mod:`safeobs.onnx.emulator` and for the ``ort`` pairing in
+:mod:`safeobs.kernels.layout`.  Weights are initializers (as in a quantized model, so ORT prepacks them),
 activations are graph inputs.  :func:`run` executes a batch of graphs in ONE subprocess: natively
 (``mode="native"``) or as an AVX2-only CPU under ``qemu-x86_64 -cpu Haswell`` (``mode="haswell"``),
 where MLAS's cpuid dispatch (onnxruntime/core/mlas/lib/platform.cpp) picks its AVX2 kernels.

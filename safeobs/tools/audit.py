@@ -1,7 +1,7 @@
 """``safeobs audit``: which layers of a converted model can saturate, on which engine and CPU.
 
-For every int8-weight layer and every engine/ISA pair, :mod:`safeobs.dispatch` names the kernel
-torch would run and :func:`safeobs.layout.kernel_pairs` gives exactly the pairs that kernel forms;
+For every int8-weight layer and every engine/ISA pair, :mod:`safeobs.kernels.dispatch` names the kernel
+torch would run and :func:`safeobs.kernels.layout.kernel_pairs` gives exactly the pairs that kernel forms;
 a pair is violating when its positive codes sum above 128 or its negative codes below -128
 (then some u8 activation saturates it).  With sample inputs and an eager model, the emulator
 (:func:`safeobs.emulator.emulate`) also counts the lanes that actually saturate.  Layers, kernels and

@@ -126,7 +126,7 @@ def run(
     quick: bool = False, calib: int | None = None, evaluate: int | None = None, mode: str | None = "auto", progress=None
 ) -> dict:
     """Run the demo; returns ``{"mode", "engine", "isa", "calib", "eval", "rows": [...]}`` (one row per
-    layer, scenario and setup).  ``mode``: a :mod:`safeobs.realkernel` mode, "auto" or None (no real kernel)."""
+    layer, scenario and setup).  ``mode``: a :mod:`safeobs.kernels.realkernel` mode, "auto" or None (no real kernel)."""
     from .. import data
     from ..data import models
     from ..kernels import emulator, realkernel

@@ -1,7 +1,7 @@
 """``safeobs repair``: re-quantize only the unsafe channels of a converted model, in place.
 
 The float weights are the dequantized stored ones (no calibration data).  Per layer, the stored
-scales are the floor and :func:`safeobs.solver.raise_scales` raises only the channels where a
+scales are the floor and :func:`safeobs.core.solver.raise_scales` raises only the channels where a
 ``layout`` pair is unsafe (per-tensor weights: the whole tensor).  Every other channel keeps its
 codes, scale and zero point bit for bit; bias and output qparams are never touched.
 """
@@ -113,7 +113,7 @@ def repair(model, layout: str = "x86") -> list[dict]:
 
 def save(model, out: str, example_inputs: tuple | None = None, *, arch: str | None = None) -> str:
     """Save a repaired model: TorchScript stays TorchScript; an eager model is traced to TorchScript with
-    ``example_inputs``, or else written as a safeobs state file (:func:`safeobs.serialization.save`: state
+    ``example_inputs``, or else written as a safeobs state file (:func:`safeobs.tools.serialization.save`: state
     dict + layer list, which ``safeobs audit``/``repair`` read back without running code; ``arch``, the
     ``module:function`` that builds the model, is recorded).  Returns "torchscript" or "state"."""
     if isinstance(model, (str, os.PathLike)):

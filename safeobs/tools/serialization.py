@@ -8,7 +8,7 @@ By default only formats that carry no code are read, through loaders that run no
   changed).  A *safeobs state file* (:func:`save`) is such a file: a state dict plus the layer list that
   audit and repair need (names, kinds, conv hyper-parameters), so it is audited and repaired without
   rebuilding the model;
-* ONNX files (``onnx.load``: protobuf, no code; handled by :mod:`safeobs.onnx_audit`).
+* ONNX files (``onnx.load``: protobuf, no code; handled by :mod:`safeobs.onnx.audit`).
 
 Two formats can run code when loaded and need ``trust_pickle=True`` (CLI ``--trust-pickle``): a full Python
 pickle (``torch.save(model)``: unpickling calls whatever the file names), and a TorchScript archive
@@ -252,7 +252,7 @@ def load_model(
 
     Files: a safeobs state file or a state dict (``torch.load(weights_only=True)``; a plain state dict
     needs ``arch``, the ``module:function`` or callable that builds the model); a full pickle or a
-    TorchScript archive only with ``trust_pickle=True`` (see :mod:`safeobs.serialization`).
+    TorchScript archive only with ``trust_pickle=True`` (see :mod:`safeobs.tools.serialization`).
     ``module:function`` is imported and called (the user named it).  ``source`` is "state",
     "state_dict", "torchscript", "pickle" or "function".  Raises :class:`ModelError`.
     """

@@ -11,7 +11,7 @@ Activations keep torchao's full 8-bit range (per-token symmetric by default).  I
 that torchao reaches (``torch._int_mm`` through oneDNN, or ``onednn.qlinear_pointwise`` after
 Inductor's freezing passes) the activation codes enter ``vpmaddubsw`` as u8 in [0, 255] (oneDNN adds
 128 to an s8 source; torchao adds it itself on VNNI hosts).  So the sign-split pair bound on the
-weight codes (:mod:`safeobs.solver`) is exactly what is needed, for any activation value.  The
+weight codes (:mod:`safeobs.core.solver`) is exactly what is needed, for any activation value.  The
 per-row (or per-tensor) weight scales are torchao's own, raised by the solver only where a pair of
 the layout needs it; the weights stay torchao ``Int8Tensor``s, so torch.compile, serialization and
 everything else downstream are torchao's.

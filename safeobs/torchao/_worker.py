@@ -1,6 +1,6 @@
 """Real torchao / ``torch._int_mm`` / ``onednn.qlinear_pointwise`` kernels in one subprocess per CPU mode.
 
-:func:`run` starts ONE interpreter in a :mod:`safeobs.realkernel` mode (``native``, ``avx2`` /
+:func:`run` starts ONE interpreter in a :mod:`safeobs.kernels.realkernel` mode (``native``, ``avx2`` /
 ``avx512`` with ``ONEDNN_MAX_CPU_ISA`` forced, ``haswell`` under qemu) and runs a batch of cases;
 ``python -m safeobs._torchao_worker in.pkl out.pkl`` is the subprocess side.  Cases (numpy in, numpy out):
 

@@ -11,7 +11,7 @@ vectors, tests/data/torchao-avx512):
   torchao feeds it s8xs8, or, when cpuinfo reports VNNI (no AMX), u8 codes ``a + 128`` and subtracts
   ``128 * colsum(b)``.  So eager torchao is exact on AVX2, AVX-512 and VNNI CPUs; it saturates only when
   oneDNN's ISA is forced below VNNI on a VNNI host (path ``"onednn"``): ``gemm_api`` then pairs inside its
-  K blocks (:func:`safeobs.layout.onednn_matmul_block` of the forced ISA; vectors: K = 385, 513, 769, 1153).
+  K blocks (:func:`safeobs.kernels.layout.onednn_matmul_block` of the forced ISA; vectors: K = 385, 513, 769, 1153).
 * **torch.compile with ``freezing=True``** on a CPU without VNNI: Inductor rewrites torchao's s8s8 graph into
   ``onednn.qlinear_pointwise`` with an s8 source.  On AVX2 that runs ``gemm:jit`` (+128 shift, AVX2 K-block
   pairs: **saturates**; all-127 32x64 @ 64x32 gives 8160, not 1032256).  On AVX-512 without VNNI it runs
@@ -116,7 +116,8 @@ def int_mm_kernel(
 
 def onednn_kernel(op: str, src: str, isa: str) -> dispatch.Kernel:
     """The oneDNN implementation behind ``op`` ("qlinear_pointwise" | "_int_mm") for a ``src`` ("s8" | "u8")
-    activation on ``isa``, as a :class:`safeobs.dispatch.Kernel` for :func:`safeobs.layout.kernel_pairs`:
+    activation on ``isa``, as a :class:`safeobs.kernels.dispatch.Kernel` for
+    :func:`safeobs.kernels.layout.kernel_pairs`:
 
     * qlinear on AVX2: ``gemm:jit`` ("matmul": K-block pairs, s8 shifted by +128), saturating;
     * qlinear on AVX-512 without VNNI: s8 ``ref_int8:any`` ("ref", exact), u8 ``brg_matmul`` ("matmul", flat);
@@ -165,7 +166,7 @@ def int_mm(a, b, *, isa: str = "avx2", backend: str | None = None, exact: bool =
 
     ``backend`` None follows torch's dispatch (oneDNN iff ``isa == "vnni"``, else the exact ATen
     loop); ``"onednn"`` forces oneDNN's ``gemm_api`` for ``isa`` (an s8 ``a`` is shifted by +128 inside it):
-    pairs restart at every K block of :func:`safeobs.layout.onednn_matmul_block` (recorded forced-AVX512_CORE
+    pairs restart at every K block of :func:`safeobs.kernels.layout.onednn_matmul_block` (recorded forced-AVX512_CORE
     ``_int_mm``: K = 513 -> blocks of 257, 769 -> 385; tests/data/torchao-avx512).
     """
     a, b = np.asarray(a), np.asarray(b)
