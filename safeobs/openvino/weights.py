@@ -186,8 +186,8 @@ def safe_codes(qw: QWeight, w: np.ndarray | None = None, lay: str = "openvino") 
 
     ``w``: the float weight in the stored layout (default: the dequantized codes).  Scales come from
     :func:`safeobs.core.solver.raise_scales` over layout ``lay``'s pairs, codes from
-    :func:`safeobs.core.solver.quantize` in [-127, 127]; every pair is then checked and a channel the rounding still breaks takes the next float32
-    scale (an exact check).
+    :func:`safeobs.core.solver.quantize` in [-127, 127]; every pair is then checked and a channel the rounding
+    still breaks takes the next float32 scale (an exact check).
     """
     stock, per_channel = qw.channel_scales()
     v = np.array(
