@@ -343,3 +343,13 @@ def test_pt2e_flow(one_thread):
     assert len(out) == 3 and pt2e.verify(conv, "x86").ok
     assert all(np.all(r.error <= r.rtn_error) for r in out.values())
     assert not torch.equal(conv(x), before)
+
+
+def test_indefinite_statistics_do_not_break_the_rounding():
+    """Issue 19: H - mu mu^T of nearly constant inputs can come out slightly indefinite in floating point;
+    the dampening grows until the Cholesky factor exists, and the result stays safe and never worse than RTN."""
+    w = torch.rand(4, 6, generator=torch.Generator().manual_seed(0)) * 2 - 0.3
+    h = np.kron(np.eye(3), np.array([[1.0, 2.0], [2.0, 1.0]]))  # eigenvalues 3 and -1
+    r = rounding.round_weight(w, h, bias_correction=False, layout="x86")
+    assert np.all(r.error <= r.rtn_error)
+    rounding.check_safe(r.codes, np.asarray(layout_pairs(r.codes, "x86", "linear", 1)))

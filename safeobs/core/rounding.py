@@ -202,10 +202,20 @@ def _cholesky_inv_upper(h: np.ndarray, damp: float) -> np.ndarray:
     hd = h.copy()
     idx = np.arange(h.shape[-1])
     lam = damp * np.maximum(d.mean(-1, keepdims=True), 1e-12)
-    hd[..., idx, idx] += lam + dead  # a dead input gets weight 1 on its own (its weight is free)
-    hinv = np.linalg.inv(hd)
-    hinv = (hinv + np.swapaxes(hinv, -1, -2)) / 2
-    return np.swapaxes(np.linalg.cholesky(hinv), -1, -2)
+    hd[..., idx, idx] += dead  # a dead input gets weight 1 on its own (its weight is free)
+    # H - mu mu^T of nearly constant inputs can come out slightly indefinite (cancellation in the float
+    # statistics): raise the dampening until the factor exists.  Any factor keeps the codes safe and the
+    # RTN candidate keeps the result never worse than RTN; only the error feedback's quality depends on it.
+    for _ in range(12):
+        h_try = hd.copy()
+        h_try[..., idx, idx] += lam
+        try:
+            hinv = np.linalg.inv(h_try)
+            hinv = (hinv + np.swapaxes(hinv, -1, -2)) / 2
+            return np.swapaxes(np.linalg.cholesky(hinv), -1, -2)
+        except np.linalg.LinAlgError:
+            lam = lam * 10
+    return np.broadcast_to(np.eye(h.shape[-1]), h.shape).copy()  # no feedback: sequential clipped RTN
 
 
 def _gptq(w: np.ndarray, u: np.ndarray, scale: np.ndarray, partners: np.ndarray) -> np.ndarray:
