@@ -300,12 +300,15 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
         k = mod.in_features
         st = stats[name] = [torch.zeros(k, k, dtype=torch.float32), 0]
 
-        def hook(_m, args, st=st, k=k):
-            x = args[0].detach().reshape(-1, k).to(device="cpu", dtype=torch.float32)
+        def hook(_m, args, kwargs, st=st, k=k):
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, torch.Tensor):
+                return
+            x = x.detach().reshape(-1, k).to(device="cpu", dtype=torch.float32)
             st[0].addmm_(x.T, x)
             st[1] += x.shape[0]
 
-        handles.append(mod.register_forward_pre_hook(hook))
+        handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             for batch in _batches(calibration):
