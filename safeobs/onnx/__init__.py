@@ -13,7 +13,10 @@ Both run before ORT quantizes the biases, which read the weight scale from the m
 biases follow the new scales.  The scales are the tightest ones that :mod:`safeobs.core.solver` proves
 safe for the kernels' pairs (layout ``"ort"``: MLAS's U8S8 kernels pair the flat (2m, 2m+1)
 positions of K, or of (taps, input channel) for Conv), never below ORT's own scale; the codes use
-ORT's formula ``clip(round(w / scale) + zp)``.  Activations keep the full u8 range and
+ORT's formula ``clip(round(w / scale) + zp)``.  With calibration data (``quantize_static``'s reader,
+``quantize_dynamic(calibration_data_reader=)``) the codes are data-aware instead, and a per-channel scale
+may move from there by the scale search (:data:`safeobs.core.rounding.SCALE_SEARCH`, down to 0.9x), the
+codes still proven safe.  Activations keep the full u8 range and
 ``reduce_range`` is turned off: with safe weights no u8 activation can saturate a lane.
 
 onnx and onnxruntime are imported lazily (``pip install 'safeobs[onnx]'``).
