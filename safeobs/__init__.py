@@ -46,7 +46,16 @@ __all__ = [
     "load_model",
     "quantize_dynamic",
     "quantize_fx",
+    "quantize_pt2e",  # noqa: F822 (module __getattr__: imports torchao on first use)
     "safe_qparams",
     "save",
     "verify",
 ]
+
+
+def __getattr__(name):
+    if name == "quantize_pt2e":  # safeobs.pt2e imports torchao: only on first use
+        from .pt2e import quantize_pt2e
+
+        return quantize_pt2e
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

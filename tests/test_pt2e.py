@@ -94,3 +94,122 @@ def test_torch_compile_runs_int8_onednn_kernels_without_saturation(converted):
     assert errors["safeobs"] < 1e-3, errors
     if realkernel.host_isa() != "vnni":  # VNNI accumulates exactly: nothing to show there
         assert errors["torch"] > 10 * max(errors["safeobs"], 1e-4), errors
+
+
+# -- issue 19: safeobs.quantize_pt2e, one call --------------------------------------------------------
+
+
+def _cnn(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 8 * 8, 10),
+    ).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # large same-sign weights: RTN at torch's scales would pair unsafe codes
+            p.copy_(torch.rand(p.shape, generator=g) * 2 - 0.3)
+    cal = [(torch.rand(2, 3, 8, 8, generator=g),) for _ in range(3)]
+    return m, cal
+
+
+def _codes(gm):
+    return {name: codes.copy() for name, codes, _, _ in pt2e.quantized_weights(gm)}
+
+
+@pytest.fixture(scope="module")
+def one_call():
+    import safeobs
+
+    m, cal = _cnn()
+    return m, cal, safeobs.quantize_pt2e(m, cal[0], cal)
+
+
+def test_quantize_pt2e_is_top_level_and_data_aware(one_call):
+    import safeobs
+
+    assert safeobs.quantize_pt2e is pt2e.quantize_pt2e and "quantize_pt2e" in safeobs.__all__
+    _, _, gm = one_call
+    results = gm.meta["safeobs_rounding"]
+    assert len(results) == 3 and len(_codes(gm)) == 3
+    assert pt2e.verify(gm, "x86").ok and pt2e.verify(gm, "onednn").ok and pt2e.verify(gm, "fbgemm").ok
+    # never worse than RTN at the tightest safe scale on the calibration objective, per channel, by construction
+    import numpy as np
+
+    assert all(np.all(r.error <= r.rtn_error) for r in results.values())
+    assert any(np.any(r.error < r.rtn_error) for r in results.values())
+
+
+def test_quantize_pt2e_deterministic_and_accepts_exported(one_call):
+    import numpy as np
+
+    m, cal, gm = one_call
+    again = pt2e.quantize_pt2e(torch.export.export(copy.deepcopy(m), cal[0]).module(), cal[0], cal)
+    a, b = _codes(gm), _codes(again)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(gm(*cal[1]), again(*cal[1]))
+
+
+def test_quantize_pt2e_without_calibration_is_rtn_at_safe_scales():
+    import numpy as np
+
+    m, cal = _cnn()
+    gm = pt2e.quantize_pt2e(m, cal[0])
+    assert gm.meta["safeobs_rounding"] == {} and pt2e.verify(gm).ok
+    manual = quantize(m, cal[0][0], pt2e.get_x86_inductor_quantization_config())
+    a, b = _codes(gm), _codes(manual)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kw", [{"is_dynamic": True}, {"is_qat": True}])
+def test_quantize_pt2e_dynamic_and_qat(kw):
+    import numpy as np
+
+    m, cal = _cnn(1)
+    gm = pt2e.quantize_pt2e(m, cal[0], cal, **kw)
+    results = gm.meta["safeobs_rounding"]
+    assert results and pt2e.verify(gm).ok
+    assert all(np.all(r.error <= r.rtn_error) for r in results.values())
+    with torch.no_grad():
+        assert torch.isfinite(gm(*cal[0])).all()
+
+
+def test_quantize_pt2e_rejects_bad_arguments():
+    m, cal = _cnn()
+    with pytest.raises(ValueError, match="backend"):
+        pt2e.quantize_pt2e(m, cal[0], cal, backend="arm")
+    with pytest.raises(TypeError, match="iterable"):
+        pt2e.quantize_pt2e(m, cal[0], cal[0][0])
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**16), gain=st.floats(0.05, 20.0), shift=st.floats(-1.0, 1.0))
+def test_quantize_pt2e_codes_safe_whatever_the_data(seed, gain, shift):
+    import numpy as np
+
+    m, _ = _cnn(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    cal = [((torch.rand(2, 3, 8, 8, generator=g) + shift) * gain,) for _ in range(2)]
+    gm = pt2e.quantize_pt2e(m, cal[0], cal)
+    assert pt2e.verify(gm, "x86").ok
+    assert all(np.all(r.error <= r.rtn_error) for r in gm.meta["safeobs_rounding"].values())
+
+
+@pytest.mark.slow
+def test_quantize_pt2e_compiles_with_inductor_freezing(one_call):
+    import torch._inductor.config as inductor_config
+
+    _, cal, gm = one_call
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        torch._dynamo.reset()
+        reference = gm(*cal[1])
+        compiled = torch.compile(gm)(*cal[1])
+    assert compiled.shape == reference.shape and torch.isfinite(compiled).all()
+    assert float((compiled - reference).abs().max() / reference.abs().max()) < 1e-2

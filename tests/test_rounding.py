@@ -343,3 +343,30 @@ def test_pt2e_flow(one_thread):
     assert len(out) == 3 and pt2e.verify(conv, "x86").ok
     assert all(np.all(r.error <= r.rtn_error) for r in out.values())
     assert not torch.equal(conv(x), before)
+
+
+def test_indefinite_statistics_do_not_break_the_rounding():
+    """Issue 19: H - mu mu^T of nearly constant inputs can come out slightly indefinite in floating point;
+    the dampening grows until the Cholesky factor exists, and the result stays safe and never worse than RTN."""
+    w = torch.rand(4, 6, generator=torch.Generator().manual_seed(0)) * 2 - 0.3
+    h = np.kron(np.eye(3), np.array([[1.0, 2.0], [2.0, 1.0]]))  # eigenvalues 3 and -1
+    r = rounding.round_weight(w, h, bias_correction=False, layout="x86")
+    assert np.all(r.error <= r.rtn_error)
+    rounding.check_safe(r.codes, np.asarray(layout_pairs(r.codes, "x86", "linear", 1)))
+
+
+@pytest.mark.parametrize("layout", ["ort", "x86"])
+def test_round_weight_at_a_given_scale(layout):
+    """Issue 19 (ONNX Runtime): at the runtime's scales, never worse than the runtime's own safe codes."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.rand(6, 32, generator=g) * 2 - 0.3
+    x = torch.randn(200, 4, generator=g) @ torch.randn(4, 32, generator=g)
+    h = (x.T @ x / len(x)).double().numpy()
+    s0 = safeobs.safe_qparams(w, layout=layout, op="linear")[0].numpy().astype(np.float32) * 1.1
+    rtn = np.clip(np.round(w.numpy() / s0[:, None]), -128, 127)
+    rounding.check_safe(rtn.astype(np.int8), np.asarray(layout_pairs(w.numpy(), layout, "linear", 1)))
+    r = rounding.round_weight(w, h, layout=layout, bias_correction=False, scale=s0, rtn_codes=rtn)
+    e = w.double().numpy() - s0[:, None] * rtn
+    assert np.allclose(r.rtn_error, np.einsum("rk,rk->r", e @ h, e)) and np.all(r.error <= r.rtn_error)
+    one = rounding.round_weight(w, h, layout=layout, bias_correction=False, scale=s0[0], multipliers=(1.0,))
+    assert np.all(one.scale == s0[0])  # one scale for all rows (per tensor), codes safe (checked inside)

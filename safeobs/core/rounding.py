@@ -202,10 +202,20 @@ def _cholesky_inv_upper(h: np.ndarray, damp: float) -> np.ndarray:
     hd = h.copy()
     idx = np.arange(h.shape[-1])
     lam = damp * np.maximum(d.mean(-1, keepdims=True), 1e-12)
-    hd[..., idx, idx] += lam + dead  # a dead input gets weight 1 on its own (its weight is free)
-    hinv = np.linalg.inv(hd)
-    hinv = (hinv + np.swapaxes(hinv, -1, -2)) / 2
-    return np.swapaxes(np.linalg.cholesky(hinv), -1, -2)
+    hd[..., idx, idx] += dead  # a dead input gets weight 1 on its own (its weight is free)
+    # H - mu mu^T of nearly constant inputs can come out slightly indefinite (cancellation in the float
+    # statistics): raise the dampening until the factor exists.  Any factor keeps the codes safe and the
+    # RTN candidate keeps the result never worse than RTN; only the error feedback's quality depends on it.
+    for _ in range(12):
+        h_try = hd.copy()
+        h_try[..., idx, idx] += lam
+        try:
+            hinv = np.linalg.inv(h_try)
+            hinv = (hinv + np.swapaxes(hinv, -1, -2)) / 2
+            return np.swapaxes(np.linalg.cholesky(hinv), -1, -2)
+        except np.linalg.LinAlgError:
+            lam = lam * 10
+    return np.broadcast_to(np.eye(h.shape[-1]), h.shape).copy()  # no feedback: sequential clipped RTN
 
 
 def _gptq(w: np.ndarray, u: np.ndarray, scale: np.ndarray, partners: np.ndarray) -> np.ndarray:
@@ -288,6 +298,8 @@ def round_weight(
     multipliers=DEFAULT_MULTIPLIERS,
     gptq: bool = True,
     damp: float = DAMP,
+    scale=None,
+    rtn_codes=None,
 ) -> RoundResult:
     """Safe per-channel symmetric codes and scales for ``weight`` that minimise the expected output error.
 
@@ -296,6 +308,11 @@ def round_weight(
     E[x], (K,) or (G, K), needed for bias correction.  ``multipliers``: candidate scales as multiples
     of the tightest RTN-safe scale (:func:`safeobs.safe_qparams`); ``gptq=False`` keeps RTN at each
     candidate scale.  See the module docstring for the method and the guarantees.
+
+    ``scale``: a base scale per output channel (OC,) or one for all, given by the runtime instead of the
+    tightest RTN-safe one (ONNX Runtime's, whose int32 biases and per-tensor scales must follow), and
+    ``rtn_codes``: the runtime's own safe codes at that scale, the candidate the result is never worse
+    than (without them, RTN at ``scale`` made safe by the same sequential clip).
     """
     wt = torch.as_tensor(weight).detach().to(torch.float32).cpu()
     if wt.dim() < 2:
@@ -317,10 +334,15 @@ def round_weight(
     mu = None if mean is None else np.asarray(mean, dtype=np.float64).reshape(-1, k)
     w2 = w.reshape(oc, k).astype(np.float64)
 
-    scale0 = safe_qparams(wt, layout=layout, op=op, groups=groups)[0].numpy().astype(np.float32)
     every = layout == "any"  # pairs depend on the codes: every pair of a row is constrained
     pairs = None if every else layout_pairs(w, layout, op, groups)
     part = None if every else _partners(np.asarray(pairs), oc, k)
+    if scale is None:
+        scale0 = safe_qparams(wt, layout=layout, op=op, groups=groups)[0].numpy().astype(np.float32)
+    else:
+        scale0 = np.broadcast_to(np.asarray(scale, dtype=np.float32).reshape(-1), (oc,)).copy()
+        if not np.all(np.isfinite(scale0) & (scale0 > 0)):
+            raise ValueError("scale must be finite and positive")
 
     m = h - np.einsum("gi,gj->gij", mu, mu) if bias_correction else h  # objective matrix per group
     per_group = h.shape[0] > 1
@@ -328,7 +350,12 @@ def round_weight(
     m_rows = m[row_group] if per_group else m[0]
     mu_rows = None if mu is None else (mu[row_group] if mu.shape[0] > 1 else np.broadcast_to(mu[0], (oc, k)))
 
-    rtn = quantize(w2.astype(np.float32), scale0[:, None]).astype(np.float64)
+    if rtn_codes is not None:
+        rtn = np.asarray(rtn_codes).reshape(oc, k).astype(np.float64)
+    elif scale is not None:
+        rtn = _clip_pairs(quantize(w2.astype(np.float32), scale0[:, None]).astype(np.float64), part)
+    else:
+        rtn = quantize(w2.astype(np.float32), scale0[:, None]).astype(np.float64)
     rtn_err = _objective(w2 - scale0[:, None].astype(np.float64) * rtn, m_rows)
     best_q, best_s, best_err = rtn.copy(), scale0.copy(), rtn_err.copy()
     choice = np.full(oc, -1)

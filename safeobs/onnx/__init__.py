@@ -13,7 +13,10 @@ Both run before ORT quantizes the biases, which read the weight scale from the m
 biases follow the new scales.  The scales are the tightest ones that :mod:`safeobs.core.solver` proves
 safe for the kernels' pairs (layout ``"ort"``: MLAS's U8S8 kernels pair the flat (2m, 2m+1)
 positions of K, or of (taps, input channel) for Conv), never below ORT's own scale; the codes use
-ORT's formula ``clip(round(w / scale) + zp)``.  Activations keep the full u8 range and
+ORT's formula ``clip(round(w / scale) + zp)``.  With calibration data (``quantize_static``'s reader,
+``quantize_dynamic(calibration_data_reader=)``) the codes are data-aware instead, and a per-channel scale
+may move from there by the scale search (:data:`safeobs.core.rounding.SCALE_SEARCH`, down to 0.9x), the
+codes still proven safe.  Activations keep the full u8 range and
 ``reduce_range`` is turned off: with safe weights no u8 activation can saturate a lane.
 
 onnx and onnxruntime are imported lazily (``pip install 'safeobs[onnx]'``).
@@ -22,6 +25,7 @@ onnx and onnxruntime are imported lazily (``pip install 'safeobs[onnx]'``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import inspect
 import warnings
@@ -199,6 +203,180 @@ def safe_weight_params(
 class _Context:
     layout: str
     changed: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # weight name -> E[x x^T] (G, K, K) of its kernel's inputs
+    codes: dict = field(default_factory=dict)  # QDQ: weight name -> data-aware codes for ORT's initializer
+    rounded: dict = field(default_factory=dict)  # weight name -> (objective, RTN objective) per channel
+
+
+# -- data-aware weights: statistics from one ORT run of the float model (issue 19) -------------------
+
+
+class _Replay:
+    """A ``CalibrationDataReader`` over cached feeds (for readers without ``rewind``)."""
+
+    def __init__(self, feeds):
+        self._feeds, self._i = list(feeds), 0
+
+    def get_next(self):
+        if self._i >= len(self._feeds):
+            return None
+        self._i += 1
+        return self._feeds[self._i - 1]
+
+    def rewind(self):
+        self._i = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        r = self.get_next()
+        if r is None:
+            raise StopIteration
+        return r
+
+    def __len__(self):
+        return len(self._feeds)
+
+
+class _ConvAttrs:
+    """What :func:`safeobs.core.rounding._receptive_fields` reads, from an ONNX Conv's attributes."""
+
+    def __init__(self, kernel_size, stride, padding, dilation, groups):
+        self.kernel_size, self.stride, self.padding, self.dilation, self.groups = (
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+        )
+
+
+def _stat_consumers(model) -> dict:
+    """``{weight name: [(activation name, role, conv attrs or None)]}`` for the weights data-aware rounding
+    covers: MatMul / Gemm (transA=0) on (.., K) inputs, and 1-D/2-D Conv with explicit symmetric pads."""
+    roles = weight_roles(model)
+    out: dict = {}
+    for node in model.graph.node:
+        if len(node.input) < 2 or roles.get(node.input[1], Role("other")).kind == "other":
+            continue
+        a = {x.name: onnx_attr(x) for x in node.attribute}
+        role, conv = roles[node.input[1]], None
+        if node.op_type == "Gemm" and a.get("transA", 0):
+            out[node.input[1]] = None
+            continue
+        if node.op_type == "Conv":
+            nd = len(a.get("kernel_shape", ())) or None
+            pads = list(a.get("pads", [0] * 2 * (nd or 2)))
+            auto = a.get("auto_pad", b"NOTSET")
+            if nd not in (1, 2) or pads[:nd] != pads[nd:] or auto not in (b"NOTSET", "NOTSET"):
+                out[node.input[1]] = None
+                continue
+            conv = _ConvAttrs(
+                tuple(a["kernel_shape"]),
+                tuple(a.get("strides", [1] * nd)),
+                tuple(pads[:nd]),
+                tuple(a.get("dilations", [1] * nd)),
+                int(a.get("group", 1)),
+            )
+        if out.get(node.input[1], []) is not None:
+            out.setdefault(node.input[1], []).append((node.input[0], role, conv))
+    return {k: v for k, v in out.items() if v}
+
+
+def onnx_attr(attr):
+    onnx, _ = require()
+    return onnx.helper.get_attribute_value(attr)
+
+
+def calibration_stats(model_input, reader, *, max_positions: int = 16384):
+    """``(stats, replay)``: ``{weight name: E[x x^T]}`` (float64, (G, K, K), K ordered like the kernel's row)
+    of the inputs of every MatMul / Gemm / Conv weight, from one ONNX Runtime run of the float model over
+    ``reader`` with those inputs exposed as extra graph outputs; and a reader to hand on to ORT (``reader``
+    itself, rewound, if it has ``rewind()``; otherwise a replay of the cached feeds)."""
+    onnx, ort = require()
+    import torch
+
+    from ..core.rounding import _receptive_fields
+
+    model = onnx.load(str(model_input)) if not isinstance(model_input, onnx.ModelProto) else model_input
+    consumers = _stat_consumers(model)
+    inputs = {i.name for i in model.graph.input}
+    acts = sorted({act for uses in consumers.values() for act, _, _ in uses})
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for act in acts:
+        if act not in have and act not in inputs:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(act, onnx.TensorProto.FLOAT, None))
+    fetch = [a for a in acts if a not in inputs]
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    rewind = callable(getattr(reader, "rewind", None))
+    cached, acc = [], {}
+    while True:
+        feed = reader.get_next()
+        if feed is None:
+            break
+        if not rewind:
+            cached.append(feed)
+        vals = dict(zip(fetch, sess.run(fetch, feed))) if fetch else {}
+        vals.update({k: np.asarray(v) for k, v in feed.items() if k in acts})
+        for name, uses in consumers.items():
+            for act, role, conv in uses:
+                x = vals[act].astype(np.float32)
+                if conv is None:
+                    c = torch.from_numpy(x.reshape(1, -1, x.shape[-1]))
+                else:
+                    c = _receptive_fields(torch.from_numpy(x), conv, max_positions)
+                xx = torch.bmm(c.transpose(1, 2), c).double().numpy()
+                if name in acc and acc[name][0].shape != xx.shape:
+                    continue
+                prev = acc.get(name, (0.0, 0))
+                acc[name] = (prev[0] + xx, prev[1] + c.shape[1])
+    replay = reader if rewind else _Replay(cached)
+    replay.rewind()
+    return {k: xx / max(n, 1) for k, (xx, n) in acc.items() if n}, replay
+
+
+def _data_aware(ctx: _Context, name: str, w, role: Role, axis, s, z, codes):
+    """``(scale, codes)``: ``round_weight``'s codes at ORT's safe scales (per channel: with scale search; per
+    tensor: at the one scale), per channel the better of those and ``codes`` on ``E[(e.x)^2]``; or the
+    inputs unchanged where the weight has no statistics or an asymmetric / unusual layout."""
+    from ..core.rounding import SINGLE_SCALE, _objective, round_weight
+
+    h = ctx.stats.get(name)
+    if h is None or np.any(np.asarray(z) != 0) or (ctx.layout == "ort" and exact_depthwise(w.shape, role)):
+        return s, codes
+    v, ch, op = _kernel_view(np.asarray(w, np.float32), role, axis)
+    if op is None or ch not in (0, None):
+        return s, codes
+    cv = _kernel_view(codes, role, axis)[0]
+    oc = v.shape[0]
+    s_rows = np.broadcast_to(np.asarray(s, np.float32).reshape(-1), (oc,)).copy()
+    try:
+        r = round_weight(
+            np.ascontiguousarray(v),
+            h,
+            layout=ctx.layout,
+            op=op,
+            groups=role.group if op == "conv" else 1,
+            bias_correction=False,
+            scale=s_rows,
+            rtn_codes=np.ascontiguousarray(cv),
+            **({} if ch == 0 else dict(multipliers=SINGLE_SCALE)),
+        )
+    except (ValueError, AssertionError):  # a shape or pairing this path does not model: keep ORT's codes
+        return s, codes
+    new_codes = r.codes.T if role.kind == "matmul" else r.codes
+    new_s = r.scale if ch == 0 else np.asarray(s, np.float32)
+    if pair_violations(new_codes, role, axis, ctx.layout, weight=np.asarray(w, np.float32)).size:
+        return s, codes  # never expected
+    g = h.shape[0]
+    rows = np.arange(oc) // max(oc // g, 1) if g > 1 else None
+    m = h[rows] if rows is not None else h[0]
+    w2, c2 = v.reshape(oc, -1).astype(np.float64), cv.reshape(oc, -1).astype(np.float64)
+    ctx.rounded[name] = (r.error, _objective(w2 - s_rows[:, None].astype(np.float64) * c2, m))
+    return new_s.astype(np.float32).reshape(np.shape(s)), np.ascontiguousarray(new_codes).astype(np.int8)
 
 
 def _roles_of(quantizer) -> dict:
@@ -244,6 +422,7 @@ def _hooks(ctx: _Context):
         s, z, codes = safe_weight_params(
             w, roles[weight_name], scale, zp, axis, symmetric=bool(np.all(zp == 0)), layout=ctx.layout
         )
+        s, codes = _data_aware(ctx, weight_name, w, roles[weight_name], axis, s, z, codes)
         _replace_initializer(quantizer.model, scale_name, s, sc_init)
         _replace_initializer(quantizer.model, zp_name, z, zp_init)
         q_init = quantizer.model.get_initializer(q_name)
@@ -276,22 +455,38 @@ def _hooks(ctx: _Context):
             axis = qp.get("axis")
             axis = None if axis is None else axis % w.ndim
             zp = np.asarray(qp["zero_point"])
-            s, z, _ = safe_weight_params(
+            s, z, codes = safe_weight_params(
                 w, roles[name], qp["scale"], zp, axis, symmetric=bool(np.all(zp == 0)), layout=ctx.layout
             )
+            if name in ctx.stats:
+                s, codes = _data_aware(ctx, name, w, roles[name], axis, s, z, codes)
+                ctx.codes[name] = codes
             ctx.changed[name] = int(np.sum(s != np.asarray(qp["scale"], np.float32).reshape(-1)))
             qp["scale"] = s.reshape(np.shape(qp["scale"])).astype(np.asarray(qp["scale"]).dtype)
             qp["zero_point"] = z.reshape(zp.shape).astype(zp.dtype)
         return params
 
+    orig_qinit = getattr(qdq_quantizer, "quantize_onnx_initializer", None)
+
+    def quantize_onnx_initializer(weight, *args, **kwargs):
+        out = orig_qinit(weight, *args, **kwargs)
+        codes = ctx.codes.get(weight.name)
+        if codes is not None and tuple(out.dims) == codes.shape and out.data_type == onnx.TensorProto.INT8:
+            out = onnx.numpy_helper.from_array(codes.astype(np.int8), out.name)
+        return out
+
     base.quantize_initializer_impl = quantize_initializer_impl
     base.quantize_weight_per_channel_impl = quantize_weight_per_channel_impl
     qdq_quantizer.QDQQuantizer._calc_initializer_quant_params = calc_initializer_quant_params
+    if orig_qinit is not None:
+        qdq_quantizer.quantize_onnx_initializer = quantize_onnx_initializer
     try:
         yield ctx
     finally:
         base.quantize_initializer_impl, base.quantize_weight_per_channel_impl = orig_init, orig_pc
         qdq_quantizer.QDQQuantizer._calc_initializer_quant_params = orig_qdq
+        if orig_qinit is not None:
+            qdq_quantizer.quantize_onnx_initializer = orig_qinit
 
 
 def quantizer_dims(quantizer, name: str) -> tuple:
@@ -317,11 +512,25 @@ def _check_layout(layout: str) -> None:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
-def quantize_dynamic(model_input, model_output, *args, layout: str = "ort", **kwargs):
+_DATA_AWARE_DOC = """
+    Data-aware weights (issue 19): with a ``calibration_data_reader``, ORT itself runs the float model once
+    over it, the inputs of every MatMul / Gemm / Conv weight exposed as extra graph outputs
+    (:func:`calibration_stats`), and each int8 weight's codes become
+    :func:`safeobs.core.rounding.round_weight`'s at ORT's safe scales (per channel, with scale search; per
+    tensor, at the one scale), per channel the better of those and the RTN codes on ``E[(e.x)^2]``: never
+    worse than without calibration on that objective.  The reader is rewound with its ``rewind()`` if it
+    has one; otherwise its feeds are cached (in memory) and replayed.  ``E[x x^T]`` is float64, K x K per
+    weight (K=4096: 128 MB).  Covered: symmetric int8 weights (ORT's default), MatMul / Gemm (transA=0) /
+    1-D and 2-D Conv with explicit symmetric pads; QDQ with ``AddQDQPairToWeight`` keeps ORT's codes.
+"""
+
+
+def quantize_dynamic(model_input, model_output, *args, layout: str = "ort", calibration_data_reader=None, **kwargs):
     """``onnxruntime.quantization.quantize_dynamic`` with safe int8 weights (same arguments).
 
     ``layout``: the kernels to be safe for: ``"ort"`` (MLAS, default), ``"x86"`` (also FBGEMM/oneDNN)
-    or ``"any"`` (every pairing).  ``reduce_range`` is forced off.  Returns the verification
+    or ``"any"`` (every pairing).  ``reduce_range`` is forced off.  ``calibration_data_reader``: optional,
+    an ORT ``CalibrationDataReader`` for data-aware weights (below).  Returns the verification
     :class:`Report` of the written model.
     """
     _, _ = require()
@@ -329,25 +538,45 @@ def quantize_dynamic(model_input, model_output, *args, layout: str = "ort", **kw
 
     _check_layout(layout)
     bound = _bind(q.quantize_dynamic, (model_input, model_output, *args), kwargs)
-    with _hooks(_Context(layout)):
+    ctx = _Context(layout)
+    if calibration_data_reader is not None:
+        ctx.stats, _ = calibration_stats(bound.arguments["model_input"], calibration_data_reader)
+    with _hooks(ctx):
         q.quantize_dynamic(*bound.args, **bound.kwargs)
-    return verify(str(model_output), layout if layout != "any" else "ort")
+    return dataclasses.replace(verify(str(model_output), layout if layout != "any" else "ort"), rounded=ctx.rounded)
 
 
-def quantize_static(model_input, model_output, calibration_data_reader=None, *args, layout: str = "ort", **kwargs):
+def quantize_static(
+    model_input,
+    model_output,
+    calibration_data_reader=None,
+    *args,
+    layout: str = "ort",
+    data_aware: bool = True,
+    **kwargs,
+):
     """``onnxruntime.quantization.quantize_static`` with safe int8 weights (same arguments).
 
     Calibration, QDQ / QOperator, activation types and bias quantization are ORT's; ``reduce_range``
-    is forced off.  Returns the verification :class:`Report` of the written model.
+    is forced off.  The weights are data-aware on ``calibration_data_reader`` (below) unless
+    ``data_aware=False`` (RTN at the tightest safe scales).  Returns the verification :class:`Report` of
+    the written model (``report.rounded``: ``{weight: (objective, RTN objective)}`` per channel).
     """
     _, _ = require()
     q = importlib.import_module("onnxruntime.quantization.quantize")
 
     _check_layout(layout)
+    ctx = _Context(layout)
+    if data_aware and calibration_data_reader is not None:
+        ctx.stats, calibration_data_reader = calibration_stats(model_input, calibration_data_reader)
     bound = _bind(q.quantize_static, (model_input, model_output, calibration_data_reader, *args), kwargs)
-    with _hooks(_Context(layout)):
+    with _hooks(ctx):
         q.quantize_static(*bound.args, **bound.kwargs)
-    return verify(str(model_output), layout if layout != "any" else "ort")
+    return dataclasses.replace(verify(str(model_output), layout if layout != "any" else "ort"), rounded=ctx.rounded)
+
+
+quantize_dynamic.__doc__ += _DATA_AWARE_DOC
+quantize_static.__doc__ += _DATA_AWARE_DOC
 
 
 # -- reading a quantized model --------------------------------------------------------------------
@@ -547,6 +776,7 @@ class Report:
     layout: str
     weights: int
     violations: dict
+    rounded: dict = field(default_factory=dict)  # quantize_*: weight -> (objective, RTN objective) per channel
 
     @property
     def ok(self) -> bool:

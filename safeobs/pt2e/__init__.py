@@ -36,6 +36,7 @@ __all__ = [
     "SafeMovingAveragePerChannelMinMaxObserver",
     "X86InductorQuantizer",
     "get_x86_inductor_quantization_config",
+    "quantize_pt2e",
     "quantized_weights",
     "verify",
 ]
@@ -132,3 +133,57 @@ def quantized_weights(model: torch.fx.GraphModule) -> Iterator[tuple[str, np.nda
 def verify(model: torch.fx.GraphModule, layout: str = "x86") -> Report:
     """:func:`safeobs.verify` for a ``convert_pt2e`` model: every weight pair that can saturate."""
     return check_layers((LayerCodes(*w) for w in quantized_weights(model)), layout)
+
+
+def quantize_pt2e(
+    model,
+    example_inputs: tuple,
+    calibration=None,
+    *,
+    backend: str = "x86",
+    is_dynamic: bool = False,
+    is_qat: bool = False,
+    bias_correction: bool = True,
+    progress: bool | None = None,
+) -> torch.fx.GraphModule:
+    """PT2E in one call: export (if needed), ``prepare_pt2e`` with the safe X86InductorQuantizer config,
+    calibration, ``convert_pt2e`` and data-aware safe rounding of the int8 weights.
+
+    ``model``: an exported module (``torch.export.export(...).module()``) or a plain ``nn.Module``, which is
+    exported here with ``example_inputs`` (a tuple of positional arguments).  ``calibration``: an iterable of
+    positional-argument tuples; it runs once, feeding torchao's observers and collecting the rounding
+    statistics (:func:`safeobs.pt2e.rounding.calibrate_pt2e`).  With calibration, every conv/linear weight
+    gets :func:`safeobs.core.rounding.round_weight`'s codes (never worse than round-to-nearest at the tightest
+    safe scale on the calibration objective); without (``None``), ``example_inputs`` calibrate the
+    observers and the weights stay RTN at the tightest safe scales.  ``backend``: ``"x86"`` (layout "x86",
+    safe for oneDNN's and FBGEMM's pairings).  Returns the converted GraphModule; its
+    ``meta["safeobs_rounding"]`` holds ``{node name: RoundResult}`` (empty without calibration).  Compile
+    it yourself: ``with torch._inductor.config.patch(freezing=True): torch.compile(gm)``.
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
+
+    from .rounding import apply_pt2e, calibrate_pt2e
+
+    if backend != "x86":
+        raise ValueError(f"backend must be 'x86' (X86InductorQuantizer), got {backend!r}")
+    if isinstance(calibration, torch.Tensor):
+        raise TypeError("calibration must be an iterable of positional-argument tuples, e.g. [(x,)]; got a Tensor")
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not isinstance(model, torch.fx.GraphModule):
+        model = torch.export.export(model, example_inputs).module()
+    quantizer = X86InductorQuantizer().set_global(
+        get_x86_inductor_quantization_config(is_qat=is_qat, is_dynamic=is_dynamic, layout=backend)
+    )
+    prepared = (prepare_qat_pt2e if is_qat else prepare_pt2e)(model, quantizer)
+    stats = None
+    if calibration is None:
+        with torch.no_grad():
+            prepared(*example_inputs)
+    else:
+        stats = calibrate_pt2e(prepared, calibration, progress=progress)
+    converted = convert_pt2e(prepared)
+    results = {}
+    if stats is not None:
+        results = apply_pt2e(converted, stats, layout=backend, bias_correction=bias_correction, progress=progress)
+    converted.meta["safeobs_rounding"] = results
+    return converted
