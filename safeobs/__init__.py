@@ -46,15 +46,19 @@ __all__ = [
     "load_model",
     "quantize_dynamic",
     "quantize_fx",
-    "quantize_pt2e",  # noqa: F822 (module __getattr__: imports torchao on first use)
     "safe_qparams",
     "save",
     "verify",
 ]
 
 
+def __dir__():
+    return sorted(list(globals()) + ["quantize_pt2e"])
+
+
 def __getattr__(name):
-    if name == "quantize_pt2e":  # safeobs.pt2e imports torchao: only on first use
+    # safeobs.pt2e imports torchao: only on first use, and not by ``from safeobs import *`` (torchao is optional)
+    if name == "quantize_pt2e":
         from .pt2e import quantize_pt2e
 
         return quantize_pt2e
