@@ -14,20 +14,7 @@ from _kernel_cases import FAMILIES, draw_cases, kernel_of, known_bug
 from conftest import mode_param
 
 from safeobs import emulator
-from safeobs.kernels import dispatch, realkernel
-
-
-def _forced_groupwise(c, isa: str, host: str) -> bool:
-    """Groupwise takes its kernel from cpuinfo, not the forced ISA (spec §2): emulate those under qemu."""
-    if c["op"] not in ("conv2d", "conv3d") or host == isa:
-        return False
-    return any(
-        dispatch.fbgemm_conv_path(
-            c["w"].shape, groups=c["groups"], stride=c["stride"], padding=c["padding"], dilation=c["dilation"], isa=i
-        )
-        == "groupwise"
-        for i in (isa, host)
-    )
+from safeobs.kernels import realkernel
 
 
 def check_bit_exact(mode: str, engine: str, per_family: int) -> None:
@@ -36,12 +23,7 @@ def check_bit_exact(mode: str, engine: str, per_family: int) -> None:
     cases = draw_cases(FAMILIES, per_family, engine=engine, isa=isa, seed_name=f"{mode}-{engine}")
     cases = [c for c in cases if known_bug(c, engine, isa, "avx2" if mode == "haswell" else host) is None]
     if mode in ("avx2", "avx512"):  # groupwise / x86 routing follow cpuinfo, not the forced ISA (spec §2, §3)
-        cases = [
-            c
-            for c in cases
-            if not _forced_groupwise(c, isa, host)
-            and realkernel.forced_mismatch(mode, engine, realkernel.case_convs([c])) is None
-        ]
+        cases = [c for c in cases if realkernel.forced_mismatch(mode, engine, realkernel.case_convs([c])) is None]
     real = realkernel.run_ops(cases, mode=mode, engine=engine)
 
     wrong, saturating, saturated, beats_exact = [], 0, 0, 0

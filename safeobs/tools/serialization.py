@@ -173,11 +173,6 @@ def save(model: torch.nn.Module, f, *, arch: str | None = None) -> None:
     statefile.write(model, f, found, arch=arch)
 
 
-def is_standin(model) -> bool:
-    """Whether ``model`` is the layers-only view :func:`load` builds from a state file (no forward pass)."""
-    return getattr(model, "_safeobs_state", None) is not None
-
-
 def _standin(path, bundle) -> torch.nn.Module:
     """The int8 layers of a state file as real quantized modules at their names: audit and repair work on
     them unchanged, and :func:`save` writes their weights back into the state dict."""
