@@ -83,6 +83,7 @@ DEFAULT_MULTIPLIERS = SCALE_SEARCH
 DAMP = 0.01  # GPTQ's dampening: H + DAMP * mean(diag H) * I
 _OUTER = 256  # columns per BLAS-3 error-feedback update to all later columns (shared H)
 _INNER = 32  # columns per BLAS-3 update inside an outer block
+_SLAB = 1 << 20  # elements per row slab of the float64 temporaries (8 MB)
 _FAST_WORK = 1 << 31  # OC * K^2 above which the shared-H recursion runs in float32 (module docstring)
 
 
@@ -373,7 +374,7 @@ def _objective_factored(w: np.ndarray, scale: np.ndarray, q: np.ndarray, f: _Fac
     e^T diag(shift) e`` (one triangular product per row, half a GEMM; rows in slabs)."""
     r, k = q.shape
     out = np.empty(r)
-    rows = max(1, (1 << 24) // k)
+    rows = max(1, _SLAB // k)
     for r0 in range(0, r, rows):
         r1 = min(r, r0 + rows)
         e = w[r0:r1].astype(np.float64) - scale[r0:r1, None].astype(np.float64) * q[r0:r1]
@@ -474,7 +475,7 @@ def round_weight(
     if bias_correction:
         mu_rows = mu[np.arange(oc) // ocg] if mu.shape[0] > 1 else np.broadcast_to(mu[0], (oc, k))
         delta = np.empty(oc)
-        rows = max(1, (1 << 22) // k)
+        rows = max(1, _SLAB // k)
         for r0 in range(0, oc, rows):
             e = (
                 w.reshape(oc, k)[r0 : r0 + rows].astype(np.float64)
@@ -508,7 +509,10 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
         return _objective(w2[r0:r1].astype(np.float64) - s[:, None].astype(np.float64) * q, m0)
 
     if rtn is None:
-        rtn = quantize(w2, scale0[:, None])
+        rtn = np.empty((oc, k), np.int8)
+        for r0 in range(0, oc, max(1, _SLAB // k)):
+            r1 = min(oc, r0 + max(1, _SLAB // k))
+            rtn[r0:r1] = quantize(w2[r0:r1], scale0[r0:r1, None])
         if scale is not None:  # a given scale: RTN made safe by the same sequential clip
             rtn = _sequential(np.ascontiguousarray(rtn.T, dtype=dt), None, earlier, every)[0].T
         rtn = np.ascontiguousarray(rtn, dtype=np.int8)
@@ -551,7 +555,7 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
     if approx and np.any(choice >= 0):  # Guarantee 2 on the exact objective, not on the float32-tracked one
         idx = np.flatnonzero(choice >= 0)
         exact = np.empty(len(idx))
-        step = max(1, (1 << 24) // k)
+        step = max(1, _SLAB // k)
         for i0 in range(0, len(idx), step):
             sel = idx[i0 : i0 + step]
             exact[i0 : i0 + step] = _objective_factored(w2[sel], best_s[sel], best_q[sel], f)
@@ -568,7 +572,7 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
 def _shift_part(w, s, q, shift) -> np.ndarray:
     """Per row ``sum_k shift_k (w_k - s q_k)^2`` in float64, in row slabs."""
     out = np.empty(len(q))
-    rows = max(1, (1 << 22) // q.shape[1])
+    rows = max(1, _SLAB // q.shape[1])
     for r0 in range(0, len(q), rows):
         e = w[r0 : r0 + rows].astype(np.float64) - s[r0 : r0 + rows, None].astype(np.float64) * q[r0 : r0 + rows]
         out[r0 : r0 + rows] = np.einsum("rk,rk,k->r", e, e, shift)
