@@ -21,6 +21,46 @@ pair bound is enforced as each code is chosen: column ``j`` is rounded, then cli
 interval its already-rounded partners leave (below).  Per channel, the candidate with the
 smallest objective wins; RTN at the tightest safe scale is always a candidate.
 
+**Implementation at LLM scale** (one shared ``K x K`` matrix: Linear, dense convs).  ``M`` (``H`` or
+``H - mu mu^T``) plus the dampening is factored once per layer: one Cholesky of the reversed matrix
+and one triangular inverse give the upper factor ``U`` of its inverse (no ``K x K`` inverse, no second
+factorisation).  All candidate scales are stacked as rows sharing ``U`` and rounded together, in code
+units (``x = w / s``: the feedback ``x_k -= (x_j - q_j) U_jk / U_jj`` does not depend on the scale).
+The error feedback is blocked as in GPTQ: every 256 columns pass their errors to all later columns in
+one BLAS-3 product, every 32 columns to the rest of their 256-block, and a column inside a 32-block
+gathers the errors of the columns before it with one matrix-vector product; the one Python loop over
+columns does a constant number of vector operations on all stacked rows at once.  GPTQ's own loss
+gives each candidate's objective for free: with ``e = w - s q`` and ``H_d = M + diag(shift)``,
+``e^T H_d e = s^2 sum_j ((x_j - q_j) / U_jj)^2`` (``e = U^T err``, ``U H_d U^T = I``), so
+``e^T M e`` is that sum minus ``e^T diag(shift) e``, no ``K x K`` product per candidate.
+Cost per layer: ``O(K^3)`` for the factor plus ``O(S OC K^2)`` for ``S`` candidates, linear in the
+number of layers.
+
+*Precision.*  Layers with ``OC*K^2 <= 2^31`` (every MobileNetV2 and MiniLM layer) run in float64 and
+give the codes of the former per-column implementation (tests/_rounding_reference.py; the blocked sums
+add the same terms in another order, so only a value within float64 rounding of a half-integer could
+round the other way).  Larger layers run the recursion in float32: the codes are integers below 2^8
+and the fed-back values need an absolute accuracy well below half a code, while float32 BLAS sums of
+``K`` terms of magnitude <= 128 stay within about ``sqrt(K) * 2^-24 * 128`` (1e-3 codes at ``K = 11008``).
+A code whose value lies that close to a half-integer may round the other way than in float64 (and the
+rest of its row follows another, equally valid path): the documented tie-breaking.  Safety does not
+depend on it (the clip works on exact small integers), and Guarantee 2 is checked on the exact
+float64 objective: the winning candidate's ``e^T M e`` and RTN's are recomputed from the float64
+Cholesky factor (``||e_rev L||^2`` minus the shift, half a GEMM per row) and RTN is kept where the
+winner is not strictly better (``RoundResult.extra["reverted"]`` counts them).
+
+*Memory* (shared ``H``, bytes of a float64 ``K x K`` matrix = ``|H|``).  The float64 factor ``L``
+(``|H|``, kept for the exact objective), its inverse while ``U`` is formed (``|H|``, freed), ``U``
+(``|H|/2`` in float32), the stacked rows in chunks of at most ``max(K, 1024)`` rows (``(K, chunk)``
+values: ``|H|/2`` in float32 for a square layer) and int8 codes; float64 temporaries in 8 MB row
+slabs.  Peak above the inputs: about ``2.5-3 |H|`` for ``OC <= K`` (measured in
+benchmarks/results/rounding.md).  ``H`` itself can be accumulated per batch in float32 and summed in
+float64: a float32 sum of ``x x^T`` over a batch of ``n`` rows is within about ``n * 2^-24`` relative of
+the exact one, far below the 1% dampening added to its diagonal.
+
+Per-group matrices (grouped and depthwise convs: one ``K x K`` per group, ``K`` = one group's receptive
+field, e.g. 9 for a depthwise 3x3) keep per-row factors and a loop over their few columns, in float64.
+
 **Guarantee 1: every code vector produced is safe** (for the layout's pairs, any u8 activations).
 Write the bound in the sum form of :mod:`safeobs.core.solver` ("Equivalent form"): for codes in
 [-128, 127], ``P = max(a,0)+max(b,0) <= 128`` and ``N = min(a,0)+min(b,0) >= -128`` iff
