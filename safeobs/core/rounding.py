@@ -21,6 +21,46 @@ pair bound is enforced as each code is chosen: column ``j`` is rounded, then cli
 interval its already-rounded partners leave (below).  Per channel, the candidate with the
 smallest objective wins; RTN at the tightest safe scale is always a candidate.
 
+**Implementation at LLM scale** (one shared ``K x K`` matrix: Linear, dense convs).  ``M`` (``H`` or
+``H - mu mu^T``) plus the dampening is factored once per layer: one Cholesky of the reversed matrix
+and one triangular inverse give the upper factor ``U`` of its inverse (no ``K x K`` inverse, no second
+factorisation).  All candidate scales are stacked as rows sharing ``U`` and rounded together, in code
+units (``x = w / s``: the feedback ``x_k -= (x_j - q_j) U_jk / U_jj`` does not depend on the scale).
+The error feedback is blocked as in GPTQ: every 256 columns pass their errors to all later columns in
+one BLAS-3 product, every 32 columns to the rest of their 256-block, and a column inside a 32-block
+gathers the errors of the columns before it with one matrix-vector product; the one Python loop over
+columns does a constant number of vector operations on all stacked rows at once.  GPTQ's own loss
+gives each candidate's objective for free: with ``e = w - s q`` and ``H_d = M + diag(shift)``,
+``e^T H_d e = s^2 sum_j ((x_j - q_j) / U_jj)^2`` (``e = U^T err``, ``U H_d U^T = I``), so
+``e^T M e`` is that sum minus ``e^T diag(shift) e``, no ``K x K`` product per candidate.
+Cost per layer: ``O(K^3)`` for the factor plus ``O(S OC K^2)`` for ``S`` candidates, linear in the
+number of layers.
+
+*Precision.*  Layers with ``OC*K^2 <= 2^31`` (every MobileNetV2 and MiniLM layer) run in float64 and
+give the codes of the former per-column implementation (tests/_rounding_reference.py; the blocked sums
+add the same terms in another order, so only a value within float64 rounding of a half-integer could
+round the other way).  Larger layers run the recursion in float32: the codes are integers below 2^8
+and the fed-back values need an absolute accuracy well below half a code, while float32 BLAS sums of
+``K`` terms of magnitude <= 128 stay within about ``sqrt(K) * 2^-24 * 128`` (1e-3 codes at ``K = 11008``).
+A code whose value lies that close to a half-integer may round the other way than in float64 (and the
+rest of its row follows another, equally valid path): the documented tie-breaking.  Safety does not
+depend on it (the clip works on exact small integers), and Guarantee 2 is checked on the exact
+float64 objective: the winning candidate's ``e^T M e`` and RTN's are recomputed from the float64
+Cholesky factor (``||e_rev L||^2`` minus the shift, half a GEMM per row) and RTN is kept where the
+winner is not strictly better (``RoundResult.extra["reverted"]`` counts them).
+
+*Memory* (shared ``H``, bytes of a float64 ``K x K`` matrix = ``|H|``).  The float64 factor ``L``
+(``|H|``, kept for the exact objective), its inverse while ``U`` is formed (``|H|``, freed), ``U``
+(``|H|/2`` in float32), the stacked rows in chunks of at most ``max(K, 1024)`` rows (``(K, chunk)``
+values: ``|H|/2`` in float32 for a square layer) and int8 codes; float64 temporaries in 8 MB row
+slabs.  Peak above the inputs: about ``2.5-3 |H|`` for ``OC <= K`` (measured in
+benchmarks/results/rounding.md).  ``H`` itself can be accumulated per batch in float32 and summed in
+float64: a float32 sum of ``x x^T`` over a batch of ``n`` rows is within about ``n * 2^-24`` relative of
+the exact one, far below the 1% dampening added to its diagonal.
+
+Per-group matrices (grouped and depthwise convs: one ``K x K`` per group, ``K`` = one group's receptive
+field, e.g. 9 for a depthwise 3x3) keep per-row factors and a loop over their few columns, in float64.
+
 **Guarantee 1: every code vector produced is safe** (for the layout's pairs, any u8 activations).
 Write the bound in the sum form of :mod:`safeobs.core.solver` ("Equivalent form"): for codes in
 [-128, 127], ``P = max(a,0)+max(b,0) <= 128`` and ``N = min(a,0)+min(b,0) >= -128`` iff
@@ -62,6 +102,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.linalg import blas, lapack
 
 from ..kernels.layout import LAYOUTS, group_sizes
 from .solver import PAIR_MAX, PAIR_MIN, layout_pairs, quantize, safe_qparams
@@ -80,7 +121,10 @@ SCALE_SEARCH = (0.90, 0.94, 0.97, 1.0, 1.03)
 SINGLE_SCALE = (1.0,)
 DEFAULT_MULTIPLIERS = SCALE_SEARCH
 DAMP = 0.01  # GPTQ's dampening: H + DAMP * mean(diag H) * I
-_BLOCK = 128  # GPTQ lazy-batch width for shared-H layers
+_OUTER = 256  # columns per BLAS-3 error-feedback update to all later columns (shared H)
+_INNER = 32  # columns per BLAS-3 update inside an outer block
+_SLAB = 1 << 20  # elements per row slab of the float64 temporaries (8 MB)
+_FAST_WORK = 1 << 31  # OC * K^2 above which the shared-H recursion runs in float32 (module docstring)
 
 
 # -- statistics --------------------------------------------------------------------------------------
@@ -195,8 +239,29 @@ def _partners(pairs: np.ndarray, oc: int, k: int) -> np.ndarray:
     return out.reshape(oc, k, -1)
 
 
+def _earlier_partners(cols: np.ndarray, k: int) -> list:
+    """Per column ``j`` of a row, the partner columns ``< j`` (the ones chosen before it), or None.
+
+    ``cols``: the layout's pairs of one output channel as ``(n, 2)`` columns of its row (the same for
+    every channel: :meth:`safeobs.kernels.layout.PairTable._row_columns`)."""
+    out = [None] * k
+    if len(cols) == 0:
+        return out
+    lo, hi = np.minimum(cols[:, 0], cols[:, 1]), np.maximum(cols[:, 0], cols[:, 1])
+    keep = lo < hi
+    lo, hi = lo[keep], hi[keep]
+    order = np.lexsort((lo, hi))
+    lo, hi = lo[order], hi[order]
+    starts = np.flatnonzero(np.r_[True, hi[1:] != hi[:-1]])
+    for a, b in zip(starts, np.r_[starts[1:], len(hi)]):  # once per column with partners, not per code
+        out[int(hi[a])] = np.unique(lo[a:b])
+    return out
+
+
 def _cholesky_inv_upper(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor of (H + damp*mean(diag)*I)^-1, batched over leading dims (GPTQ)."""
+    """Upper Cholesky factor of (H + damp*mean(diag)*I)^-1, batched over leading dims (GPTQ).
+
+    The per-group form (grouped and depthwise convs: one small ``K x K`` matrix per group)."""
     d = np.einsum("...ii->...i", h)
     dead = d <= 0
     hd = h.copy()
@@ -218,56 +283,123 @@ def _cholesky_inv_upper(h: np.ndarray, damp: float) -> np.ndarray:
     return np.broadcast_to(np.eye(h.shape[-1]), h.shape).copy()  # no feedback: sequential clipped RTN
 
 
-def _gptq(w: np.ndarray, u: np.ndarray, scale: np.ndarray, partners: np.ndarray) -> np.ndarray:
-    """Sequential safe rounding of ``w`` (R, K) at per-row ``scale`` (R,).
+@dataclass
+class _Factor:
+    """One shared ``K x K`` objective matrix ``M``, factored once per layer (see :func:`_factor_shared`).
 
-    ``u``: upper Cholesky factor of H^-1, shared (K, K) or per row (R, K, K).  Column j is rounded,
-    clipped to the interval its earlier partners leave (module docstring, Guarantee 1), and its error
-    is fed back to the later columns.  Returns float codes (R, K).
+    ``u``: upper Cholesky factor of ``(M + diag(shift))^-1`` in the recursion's dtype (C-contiguous);
+    ``lrev``: lower Cholesky factor of the same damped matrix with rows and columns reversed (float64,
+    Fortran order), so that ``e^T (M + diag(shift)) e = ||e[::-1] @ lrev||^2``; ``shift``: the diagonal
+    added to ``M`` (dampening, and 1 on dead inputs)."""
+
+    u: np.ndarray
+    lrev: np.ndarray
+    shift: np.ndarray
+
+
+def _factor_shared(h: np.ndarray, mu: np.ndarray | None, damp: float, dtype) -> _Factor | None:
+    """Factor ``M = h - mu mu^T`` (or ``h``) + dampening once: one Cholesky and one triangular inverse.
+
+    GPTQ needs ``U`` upper with ``U^T U = H_d^-1``.  With ``J`` the reversal, ``J H_d J = L L^T`` gives
+    ``H_d = V V^T`` with ``V = J L J`` upper, so ``U = V^-1 = J L^-1 J``: no ``K x K`` inverse of ``H_d`` and
+    no second factorisation.  Memory: one float64 ``K x K`` buffer for ``L`` (kept for the exact objective),
+    one for ``L^-1`` while it is computed, and ``U`` in ``dtype``.  None when no dampening up to 10^11
+    times the first makes ``H_d`` positive definite (the caller then rounds without error feedback).
     """
-    w = w.astype(np.float64, copy=True)
-    r, k = w.shape
-    q = np.zeros((r, k))
-    inv = (np.float32(1) / scale.astype(np.float32)).astype(np.float64)
-    s = scale.astype(np.float64)
-    rows = np.arange(r)
-    shared = u.ndim == 2
-    every = partners is None  # layout "any": every other code of the row is a partner
+    k = h.shape[-1]
+    idx = np.arange(k)
+    d = np.diagonal(h).copy() if mu is None else np.diagonal(h) - mu * mu
+    dead = (d <= 0).astype(np.float64)
+    lam = damp * max(float(d.mean()), 1e-12)
+    p = np.empty((k, k))
+    rows = max(1, (1 << 22) // k)  # M in row slabs: no K x K temporary for mu mu^T
+    for _ in range(12):
+        np.copyto(p, h[::-1, ::-1])
+        if mu is not None:
+            mr = mu[::-1]
+            for i0 in range(0, k, rows):
+                p[i0 : i0 + rows] -= mr[i0 : i0 + rows, None] * mr[None, :]
+        shift = dead + lam
+        p[idx, idx] += shift[::-1]
+        lrev, info = lapack.dpotrf(p.T, lower=1, clean=1, overwrite_a=1)  # p is symmetric: p.T is p, F-ordered
+        if info == 0:
+            linv, info = lapack.dtrtri(lrev, lower=1)
+            if info == 0:
+                u = np.ascontiguousarray(linv[::-1, ::-1], dtype=dtype)
+                del linv
+                return _Factor(u, lrev, shift)
+        lam *= 10
+    return None
+
+
+def _gemm_sub(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """``c -= a.T @ b`` in place (BLAS-3, no temporary of ``c``'s size); all C-contiguous, ``a`` may be a view."""
+    gemm = blas.sgemm if c.dtype == np.float32 else blas.dgemm
+    out = gemm(-1.0, b.T, a, beta=1.0, c=c.T, overwrite_c=1)
+    if not np.shares_memory(out, c):  # never expected: the C-contiguous c is its transpose in Fortran order
+        c[...] = out.T
+
+
+def _sequential(xt: np.ndarray, u: np.ndarray | None, earlier, every: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Sequential safe rounding of ``xt`` (K, C): column ``j`` of ``C`` rows (stacked candidates), in code units.
+
+    Rounds code ``j`` of every row, clips it to the interval its earlier partners leave (module docstring,
+    Guarantee 1) and feeds its error back to the later codes through ``u`` (None: no feedback, the
+    sequential clip alone).  ``xt`` is overwritten.  Returns the int8 codes (K, C) and, per row, the sum of
+    the squared scaled errors ``((x_j - q_j) / U_jj)^2`` (code units; GPTQ's loss).
+
+    Blocked: outer blocks of ``_OUTER`` columns pass their errors to all later columns in one BLAS-3 update,
+    inner blocks of ``_INNER`` columns to the rest of their outer block; inside an inner block a column
+    gathers the errors of the (< ``_INNER``) columns before it with one matrix-vector product.  The only
+    Python loop over columns does O(1) vector operations on the C rows at once.
+    """
+    k, c = xt.shape
+    dt = xt.dtype
+    q = np.empty((k, c), np.int8)
+    sq = np.zeros(c)
     if every:
-        top, bottom = np.full(r, -128.0), np.full(r, 127.0)  # max / min of the codes chosen so far
-    else:
-        earlier = partners < np.arange(k)[None, :, None]  # partners rounded before column j (natural order)
-    for b0 in range(0, k, _BLOCK if shared else k):
-        b1 = min(k, b0 + (_BLOCK if shared else k))
-        err = np.zeros((r, b1 - b0))
-        for j in range(b0, b1):
-            code = np.clip(np.rint(w[:, j] * inv), -128, 127)
-            lo = np.full(r, -128.0)
-            hi = np.full(r, 127.0)
-            if every:
-                if j:
-                    lo, hi = np.maximum(lo, PAIR_MIN - bottom), np.minimum(hi, PAIR_MAX - top)
-            else:
-                for d in range(partners.shape[2]):
-                    p = partners[:, j, d]
-                    ok = earlier[:, j, d]
-                    qp = q[rows, np.where(ok, p, 0)]
-                    lo = np.where(ok, np.maximum(lo, PAIR_MIN - qp), lo)
-                    hi = np.where(ok, np.minimum(hi, PAIR_MAX - qp), hi)
-            code = np.clip(code, lo, hi)
-            q[:, j] = code
-            if every:
-                top, bottom = np.maximum(top, code), np.minimum(bottom, code)
-            if shared:
-                e = (w[:, j] - s * code) / u[j, j]
-                w[:, j + 1 : b1] -= e[:, None] * u[j, j + 1 : b1][None, :]
-                err[:, j - b0] = e
-            else:
-                e = (w[:, j] - s * code) / u[:, j, j]
-                w[:, j + 1 :] -= e[:, None] * u[:, j, j + 1 :]
-        if shared and b1 < k:
-            w[:, b1:] -= err @ u[b0:b1, b1:]
-    return q
+        top, bottom = np.full(c, -128, dt), np.full(c, 127, dt)  # max / min of the codes chosen so far
+    if u is not None:
+        dinv = 1 / np.diagonal(u).astype(dt)
+        err = np.empty((min(_OUTER, k), c), dt)
+    lo_q, hi_q = dt.type(-128), dt.type(127)
+    for b0 in range(0, k, _OUTER):
+        b1 = min(k, b0 + _OUTER)
+        for s0 in range(b0, b1, _INNER):
+            s1 = min(b1, s0 + _INNER)
+            for j in range(s0, s1):
+                v = xt[j]
+                if u is not None and j > s0:
+                    v = v - u[s0:j, j] @ err[s0 - b0 : j - b0]
+                code = np.rint(v)
+                np.minimum(np.maximum(code, lo_q, out=code), hi_q, out=code)
+                if every:
+                    if j:
+                        np.minimum(np.maximum(code, PAIR_MIN - bottom, out=code), PAIR_MAX - top, out=code)
+                    np.maximum(top, code, out=top)
+                    np.minimum(bottom, code, out=bottom)
+                elif earlier[j] is not None:
+                    p = earlier[j]
+                    if len(p) == 1:
+                        qlo = qhi = q[p[0]]
+                    else:
+                        qs = q[p]
+                        qlo, qhi = qs.min(0), qs.max(0)
+                    np.maximum(code, np.subtract(PAIR_MIN, qlo, dtype=dt), out=code)
+                    np.minimum(code, np.subtract(PAIR_MAX, qhi, dtype=dt), out=code)
+                q[j] = code
+                if u is not None:
+                    e = err[j - b0]
+                    np.subtract(v, code, out=e)
+                    e *= dinv[j]
+            if u is not None and s1 < b1:
+                _gemm_sub(xt[s1:b1], u[s0:s1, s1:b1], err[s0 - b0 : s1 - b0])
+        if u is not None:
+            eb = err[: b1 - b0]
+            sq += np.einsum("bc,bc->c", eb, eb, dtype=np.float64)
+            if b1 < k:
+                _gemm_sub(xt[b1:], u[b0:b1, b1:], eb)
+    return q, sq
 
 
 def _objective(e: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -277,12 +409,47 @@ def _objective(e: np.ndarray, m: np.ndarray) -> np.ndarray:
     return np.einsum("rk,rkj,rj->r", e, m, e)
 
 
-def check_safe(codes: np.ndarray, pairs: np.ndarray) -> None:
+def _objective_factored(w: np.ndarray, scale: np.ndarray, q: np.ndarray, f: _Factor) -> np.ndarray:
+    """Exact float64 ``e^T M e`` of ``e = w - scale*q`` per row, from the factor: ``||e[::-1] @ lrev||^2 -
+    e^T diag(shift) e`` (one triangular product per row, half a GEMM; rows in slabs)."""
+    r, k = q.shape
+    out = np.empty(r)
+    rows = max(1, _SLAB // k)
+    for r0 in range(0, r, rows):
+        r1 = min(r, r0 + rows)
+        e = w[r0:r1].astype(np.float64) - scale[r0:r1, None].astype(np.float64) * q[r0:r1]
+        sh = np.einsum("rk,rk,k->r", e, e, f.shift)
+        et = np.ascontiguousarray(e[:, ::-1])
+        y = blas.dtrmm(1.0, f.lrev, et.T, side=0, lower=1, trans_a=1, overwrite_b=1)  # (e_rev @ lrev)^T
+        out[r0:r1] = np.einsum("kr,kr->r", y, y) - sh
+    return out
+
+
+def check_safe(codes: np.ndarray, pairs) -> None:
     """Raise if any pair of ``codes`` (indices into ``codes.ravel()``) breaks the bound (never expected)."""
     flat = codes.reshape(-1).astype(np.int64)
+    if flat.size and (flat.min() < -128 or flat.max() > 127):
+        raise AssertionError("safeobs.rounding produced a code outside [-128, 127]; please report this bug")
     if len(pairs):
         t = flat[pairs[:, 0]] + flat[pairs[:, 1]]
-        if np.any((t > PAIR_MAX) | (t < PAIR_MIN)) or flat.min() < -128 or flat.max() > 127:
+        if np.any((t > PAIR_MAX) | (t < PAIR_MIN)):
+            raise AssertionError("safeobs.rounding produced an unsafe pair; please report this bug")
+
+
+def _check_safe_rows(codes: np.ndarray, cols: np.ndarray | None) -> None:
+    """:func:`check_safe` for codes (R, K) whose pairs are the same columns ``cols`` in every row (None: every
+    pair of the row, layout ``"any"``), in row slabs (no materialised pair list)."""
+    q = codes.reshape(codes.shape[0], -1)
+    if cols is None:
+        t_max = q.max(1).astype(np.int16) + np.sort(q, 1)[:, -2].astype(np.int16) if q.shape[1] > 1 else None
+        t_min = q.min(1).astype(np.int16) + np.sort(q, 1)[:, 1].astype(np.int16) if q.shape[1] > 1 else None
+        if t_max is not None and (np.any(t_max > PAIR_MAX) or np.any(t_min < PAIR_MIN)):
+            raise AssertionError("safeobs.rounding produced an unsafe pair; please report this bug")
+        return
+    rows = max(1, (1 << 22) // max(len(cols), 1))
+    for r0 in range(0, q.shape[0], rows):
+        t = q[r0 : r0 + rows, cols[:, 0]].astype(np.int16) + q[r0 : r0 + rows, cols[:, 1]]
+        if np.any((t > PAIR_MAX) | (t < PAIR_MIN)):
             raise AssertionError("safeobs.rounding produced an unsafe pair; please report this bug")
 
 
@@ -307,7 +474,8 @@ def round_weight(
     fields, (K, K) for all channels or (G, K, K) per group (K = ``weight[0].numel()``), and ``mean``:
     E[x], (K,) or (G, K), needed for bias correction.  ``multipliers``: candidate scales as multiples
     of the tightest RTN-safe scale (:func:`safeobs.safe_qparams`); ``gptq=False`` keeps RTN at each
-    candidate scale.  See the module docstring for the method and the guarantees.
+    candidate scale.  See the module docstring for the method, the guarantees, the cost and the memory
+    (with a shared (K, K) ``h``: about 2.5x the bytes of a float64 ``h`` above the inputs, at most 3x).
 
     ``scale``: a base scale per output channel (OC,) or one for all, given by the runtime instead of the
     tightest RTN-safe one (ONNX Runtime's, whose int32 biases and per-tensor scales must follow), and
@@ -332,26 +500,139 @@ def round_weight(
     if bias_correction and mean is None:
         raise ValueError("bias_correction needs mean=E[x] (or pass bias_correction=False)")
     mu = None if mean is None else np.asarray(mean, dtype=np.float64).reshape(-1, k)
-    w2 = w.reshape(oc, k).astype(np.float64)
-
-    every = layout == "any"  # pairs depend on the codes: every pair of a row is constrained
-    pairs = None if every else layout_pairs(w, layout, op, groups)
-    part = None if every else _partners(np.asarray(pairs), oc, k)
     if scale is None:
         scale0 = safe_qparams(wt, layout=layout, op=op, groups=groups)[0].numpy().astype(np.float32)
     else:
         scale0 = np.broadcast_to(np.asarray(scale, dtype=np.float32).reshape(-1), (oc,)).copy()
         if not np.all(np.isfinite(scale0) & (scale0 > 0)):
             raise ValueError("scale must be finite and positive")
+    mults = tuple(float(f) for f in multipliers) if multipliers else ()
+    mu_b = mu if bias_correction else None
+    rtn = None if rtn_codes is None else np.asarray(rtn_codes).reshape(oc, k).astype(np.int8)
+    run = _round_per_group if h.shape[0] > 1 else _round_shared
+    q, s, err, rtn_err, choice, extra = run(w, h, mu_b, layout, op, groups, mults, gptq, damp, scale0, scale, rtn)
+    delta = np.zeros(oc)
+    if bias_correction:
+        mu_rows = mu[np.arange(oc) // ocg] if mu.shape[0] > 1 else np.broadcast_to(mu[0], (oc, k))
+        delta = np.empty(oc)
+        rows = max(1, _SLAB // k)
+        for r0 in range(0, oc, rows):
+            e = (
+                w.reshape(oc, k)[r0 : r0 + rows].astype(np.float64)
+                - s[r0 : r0 + rows, None].astype(np.float64) * q[r0 : r0 + rows]
+            )
+            delta[r0 : r0 + rows] = np.einsum("rk,rk->r", e, mu_rows[r0 : r0 + rows])
+    return RoundResult(q.reshape(w.shape), s.astype(np.float32), delta, err, rtn_err, choice, extra)
 
-    m = h - np.einsum("gi,gj->gij", mu, mu) if bias_correction else h  # objective matrix per group
-    per_group = h.shape[0] > 1
+
+def _candidate_scale(scale0: np.ndarray, f: float) -> np.ndarray:
+    return (scale0.astype(np.float64) * f).astype(np.float32)
+
+
+def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale, rtn):
+    """One ``K x K`` objective matrix for every output channel (Linear, dense convs): the blocked path."""
+    oc, k = w.shape[0], int(np.prod(w.shape[1:]))
+    w2 = w.reshape(oc, k)
+    every = layout == "any"
+    cols = None if every else layout_pairs(w, layout, op, groups)._row_columns()
+    earlier = None if every else _earlier_partners(cols, k)
+    fast = oc * k * k > _FAST_WORK
+    dt = np.float32 if fast else np.float64
+    f = _factor_shared(h[0], None if mu is None else mu[0], damp, dt) if (gptq and mults) or fast else None
+    m0 = None
+    if f is None or not fast:  # the direct objective: float64 e^T M e
+        m0 = h[0] - np.outer(mu[0], mu[0]) if mu is not None else h[0]
+
+    def objective(r0, r1, s, q):
+        if m0 is None:
+            return _objective_factored(w2[r0:r1], s, q, f)
+        return _objective(w2[r0:r1].astype(np.float64) - s[:, None].astype(np.float64) * q, m0)
+
+    if rtn is None:
+        rtn = np.empty((oc, k), np.int8)
+        for r0 in range(0, oc, max(1, _SLAB // k)):
+            r1 = min(oc, r0 + max(1, _SLAB // k))
+            rtn[r0:r1] = quantize(w2[r0:r1], scale0[r0:r1, None])
+        if scale is not None:  # a given scale: RTN made safe by the same sequential clip
+            rtn = _sequential(np.ascontiguousarray(rtn.T, dtype=dt), None, earlier, every)[0].T
+        rtn = np.ascontiguousarray(rtn, dtype=np.int8)
+    rtn_err = objective(0, oc, scale0, rtn)
+    best_q, best_s, best_err = rtn.copy(), scale0.copy(), rtn_err.copy()
+    choice = np.full(oc, -1)
+    u = f.u if (gptq and f is not None) else None
+    approx = fast and u is not None  # GPTQ's own loss, checked exactly against RTN below
+    scales = [_candidate_scale(scale0, m) for m in mults]
+    n = len(mults) * oc
+    cmax = max(k, 1024)  # rows per chunk: the recursion's state is at most (K, max(K, 1024)) in dtype
+    for a in range(0, n, cmax):
+        b = min(n, a + cmax)
+        pieces = [(ci, max(a - ci * oc, 0), min(b - ci * oc, oc)) for ci in range(a // oc, (b - 1) // oc + 1)]
+        xt = np.empty((k, b - a), dt)
+        off = 0
+        for ci, r0, r1 in pieces:
+            s = scales[ci][r0:r1]
+            if u is not None:  # code units: x = w * f32(1/s), torch's quantize before rint
+                inv = (np.float32(1) / s).astype(dt)
+                np.multiply(w2[r0:r1].T, inv[None, :], out=xt[:, off : off + r1 - r0])
+            else:
+                xt[:, off : off + r1 - r0] = quantize(w2[r0:r1], s[:, None]).T
+            off += r1 - r0
+        q, sq = _sequential(xt, u, earlier, every)
+        del xt
+        off = 0
+        for ci, r0, r1 in pieces:
+            s, qc = scales[ci][r0:r1], np.ascontiguousarray(q[:, off : off + r1 - r0].T)
+            if approx:  # e^T (M + shift) e = s^2 * GPTQ's loss (module docstring), minus the shift's part
+                err = s.astype(np.float64) ** 2 * sq[off : off + r1 - r0] - _shift_part(w2[r0:r1], s, qc, f.shift)
+            else:
+                err = objective(r0, r1, s, qc)
+            better = err < best_err[r0:r1]
+            idx = np.flatnonzero(better) + r0
+            best_q[idx], best_s[idx], best_err[idx], choice[idx] = qc[better], s[better], err[better], ci
+            off += r1 - r0
+        del q
+    reverted = 0
+    if approx and np.any(choice >= 0):  # Guarantee 2 on the exact objective, not on the float32-tracked one
+        idx = np.flatnonzero(choice >= 0)
+        exact = np.empty(len(idx))
+        step = max(1, _SLAB // k)
+        for i0 in range(0, len(idx), step):
+            sel = idx[i0 : i0 + step]
+            exact[i0 : i0 + step] = _objective_factored(w2[sel], best_s[sel], best_q[sel], f)
+        worse = exact >= rtn_err[idx]
+        best_err[idx] = exact
+        back = idx[worse]
+        best_q[back], best_s[back], best_err[back], choice[back] = rtn[back], scale0[back], rtn_err[back], -1
+        reverted = int(worse.sum())
+    _check_safe_rows(best_q, cols)
+    extra = {"dtype": np.dtype(dt).name, "reverted": reverted}
+    return best_q, best_s, best_err, rtn_err, choice, extra
+
+
+def _shift_part(w, s, q, shift) -> np.ndarray:
+    """Per row ``sum_k shift_k (w_k - s q_k)^2`` in float64, in row slabs."""
+    out = np.empty(len(q))
+    rows = max(1, _SLAB // q.shape[1])
+    for r0 in range(0, len(q), rows):
+        e = w[r0 : r0 + rows].astype(np.float64) - s[r0 : r0 + rows, None].astype(np.float64) * q[r0 : r0 + rows]
+        out[r0 : r0 + rows] = np.einsum("rk,rk,k->r", e, e, shift)
+    return out
+
+
+def _round_per_group(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale, rtn):
+    """One small ``K x K`` matrix per group (grouped and depthwise convs): per-row factors, columns one at a time
+    (K is one group's receptive field, e.g. 9 or 25 for a depthwise 3x3 / 5x5; float64 throughout)."""
+    oc, k = w.shape[0], int(np.prod(w.shape[1:]))
+    g, ocg, _, _ = group_sizes(w.shape, op, groups)
+    w2 = w.reshape(oc, k).astype(np.float64)
+    every = layout == "any"
+    pairs = None if every else np.asarray(layout_pairs(w, layout, op, groups))
+    part = None if every else _partners(pairs, oc, k)
+    m = h - np.einsum("gi,gj->gij", mu, mu) if mu is not None else h
     row_group = np.arange(oc) // ocg
-    m_rows = m[row_group] if per_group else m[0]
-    mu_rows = None if mu is None else (mu[row_group] if mu.shape[0] > 1 else np.broadcast_to(mu[0], (oc, k)))
-
-    if rtn_codes is not None:
-        rtn = np.asarray(rtn_codes).reshape(oc, k).astype(np.float64)
+    m_rows = m[row_group]
+    if rtn is not None:
+        rtn = rtn.astype(np.float64)
     elif scale is not None:
         rtn = _clip_pairs(quantize(w2.astype(np.float32), scale0[:, None]).astype(np.float64), part)
     else:
@@ -359,25 +640,60 @@ def round_weight(
     rtn_err = _objective(w2 - scale0[:, None].astype(np.float64) * rtn, m_rows)
     best_q, best_s, best_err = rtn.copy(), scale0.copy(), rtn_err.copy()
     choice = np.full(oc, -1)
-    if multipliers:
-        mult = np.asarray(multipliers, dtype=np.float64)
-        u = _cholesky_inv_upper(m, damp) if gptq else None
-        for ci, f in enumerate(mult):
-            s = (scale0.astype(np.float64) * f).astype(np.float32)
+    if mults:
+        u = _cholesky_inv_upper(m, damp)[row_group] if gptq else None
+        for ci, f in enumerate(mults):
+            s = _candidate_scale(scale0, f)
             if gptq:
-                q = _gptq(w2, u[row_group] if per_group else u[0], s, part)
+                q = _gptq(w2, u, s, part)
             else:
                 q = _clip_pairs(quantize(w2.astype(np.float32), s[:, None]).astype(np.float64), part)
             err = _objective(w2 - s[:, None].astype(np.float64) * q, m_rows)
             better = err < best_err
             best_q[better], best_s[better], best_err[better] = q[better], s[better], err[better]
             choice[better] = ci
-    codes = best_q.astype(np.int8).reshape(w.shape)
-    check_safe(codes, layout_pairs(codes, "any", op, groups) if every else np.asarray(pairs))
-    delta = np.zeros(oc)
-    if bias_correction:
-        delta = np.einsum("rk,rk->r", w2 - best_s[:, None].astype(np.float64) * best_q, mu_rows)
-    return RoundResult(codes, best_s.astype(np.float32), delta, best_err, rtn_err, choice)
+    best_q = best_q.astype(np.int8)
+    check_safe(best_q, layout_pairs(best_q.reshape(w.shape), "any", op, groups) if every else pairs)
+    return best_q, best_s, best_err, rtn_err, choice, {"dtype": "float64", "reverted": 0}
+
+
+def _gptq(w: np.ndarray, u: np.ndarray, scale: np.ndarray, partners: np.ndarray) -> np.ndarray:
+    """Sequential safe rounding of ``w`` (R, K) at per-row ``scale`` (R,) with one factor per row ``u`` (R, K, K).
+
+    Column j is rounded, clipped to the interval its earlier partners leave (module docstring, Guarantee 1),
+    and its error is fed back to the later columns.  Returns float codes (R, K)."""
+    w = w.astype(np.float64, copy=True)
+    r, k = w.shape
+    q = np.zeros((r, k))
+    inv = (np.float32(1) / scale.astype(np.float32)).astype(np.float64)
+    s = scale.astype(np.float64)
+    rows = np.arange(r)
+    every = partners is None  # layout "any": every other code of the row is a partner
+    if every:
+        top, bottom = np.full(r, -128.0), np.full(r, 127.0)  # max / min of the codes chosen so far
+    else:
+        earlier = partners < np.arange(k)[None, :, None]  # partners rounded before column j (natural order)
+    for j in range(k):  # K: one group's receptive field
+        code = np.clip(np.rint(w[:, j] * inv), -128, 127)
+        lo = np.full(r, -128.0)
+        hi = np.full(r, 127.0)
+        if every:
+            if j:
+                lo, hi = np.maximum(lo, PAIR_MIN - bottom), np.minimum(hi, PAIR_MAX - top)
+        else:
+            for d in range(partners.shape[2]):
+                p = partners[:, j, d]
+                ok = earlier[:, j, d]
+                qp = q[rows, np.where(ok, p, 0)]
+                lo = np.where(ok, np.maximum(lo, PAIR_MIN - qp), lo)
+                hi = np.where(ok, np.minimum(hi, PAIR_MAX - qp), hi)
+        code = np.clip(code, lo, hi)
+        q[:, j] = code
+        if every:
+            top, bottom = np.maximum(top, code), np.minimum(bottom, code)
+        e = (w[:, j] - s * code) / u[:, j, j]
+        w[:, j + 1 :] -= e[:, None] * u[:, j, j + 1 :]
+    return q
 
 
 def _clip_pairs(q: np.ndarray, partners: np.ndarray) -> np.ndarray:
