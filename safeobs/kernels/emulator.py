@@ -248,7 +248,6 @@ def _candidates(w_o: np.ndarray, pairs: np.ndarray, amax: np.ndarray):
 _WBLOCK = 1 << 18  # weight elements per row block when few positions (1 MB of float32)
 _BLOCK = 1 << 23  # activation elements (G * Kg * positions) per block: float32 scratch stays near 32 MB
 _LANES = 1 << 20  # candidate lanes per correction chunk (4 MB of float32)
-_BLAS_LANES_K = 64  # one group with Kg up to this: candidate lanes come from one BLAS product
 
 
 def _wz(w_o, w_zp_o, has_wzp: bool) -> np.ndarray:
@@ -297,7 +296,6 @@ def _gemm(act: _Act, w_o: np.ndarray, x_zp: int, w_zp_o: np.ndarray, pairs: np.n
     # Both codes of a candidate share a sign sg: its lanes sg * s = a0|c0| + a1|c1| >= 0 can only exceed
     # lim (32767, or 32768 when negative), and sat16(s) - s = -sg * max(sg * s - lim, 0).
     sg = np.sign(c0)
-    lim = np.where(sg > 0, 32767.0, 32768.0)
     if n:  # the corrections of a channel add up to at most the sum of its lanes' bounds
         lane_bound = amax[gi, r0] * np.abs(c0) + amax[gi, r1] * np.abs(c1)
         bound += float(np.bincount(cc, lane_bound, minlength=1).max())
@@ -305,22 +303,17 @@ def _gemm(act: _Act, w_o: np.ndarray, x_zp: int, w_zp_o: np.ndarray, pairs: np.n
     # layer and each layer of a chunk adds to distinct rows in one fancy-indexed step.
     rank = np.arange(n) - np.searchsorted(cc, cc)  # cc is sorted (by channel, then pair)
     lay = np.lexsort((cc, rank, sg))
-    gi, oi, mi, c0, c1, r0, r1, cc, rank, sg, lim = (v[lay] for v in (gi, oi, mi, c0, c1, r0, r1, cc, rank, sg, lim))
-    blas_lanes = n and g == 1 and kg <= _BLAS_LANES_K
+    gi, oi, mi, c0, c1, r0, r1, cc, rank, sg = (v[lay] for v in (gi, oi, mi, c0, c1, r0, r1, cc, rank, sg))
     pb = max(1, min(p, _BLOCK // max(1, g * kg)))
-    # BLAS lanes from the shifted activations (no padding skipped): sg*s - lim = cmat @ (a - x_zp) - off
-    from_af = blas_lanes and (not shift or act.valid is None)
     acc = np.empty((g, ocg, p), _F32 if bound < _F32_EXACT else np.float64)
     acc2 = acc.reshape(oc, p)
     u0, u1 = np.abs(c0).astype(_F32), np.abs(c1).astype(_F32)
-    if blas_lanes:  # one row per candidate lane: |c0| at r0, |c1| at r1
-        cmat = np.zeros((n, kg), _F32)
-        cmat[np.arange(n), r0] = u0
-        cmat[np.arange(n), r1] = u1
     # float32 weights w - w_zp: all at once, or (few positions: the weights dominate) in cache-sized row blocks
     rb = ocg if p > 64 else max(1, _WBLOCK // max(1, g * kg))
     wz_all = None if rb < ocg else _wz(w_o, w_zp_o, has_wzp)
-    off = (lim - (x_zp * (u0.astype(np.float64) + u1) if from_af and shift else 0)).astype(_F32)[:, None]
+    # lanes in uint16 (a0|c0| + a1|c1| <= 65280): half the bytes of float32 per pass
+    u0, u1 = u0.astype(np.uint16)[:, None], u1.astype(np.uint16)[:, None]
+    nneg = int(np.count_nonzero(sg < 0))  # sorted by sign: negative candidates first
     parts = []
     for p0 in range(0, p, pb):
         p1 = min(p, p0 + pb)
@@ -343,18 +336,15 @@ def _gemm(act: _Act, w_o: np.ndarray, x_zp: int, w_zp_o: np.ndarray, pairs: np.n
         step = max(1, _LANES // (p1 - p0))
         for lo in range(0, n, step):
             hi = min(n, lo + step)
-            if blas_lanes:
-                e = np.matmul(cmat[lo:hi], (af if from_af else araw)[0])  # (chunk, Pb), exact
-            else:
-                e = np.multiply(ab[gi[lo:hi], r0[lo:hi]], u0[lo:hi, None], dtype=_F32)
-                e += np.multiply(ab[gi[lo:hi], r1[lo:hi]], u1[lo:hi, None], dtype=_F32)
-            e -= off[lo:hi]
-            ep = np.abs(e)  # max(e, 0) = (e + |e|) / 2, exact, and faster than np.maximum
-            ep += e
-            ep *= _F32(0.5)
-            e = ep  # the excess of every lane: nonzero exactly where it saturates
+            e = np.multiply(ab[gi[lo:hi], r0[lo:hi]], u0[lo:hi], dtype=np.uint16)  # (chunk, Pb) lanes sg * s
+            e += np.multiply(ab[gi[lo:hi], r1[lo:hi]], u1[lo:hi], dtype=np.uint16)
+            for s0, s1, li in ((lo, min(hi, nneg), 32768), (max(lo, nneg), hi, 32767)):  # negative rows first
+                if s1 > s0:  # the excess of every lane: nonzero exactly where it saturates
+                    es = e[s0 - lo : s1 - lo]
+                    np.maximum(es, np.uint16(li), out=es)
+                    es -= np.uint16(li)
             if want_sat:
-                ci, pi = np.nonzero(e)
+                ci, pi = np.nonzero(e != 0)
                 if len(ci):
                     parts.append((pi + p0, ci + lo))
             cuts = np.r_[lo, lo + np.flatnonzero(np.diff(rank[lo:hi]) | np.diff(sg[lo:hi])) + 1, hi]
