@@ -427,3 +427,75 @@ def test_safe_weights_equal_exact_accumulation_on_every_engine_and_isa(case):
             else:
                 f = lambda exact: emulator.qconv_codes(x, 0.02, 3, codes, ws, 0, None, 0.05, 7, exact=exact, **hp, **kw)
             assert np.array_equal(f(False), f(True)), (kind, engine, isa, w.shape)
+
+
+# -- the fast GEMM core against the plain one -----------------------------------------------------------
+
+
+_EXTREME_CODES = np.array([-128, -127, -100, -65, -64, -1, 0, 1, 64, 65, 100, 127, 127], np.int8)
+
+
+@st.composite
+def _gemm_cases(draw):
+    """An activation matrix in kernel order, adversarial weight codes, zero points, a padding mask and pairs."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    g = draw(st.sampled_from([1, 1, 2, 3]))
+    ocg = draw(st.integers(1, 5))
+    taps = draw(st.sampled_from([1, 2, 3, 9]))
+    icg = draw(st.sampled_from([1, 2, 3, 4, 300]))  # 300 (x 1..9 taps): K beyond float32's exact range
+    kg, p = taps * icg, draw(st.integers(1, 3 if icg == 300 else 40))
+    a = rng.integers(0, 256, (g, kg, p))
+    if draw(st.booleans()):  # mostly full-scale activations: lanes saturate at many positions
+        a = np.where(rng.random(a.shape) < 0.8, rng.integers(230, 256, a.shape), a)
+    w = rng.integers(-128, 128, (g, ocg, kg))
+    w = np.where(rng.random(w.shape) < draw(st.sampled_from([0.0, 0.5, 0.95])), rng.choice(_EXTREME_CODES, w.shape), w)
+    w_zp = rng.integers(-3, 4, (g, ocg, 1)) if draw(st.booleans()) else np.zeros((g, ocg, 1), np.int64)
+    x_zp = draw(st.sampled_from([0, 1, 128, 231, 255]))
+    valid = rng.integers(0, 2, (taps, p)).astype(np.uint8) if draw(st.booleans()) else None
+    if valid is not None:  # skipped padding holds fill 0
+        a = a * np.repeat(valid, icg, axis=0)[None]
+    layout_ = draw(st.sampled_from(["flat", "none", "shuffled", "blocks"]))
+    if layout_ == "flat":
+        pairs = np.arange(2 * (kg // 2)).reshape(-1, 2)
+    elif layout_ == "none":
+        pairs = np.zeros((0, 2), np.int64)
+    elif layout_ == "shuffled":
+        pairs = rng.permutation(kg)[: 2 * (kg // 2)].reshape(-1, 2)
+    else:  # pairs restart at every block of an odd length (oneDNN's K blocks)
+        b = draw(st.sampled_from([3, 5, 7]))
+        starts = np.arange(kg)
+        pairs = np.stack([starts, starts + 1], 1)[((starts % b) % 2 == 0) & ((starts % b) + 1 < b) & (starts + 1 < kg)]
+    return a.astype(np.uint8), w.astype(np.int8), w_zp.astype(np.float32), x_zp, valid, taps, pairs.astype(np.int64)
+
+
+@settings(max_examples=250, deadline=None, derandomize=True, database=None)
+@given(case=_gemm_cases(), tiny_blocks=st.booleans())
+def test_fast_gemm_equals_plain_reference(case, tiny_blocks):
+    """The optimised core (candidate filter, float32 BLAS, K chunks, lane chunks, position and row blocks) gives
+    the plain int64 all-lanes accumulators, and reports exactly the lanes that leave int16."""
+    from safeobs.kernels import emulator as emu
+
+    a, w, w_zp, x_zp, valid, taps, pairs = case
+    g, kg, p = a.shape
+    ocg = w.shape[1]
+    act = emu._Act(a, valid, taps, (p,))
+    order = np.arange(w.size).reshape(w.shape)
+    saved = emu._BLOCK, emu._LANES, emu._WBLOCK
+    if tiny_blocks:  # every loop of the fast path runs more than once
+        emu._BLOCK, emu._LANES, emu._WBLOCK = 2 * g * kg, 3, 7
+    try:
+        acc, sat = emu._gemm(act, w, x_zp, w_zp, pairs, order, True)
+    finally:
+        emu._BLOCK, emu._LANES, emu._WBLOCK = saved
+    ref = emu._gemm_reference(act, w, x_zp, w_zp, pairs)
+    assert np.array_equal(np.asarray(acc, np.float64), ref.astype(np.float64))
+    # the saturated lanes, counted here from the raw codes
+    a64, w64 = a.astype(np.int64), w.astype(np.int64)
+    lanes = (
+        w64[:, :, pairs[:, 0], None] * a64[:, None, pairs[:, 0]]
+        + w64[:, :, pairs[:, 1], None] * a64[:, None, pairs[:, 1]]
+    )
+    gg, oo, mm, pp = np.nonzero((lanes > 32767) | (lanes < -32768))
+    want = sorted(zip(pp.tolist(), (gg * ocg + oo).tolist(), (gg * ocg * kg + oo * kg + pairs[mm, 0]).tolist()))
+    got = sorted(zip(sat.position[:, 0].tolist(), sat.channel.tolist(), sat.pair[:, 0].tolist()))
+    assert sat.count == len(want) and got == want

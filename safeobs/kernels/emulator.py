@@ -51,7 +51,6 @@ __all__ = [
 
 _F32 = np.float32
 _INT32_MIN = -(2**31)
-_CHUNK = 1 << 17  # lanes per correction chunk: 512 KB of int32 stays in cache
 _F32_EXACT = 2**24  # float32 holds every integer below this exactly
 
 
@@ -73,7 +72,7 @@ def _codes(a, name: str, lo: int, hi: int) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integer codes, got dtype {a.dtype}")
-    if a.size and (a.min() < lo or a.max() > hi):
+    if a.size and (np.iinfo(a.dtype).min < lo or np.iinfo(a.dtype).max > hi) and (a.min() < lo or a.max() > hi):
         raise ValueError(f"{name} codes must lie in [{lo}, {hi}]")
     return a
 
@@ -119,6 +118,13 @@ def _requant_fbgemm(xf, x_scale, w_scale, bias, y_scale, y_zp, *, per_channel: b
     xf *= mult
     y = xf
     zp = int(y_zp)
+    if 0 <= zp <= 255 and (y.size == 0 or (y.min() > _F32(-(2.0**31)) and y.max() < _F32(2.0**31))):  # no NaN
+        # packs32, adds16, packus (and relu: max with zp) in float32, exact: after rint every value is an
+        # integer; where |y| >= 2^24 the sum with zp may round, but stays beyond [0, 255] and clips the same.
+        np.rint(y, out=y)
+        y += _F32(zp)
+        np.clip(y, zp if relu else 0, 255, out=y)
+        return y.astype(np.uint8)
     with np.errstate(invalid="ignore"):
         ok = np.abs(y) < _F32(2.0**31)  # cvtps2dq gives INT32_MIN outside (and for NaN)
     if not 0 <= zp <= 255:  # unusual output zero point: integer path
@@ -179,120 +185,214 @@ class _Act:
     pos_shape: tuple
 
 
-def _product(a: np.ndarray, wz: np.ndarray) -> np.ndarray:
-    """Exact ``a^T @ wz^T`` per group: (G, Kg, P) uint8 x (G, OCg, Kg) float32 -> (G, P, OCg) float64.
+def _product(af: np.ndarray, wz: np.ndarray, kbound: np.ndarray, out: np.ndarray) -> None:
+    """``out = wz @ af`` per group, exactly: (G, OCg, Kg) x (G, Kg, P) float32 -> ``out`` (G, OCg, P).
 
-    float32 BLAS is exact while every partial sum stays below 2^24, so K is split into chunks whose
-    bound ``sum_k max(a_k) * max|wz|`` stays below it; chunk results add up exactly in float64.
-    Tiny inner dims (depthwise) sum the taps elementwise instead of a batched matmul.
+    float32 BLAS is exact while every partial sum stays below 2^24: ``kbound[k]`` bounds ``|wz[.., k] * af[k]|``.
+    A float32 ``out`` means the caller checked ``kbound.sum() < 2^24``; a float64 ``out`` gets K chunks whose
+    bounds stay below 2^24, added exactly in float64.
     """
-    g, kg, p = a.shape
-    ocg = wz.shape[1]
-    if kg * ocg <= 32:  # depthwise-like: a few taps, sum them (|sum| <= 32 * 65025 < 2^24: exact in float32)
-        acc = np.zeros((g, p, ocg), _F32)
-        tmp = np.empty((g, p, ocg), _F32)
-        for k in range(kg):
-            np.multiply(a[:, k, :, None], wz[:, None, :, k], out=tmp)
-            acc += tmp
-        return acc.astype(np.float64)
-    wmax = float(max(wz.max(), -wz.min())) if wz.size else 0.0
-    cs = np.cumsum(a.max(axis=(0, 2)).astype(np.float64) * wmax)  # running bound of |partial sums|
-    lim = float(_F32_EXACT - 65536)  # a chunk's bound < lim + one term <= 2^24
+    kg = af.shape[1]
+    if out.dtype == _F32:
+        np.matmul(wz, af, out=out)
+        return
+    cs = np.cumsum(kbound)  # running bound of |partial sums|
+    lim = float(_F32_EXACT - 65536)  # a chunk's bound < lim + one term (<= 65025) <= 2^24
     edges = np.r_[0, np.flatnonzero(np.diff(np.floor(cs / lim))) + 1, kg]
-    acc = None
+    out[...] = 0
     for k0, k1 in zip(edges[:-1], edges[1:]):
-        if k1 <= k0:
-            continue
-        ak = a if k1 - k0 == kg else a[:, k0:k1, :]
-        part = np.matmul(ak.astype(_F32).transpose(0, 2, 1), wz[:, :, k0:k1].transpose(0, 2, 1))
-        if acc is None:
-            acc = part.astype(np.float64)
-        else:
-            acc += part
-    return np.zeros((g, p, ocg)) if acc is None else acc
+        if k1 > k0:
+            out += np.matmul(wz[:, :, k0:k1], af[:, k0:k1, :])
 
 
 def _candidates(w_o: np.ndarray, pairs: np.ndarray, amax: np.ndarray):
-    """Weight pairs that can saturate for this input: (g, o, m) index arrays and their codes (w0, w1).
+    """Weight pairs that can saturate for this input: (g, o, m) index arrays (sorted by channel g, o, then
+    pair m), their codes (c0, c1) and positions (r0, r1) in [0, Kg).
 
     255*128 fits int16; a lane can only leave it if both codes share a sign and |w0+w1| >= 129 (§1);
     that is exactly |w0+w1| >= 129 (opposite signs give a sum in [-128, 126]).  It can then only
     saturate if the largest activations at its two positions (``amax`` (G, Kg)) push it out.
     """
+    g, ocg, kg = w_o.shape
     m = len(pairs)
-    if m == w_o.shape[2] // 2 and np.array_equal(pairs.reshape(-1), np.arange(2 * m)):  # flat (2m, 2m+1)
-        w0, w1 = w_o[:, :, 0 : 2 * m : 2], w_o[:, :, 1 : 2 * m : 2]
-    else:
-        w0, w1 = w_o[:, :, pairs[:, 0]], w_o[:, :, pairs[:, 1]]
-    # |lane| <= max(amax0, amax1) * |w0+w1|: per pair, the smallest |w0+w1| that can saturate (>= 129).
+    # |lane| <= max(amax0, amax1) * |w0+w1|: the smallest |w0+w1| that can saturate for any pair (>= 129)
     top = np.maximum(amax[:, pairs[:, 0]], amax[:, pairs[:, 1]])  # (G, M)
-    need = np.clip(-(-32768 // np.maximum(top, 1)), 129, 257).astype(np.int16)  # ceil(32768 / top)
-    s = np.add(w0, w1, dtype=np.int16)  # (G, OCg, M), |s| <= 256
-    s += need[:, None, :] - 1  # |s| >= need  <=>  s + need - 1 outside [0, 2*need - 2]
-    gi, oi, mi = np.nonzero(s.view(np.uint16) > (2 * need[:, None, :] - 2).view(np.uint16))
-    c0, c1 = w0[gi, oi, mi].astype(np.int32), w1[gi, oi, mi].astype(np.int32)
+    need = int(np.clip(-(-32768 // max(int(top.max()), 1)), 129, 257))  # ceil(32768 / top)
+    if need > 256:
+        e = np.zeros(0, np.int64)
+        return e, e, e, e, e, e, e
+    # |w0+w1| >= need needs one code with |w| >= h = ceil(need/2) (>= 65): flag those codes in one pass over
+    # the raw bytes, w + h - 1 (mod 256) >= 2h - 1, then the pairs holding one.
+    h = (need + 1) // 2
+    flat = m == kg // 2 and np.array_equal(pairs.reshape(-1), np.arange(2 * m))  # (2m, 2m+1)
+    wf = np.ascontiguousarray(w_o).reshape(-1)
+    big = np.add(wf.view(np.uint8), np.uint8(h - 1)) >= 2 * h - 1  # (G * OCg * Kg,)
+    if flat and kg % 2 == 0:
+        q = np.flatnonzero(big.view(np.uint16) != 0)  # two flags of a pair in one uint16; q = row * M + pair
+    else:
+        big = big.reshape(g * ocg, kg)
+        q = np.flatnonzero(big[:, pairs[:, 0]] | big[:, pairs[:, 1]])
+    row, mi = np.divmod(q, m)
+    gi, oi = np.divmod(row, ocg)
     r0, r1 = pairs[mi, 0], pairs[mi, 1]
-    bound = amax[gi, r0] * c0 + amax[gi, r1] * c1  # the lane's extreme value over all positions
-    keep = np.flatnonzero((bound >= 32768) | (bound <= -32769))
+    c0, c1 = wf[row * kg + r0].astype(np.int64), wf[row * kg + r1].astype(np.int64)
+    am = amax.reshape(-1).astype(np.int64)
+    a0, a1 = am[gi * kg + r0], am[gi * kg + r1]
+    s = c0 + c1
+    lane = np.maximum(a0, a1) * np.abs(s)  # can the lane leave int16 at all
+    bound = a0 * c0 + a1 * c1  # the lane's extreme value over all positions
+    keep = np.flatnonzero((np.abs(s) >= 129) & (lane >= 32768) & ((bound >= 32768) | (bound <= -32769)))
     return gi[keep], oi[keep], mi[keep], c0[keep], c1[keep], r0[keep], r1[keep]
 
 
+_WBLOCK = 1 << 18  # weight elements per row block when few positions (1 MB of float32)
+_BLOCK = 1 << 23  # activation elements (G * Kg * positions) per block: float32 scratch stays near 32 MB
+_LANES = 1 << 20  # candidate lanes per correction chunk (4 MB of float32)
+
+
+def _wz(w_o, w_zp_o, has_wzp: bool) -> np.ndarray:
+    """float32 ``w - w_zp``."""
+    wz = w_o.astype(_F32)
+    if has_wzp:
+        wz -= w_zp_o
+    return wz
+
+
 def _gemm(act: _Act, w_o: np.ndarray, x_zp: int, w_zp_o: np.ndarray, pairs: np.ndarray, order, want_sat: bool):
-    """int32 accumulators (P, OC), as exact float64 integers, after zero-point correction (§1, §5.3;
+    """int32 accumulators (P, OC), as exact float32 or float64 integers, after zero-point correction (§1, §5.3;
     §8.2 for skipped padding).
 
     ``w_o`` (G, OCg, Kg) raw int8 weight codes in kernel order, ``w_zp_o`` (G, OCg, 1).  The exact value
-    ``sum_valid (a - x_zp)(w - w_zp)`` comes from :func:`_product`; ``pairs`` (positions in [0, Kg)) add
-    ``sat16(s) - s`` for every lane that saturates.  The result wraps like the kernels' int32.
+    ``sum_valid (a - x_zp)(w - w_zp)`` comes from one BLAS product (:func:`_product`) of ``a - x_zp`` (0 at
+    skipped padding); every pair that can saturate (:func:`_candidates`, from the weights and the largest
+    activations) adds ``sat16(s) - s`` for its lanes ``s``, summed per channel.  The result wraps like the
+    kernels' int32.  Positions go in blocks of :data:`_BLOCK` activations, lanes in chunks of :data:`_LANES`:
+    the scratch memory is bounded whatever the input size.  :func:`_gemm_reference` is the plain version.
     """
     a = act.a
     g, kg, p = a.shape
     ocg = w_o.shape[1]
     oc = g * ocg
-    wz = w_o.astype(_F32)
-    if np.any(w_zp_o):
-        wz -= w_zp_o
-    acc = _product(a, wz)  # (G, P, OCg)
-    if act.valid is None:  # fill == x_zp: every padded term cancels
-        if x_zp:
-            acc -= float(x_zp) * wz.sum(axis=2, dtype=np.float64)[:, None, :]
-    elif x_zp:
-        per_tap = wz.reshape(g, ocg, act.taps, kg // act.taps).sum(axis=3, dtype=np.float64)  # (G, OCg, taps)
-        acc -= float(x_zp) * np.matmul(act.valid.T.astype(np.float64), per_tap.transpose(0, 2, 1))
-    acc = np.ascontiguousarray(acc.transpose(1, 0, 2)).reshape(p, oc) if g > 1 else acc.reshape(p, oc)
-    parts = []
+    has_wzp = bool(np.any(w_zp_o))
+    amax = a.max(axis=2) if p else np.zeros((g, kg), np.uint8)  # (G, Kg)
+    wmax = 128.0 + float(np.abs(w_zp_o).max(initial=0))  # bounds |w - w_zp| without a pass over the weights
+    # x_zp: subtract it from the activations (needed where padding is skipped), or x_zp * sum(wz) from the
+    # outputs.  Shifted, |a - x_zp| <= max(amax - x_zp, x_zp - amin) bounds each product term's activation.
+    kmax = amax.max(axis=0).astype(np.float64) if g and p else np.zeros(kg)
+    kmin = a.min(axis=(0, 2)).astype(np.float64) if g and p else np.zeros(kg)
+    kb_shift = np.maximum(kmax - x_zp, x_zp - kmin) * wmax
+    kb_plain = kmax * wmax
+    b_shift, b_plain = float(kb_shift.sum()), float(kb_plain.sum()) + x_zp * kg * wmax
+    shift = bool(x_zp) and (
+        act.valid is not None or (b_shift < _F32_EXACT <= b_plain) or (g * kg <= oc and b_shift < _F32_EXACT)
+    )
+    kbound, bound = (kb_shift, b_shift) if shift else (kb_plain, b_plain)
     if len(pairs) and p:
-        gi, oi, mi, c0, c1, r0, r1 = _candidates(w_o, pairs, a.max(axis=2).astype(np.int32))
-        step = max(1, _CHUNK // p)
-        for lo in range(0, len(gi), step):
-            sl = slice(lo, lo + step)
-            lane = a[gi[sl], r0[sl]] * c0[sl, None]  # (chunk, P) int32
-            lane += a[gi[sl], r1[sl]] * c1[sl, None]
-            lane += 32768
-            ci, pi = np.nonzero(lane.view(np.uint32) > 65535)  # outside [-32768, 32767]
-            if len(ci):
-                lv = lane[ci, pi] - 32768
-                parts.append((pi, ci + lo, np.clip(lv, -32768, 32767) - lv))
-    sat_idx = None
-    if parts:
-        pi, cidx, exc = (np.concatenate(x) for x in zip(*parts))
-        cc = gi[cidx] * ocg + oi[cidx]
-        np.add.at(acc.reshape(-1), pi * oc + cc, exc.astype(np.float64))
-        sat_idx = (pi, cc, cidx)
-    if acc.size and max(acc.max(), -acc.min()) >= 2.0**31:  # int32 wrap (rare: needs a huge K)
-        acc = ((acc.astype(np.int64) + 2**31) % 2**32 - 2**31).astype(np.float64)
+        gi, oi, mi, c0, c1, r0, r1 = _candidates(w_o, pairs, amax.astype(np.int64))
+    else:
+        gi = oi = mi = c0 = c1 = r0 = r1 = np.zeros(0, np.int64)
+    n = len(gi)
+    cc = gi * ocg + oi  # channel of each candidate lane
+    # Both codes of a candidate share a sign sg: its lanes sg * s = a0|c0| + a1|c1| >= 0 can only exceed
+    # lim (32767, or 32768 when negative), and sat16(s) - s = -sg * max(sg * s - lim, 0).
+    sg = np.sign(c0)
+    if n:  # the corrections of a channel add up to at most the sum of its lanes' bounds
+        lane_bound = amax[gi, r0] * np.abs(c0) + amax[gi, r1] * np.abs(c1)
+        bound += float(np.bincount(cc, lane_bound, minlength=1).max())
+    # Layers: a channel's k-th candidate of each sign goes to layer (sign, k), so no channel repeats within a
+    # layer and each layer of a chunk adds to distinct rows in one fancy-indexed step.
+    rank = np.arange(n) - np.searchsorted(cc, cc)  # cc is sorted (by channel, then pair)
+    lay = np.lexsort((cc, rank, sg))
+    gi, oi, mi, c0, c1, r0, r1, cc, rank, sg = (v[lay] for v in (gi, oi, mi, c0, c1, r0, r1, cc, rank, sg))
+    pb = max(1, min(p, _BLOCK // max(1, g * kg)))
+    acc = np.empty((g, ocg, p), _F32 if bound < _F32_EXACT else np.float64)
+    acc2 = acc.reshape(oc, p)
+    u0, u1 = np.abs(c0).astype(_F32), np.abs(c1).astype(_F32)
+    # float32 weights w - w_zp: all at once, or (few positions: the weights dominate) in cache-sized row blocks
+    rb = ocg if p > 64 else max(1, _WBLOCK // max(1, g * kg))
+    wz_all = None if rb < ocg else _wz(w_o, w_zp_o, has_wzp)
+    # lanes in uint16 (a0|c0| + a1|c1| <= 65280): half the bytes of float32 per pass
+    u0, u1 = u0.astype(np.uint16)[:, None], u1.astype(np.uint16)[:, None]
+    nneg = int(np.count_nonzero(sg < 0))  # sorted by sign: negative candidates first
+    parts = []
+    for p0 in range(0, p, pb):
+        p1 = min(p, p0 + pb)
+        ab = a[:, :, p0:p1]
+        araw = ab.astype(_F32)
+        af = araw
+        if shift:
+            if act.valid is None:
+                af = np.subtract(araw, _F32(x_zp), out=araw)
+            else:  # skipped padding: fill 0 and no zero-point term there
+                zv = np.multiply(act.valid[:, p0:p1], _F32(x_zp), dtype=_F32)  # (taps, Pb)
+                af = (araw.reshape(g, act.taps, kg // act.taps, p1 - p0) - zv[None, :, None, :]).reshape(araw.shape)
+        for o0 in range(0, ocg, rb):
+            o1 = min(ocg, o0 + rb)
+            out = acc[:, o0:o1, p0:p1] if (pb < p or rb < ocg) else acc
+            wz = wz_all if wz_all is not None else _wz(w_o[:, o0:o1], w_zp_o[:, o0:o1], has_wzp)
+            _product(af, wz, kbound, out)
+            if x_zp and not shift:
+                out -= (float(x_zp) * wz.sum(axis=2, dtype=np.float64)).astype(acc.dtype)[:, :, None]
+        step = max(1, _LANES // (p1 - p0))
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            e = np.multiply(ab[gi[lo:hi], r0[lo:hi]], u0[lo:hi], dtype=np.uint16)  # (chunk, Pb) lanes sg * s
+            e += np.multiply(ab[gi[lo:hi], r1[lo:hi]], u1[lo:hi], dtype=np.uint16)
+            for s0, s1, li in ((lo, min(hi, nneg), 32768), (max(lo, nneg), hi, 32767)):  # negative rows first
+                if s1 > s0:  # the excess of every lane: nonzero exactly where it saturates
+                    es = e[s0 - lo : s1 - lo]
+                    np.maximum(es, np.uint16(li), out=es)
+                    es -= np.uint16(li)
+            if want_sat:
+                ci, pi = np.nonzero(e != 0)
+                if len(ci):
+                    parts.append((pi + p0, ci + lo))
+            cuts = np.r_[lo, lo + np.flatnonzero(np.diff(rank[lo:hi]) | np.diff(sg[lo:hi])) + 1, hi]
+            for l0, l1 in zip(cuts[:-1], cuts[1:]):  # one layer: distinct channels, one sign
+                if sg[l0] > 0:
+                    acc2[cc[l0:l1], p0:p1] -= e[l0 - lo : l1 - lo]
+                else:
+                    acc2[cc[l0:l1], p0:p1] += e[l0 - lo : l1 - lo]
+        del af, araw
+    if bound >= 2.0**31 and acc.size and max(acc.max(), -acc.min()) >= 2.0**31:  # int32 wrap (needs a huge K)
+        acc2[...] = (acc2.astype(np.int64) + 2**31) % 2**32 - 2**31
     if not want_sat:
-        return acc, None
-    if sat_idx is not None:
-        pi, cc, cidx = sat_idx
-        o = np.argsort((pi * oc + cc) * len(pairs) + mi[cidx])  # by position, channel, pair (unique keys)
-        pi, cc, cidx = pi[o], cc[o], cidx[o]
+        return acc2.T, None
+    if parts:
+        pi, cidx = (np.concatenate(x) for x in zip(*parts))
+        cc_ = cc[cidx]
+        o = np.argsort((pi * oc + cc_) * len(pairs) + mi[cidx])  # by position, channel, pair (unique keys)
+        pi, cc_, cidx = pi[o], cc_[o], cidx[o]
         gg, oo = gi[cidx], oi[cidx]
         pr = np.stack([order[gg, oo, r0[cidx]], order[gg, oo, r1[cidx]]], axis=1)
     else:
-        pi, cc, pr = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+        pi, cc_, pr = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
     pos = np.stack(np.unravel_index(pi, act.pos_shape), axis=1) if len(act.pos_shape) else pi[:, None]
-    return acc, Saturation(int(len(pi)), pos.astype(np.int64), cc.astype(np.int64), pr.astype(np.int64))
+    return acc2.T, Saturation(int(len(pi)), pos.astype(np.int64), cc_.astype(np.int64), pr.astype(np.int64))
+
+
+def _gemm_reference(act: _Act, w_o: np.ndarray, x_zp: int, w_zp_o: np.ndarray, pairs: np.ndarray):
+    """:func:`_gemm`'s accumulators the plain way, for tests: int64, every int16 lane of every pair clamped,
+    no candidate filter, no float, no blocks.  ``sum_pairs sat16(a0*w0 + a1*w1) + sum_unpaired a*w`` on raw
+    codes, minus the zero-point terms ``w_zp * sum a + x_zp * sum_valid (w - w_zp)``; then int32 wrap."""
+    a = act.a.astype(np.int64)  # (G, Kg, P)
+    w = w_o.astype(np.int64)  # (G, OCg, Kg)
+    g, kg, p = a.shape
+    ocg = w.shape[1]
+    paired = np.zeros(kg, bool)
+    paired[pairs.reshape(-1)] = True
+    acc = np.einsum("gok,gkp->gop", w[:, :, ~paired], a[:, ~paired, :])  # lone products
+    if len(pairs):
+        r0, r1 = pairs[:, 0], pairs[:, 1]
+        lanes = w[:, :, r0, None] * a[:, None, r0, :] + w[:, :, r1, None] * a[:, None, r1, :]  # (G, OCg, M, P)
+        acc += np.clip(lanes, -32768, 32767).sum(axis=2)
+    wzp = w_zp_o.astype(np.int64)  # (G, OCg, 1)
+    acc -= wzp * a.sum(axis=1)[:, None, :]
+    v = np.ones((act.taps, p), np.int64) if act.valid is None else act.valid.astype(np.int64)
+    vk = np.repeat(v, kg // act.taps, axis=0)  # (Kg, P): tap t covers rows t*ICg .. (t+1)*ICg - 1
+    acc -= x_zp * np.einsum("gok,kp->gop", w - wzp, vk)
+    acc = (acc + 2**31) % 2**32 - 2**31
+    return np.ascontiguousarray(acc.transpose(2, 0, 1)).reshape(p, g * ocg)
 
 
 @functools.lru_cache(maxsize=256)
@@ -389,6 +489,14 @@ def _conv_act(x, k, stride, padding, dilation, groups, transposed, output_paddin
     return _Act(a, valid, int(np.prod(k)), (x.shape[0],) + tuple(out_sp)), out_sp
 
 
+def _requant(kernel, acc, x_scale, ws, bias, y_scale, y_zp, *, per_channel: bool, relu: bool):
+    """The backend's output stage on :func:`_gemm`'s accumulators (overwritten when float32: _gemm's own)."""
+    xf = acc if acc.dtype == _F32 else acc.astype(_F32)  # exact integers < 2^31: float64 -> float32 is cvtdq2ps
+    if kernel.backend == "fbgemm":
+        return _requant_fbgemm(xf, x_scale, ws, bias, y_scale, y_zp, per_channel=per_channel, relu=relu)
+    return _requant_onednn(xf, x_scale, ws, bias, y_scale, y_zp, relu=relu)
+
+
 # -- integer core ----------------------------------------------------------------------------------
 
 
@@ -408,12 +516,21 @@ def _qlinear(x, x_scale, x_zp, w, w_scale, w_zp, bias, *, engine, isa, exact, wa
     if kernel.backend == "onednn" and np.any(wzp != 0):
         raise ValueError("oneDNN requires weight zero points of 0")
     per_channel = np.asarray(w_scale).size > 1 or np.asarray(w_zp).size > 1
-    acc, sat = qlinear_acc(x, x_zp, w, wzp, kernel=kernel, isa=isa, exact=exact, _want_sat=want_sat)
+    acc, sat = qlinear_acc(x, x_zp, w, wzp, kernel=kernel, isa=isa, exact=exact, _want_sat=want_sat, _raw=True)
     return acc, sat, kernel, per_channel, ws, _bias(bias, oc)
 
 
 def qlinear_acc(
-    x, x_zp, w, w_zp=0, *, kernel: dispatch.Kernel, isa: str = "avx2", exact: bool = False, _want_sat: bool = False
+    x,
+    x_zp,
+    w,
+    w_zp=0,
+    *,
+    kernel: dispatch.Kernel,
+    isa: str = "avx2",
+    exact: bool = False,
+    _want_sat: bool = False,
+    _raw: bool = False,
 ):
     """The int32 accumulators ``sum_k (x - x_zp)(w - w_zp)`` (P, OC) of a linear on u8 codes ``x`` (..., K) and
     int8 codes ``w`` (OC, K) as ``kernel`` adds them (its int16 pairs saturate; exact float64 integers), and
@@ -424,7 +541,8 @@ def qlinear_acc(
     x = np.asarray(x)
     act = _Act(np.ascontiguousarray(x.reshape(-1, w.shape[1]).T, dtype=np.uint8)[None], None, 1, x.shape[:-1])
     pairs = _pairs(kernel, w.shape, "linear", 1, isa, exact)
-    return _gemm(act, w_o, int(x_zp), wzp_o, pairs, order, _want_sat)
+    acc, sat = _gemm(act, w_o, int(x_zp), wzp_o, pairs, order, _want_sat)
+    return (acc, sat) if _raw else (acc.astype(np.float64, copy=False), sat)
 
 
 def qlinear_codes(
@@ -449,10 +567,7 @@ def qlinear_codes(
     acc, sat, kernel, per_channel, ws, b = _qlinear(
         x, x_scale, x_zp, w, w_scale, w_zp, bias, engine=engine, isa=isa, exact=exact, want_sat=_want_sat
     )
-    if kernel.backend == "fbgemm":
-        q = _requant_fbgemm(acc.astype(_F32), x_scale, ws, b, y_scale, y_zp, per_channel=per_channel, relu=relu)
-    else:
-        q = _requant_onednn(acc.astype(_F32), x_scale, ws, b, y_scale, y_zp, relu=relu)
+    q = _requant(kernel, acc, x_scale, ws, b, y_scale, y_zp, per_channel=per_channel, relu=relu)
     q = q.reshape(np.shape(x)[:-1] + (np.shape(w)[0],))
     return (q, sat) if _want_sat else q
 
@@ -531,12 +646,8 @@ def qconv_codes(
     order, w_o, wzp_o = _weights_in_order(w, op, g, wzp)
     pairs = _pairs(kernel, w.shape, op, g, isa, exact)
     acc, sat = _gemm(act, w_o, int(x_zp), wzp_o, pairs, order, _want_sat)
-    b = _bias(bias, oc)
-    if kernel.backend == "fbgemm":
-        q = _requant_fbgemm(acc.astype(_F32), x_scale, ws, b, y_scale, y_zp, per_channel=per_channel, relu=relu)
-    else:
-        q = _requant_onednn(acc.astype(_F32), x_scale, ws, b, y_scale, y_zp, relu=relu)
-    q = np.moveaxis(q.reshape((x.shape[0],) + tuple(out_sp) + (oc,)), -1, 1)
+    q = _requant(kernel, acc, x_scale, ws, _bias(bias, oc), y_scale, y_zp, per_channel=per_channel, relu=relu)
+    q = np.moveaxis(q.T.reshape((oc, x.shape[0]) + tuple(out_sp)), 0, 1)  # (P, OC) -> (N, OC, *O)
     return (q, sat) if _want_sat else q
 
 
@@ -669,7 +780,21 @@ def _act_codes(t, name="input"):
         raise TypeError(f"{name} must be a quint8 quantized tensor")
     if t.qscheme() != torch.per_tensor_affine:
         raise TypeError(f"{name} must be per-tensor quantized")
-    return t.int_repr().numpy(), float(t.q_scale()), int(t.q_zero_point())
+    return _int_codes(t), float(t.q_scale()), int(t.q_zero_point())
+
+
+def _int_codes(t) -> np.ndarray:
+    """The integer codes of a quantized tensor as a read-only numpy view of its storage (``int_repr`` copies:
+    ~10 ms for a 4096 x 4096 weight); falls back to ``int_repr`` where that view cannot be made."""
+    torch = _torch()
+    try:
+        dt = {torch.quint8: torch.uint8, torch.qint8: torch.int8}[t.dtype]
+        v = torch.empty(0, dtype=dt).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+        a = v.numpy()
+    except (KeyError, RuntimeError, TypeError):
+        return t.int_repr().numpy()
+    a.flags.writeable = False
+    return a
 
 
 def _weight_codes(t):
@@ -677,10 +802,10 @@ def _weight_codes(t):
     if not isinstance(t, torch.Tensor) or not t.is_quantized or t.dtype != torch.qint8:
         raise TypeError("weight must be a qint8 quantized tensor")
     if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-        return t.int_repr().numpy(), float(t.q_scale()), int(t.q_zero_point())
+        return _int_codes(t), float(t.q_scale()), int(t.q_zero_point())
     if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric) and t.q_per_channel_axis() == 0:
         return (
-            t.int_repr().numpy(),
+            _int_codes(t),
             t.q_per_channel_scales().numpy().astype(np.float64),
             t.q_per_channel_zero_points().numpy().astype(np.int64),
         )
