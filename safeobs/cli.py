@@ -250,10 +250,10 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
-def _model_and_inputs(args):
+def _model_and_inputs(args, mmap: bool = False):
     from .tools.serialization import load_inputs, load_model
 
-    model, source = load_model(args.model, trust_pickle=args.trust_pickle, arch=args.arch)
+    model, source = load_model(args.model, trust_pickle=args.trust_pickle, arch=args.arch, mmap=mmap)
     inputs = load_inputs(args.inputs, args.photos, args.input_scale)
     return model, source, inputs
 
@@ -285,7 +285,7 @@ def cmd_audit(args) -> int:
         bad = [c for c in combos if c not in known]
         if bad or not combos:
             raise UsageError(f"--engines: unknown {', '.join(bad) or 'empty list'}; choose from {','.join(known)}")
-    model, source, inputs = _model_and_inputs(args)
+    model, source, inputs = _model_and_inputs(args, mmap=True)  # read-only: weights stay in the file until used
     progress = _Progress(args.quiet)
     result = audit.audit(model, inputs, combos, progress=progress)
     result["model"], result["source"] = args.model, source

@@ -59,6 +59,11 @@ class QLayer:
         return self.weight.int_repr().numpy()
 
     @property
+    def qscheme(self) -> str:
+        """The weight's torch qscheme name, e.g. ``"per_channel_affine"``."""
+        return str(self.weight.qscheme()).replace("torch.", "")
+
+    @property
     def symmetric(self) -> bool:
         """All weight zero points are 0 (torch's ``should_use_onednn_quant`` test, kernel-spec §3)."""
         w = self.weight

@@ -302,3 +302,22 @@ def channels(shape: Sequence[int], op: str | None, groups, idx: np.ndarray) -> n
         return idx // (d.icg * d.taps)
     g = idx // (d.icg * d.ocg * d.taps)
     return g * d.ocg + (idx // d.taps) % d.ocg
+
+
+# -- per-kernel row chunks (safeobs audit): kernel-order rows of a weight, a chunk at a time -------------------
+
+
+def kernel_rows(codes: np.ndarray, op: str | None = None, groups=None, chunk: int = CHUNK):
+    """``(first_row, ko)``: ``ko`` holds rows ``first_row...`` of the kernel order (output channels in kernel
+    order, positions ``t*ICg + ic``), about ``chunk`` codes at a time; a view when the layout allows."""
+    c = np.ascontiguousarray(codes)
+    d = _dims(tuple(int(s) for s in c.shape), op, groups)
+    kb = d.icg * d.taps
+    if c.size:
+        yield from _chunks(c, d, kb, chunk)
+
+
+def natural_index(shape: Sequence[int], op: str | None, groups, rows: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Index into ``weight.ravel()`` of kernel-order position ``pos`` of kernel-order row ``rows``."""
+    d = _dims(tuple(int(s) for s in shape), op, groups)
+    return _natural(d, d.icg * d.taps, np.asarray(rows, dtype=np.int64), np.asarray(pos, dtype=np.int64))

@@ -27,6 +27,29 @@ class _Bar:
             self._bar.close()
 
 
+LARGE = 50_000_000  # weights: below this, progress=None means no bar even on a terminal (runs take seconds)
+
+
+def auto(enabled: bool | None, weights: int) -> bool | None:
+    """``enabled``, or when None: a bar on a terminal (None) for a model of at least :data:`LARGE` weights,
+    none (False) for a smaller one."""
+    if enabled is not None:
+        return bool(enabled)
+    return None if weights >= LARGE else False
+
+
 def progress_bar(enabled: bool | None, label: str, total: int | None = None) -> _Bar:
     """A bar labelled ``label`` over ``total`` steps: ``.step(what)`` after each, ``.close()`` at the end."""
     return _Bar(enabled, label, total)
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MB (``VmRSS``; 0 where ``/proc`` is missing): for progress labels."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0

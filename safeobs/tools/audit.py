@@ -11,17 +11,21 @@ emulation come from the runtime that owns each layer (:mod:`safeobs.tools.runtim
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
 
 from ..core.layers import QLayer
+from ..core.pairsums import CHUNK, kernel_rows, natural_index
+from ..core.progress import LARGE, rss_mb
 from ..core.verify import NEG_LIMIT, POS_LIMIT
-from ..kernels.layout import kernel_order, kernel_pairs
+from ..kernels.layout import group_sizes, infer_op, kernel_pairs
 from . import runtimes
-from .runtimes import COMBOS, TORCHAO_COMBOS, is_script, layers
+from .runtimes import COMBOS, TORCHAO_COMBOS, is_script
 
 SHORT_PATH = {"pointwise": "1x1", "depthwise": "dw", "groupwise": "group"}
+_LITTLE = sys.byteorder == "little"
 NO_EMULATION_SCRIPT = (
     "TorchScript models are audited from their weights only: emulating with data needs the "
     "eager model (pass module:function)"
@@ -38,65 +42,137 @@ def kernel_for(layer: QLayer, engine: str, isa: str):
     return runtimes.kernel_for(layer, engine, isa)
 
 
-def pair_violations(codes: np.ndarray, kernel, op: str, groups: int, isa: str) -> dict:
-    """Violating pairs of ``kernel`` per output channel: counts, worst sums, and the worst pair of each channel."""
-    shape = codes.shape
-    pos = kernel_pairs(kernel, shape, op, groups, isa)
-    oc = int(np.prod(kernel_order(shape, op, groups).shape[:2]))
-    if len(pos) == 0:
-        return {
-            "pairs": 0,
-            "violating_pairs": 0,
-            "channels": [],
-            "per_channel": {},
-            "worst_positive": None,
-            "worst_negative": None,
-        }
-    order = kernel_order(shape, op, groups).reshape(oc, -1)
-    ia, ib = order[:, pos[:, 0]], order[:, pos[:, 1]]  # (OC, n) indices into codes.ravel()
-    flat = codes.astype(np.int64).ravel()
-    a, b = flat[ia], flat[ib]
-    psum = np.maximum(a, 0) + np.maximum(b, 0)
-    nsum = np.minimum(a, 0) + np.minimum(b, 0)
-    excess = np.maximum(psum - POS_LIMIT, NEG_LIMIT - nsum)  # > 0: violating
-    bad = excess > 0
-    count = bad.sum(axis=1)
-    chans = np.flatnonzero(count)
-    worst = excess.argmax(axis=1)[chans]
-    per_channel = {
-        int(c): {
-            "violating_pairs": int(count[c]),
-            "indices": [int(ia[c, k]), int(ib[c, k])],
-            "codes": [int(a[c, k]), int(b[c, k])],
-        }
-        for c, k in zip(chans, worst)
-    }
+MAX_CHANNEL_DETAILS = 100  # per layer and kernel: worst pairs listed in the audit (every channel is in "channels")
+
+
+def _empty() -> dict:
     return {
-        "pairs": int(pos.shape[0]) * oc,
-        "violating_pairs": int(count.sum()),
-        "channels": chans.tolist(),
-        "per_channel": per_channel,
-        "worst_positive": int(psum.max()),
-        "worst_negative": int(nsum.min()),
+        "pairs": 0,
+        "violating_pairs": 0,
+        "channels": [],
+        "per_channel": {},
+        "worst_positive": None,
+        "worst_negative": None,
     }
 
 
-def audit_layer(layer: QLayer, combos=COMBOS) -> dict:
-    """Kernel and violating pairs of one layer for each ``"engine/isa"`` in ``combos``."""
+def pair_violations(
+    codes: np.ndarray, kernel, op: str, groups: int, isa: str, *, max_channels: int | None = None, chunk: int = CHUNK
+) -> dict:
+    """Violating pairs of ``kernel`` per output channel: counts, worst sums, and the worst pair of each channel.
+
+    Streams the weight in kernel-order row chunks (:func:`safeobs.core.pairsums.kernel_rows`, ``chunk`` codes at
+    a time) against the kernel's pair positions in one output channel (:func:`safeobs.kernels.layout.kernel_pairs`):
+    no per-pair table of the whole weight.  Pairs ``(2m, 2m+1)`` of the row (FBGEMM, oneDNN brg_matmul, the even
+    K blocks of gemm:jit) are read as int16 words; other pairings gather their positions within the chunk.
+    ``per_channel`` holds the worst pair of each violating channel, of the first ``max_channels`` of them only
+    when given (then ``per_channel_omitted`` counts the others); ``channels`` always lists them all.
+    """
+    c = np.asarray(codes)
+    if not np.issubdtype(c.dtype, np.integer):
+        raise TypeError(f"codes must be integers, got dtype {c.dtype}")
+    if max_channels is not None and (not isinstance(max_channels, (int, np.integer)) or max_channels < 0):
+        raise ValueError(f"max_channels must be None or an int >= 0, got {max_channels!r}")
+    shape = c.shape
+    op = infer_op(shape, op)
+    pos = kernel_pairs(kernel, shape, op, groups, isa)
+    g, ocg, _, _ = group_sizes(shape, op, groups)
+    oc = g * ocg
+    out = _empty()
+    if max_channels is not None:
+        out["per_channel_omitted"] = 0
+    if len(pos) == 0 or oc == 0:
+        return out
+    n = len(pos)
+    small = c.dtype == np.int8 or (int(c.min()) >= -128 and int(c.max()) <= 127)
+    x = c.astype(np.int8) if small and c.dtype != np.int8 else c if small else c.astype(np.int64)
+    adjacent = small and _LITTLE and bool((pos[:, 0] == 2 * np.arange(n)).all() and (pos[:, 1] == pos[:, 0] + 1).all())
+    p0, p1 = pos[:, 0], pos[:, 1]
+    wpos, wneg, total = None, None, 0
+    chans, details = [], {}
+    for r0, ko in kernel_rows(x, op, groups, chunk):
+        if small:  # int8 codes: a pair violates iff |a + b| > 128; psum = max(a+b, a, b, 0), nsum = min(...)
+            if adjacent:
+                u = ko[:, : 2 * n].view(np.int16)
+                s = u << 8
+                s >>= 8  # sign-extended low byte: position 2m
+                s += u >> 8  # arithmetic shift: position 2m+1
+                paired = lambda: ko[:, : 2 * n]  # noqa: E731
+            else:
+                a, b = ko[:, p0], ko[:, p1]
+                s = a.astype(np.int16)
+                s += b
+                paired = lambda: np.concatenate([a, b], axis=1)  # noqa: E731
+            hi, lo = int(s.max()), int(s.min())
+            if hi < 127 or lo > -128:  # a lone code may be the worst sum
+                both = paired()
+                hi, lo = max(hi, int(both.max())), min(lo, int(both.min()))
+            hi, lo = max(hi, 0), min(lo, 0)
+            np.abs(s, out=s)
+            score = s  # |a + b|: the worst pair of a violating row has the largest
+            count = np.count_nonzero(s > POS_LIMIT, axis=1)
+        else:
+            a, b = ko[:, p0], ko[:, p1]
+            psum = np.maximum(a, 0) + np.maximum(b, 0)
+            nsum = np.minimum(a, 0) + np.minimum(b, 0)
+            hi, lo = int(psum.max()), int(nsum.min())
+            score = np.maximum(psum - POS_LIMIT, NEG_LIMIT - nsum)  # > 0: violating
+            count = np.count_nonzero(score > 0, axis=1)
+        wpos = hi if wpos is None else max(wpos, hi)
+        wneg = lo if wneg is None else min(wneg, lo)
+        rows = np.flatnonzero(count)
+        if rows.size == 0:
+            continue
+        total += int(count.sum())
+        chans.append(rows + r0)
+        room = rows.size if max_channels is None else max(0, max_channels - len(details))
+        take = rows[:room]
+        if take.size:
+            k = score[take].argmax(axis=1)
+            ch = take + r0
+            ia = natural_index(shape, op, groups, ch, p0[k])
+            ib = natural_index(shape, op, groups, ch, p1[k])
+            ca, cb = ko[take, p0[k]], ko[take, p1[k]]
+            for j in range(take.size):
+                details[int(ch[j])] = {
+                    "violating_pairs": int(count[take[j]]),
+                    "indices": [int(ia[j]), int(ib[j])],
+                    "codes": [int(ca[j]), int(cb[j])],
+                }
+        if max_channels is not None:
+            out["per_channel_omitted"] += int(rows.size - take.size)
+    out.update(
+        pairs=n * oc,
+        violating_pairs=total,
+        channels=np.concatenate(chans).tolist() if chans else [],
+        per_channel=details,
+        worst_positive=wpos,
+        worst_negative=wneg,
+    )
+    return out
+
+
+def audit_layer(layer: QLayer, combos=COMBOS, *, max_channels: int | None = MAX_CHANNEL_DETAILS) -> dict:
+    """Kernel and violating pairs of one layer for each ``"engine/isa"`` in ``combos`` (kernels that form the
+    same pairs are checked once).  ``max_channels``: see :func:`pair_violations`."""
     codes = layer.codes
     out = {
         "name": layer.name,
         "kind": layer.kind,
-        "shape": list(layer.weight.shape),
+        "shape": list(codes.shape),
         "groups": layer.groups,
-        "qscheme": str(layer.weight.qscheme()).replace("torch.", ""),
+        "qscheme": layer.qscheme,
         "kernels": {},
     }
+    seen = {}  # the pair positions a kernel forms -> its result
     for combo in combos:
         engine, isa = combo.split("/")
         k = kernel_for(layer, engine, isa)
-        v = pair_violations(codes, k, layer.op, layer.groups, isa)
-        out["kernels"][combo] = {"backend": k.backend, "path": k.path, "saturates": k.saturates, **v}
+        pos = kernel_pairs(k, codes.shape, layer.op, layer.groups, isa)
+        key = pos.tobytes()
+        if key not in seen:
+            seen[key] = pair_violations(codes, k, layer.op, layer.groups, isa, max_channels=max_channels)
+        out["kernels"][combo] = {"backend": k.backend, "path": k.path, "saturates": k.saturates, **seen[key]}
     out["unsafe"] = any(k["violating_pairs"] for k in out["kernels"].values())
     return out
 
@@ -121,20 +197,31 @@ def emulate_saturation(model, inputs: tuple, combos=COMBOS, progress=None) -> di
     return out
 
 
-def audit(model, inputs: tuple | None = None, combos=None, progress=None) -> dict:
+def audit(model, inputs: tuple | None = None, combos=None, progress=None, *, max_channels=MAX_CHANNEL_DETAILS) -> dict:
     """JSON-able audit of a converted model (see the module docstring); ``result["unsafe"]`` decides exit 1.
 
-    ``combos`` default: :data:`TORCHAO_COMBOS` for a torchao ``quantize_`` model, else :data:`COMBOS`."""
+    ``combos`` default: :data:`TORCHAO_COMBOS` for a torchao ``quantize_`` model, else :data:`COMBOS`.
+    Layer by layer: one layer's codes at a time are read (a model loaded with ``torch.load(mmap=True)``, as
+    :func:`safeobs.load_model` does, stays on disk but for that layer), and the result grows with the number of
+    output channels only (``max_channels`` worst pairs per layer and kernel).  ``progress(i, n, label)`` is
+    called after each layer (``n`` layers) of a model of :data:`safeobs.core.progress.LARGE` weights or more,
+    then after each emulated combo."""
     if isinstance(model, (str, os.PathLike)):
         raise TypeError("model must be a torch.nn.Module; load a file with safeobs.load_model(path)")
-    found = layers(model)
+    if combos is not None:
+        combos = tuple(combos)
+        for c in combos:
+            if c not in COMBOS + TORCHAO_COMBOS:
+                raise ValueError(f"unknown engine/isa {c!r}; choose from {', '.join(COMBOS + TORCHAO_COMBOS)}")
+    refs = runtimes.layer_refs(model)
     if combos is None:
-        combos = runtimes.combos_for(found) if found else COMBOS
-    combos = tuple(combos)
-    for c in combos:
-        if c not in COMBOS + TORCHAO_COMBOS:
-            raise ValueError(f"unknown engine/isa {c!r}; choose from {', '.join(COMBOS + TORCHAO_COMBOS)}")
-    result = {"combos": list(combos), "layers": [audit_layer(layer, combos) for layer in found]}
+        combos = runtimes.combos_for(refs) if refs else COMBOS
+    audited, per_layer = [], progress if progress and sum(r.numel for r in refs) >= LARGE else None
+    for i, ref in enumerate(refs):
+        audited.append(audit_layer(ref.build(), combos, max_channels=max_channels))  # one layer's codes at a time
+        if per_layer:
+            per_layer(i + 1, len(refs), f"{ref.name} ({rss_mb():.0f} MB RSS)")
+    result = {"combos": list(combos), "layers": audited}
     result["unsafe_layers"] = [lay["name"] for lay in result["layers"] if lay["unsafe"]]
     result["unsafe"] = bool(result["unsafe_layers"])
     result["saturation"], result["emulation_note"] = None, None

@@ -91,17 +91,58 @@ def is_script(model) -> bool:
     return isinstance(model, torch.jit.ScriptModule)
 
 
-def layers(model) -> list[QLayer]:
-    """Every int8-weight Linear/Conv/ConvTranspose of a converted model, in module order, whichever runtime
-    owns each module (torch.ao eager or TorchScript, torchao ``quantize_`` Linears)."""
+class LayerRef(NamedTuple):
+    """One int8 layer of a model, not yet read: :meth:`build` gives its :class:`QLayer`.  ``layer`` is set when
+    the runtime has no cheap ``is_layer`` test (the record was built to find out)."""
+
+    name: str
+    module: object
+    runtime: Runtime
+    script: bool
+    layer: QLayer | None = None
+
+    @property
+    def numel(self) -> int:
+        """Weights of the layer (read from its module, without building the record)."""
+        w = self.layer.weight if self.layer is not None else getattr(self.module, "weight", None)
+        return int(w.numel()) if hasattr(w, "numel") else 0
+
+    def build(self) -> QLayer:
+        if self.layer is not None:
+            return self.layer
+        return self.runtime.load().qlayer(self.name, self.module, self.script)
+
+
+def layer_refs(model) -> list[LayerRef]:
+    """Every int8-weight layer of a model, in module order, without reading the layers of runtimes whose adapter
+    has a cheap ``is_layer(module, script)`` test (torchao: building a record copies the codes, so a large model
+    is read one layer at a time through :meth:`LayerRef.build`)."""
     script = is_script(model)
     out = []
     for name, mod in model.named_modules():
         rt = _RUNTIMES[-1] if script else for_module(mod)
-        layer = rt.load().qlayer(name, mod, script)
+        adapter = rt.load()
+        test = getattr(adapter, "is_layer", None)
+        if test is not None:
+            if test(mod, script):
+                out.append(LayerRef(name, mod, rt, script))
+            continue
+        layer = adapter.qlayer(name, mod, script)
         if layer is not None:
-            out.append(layer)
+            out.append(LayerRef(name, mod, rt, script, layer))
     return out
+
+
+def iter_layers(model):
+    """:func:`layers`, one record at a time (for a torchao model: one layer's codes copied at a time)."""
+    for ref in layer_refs(model):
+        yield ref.build()
+
+
+def layers(model) -> list[QLayer]:
+    """Every int8-weight Linear/Conv/ConvTranspose of a converted model, in module order, whichever runtime
+    owns each module (torch.ao eager or TorchScript, torchao ``quantize_`` Linears)."""
+    return list(iter_layers(model))
 
 
 def set_weight(layer: QLayer, qweight) -> None:
@@ -113,9 +154,10 @@ def kernel_for(layer: QLayer, engine: str, isa: str):
     return for_layer(layer).load().kernel_for(layer, engine, isa)
 
 
-def combos_for(found: list[QLayer]) -> tuple[str, ...]:
-    """The audit columns of a model: its runtime's when one runtime owns every layer, else :data:`COMBOS`."""
-    owners = {for_layer(lay).name for lay in found}
+def combos_for(found) -> tuple[str, ...]:
+    """The audit columns of a model (its :class:`QLayer` s or :class:`LayerRef` s): its runtime's when one runtime
+    owns every layer, else :data:`COMBOS`."""
+    owners = {lay.runtime.name if isinstance(lay, LayerRef) else for_layer(lay).name for lay in found}
     if len(owners) == 1:
         return next(rt for rt in _RUNTIMES if rt.name in owners).combos or COMBOS
     return COMBOS

@@ -78,19 +78,24 @@ def is_torchscript(path: str) -> bool:
         return False
 
 
-def load_weights(path: str):
+def load_weights(path: str, *, mmap: bool = False):
     """``torch.load(path, weights_only=True)`` with torchao's weight types allow-listed; no code runs.
 
+    ``mmap=True`` (zip files, torch.save's default format): the tensors stay in the file, mapped copy-on-write,
+    and are read as they are used (a model larger than memory is audited one layer at a time).  Do not
+    overwrite the file while such a model is in use.
+
     Raises :class:`ModelError` naming what the file is when it needs more than the allow-list."""
+    kw = {"mmap": True} if mmap and zipfile.is_zipfile(path) else {}
     try:
         try:
             with safe_globals(torchao=False):  # torchao is imported only for files that name it
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(path, map_location="cpu", weights_only=True, **kw)
         except pickle.UnpicklingError as e:
             if "torchao" not in str(e) or not _torchao_globals():
                 raise
             with safe_globals():
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(path, map_location="cpu", weights_only=True, **kw)
     except pickle.UnpicklingError as e:
         found = re.search(r"(?i)unsupported global:? GLOBAL ([\w.]+)", str(e))
         if found or "weights_only" in str(e).lower() or "Weights only" in str(e):
@@ -101,7 +106,7 @@ def load_weights(path: str):
         raise ModelError(f"{path}: not a torch.save file ({str(e).splitlines()[0][:120]})") from None
 
 
-def load(path: str, *, trust_pickle: bool = False, arch=None):
+def load(path: str, *, trust_pickle: bool = False, arch=None, mmap: bool = False):
     """``(model, source)`` from a model file; see the module docstring for what runs.
 
     ``source``: "state" (a safeobs state file, without ``arch``: its layers only, enough to audit and
@@ -117,7 +122,7 @@ def load(path: str, *, trust_pickle: bool = False, arch=None):
             raise ModelError(f"{path}: --arch is for state-dict files; this is a TorchScript archive")
         return torch.jit.load(path, map_location="cpu"), "torchscript"
     try:
-        obj = load_weights(path)
+        obj = load_weights(path, mmap=mmap)
     except ModelError:
         if not trust_pickle:
             raise
@@ -241,7 +246,11 @@ def _layer_module(meta: dict, sd: dict) -> torch.nn.Module:
 
 
 def load_model(
-    spec: str | os.PathLike, *, trust_pickle: bool = False, arch: str | Callable[[], torch.nn.Module] | None = None
+    spec: str | os.PathLike,
+    *,
+    trust_pickle: bool = False,
+    arch: str | Callable[[], torch.nn.Module] | None = None,
+    mmap: bool = False,
 ) -> tuple[torch.nn.Module, str]:
     """``(model, source)`` from a model file or ``module:function``; nothing in a file runs by default.
 
@@ -249,7 +258,9 @@ def load_model(
     needs ``arch``, the ``module:function`` or callable that builds the model); a full pickle or a
     TorchScript archive only with ``trust_pickle=True`` (see :mod:`safeobs.tools.serialization`).
     ``module:function`` is imported and called (the user named it).  ``source`` is "state",
-    "state_dict", "torchscript", "pickle" or "function".  Raises :class:`ModelError`.
+    "state_dict", "torchscript", "pickle" or "function".  ``mmap=True``: a state file or state dict stays
+    in the file, read as it is used (:func:`load_weights`; ``safeobs audit`` does this).  Raises
+    :class:`ModelError`.
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"spec must be a path or 'module:function', got {type(spec).__name__}")
@@ -257,7 +268,7 @@ def load_model(
     if os.path.exists(spec):
         if os.path.isdir(spec):
             raise ModelError(f"{spec}: is a directory, expected a model file")
-        return load(spec, trust_pickle=trust_pickle, arch=arch)
+        return load(spec, trust_pickle=trust_pickle, arch=arch, mmap=mmap)
     if ":" not in spec:
         raise ModelError(f"{spec}: no such file (MODEL is a model file or module:function)")
     if arch is not None:

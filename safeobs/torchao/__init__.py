@@ -27,6 +27,8 @@ Importing this module imports torchao (optional: ``pip install torchao``); ``imp
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import types
 import warnings
@@ -48,6 +50,7 @@ except ImportError:  # pragma: no cover - exercised only without torchao
 
 from ..core import statefile
 from ..core.layers import LayerCodes, QLayer
+from ..core.progress import auto, progress_bar, rss_mb
 from ..core.rounding import _batches, _objective, round_weight
 from ..core.solver import layout_pairs, raise_scales
 from ..core.verify import Report, check_codes, check_layers
@@ -197,6 +200,9 @@ def quantize_weight(weight: torch.Tensor, config) -> Int8Tensor:
     return q
 
 
+_BAR: contextvars.ContextVar = contextvars.ContextVar("safeobs_torchao_bar", default=None)  # quantize_'s bar
+
+
 def _transform(module: torch.nn.Module, config, *, parameter_name: str = "weight") -> torch.nn.Module:
     """torchao's int8 handler body (inductor settings, Parameter, extra_repr) with :func:`quantize_weight`."""
     if config.set_inductor_config:
@@ -204,7 +210,10 @@ def _transform(module: torch.nn.Module, config, *, parameter_name: str = "weight
     if not hasattr(module, parameter_name):
         raise ValueError(f"{type(module).__name__} has no attribute {parameter_name!r} to quantize")
     new_weight = quantize_weight(getattr(module, parameter_name), config)
-    setattr(module, parameter_name, torch.nn.Parameter(new_weight, requires_grad=False))
+    setattr(module, parameter_name, torch.nn.Parameter(new_weight, requires_grad=False))  # frees the float weight
+    bar = _BAR.get()
+    if bar is not None:
+        bar.step(f"{'x'.join(map(str, new_weight.shape))} ({rss_mb():.0f} MB RSS)")
     module.extra_repr = types.MethodType(
         partial(_module_extra_repr, original_extra_repr=module.extra_repr, parameter_name=parameter_name), module
     )
@@ -246,7 +255,25 @@ register_quantize_module_handler(Int8StaticActivationInt8WeightConfig)(_transfor
 # -- one call: quantize_ with optional calibration (issue 19) ----------------------------------------
 
 
-def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_fn=None, device=None):
+@contextlib.contextmanager
+def _bar(enabled, label: str, mods: list):
+    """A progress bar over ``mods`` (Linears) that :func:`_transform` steps; None when off (see ``quantize_``)."""
+    bar = progress_bar(auto(enabled, sum(int(m.weight.numel()) for m in mods)), label, len(mods))
+    token = _BAR.set(bar)
+    try:
+        yield bar
+    finally:
+        _BAR.reset(token)
+        bar.close()
+
+
+def _selected(model: torch.nn.Module, filter_fn) -> list:
+    """The Linears torchao's ``quantize_`` hands to the handler (its default filter: ``_is_linear``)."""
+    select = _qa._is_linear if filter_fn is None else filter_fn
+    return [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and select(m, name)]
+
+
+def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_fn=None, device=None, progress=None):
     """torchao's ``quantize_(model, config, filter_fn, device)`` with safe weights, data-aware with calibration.
 
     ``config=None`` is :class:`Int8DynamicActivationInt8WeightConfig` ``()``.  Without ``calibration`` this is
@@ -256,7 +283,9 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
     every ``nn.Linear``), collecting ``H = sum x x^T`` of its inputs; then ``config`` quantizes the model as
     usual and each Linear's per-row int8 codes and scales are replaced by
     :func:`safeobs.core.rounding.round_weight`'s (pair-clipped GPTQ rounding and scale search, layout
-    ``config.layout``).  Only ``qdata`` and ``scale`` of torchao's ``Int8Tensor`` change (same block_size,
+    ``config.layout``), one Linear at a time: each is rounded, quantized and written before the next (the
+    float weight is freed as its ``Int8Tensor`` replaces it).  Only ``qdata`` and ``scale`` of torchao's
+    ``Int8Tensor`` change (same block_size,
     act_quant_kwargs, activation scales).  Per row, the codes kept are the better, on the calibration
     objective ``e^T H e`` (``e`` = float row - scale * codes), of the data-aware codes and the config's own
     RTN codes: never worse than the call without calibration (``model._safeobs_rounding``: ``{name:
@@ -272,10 +301,17 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
     Data-aware rounding needs per-row weight scales (``PerRow()``, torchao's default) and full-range codes:
     with ``PerTensor()`` or ``reduce_range=True`` the weights stay RTN (a warning says so).  Returns
     ``model`` (quantized in place, like torchao's).
+
+    ``progress``: a bar on stderr, one step per Linear with its shape and the process's RSS (and one per
+    calibration batch); ``None`` (default) shows it on a terminal for models of 50M weights or more
+    (:func:`safeobs.core.progress.auto`), ``False`` never.
     """
     config = Int8DynamicActivationInt8WeightConfig() if config is None else config
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be None, True or False, got {type(progress).__name__}")
     if calibration is None:
-        _qa.quantize_(model, config, filter_fn=filter_fn, device=device)
+        with _bar(progress, "safeobs.torchao quantize_", _selected(model, filter_fn)):
+            _qa.quantize_(model, config, filter_fn=filter_fn, device=device)
         return model
     if not isinstance(config, (Int8DynamicActivationInt8WeightConfig, Int8StaticActivationInt8WeightConfig)):
         raise TypeError(
@@ -290,7 +326,8 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
             "the weights stay round-to-nearest at the tightest safe scales",
             stacklevel=2,
         )
-        _qa.quantize_(model, config, filter_fn=filter_fn, device=device)
+        with _bar(progress, "safeobs.torchao quantize_", _selected(model, filter_fn)):
+            _qa.quantize_(model, config, filter_fn=filter_fn, device=device)
         return model
     select = filter_fn if filter_fn is not None else (lambda m, _name: isinstance(m, torch.nn.Linear))
     stats, handles = {}, []
@@ -309,50 +346,57 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
             st[1] += x.shape[0]
 
         handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+    batches = calibration if hasattr(calibration, "__len__") else None
+    todo = [model.get_submodule(name) for name in stats]
+    enabled = auto(progress, sum(int(m.weight.numel()) for m in todo))
+    cbar = progress_bar(enabled, "safeobs.torchao calibration", len(batches) if batches is not None else None)
     try:
         with torch.no_grad():
             for batch in _batches(calibration):
                 model(*batch)
+                cbar.step(f"{rss_mb():.0f} MB RSS")
     finally:
+        cbar.close()
         for h in handles:
             h.remove()
     if stats and not any(n for _, n in stats.values()):
         raise ValueError("calibration was empty: no selected Linear saw an input")
-    rounded = {}
-    for name in list(stats):
-        hsum, n = stats.pop(name)  # frees this layer's H after its rounding
-        w = model.get_submodule(name).weight.detach()
-        if n == 0:
-            continue
-        h = hsum.double().numpy() / n
-        del hsum
-        rtn = quantize_weight(w, config)  # what the handler will store: the call without calibration
-        r = round_weight(w, h, layout=config.layout, op="linear", bias_correction=False)
-        w64 = w.to(torch.float32).cpu().double().numpy()
-        q0, s0 = rtn.qdata.cpu().numpy(), rtn.scale.detach().float().cpu().numpy().reshape(-1)
-        err0 = _objective(w64 - s0[:, None].astype(np.float64) * q0, h)
-        err1 = _objective(w64 - r.scale[:, None].astype(np.float64) * r.codes, h)
-        better = err1 < err0
-        codes, scale = np.where(better[:, None], r.codes, q0).astype(np.int8), np.where(better, r.scale, s0)
-        rounded[name] = (
-            torch.from_numpy(codes),
-            torch.from_numpy(scale.astype(np.float32)),
-            (np.minimum(err0, err1), err0),
-        )
-        del h
-    _qa.quantize_(model, config, filter_fn=filter_fn, device=device)
-    for name, (codes, scale, _err) in rounded.items():
-        wq = model.get_submodule(name).weight
-        if not isinstance(wq, Int8Tensor):  # pragma: no cover - the handler always makes one
-            raise RuntimeError(f"{name}: expected a torchao Int8Tensor weight after quantize_")
-        with torch.no_grad():
-            wq.qdata.copy_(codes.to(wq.qdata.device))
-            wq.scale.copy_(scale.reshape(wq.scale.shape).to(wq.scale.device, wq.scale.dtype))
-        left = check_codes(wq.qdata.detach().cpu().numpy(), config.layout, op="linear")
-        if left:  # never expected: both candidates are safe row by row
-            raise RuntimeError(f"{name}: {len(left)} weight pairs unsafe after data-aware rounding; please report")
+    errors, done = {}, set()
+    with _bar(enabled, "safeobs.torchao quantize_ (data-aware)", todo):
+        for name in list(stats):  # one Linear at a time: round, quantize, write; then the next
+            hsum, n = stats.pop(name)  # frees this layer's H after its rounding
+            mod = model.get_submodule(name)
+            if n == 0:
+                continue  # never saw an input: RTN below, with the layers the filter selects but no hook saw
+            w = mod.weight.detach()
+            h = hsum.double().numpy() / n
+            del hsum
+            rtn = quantize_weight(w, config)  # what the handler will store: the call without calibration
+            r = round_weight(w, h, layout=config.layout, op="linear", bias_correction=False)
+            w64 = w.to(torch.float32).cpu().double().numpy()
+            q0, s0 = rtn.qdata.cpu().numpy(), rtn.scale.detach().float().cpu().numpy().reshape(-1)
+            err0 = _objective(w64 - s0[:, None].astype(np.float64) * q0, h)
+            err1 = _objective(w64 - r.scale[:, None].astype(np.float64) * r.codes, h)
+            del w, w64, h, rtn
+            better = err1 < err0
+            codes = torch.from_numpy(np.where(better[:, None], r.codes, q0).astype(np.int8))
+            scale = torch.from_numpy(np.where(better, r.scale, s0).astype(np.float32))
+            del r, q0
+            _qa.quantize_(mod, config, filter_fn=lambda m, _fqn, mod=mod: m is mod, device=device)
+            wq = mod.weight
+            if not isinstance(wq, Int8Tensor):  # pragma: no cover - the handler always makes one
+                raise RuntimeError(f"{name}: expected a torchao Int8Tensor weight after quantize_")
+            with torch.no_grad():
+                wq.qdata.copy_(codes.to(wq.qdata.device))
+                wq.scale.copy_(scale.reshape(wq.scale.shape).to(wq.scale.device, wq.scale.dtype))
+            left = check_codes(wq.qdata.detach().cpu().numpy(), config.layout, op="linear")
+            if left:  # never expected: both candidates are safe row by row
+                raise RuntimeError(f"{name}: {len(left)} weight pairs unsafe after data-aware rounding; please report")
+            errors[name], done = (np.minimum(err0, err1), err0), done | {name}
+        rest = filter_fn if filter_fn is not None else _qa._is_linear
+        _qa.quantize_(model, config, filter_fn=lambda m, fqn: fqn not in done and rest(m, fqn), device=device)
     # per row, the calibration objective of the stored codes and of the call without calibration
-    model._safeobs_rounding = {name: dict(error=e[0], rtn_error=e[1]) for name, (_, _, e) in rounded.items()}
+    model._safeobs_rounding = {name: dict(error=e[0], rtn_error=e[1]) for name, e in errors.items()}
     return model
 
 
@@ -381,9 +425,41 @@ def _as_qtensor(q, scale):
     )
 
 
+class _Int8TensorLayer(QLayer):
+    """The :class:`QLayer` of a torchao int8 Linear without copies until asked: ``codes`` is a read-only view
+    of the ``Int8Tensor``'s ``qdata`` (of a ``torch.load(mmap=True)`` file: read from disk as used), and the
+    qint8 ``weight`` (a copy of the codes) is built on first use (repair)."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self._weight is None:
+            self._weight = as_qtensor(self.module.weight)
+        return self._weight
+
+    @weight.setter
+    def weight(self, value) -> None:
+        self._weight = value
+
+    @property
+    def codes(self) -> np.ndarray:
+        w = self.module.weight
+        if w.zero_point is not None and bool((w.zero_point != 0).any()):
+            return self.weight.int_repr().numpy()
+        out = w.qdata.detach().cpu().numpy().view()
+        out.setflags(write=False)
+        return out
+
+    @property
+    def qscheme(self) -> str:
+        if self._weight is not None:
+            return super().qscheme
+        return "per_tensor_affine" if self.module.weight.scale.numel() == 1 else "per_channel_affine"
+
+
 def qlayer(name: str, mod) -> QLayer:
-    """A :class:`safeobs.core.layers.QLayer` view of a torchao int8 Linear (kind ``"linear_torchao"``)."""
-    return QLayer(name, "linear_torchao", "linear", as_qtensor(mod.weight), mod.bias, module=mod)
+    """A :class:`safeobs.core.layers.QLayer` view of a torchao int8 Linear (kind ``"linear_torchao"``); its
+    qint8 ``weight`` is built on first use, its ``codes`` are the ``Int8Tensor``'s own (read-only)."""
+    return _Int8TensorLayer(name, "linear_torchao", "linear", None, mod.bias, module=mod)
 
 
 def set_weight(layer: QLayer, qweight: torch.Tensor) -> None:

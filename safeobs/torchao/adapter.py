@@ -9,7 +9,7 @@ from . import set_weight
 from .emulator import emulate as _emulate
 from .emulator import int_mm_kernel, is_torchao_linear, module_forward
 
-__all__ = ["emulate", "kernel_for", "module_forward", "qlayer", "set_weight"]
+__all__ = ["emulate", "is_layer", "kernel_for", "module_forward", "qlayer", "set_weight"]
 
 
 def qlayer(name: str, mod, script: bool = False) -> QLayer | None:
@@ -25,3 +25,8 @@ def kernel_for(layer: QLayer, engine: str, isa: str) -> Kernel:
 
 def emulate(model, engine: str, isa: str):
     return _emulate(model, isa=isa, path=engine)
+
+
+def is_layer(mod, script: bool = False) -> bool:
+    """Whether :func:`qlayer` gives a record for ``mod``, without building it (that copies the codes)."""
+    return not script and is_torchao_linear(mod)
