@@ -394,7 +394,15 @@ def plot(res, path):
         err = [r[s["key"]].get("sqnr_std", 0) if r.get(s["key"]) else 0 for s in specs]
         ax.bar(np.arange(len(specs)) + i * width, v, width, yerr=err if name == DA else None, capsize=3, label=name)
     ax.set_xticks(np.arange(len(specs)) + width * (len(rows) - 1) / 2)
-    ax.set_xticklabels([s["label"].split(" (")[0].replace(", ", ",\n") for s in specs], fontsize=7)
+    native = "VNNI (native)" if res["host"] == "vnni" else f"{res['host'].upper()} (native)"
+    ticks = {
+        "eager": f"{native}\neager",
+        "compiled": f"{native}\ntorch.compile freezing",
+        "forced": "AVX2 oneDNN gemm_api, eager\n" + ("(forced ISA, real)" if res["host"] == "vnni" else "(emulated)"),
+        "avx2-compiled": "AVX2 CPU, torch.compile\nfreezing (emulated)",
+        "vnni": "VNNI eager\n(emulated)",
+    }
+    ax.set_xticklabels([ticks[s["key"]] for s in specs], fontsize=8)
     ax.set_ylim(15, None)
     ax.set_ylabel("embedding SQNR vs FP32 (dB)")
     ax.set_title(f"MiniLM, torchao int8 dynamic quantization on {res['cpu']} ({res['host']}): data-aware = mean ± std")
@@ -539,7 +547,13 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the fidelity runs (speed: always 1)")
     ap.add_argument("--blas", type=int, default=1, help="numpy BLAS threads of the data-aware rounding")
     ap.add_argument("--out", type=Path, default=OUT, help="results directory")
+    ap.add_argument("--render", action="store_true", help="only re-render torchao.md/png from the saved json")
     args = ap.parse_args(argv)
+    if args.render:
+        res = json.loads((args.out / "torchao.json").read_text())
+        plot(res, args.out / "torchao.png")
+        (args.out / "torchao.md").write_text(report(res))
+        return
     if args.draws < 1:
         raise ValueError("--draws must be >= 1")
     torch.set_num_threads(args.threads)
