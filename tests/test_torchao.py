@@ -674,3 +674,59 @@ def test_quantize_with_calibration_safe_whatever_the_data(seed, gain, wscale):
     assert sto.verify(q, "x86").ok
     rec = q._safeobs_rounding["0"]
     assert np.all(rec["error"] <= rec["rtn_error"])
+
+
+def _weights(model):
+    return {n: (mod.weight.qdata.clone(), mod.weight.scale.clone()) for n, mod in sto.quantized_linears(model)}
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(granularity=PerTensor()), dict(reduce_range=True)],
+    ids=["per_tensor", "reduce_range"],
+)
+def test_calibration_falls_back_to_safe_rtn_with_a_warning(kw, one_thread):
+    """PerTensor weights / reduce_range: no data-aware codes; the call without calibration's safe codes, warned."""
+    m, cal, _ = _mlp_and_data(3)
+    cfg = sto.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False, **kw)
+    with pytest.warns(UserWarning, match="round-to-nearest"):
+        da = sto.quantize_(copy.deepcopy(m), copy.deepcopy(cfg), calibration=cal)
+    rtn = sto.quantize_(copy.deepcopy(m), copy.deepcopy(cfg))
+    a, b = _weights(da), _weights(rtn)
+    assert list(a) == ["0", "2"] and not hasattr(da, "_safeobs_rounding")
+    for name in a:
+        assert torch.equal(a[name][0], b[name][0]) and torch.equal(a[name][1], b[name][1])
+    assert sto.verify(da, "x86").ok
+    # the fallback is safeobs's RTN, not torchao's: torchao's own PerTensor codes here have unsafe pairs
+    # (reduce_range's |codes| <= 64 are safe by themselves)
+    stock = copy.deepcopy(m)
+    quantize_(stock, StockDynamic(set_inductor_config=False, **kw))
+    assert sto.verify(stock, "x86").ok == ("reduce_range" in kw)
+
+
+@pytest.mark.parametrize("with_calibration", [False, True])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: StockDynamic(set_inductor_config=False),
+        lambda: StockStatic(act_quant_scale=torch.tensor([[0.05]]), set_inductor_config=False),
+    ],
+    ids=["stock_dynamic", "stock_static"],
+)
+def test_torchaos_own_int8_configs_are_refused(make, with_calibration, one_thread):
+    """torchao's own int8 x int8 configs would store saturating weights: a clear TypeError, model untouched."""
+    m, cal, _ = _mlp_and_data(4)
+    model = copy.deepcopy(m)
+    with pytest.raises(TypeError, match=r"safeobs\.torchao\.Int8(Dynamic|Static)ActivationInt8WeightConfig"):
+        sto.quantize_(model, make(), calibration=cal if with_calibration else None)
+    assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_calibration_with_an_uncovered_config_is_a_type_error(one_thread):
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    m, cal, _ = _mlp_and_data(5)
+    with pytest.raises(TypeError, match="calibration needs one of safeobs.torchao's configs"):
+        sto.quantize_(copy.deepcopy(m), Int8WeightOnlyConfig(set_inductor_config=False), calibration=cal)
+    out = sto.quantize_(copy.deepcopy(m), Int8WeightOnlyConfig(set_inductor_config=False))  # no int8 x int8 product
+    assert not sto.quantized_linears(out)

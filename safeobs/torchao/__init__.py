@@ -273,6 +273,21 @@ def _selected(model: torch.nn.Module, filter_fn) -> list:
     return [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and select(m, name)]
 
 
+_STOCK_INT8 = (_qa.Int8DynamicActivationInt8WeightConfig, _qa.Int8StaticActivationInt8WeightConfig)
+
+
+def _refuse_stock_int8(config) -> None:
+    """TypeError for torchao's own int8 x int8 configs (also as a ``base_config``): their weights can saturate."""
+    for c in (config, getattr(config, "base_config", None)):
+        if isinstance(c, _STOCK_INT8) and not isinstance(
+            c, (Int8DynamicActivationInt8WeightConfig, Int8StaticActivationInt8WeightConfig)
+        ):
+            raise TypeError(
+                f"safeobs.torchao.quantize_ got torchao's own {type(c).__name__}, whose int8 weights can saturate "
+                f"int16 pairs on x86; use safeobs.torchao.{type(c).__name__} (same fields and defaults)"
+            )
+
+
 def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_fn=None, device=None, progress=None):
     """torchao's ``quantize_(model, config, filter_fn, device)`` with safe weights, data-aware with calibration.
 
@@ -299,14 +314,19 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
     (a few K x K float64 temporaries, ~1 GB each at K=11008) and frees it before the next layer.
 
     Data-aware rounding needs per-row weight scales (``PerRow()``, torchao's default) and full-range codes:
-    with ``PerTensor()`` or ``reduce_range=True`` the weights stay RTN (a warning says so).  Returns
-    ``model`` (quantized in place, like torchao's).
+    with ``PerTensor()`` or ``reduce_range=True`` the weights stay RTN at safe scales (a warning says so).
+    torchao's own ``Int8DynamicActivationInt8WeightConfig`` / ``Int8StaticActivationInt8WeightConfig`` (also as
+    the ``base_config`` of SmoothQuant/AWQ) raise TypeError, with or without calibration: their weights can
+    saturate.  Other configs go to torchao unchanged without calibration (safeobs covers only the two above;
+    docs/torchao.md "Covered configs") and raise TypeError with it.  Returns ``model`` (quantized in place, like
+    torchao's).
 
     ``progress``: a bar on stderr, one step per Linear with its shape and the process's RSS (and one per
     calibration batch); ``None`` (default) shows it on a terminal for models of 50M weights or more
     (:func:`safeobs.core.progress.auto`), ``False`` never.
     """
     config = Int8DynamicActivationInt8WeightConfig() if config is None else config
+    _refuse_stock_int8(config)
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be None, True or False, got {type(progress).__name__}")
     if calibration is None:
