@@ -246,3 +246,70 @@ def expected_pairs(meta: dict, isa: str) -> np.ndarray:
     if meta["icg"] == 1 and meta["groups"] > 1:
         return np.zeros((0, 2), np.int64)  # depthwise: exact
     return layout.per_tap_pairs(meta["taps"], meta["icg"])
+
+
+# -- exact-dequantization models: the kernel's int32 accumulator read from a float output -------------------
+
+
+def act_input(shape, zp: int = 0, step: float = 0.125):
+    """A Parameter behind a per-tensor 256-level FakeQuantize ``[-zp * step, (255 - zp) * step]`` (``zp`` 0: u8,
+    128: NNCF's signed symmetric ``[-128 s, 127 s]``, else asymmetric): the input ``(q - zp) * step`` is code
+    ``q`` exactly when ``step`` is a power of two."""
+    ops = require_openvino().opset13
+    if not 0 <= int(zp) <= 255:
+        raise ValueError(f"zp must be in [0, 255], got {zp}")
+    x = ops.parameter(list(shape), np.float32, name="x")
+    lo, hi = np.float32(-int(zp) * step), np.float32((255 - int(zp)) * step)
+    return x, ops.fake_quantize(x, lo, hi, lo, hi, 256)
+
+
+def exact_case(
+    op: str,
+    x_codes: np.ndarray,
+    zp: int,
+    w_codes: np.ndarray,
+    *,
+    w_exp=None,
+    strides=None,
+    pads=None,
+    dilations=None,
+    transpose_b: bool = True,
+    step: float = 0.125,
+) -> dict:
+    """One node whose float output is its int32 accumulator times powers of two (bit-exact in f32 while
+    ``|acc| < 2^24``): ``op`` "Convolution" (``w_codes`` (OC, IC, *k)), "GroupConvolution" ((G, OCg, ICg, *k))
+    or "MatMul" ((N, K) with ``transpose_b``, else (K, N)); input codes ``x_codes`` (u8) at zero point ``zp``;
+    per-output-channel weight scales ``2^-w_exp``.  Returns ``{"model", "feeds", "factor"}`` with
+    ``output * factor == accumulator``."""
+    ov = require_openvino()
+    ops = ov.opset13
+    x_codes, w_codes = np.asarray(x_codes, np.uint8), np.asarray(w_codes, np.int8)
+    x, fq = act_input(x_codes.shape, zp, step)
+    if op == "MatMul":
+        n = w_codes.shape[0] if transpose_b else w_codes.shape[1]
+        ch_axes = 0 if transpose_b else 1
+    elif op == "GroupConvolution":
+        n, ch_axes = w_codes.shape[0] * w_codes.shape[1], (0, 1)
+    elif op == "Convolution":
+        n, ch_axes = w_codes.shape[0], 0
+    else:
+        raise ValueError(f"op must be Convolution, GroupConvolution or MatMul, got {op!r}")
+    e = np.zeros(n, np.int64) if w_exp is None else np.broadcast_to(np.asarray(w_exp, np.int64), (n,))
+    scale = np.ldexp(np.ones(n, np.float32), -e).astype(np.float32)
+    shape = [1] * w_codes.ndim
+    for a in np.atleast_1d(ch_axes):
+        shape[a] = w_codes.shape[a]
+    w = ops.multiply(ops.convert(ops.constant(w_codes), np.float32), ops.constant(scale.reshape(shape)))
+    if op == "MatMul":
+        y = ops.matmul(fq, w, False, transpose_b)
+        factor = np.ldexp(np.ones(n), e) / step
+    else:
+        nd = w_codes.ndim - (3 if op == "GroupConvolution" else 2)
+        s = list(strides or [1] * nd)
+        d = list(dilations or [1] * nd)
+        pb, pe = (list(p) for p in (pads or ([0] * nd, [0] * nd)))
+        f = ops.convolution if op == "Convolution" else ops.group_convolution
+        y = f(fq, w, s, pb, pe, d)
+        factor = (np.ldexp(np.ones(n), e) / step).reshape((1, n) + (1,) * nd)
+    feeds = [((x_codes.astype(np.float32) - np.float32(zp)) * np.float32(step)).astype(np.float32)]
+    return {"model": ov.Model([y], [x]), "feeds": feeds, "factor": factor}
