@@ -22,7 +22,9 @@ this module with the real plugin under qemu Haswell, forced AVX512_CORE and nati
   on AVX2 a grouped conv with ICg or OCg not a multiple of 4 runs as im2col + gemm (``jit_gemm_I8``,
   :func:`gemm_conv`), pairs flat over the kernel order ``t * ICg + ic`` (straddling taps) in gemm K blocks;
   on AVX-512 without VNNI a conv with ICg = 1 that is not depthwise (channel multiplier > 1, or one input
-  channel) pairs its taps in kw-major order (``whi_pairs``, oneDNN's brgconv "relo").  MatMul /
+  channel) pairs its taps in kw-major order (``whi_pairs``, oneDNN's brgconv "relo"; on tiny unpadded inputs
+  the plugin picks per-row pairs or a per-tap jit kernel instead, which the emulator does not follow: see
+  :func:`conv_pairs`, and the safety checks take both).  MatMul /
   FullyConnected: K positions (2m, 2m+1) inside oneDNN's gemm K blocks on AVX2, flat over K on AVX-512.
 * Padding (:func:`padding_mode`).  Out-of-image taps hold the zero point inside the lanes on ``jit_avx2_I8``,
   ``jit_avx512_I8`` and ``jit_gemm_I8``, and code 0 on ``brgconv_avx512_I8``; with per-tap pairs this matters
@@ -246,12 +248,20 @@ def conv_kernel(isa: str, groups: int, icg: int, ocg: int, k1x1: bool = False) -
     return ("brgconv_avx512_1x1_I8" if k1x1 else "brgconv_avx512_I8") + vnni
 
 
-def conv_pairs(isa: str, groups: int, icg: int, ocg: int, k) -> np.ndarray:
+RELO = ("whi", "wi", "union")
+
+
+def conv_pairs(isa: str, groups: int, icg: int, ocg: int, k, relo: str = "whi") -> np.ndarray:
     """Kernel-order positions ``t * ICg + ic`` one int16 lane adds for a (group of a) convolution with kernel
     ``k`` on ``isa``: per tap (ic 2m, 2m+1); on AVX2's gemm path (:func:`gemm_conv`) flat in gemm K blocks; on
-    AVX-512 with ICg = 1 (and not depthwise) the taps in kw-major order, paired flat (oneDNN's "relo" brgconv,
-    :func:`safeobs.kernels.layout.whi_pairs`); none on VNNI and for depthwise."""
+    AVX-512 with ICg = 1 (and not depthwise) oneDNN's brgconv "relo" pairs: ``relo="whi"`` the taps in kw-major
+    order paired flat (:func:`safeobs.kernels.layout.whi_pairs`; measured with 6x6 to 32x32 inputs, padded or
+    not), ``"wi"`` (kw, ic) per kernel row (:func:`safeobs.kernels.layout.row_pairs`; measured on tiny unpadded
+    inputs: 3x3 kernel on 5x5 / 6x6), ``"union"`` both (what the safety checks use: the choice depends on the
+    input size); none on VNNI and for depthwise."""
     _check_isa(isa)
+    if relo not in RELO:
+        raise ValueError(f"relo must be one of {RELO}, got {relo!r}")
     k = tuple(int(v) for v in k)
     taps = int(np.prod(k))
     kg = taps * icg
@@ -260,7 +270,8 @@ def conv_pairs(isa: str, groups: int, icg: int, ocg: int, k) -> np.ndarray:
     if isa == "avx2" and gemm_conv(groups, icg, ocg):
         return layout.k_block_pairs(kg, layout.onednn_matmul_block(kg, "avx2"))
     if isa == "avx512" and icg == 1:
-        return layout.whi_pairs(k)
+        parts = ([layout.whi_pairs(k)] if relo != "wi" else []) + ([layout.row_pairs(k, 1)] if relo != "whi" else [])
+        return np.unique(np.sort(np.concatenate(parts), axis=1), axis=0)
     return layout.per_tap_pairs(taps, icg)
 
 

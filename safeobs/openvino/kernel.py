@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from safeobs.kernels import layout, realkernel
+from safeobs.kernels import realkernel
 
+from . import emulator
 from ._deps import require_openvino
 
 MODES = ("native", "avx512", "haswell")
@@ -199,7 +200,8 @@ def probe_case(kind: str, **kw) -> dict:
             model = conv_model(codes, groups=groups)
             x = np.full((1, ic) + tuple(s + 2 for s in k), 255, np.float32)
         exact = np.tile(rows.astype(np.int64).sum(1) * 255, codes.shape[0] // len(rows))
-        meta = dict(kind="conv", ic=ic, k=k, groups=groups, icg=icg, taps=int(np.prod(k)))
+        g = codes.shape[0] if groups == ic and kw.get("depthwise", True) else groups
+        meta = dict(kind="conv", ic=ic, k=k, groups=g, icg=icg, ocg=codes.shape[0] // g, taps=int(np.prod(k)))
     elif kind == "matmul":
         kg, tb, m = int(kw["k"]), bool(kw.get("transpose_b", True)), int(kw.get("m", 1))
         rows = probe_rows(kg).reshape(-1, kg)
@@ -237,15 +239,14 @@ def discover_pairs(cases: list[dict], mode: str = "native") -> list[dict]:
 
 
 def expected_pairs(meta: dict, isa: str) -> np.ndarray:
-    """The pairs layout ``"openvino"`` predicts for one probe case on ``isa`` (positions in kernel order)."""
-    if isa == "vnni":
-        return np.zeros((0, 2), np.int64)
+    """The pairs :mod:`.emulator` predicts for one probe case on ``isa`` (positions in kernel order): layout
+    ``"openvino"``, plus AVX2's gemm path for grouped convs and AVX-512's kw-major pairs for ICg = 1."""
     if meta["kind"] == "matmul":
-        k = meta["k"]
-        return layout.k_block_pairs(k, layout.onednn_matmul_block(k, "avx2")) if isa == "avx2" else layout.flat_pairs(k)
-    if meta["icg"] == 1 and meta["groups"] > 1:
-        return np.zeros((0, 2), np.int64)  # depthwise: exact
-    return layout.per_tap_pairs(meta["taps"], meta["icg"])
+        pairs = emulator.matmul_pairs(meta["k"], isa)
+    else:
+        pairs = emulator.conv_pairs(isa, meta["groups"], meta["icg"], meta["ocg"], meta["k"])
+    pairs = np.sort(pairs.reshape(-1, 2), axis=1)
+    return pairs[np.argsort(pairs[:, 0], kind="stable")]  # as decode_pairs lists them
 
 
 # -- exact-dequantization models: the kernel's int32 accumulator read from a float output -------------------

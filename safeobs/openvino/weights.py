@@ -11,7 +11,8 @@ an all-zero Subtract is folded away and the node runs in int8.
 Pairs (pair discovery and bit-exact emulation, :mod:`.kernel`, :mod:`.emulator`), per ISA
 (:func:`kernel_columns`): avx2 convs per tap, grouped convs with ICg or OCg not a multiple of 4 flat over the
 kernel order (``jit_gemm_I8``), FullyConnected in gemm K blocks; avx512 convs per tap, ICg = 1 convs that are
-not depthwise in kw-major order (brgconv "relo"), FullyConnected flat; vnni none; depthwise none everywhere.
+not depthwise in kw-major order or per kernel row (brgconv "relo": which one depends on the input size, so
+both), FullyConnected flat; vnni none; depthwise none everywhere.
 Layout ``"openvino"`` (which does not know the grouping) lacks the two grouping-dependent rules, so
 :func:`safe_codes` adds this weight's own kernel pairs to the layout's.
 """
@@ -153,7 +154,7 @@ def kernel_columns(qw: QWeight, isa: str) -> np.ndarray:
         return emulator.matmul_pairs(kc, isa)
     icg, k = int(v_shape[1]), tuple(int(d) for d in v_shape[2:])
     taps = int(np.prod(k))
-    pos = emulator.conv_pairs(isa, qw.groups, icg, int(v_shape[0]) // qw.groups, k)
+    pos = emulator.conv_pairs(isa, qw.groups, icg, int(v_shape[0]) // qw.groups, k, relo="union")
     return (pos % icg) * taps + pos // icg  # kernel position t*ICg + ic -> natural column ic*taps + t
 
 
