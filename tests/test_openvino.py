@@ -591,3 +591,115 @@ def test_repair_leaves_safe_ir_unchanged(models, tmp_path):
     infos = A.repair_ir(safe, str(tmp_path / "r.xml"))
     assert all(i["changed"] == 0 for i in infos)
     assert open(tmp_path / "s.bin", "rb").read() == open(tmp_path / "r.bin", "rb").read()
+
+
+# -- 5. audit --inputs: emulated saturated lanes per int8 node ------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["Convolution", "GroupConvolution", "MatMul"])
+def test_emulate_saturation_reads_the_kernel_codes(op, tmp_path):
+    """The audit's capture (extra outputs, FakeQuantize grid -> u8 codes, zero point 128, pads from the IR) feeds
+    the emulator the codes the model was built from: its lane count equals the emulator's on those codes."""
+    rng = np.random.default_rng(5)
+    if op == "MatMul":
+        x, w, kw = rng.integers(0, 256, (4, 302)).astype(np.uint8), rng.integers(-127, 128, (10, 302)), {}
+    else:
+        x = rng.integers(0, 256, (1, 6, 6, 6)).astype(np.uint8)
+        w = rng.integers(-127, 128, (6, 6, 3, 3) if op == "Convolution" else (2, 4, 3, 3, 3))
+        kw = dict(pads=([1, 0], [1, 2]), strides=[1, 2])
+    w = w.astype(np.int8)
+    case = K.exact_case(op, x, 128, w, **kw)
+    path = str(tmp_path / "m.xml")
+    ov.save_model(case["model"], path, compress_to_fp16=False)
+    model = A.load_ir(path)
+    counts = A.emulate_saturation(model, [case["feeds"][0]] * 2)
+    (name,) = counts
+    for isa in ("avx2", "avx512"):
+        if op == "MatMul":
+            E.MatMul(x, 128, w, isa=isa)
+        else:
+            getattr(E, op)(x, 128, w, pads_begin=[1, 0], pads_end=[1, 2], strides=[1, 2], isa=isa)
+        assert counts[name][isa] == 2 * E.saturation_count() > 0, (isa, counts)
+
+
+def test_cli_audit_inputs(models, tmp_path):
+    """--inputs x.npz: NNCF's DISABLE IR saturates lanes on avx2 / avx512 (exit 1), the safe IR none (exit 0);
+    VNNI never; unreadable or mismatched inputs exit 2."""
+    x = np.concatenate(models["cnn"]["inputs"][:3])  # batch 3 for a static batch-1 model: one at a time
+    np.savez(tmp_path / "x.npz", x)
+    lanes = {}
+    for v in ("stock", "safe"):
+        path = str(tmp_path / f"{v}.xml")
+        ov.save_model(models["cnn"][v], path, compress_to_fp16=False)
+        r = _cli("audit", path, "--inputs", str(tmp_path / "x.npz"), "--json")
+        assert r.returncode == (1 if v == "stock" else 0), r.stdout + r.stderr
+        import json
+
+        nodes = json.loads(r.stdout)["nodes"]
+        assert all(n["saturated_lanes"] is not None for n in nodes)
+        lanes[v] = {i: sum(n["saturated_lanes"][i] for n in nodes) for i in W.ISAS}
+    assert lanes["stock"]["avx2"] > 0 and lanes["stock"]["avx512"] > 0 and lanes["stock"]["vnni"] == 0
+    assert lanes["safe"] == dict.fromkeys(W.ISAS, 0)
+    r = _cli("audit", str(tmp_path / "stock.xml"), "--inputs", str(tmp_path / "stock.xml"))
+    assert r.returncode == 2 and "npz" in r.stderr
+    np.savez(tmp_path / "bad.npz", nope=x)
+    r = _cli("audit", str(tmp_path / "stock.xml"), "--inputs", str(tmp_path / "bad.npz"))
+    assert r.returncode == 2 and "model inputs" in r.stderr
+
+
+# -- 6. data-aware rounding ------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(["conv", "group", "gemm_group", "icg1", "matmul", "matmul_kn"]),
+    dist=st.sampled_from(_DISTS),
+    seed=st.integers(0, 2**16),
+)
+def test_data_aware_never_worse_than_rtn_and_safe(kind, dist, seed):
+    """Guarantee: per output channel the data-aware codes' e^T H e is <= the safe RTN codes' (on any H), and no
+    pair the plugin forms on avx2 / avx512 breaks the bound (grouped ICg 3 takes the gemm pairs, ICg 1 the relo
+    pairs, which layout "openvino" lacks)."""
+    rng = np.random.default_rng(seed)
+    if kind.startswith("matmul"):
+        w = _weights(dist, (6, 40), seed)
+        model, stored = _nncf_weight_model(w, "matmul", transpose_b=kind == "matmul")
+        g = 1
+    else:
+        g, icg = {"conv": (1, 5), "group": (2, 8), "gemm_group": (2, 3), "icg1": (1, 1)}[kind]
+        w = _weights(dist, (4 * g, icg, 3, 3), seed)
+        model, stored = _nncf_weight_model(w, "conv", g)
+    (qw,) = W.read_weights(model)
+    k = int(np.prod(qw.view(qw.codes).shape[1:]))
+    a = rng.standard_normal((g, 4 * k, k)) * rng.uniform(0.1, 3, k)
+    h = np.einsum("gsi,gsj->gij", a, a) / (4 * k)
+    codes, scale = W.safe_codes(qw, stored)
+    out = Q._data_aware(qw, stored, codes, scale, h, "openvino")
+    assert out is not None
+    c, s, err, rtn = out
+    assert np.all(err <= rtn * (1 + 1e-12))
+    assert c.dtype == np.int8 and c.min() >= -127 and c.max() <= 127 and s.shape == qw.scale.shape
+    for isa in ("avx2", "avx512"):
+        assert W.unsafe_channels(qw, isa, c).size == 0, isa
+
+
+def test_quantize_data_aware_on_calibration(models):
+    """quantize() with data: one plugin run of the float model gives H per node; rewrite picks data-aware codes
+    that beat RTN on the calibration objective somewhere, never lose anywhere, and stay safe; data_aware=False is
+    RTN (no statistics)."""
+    rng = np.random.default_rng(0)
+    m = models["mlp"]
+    items = [rng.standard_normal(m["shape"]).astype(np.float32) for _ in range(8)]
+    stats = Q.calibration_stats(m["float"], items)
+    assert set(stats) == {qw.name for qw in W.read_weights(m["stock"])}
+    q = m["stock"].clone()
+    infos = Q.rewrite(q, Q.float_weights(m["float"]), "openvino", stats)
+    assert all(np.all(i["objective"] <= i["rtn_objective"]) for i in infos)
+    assert sum(i["data_aware"] for i in infos) > 0
+    assert all(W.unsafe_channels(qw, isa).size == 0 for qw in W.read_weights(q) for isa in W.ISAS)
+    rtn = sov.quantize(m["float"], nncf.Dataset(items), subset_size=8, data_aware=False)
+    assert all(W.unsafe_channels(qw, isa).size == 0 for qw in W.read_weights(rtn) for isa in W.ISAS)
+    ref = m["stock"].clone()
+    Q.rewrite(ref, Q.float_weights(m["float"]), "openvino")
+    for a, b in zip(W.read_weights(rtn), W.read_weights(ref)):
+        assert np.array_equal(a.codes, b.codes) and np.array_equal(a.scale, b.scale)

@@ -157,16 +157,18 @@ def _data_aware(qw, w: np.ndarray, codes: np.ndarray, scale: np.ndarray, h: np.n
     s_rows = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (oc,)).copy()
     per_channel = np.asarray(scale).size == oc and oc > 1
     groups = qw.groups if qw.op == "conv" else 1
+    lay = _round_layout(qw, v, layout)
     try:
         r = round_weight(
             v,
             h,
-            layout=_round_layout(qw, v, layout),
+            layout=lay,
             op=qw.op,
             groups=groups,
             bias_correction=False,
             scale=s_rows,
-            rtn_codes=np.ascontiguousarray(cv),
+            # a wider layout than the one the RTN codes are safe for: its own clipped RTN is the base candidate
+            rtn_codes=np.ascontiguousarray(cv) if lay == layout else None,
             **({} if per_channel else dict(multipliers=SINGLE_SCALE)),
         )
     except (ValueError, AssertionError):  # a shape this path does not model: keep the RTN codes
