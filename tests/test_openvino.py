@@ -713,3 +713,26 @@ def test_quantize_data_aware_on_calibration(models):
     Q.rewrite(ref, Q.float_weights(m["float"]), "openvino")
     for a, b in zip(W.read_weights(rtn), W.read_weights(ref)):
         assert np.array_equal(a.codes, b.codes) and np.array_equal(a.scale, b.scale)
+
+
+def test_calibration_stats_pointwise_path_matches_receptive_fields():
+    """The 1x1 fast path of calibration_stats gives the same H as safeobs.core.rounding._receptive_fields (same
+    position subset beyond max_positions), for plain and grouped 1x1 convs."""
+    from safeobs.core.rounding import _receptive_fields
+
+    rng = np.random.default_rng(3)
+    for groups, ic, hw, cap in ((1, 8, 5, 1000), (2, 8, 40, 300)):
+        x = rng.standard_normal((1, ic, hw, hw)).astype(np.float32)
+        p = ops.parameter([1, ic, hw, hw], np.float32, name="x")
+        w = rng.standard_normal((groups, 4, ic // groups, 1, 1)).astype(np.float32)
+        y = (
+            ops.convolution(p, ops.constant(w[0]), [1, 1], [0, 0], [0, 0], [1, 1])
+            if groups == 1
+            else ops.group_convolution(p, ops.constant(w), [1, 1], [0, 0], [0, 0], [1, 1])
+        )
+        model = ov.Model([y], [p])
+        (h,) = Q.calibration_stats(model, [x], max_positions=cap).values()
+        conv = Q._ConvAttrs((1, 1), (1, 1), (0, 0), (1, 1), groups)
+        c = _receptive_fields(torch.from_numpy(x), conv, cap).double()
+        ref = torch.bmm(c.transpose(1, 2), c).numpy() / c.shape[1]
+        assert Q._pointwise(conv) and np.allclose(h, ref, rtol=1e-5, atol=1e-6)

@@ -29,7 +29,7 @@ from . import capture
 from ._deps import require_nncf, require_openvino
 from .weights import QMAX, QMIN, WEIGHT_OPS, plugin_pairs, read_weights, replace_constants, safe_codes, unsafe_channels
 
-MAX_POSITIONS = 16384  # receptive fields per conv input and batch (a fixed pseudo-random subset beyond)
+MAX_POSITIONS = 1024  # receptive fields per conv input and item (a fixed pseudo-random subset beyond)
 
 LAYOUTS = ("openvino", "onednn", "x86", "any")
 
@@ -87,11 +87,16 @@ def _stat_attrs(op) -> _ConvAttrs | None:
     return _ConvAttrs(tuple(k), tuple(a["strides"]), pb, tuple(a["dilations"]), int(g))
 
 
+def _pointwise(conv: _ConvAttrs) -> bool:
+    return all(int(v) == 1 for v in conv.kernel_size + conv.stride + conv.dilation) and not any(conv.padding)
+
+
 def calibration_stats(
     model, items, *, limit: int | None = None, names=None, max_positions: int = MAX_POSITIONS
 ) -> dict:
     """``{node name: E[x x^T]}`` (float64, (G, K, K), K ordered like the kernel view's row ``(ic, *k)``) of the
-    input of every Convolution / GroupConvolution / 2-D MatMul weight of the float ``ov.Model`` ``model``, from
+    input of every Convolution / GroupConvolution (not depthwise: its kernel is exact, it keeps RTN) / 2-D MatMul
+    weight of the float ``ov.Model`` ``model``, from
     ONE plugin run over ``items`` (what the compiled model accepts, e.g. ``nncf.Dataset.get_inference_data()``),
     at most ``limit`` items; ``names``: only these nodes."""
     import torch
@@ -114,13 +119,26 @@ def calibration_stats(
             nodes[op.get_friendly_name()] = None
         else:
             conv = _stat_attrs(op)
-            if conv is not None:
+            shape = tuple(op.input_value(1).get_partial_shape().to_shape())
+            depthwise = t == "GroupConvolution" and shape[1] == 1 and shape[2] == 1  # exact kernel: keeps RTN
+            if conv is not None and not depthwise:
                 nodes[op.get_friendly_name()] = conv
     acc: dict = {}
     for vals in capture.run(model, list(nodes), items, limit=limit):
         for name, conv in nodes.items():
             x = torch.from_numpy(np.ascontiguousarray(vals[name], np.float32))
-            c = x.reshape(1, -1, x.shape[-1]) if conv is None else _receptive_fields(x, conv, max_positions)
+            if conv is None:
+                c = x.reshape(1, -1, x.shape[-1])
+            elif _pointwise(conv):  # 1x1, stride 1, no pad: the receptive fields are the pixels (no pad, no gather)
+                flat = x.reshape(x.shape[0], conv.groups, -1, int(np.prod(x.shape[2:]))).permute(1, 0, 3, 2)
+                flat = flat.reshape(conv.groups, -1, flat.shape[-1])  # (G, N*H*W, ICg)
+                total = flat.shape[1]
+                if total > max_positions:  # the same fixed subset _receptive_fields takes
+                    idx = torch.randperm(total, generator=torch.Generator().manual_seed(total))[:max_positions]
+                    flat = flat[:, idx]
+                c = flat
+            else:
+                c = _receptive_fields(x, conv, max_positions)
             xx = torch.bmm(c.transpose(1, 2), c).double().numpy()
             prev = acc.get(name, (0.0, 0))
             acc[name] = (prev[0] + xx, prev[1] + c.shape[1])
