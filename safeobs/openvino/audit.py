@@ -2,7 +2,10 @@
 
 An IR is XML + a weights blob: loading it runs no code, so no trust flag is needed.  :func:`audit_model` lists
 per int8 weight node the kernel the CPU plugin runs on avx2 / avx512 / vnni and the output channels whose
-code pairs can saturate there (pairs measured by pair discovery, :mod:`.kernel`).  :func:`repair_ir`
+code pairs can saturate there (pairs measured by pair discovery, :mod:`.kernel`).  With sample inputs
+(``--inputs x.npz``: one array per model input) the model runs on the CPU plugin with every int8 node's
+input as an extra output (:mod:`.capture`), and :mod:`.emulator` counts the int16 lanes that saturate on
+avx2 and avx512 for those activation codes (:func:`emulate_saturation`).  :func:`repair_ir`
 re-quantizes only the unsafe channels (tightest safe scale, layout ``"openvino"``) and writes the new codes
 and scales into a copy of the ``.bin`` at their own offsets: the XML and every other byte stay identical
 (a Constant whose bytes are shared with another one goes to the end of the blob instead and only its
@@ -17,8 +20,12 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
+from . import capture
+from . import emulator as E
 from ._deps import require_openvino
-from .weights import ISAS, isa_kernel, read_weights, safe_codes, unsafe_channels
+from .weights import ISAS, isa_kernel, kernel_columns, read_weights, safe_codes, unsafe_channels
+
+SAT_ISAS = ("avx2", "avx512")
 
 DEFAULT_LAYOUT = "openvino"  # safeobs repair MODEL.xml: the OpenVINO CPU plugin pairing
 
@@ -36,10 +43,12 @@ def load_ir(path: str):
         raise ValueError(f"{path}: not a readable OpenVINO IR ({type(e).__name__}: {str(e).strip()[:200]})") from None
 
 
-def audit_model(model) -> dict:
-    """Per int8 weight node: kernels and unsafe output channels on avx2 / avx512 / vnni."""
+def audit_model(model, inputs=None) -> dict:
+    """Per int8 weight node: kernels and unsafe output channels on avx2 / avx512 / vnni; with ``inputs`` (an
+    iterable of feeds, see :func:`emulate_saturation`) also ``saturated_lanes`` per ISA."""
+    weights = read_weights(model)
     nodes = []
-    for qw in read_weights(model):
+    for qw in weights:
         bad = {isa: unsafe_channels(qw, isa).tolist() for isa in ISAS}
         nodes.append(
             {
@@ -52,7 +61,54 @@ def audit_model(model) -> dict:
                 "channels": int(qw.view(qw.codes).shape[0]),
             }
         )
-    return {"nodes": nodes, "unsafe": any(any(n["unsafe_channels"].values()) for n in nodes)}
+    if inputs is not None:
+        counts = emulate_saturation(model, inputs, weights)
+        for n in nodes:
+            c = counts.get(n["name"])
+            n["saturated_lanes"] = None if c is None else {isa: c.get(isa, 0) for isa in ISAS}
+    unsafe = any(any(n["unsafe_channels"].values()) or any((n.get("saturated_lanes") or {}).values()) for n in nodes)
+    return {"nodes": nodes, "unsafe": unsafe}
+
+
+def _conv_args(node) -> dict:
+    """strides / pads / dilations of an OpenVINO (Group)Convolution, explicit pads resolved by the node."""
+    a = node.get_attributes()
+    nd = len(a["strides"])
+    pb, pe = list(a.get("pads_begin", [0] * nd)), list(a.get("pads_end", [0] * nd))
+    if str(a.get("auto_pad", "explicit")).lower() == "valid":
+        pb, pe = [0] * nd, [0] * nd
+    return dict(strides=list(a["strides"]), pads_begin=pb, pads_end=pe, dilations=list(a["dilations"]))
+
+
+def emulate_node(qw, x: np.ndarray, fq, isa: str) -> int:
+    """Saturated int16 lanes of weight ``qw``'s node on ``isa`` for its input ``x`` (the float values out of
+    the activation FakeQuantize ``fq``, :func:`safeobs.openvino.capture.activation_fq`)."""
+    codes, zp = E.grid_codes(x, fq[2], fq[3], fq[4])
+    w = np.asarray(qw.codes, np.int8)
+    if qw.op_type == "MatMul":
+        if qw.node.get_attributes().get("transpose_a", False):
+            codes = np.swapaxes(codes, -1, -2)
+        E.MatMul(codes, zp, w, transpose_b=not qw.transpose, isa=isa)
+    else:
+        getattr(E, qw.op_type)(codes, zp, w, isa=isa, **_conv_args(qw.node))
+    return E.saturation_count()
+
+
+def emulate_saturation(model, inputs, weights=None) -> dict:
+    """``{node name: {isa: saturated int16 lanes}}`` over ``inputs`` (an iterable of feeds: an array, a list
+    of arrays or a ``{input name: array}`` dict per inference) for every int8 weight node whose input comes
+    from a per-tensor FakeQuantize (others do not run on the int8 kernels and are left out)."""
+    weights = [qw for qw in (weights if weights is not None else read_weights(model)) if qw.int8]
+    no_pairs = {qw.name for qw in weights if not any(len(kernel_columns(qw, i)) for i in SAT_ISAS)}
+    fqs = {qw.name: capture.activation_fq(qw.node) for qw in weights if qw.name not in no_pairs}
+    todo = [qw for qw in weights if fqs.get(qw.name) is not None]
+    counts = {qw.name: dict.fromkeys(SAT_ISAS, 0) for qw in todo}
+    counts.update({name: dict.fromkeys(SAT_ISAS, 0) for name in no_pairs})  # depthwise: no lane can saturate
+    for vals in capture.run(model, [qw.name for qw in todo], inputs):
+        for qw in todo:
+            for isa in SAT_ISAS:
+                counts[qw.name][isa] += emulate_node(qw, vals[qw.name], fqs[qw.name], isa)
+    return counts
 
 
 def format_audit(result: dict, only_unsafe: bool = False) -> str:
@@ -64,6 +120,8 @@ def format_audit(result: dict, only_unsafe: bool = False) -> str:
         for isa in ISAS:
             k = len(n["unsafe_channels"][isa])
             state = "SAFE" if not k else f"{k}/{n['channels']} ch"
+            if n.get("saturated_lanes") is not None:
+                state += f" ({n['saturated_lanes'][isa]} sat)"
             cells.append(f"{n['kernel'][isa]}: {state}")
         lines.append(f"{n['name'][-48:]:<48} {n['op']:<16} " + " ".join(f"{c:<36}" for c in cells))
     lines.append(
@@ -174,10 +232,48 @@ def format_repair(infos: list[dict], only_changed: bool = True) -> str:
     return "\n".join(lines)
 
 
+def load_inputs(path: str, model, scale: float = 1.0) -> list[dict]:
+    """Feeds from an ``.npz`` of model inputs (by input name, or ``arr_0``, ``arr_1``, ... in input order); float
+    arrays are multiplied by ``scale``.  A batch larger than a static batch of 1 is fed one sample at a time."""
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - any read error is a usage error
+        raise ValueError(f"--inputs {path}: not a readable .npz of model inputs ({e})") from None
+    names = [i.get_any_name() for i in model.inputs]
+    if set(arrays) == {f"arr_{i}" for i in range(len(arrays))}:
+        if len(arrays) != len(names):
+            raise ValueError(f"--inputs {path}: {len(arrays)} arrays for {len(names)} model inputs")
+        arrays = {n: arrays[f"arr_{i}"] for i, n in enumerate(names)}
+    if set(arrays) != set(names):
+        raise ValueError(f"--inputs {path}: arrays {sorted(arrays)} do not match the model inputs {names}")
+    arrays = {k: (v * scale).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in arrays.items()}
+    one = all(
+        i.get_partial_shape().rank.is_static
+        and len(i.get_partial_shape()) > 0
+        and i.get_partial_shape()[0].is_static
+        and i.get_partial_shape()[0].get_length() == 1
+        for i in model.inputs
+    )
+    n = {v.shape[0] if v.ndim else 1 for v in arrays.values()}
+    if one and len(n) == 1 and n.pop() > 1:
+        return [{k: v[i : i + 1] for k, v in arrays.items()} for i in range(len(next(iter(arrays.values()))))]
+    return [arrays]
+
+
 def cmd_audit(args, dump) -> int:
-    if getattr(args, "inputs", None) or getattr(args, "photos", None):
-        raise ValueError("--inputs/--photos are not supported for OpenVINO IR yet (the audit is exact on the weights)")
-    result = audit_model(load_ir(args.model))
+    if getattr(args, "photos", None):
+        raise ValueError("--photos is for torch models; give OpenVINO model inputs with --inputs FILE.npz")
+    model = load_ir(args.model)
+    inputs = load_inputs(args.inputs, model, args.input_scale) if getattr(args, "inputs", None) else None
+    try:
+        result = audit_model(model, inputs)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the plugin's errors on bad inputs
+        raise ValueError(
+            f"{args.model}: cannot run the model on --inputs ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     if not result["nodes"]:
         raise ValueError(f"{args.model}: no int8 weight (Constant i8 -> Convert -> Multiply) (is it quantized?)")
     result["model"] = args.model

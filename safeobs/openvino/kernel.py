@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from safeobs.kernels import layout, realkernel
+from safeobs.kernels import realkernel
 
+from . import emulator
 from ._deps import require_openvino
 
 MODES = ("native", "avx512", "haswell")
@@ -199,7 +200,8 @@ def probe_case(kind: str, **kw) -> dict:
             model = conv_model(codes, groups=groups)
             x = np.full((1, ic) + tuple(s + 2 for s in k), 255, np.float32)
         exact = np.tile(rows.astype(np.int64).sum(1) * 255, codes.shape[0] // len(rows))
-        meta = dict(kind="conv", ic=ic, k=k, groups=groups, icg=icg, taps=int(np.prod(k)))
+        g = codes.shape[0] if groups == ic and kw.get("depthwise", True) else groups
+        meta = dict(kind="conv", ic=ic, k=k, groups=g, icg=icg, ocg=codes.shape[0] // g, taps=int(np.prod(k)))
     elif kind == "matmul":
         kg, tb, m = int(kw["k"]), bool(kw.get("transpose_b", True)), int(kw.get("m", 1))
         rows = probe_rows(kg).reshape(-1, kg)
@@ -237,12 +239,78 @@ def discover_pairs(cases: list[dict], mode: str = "native") -> list[dict]:
 
 
 def expected_pairs(meta: dict, isa: str) -> np.ndarray:
-    """The pairs layout ``"openvino"`` predicts for one probe case on ``isa`` (positions in kernel order)."""
-    if isa == "vnni":
-        return np.zeros((0, 2), np.int64)
+    """The pairs :mod:`.emulator` predicts for one probe case on ``isa`` (positions in kernel order): layout
+    ``"openvino"``, plus AVX2's gemm path for grouped convs and AVX-512's kw-major pairs for ICg = 1."""
     if meta["kind"] == "matmul":
-        k = meta["k"]
-        return layout.k_block_pairs(k, layout.onednn_matmul_block(k, "avx2")) if isa == "avx2" else layout.flat_pairs(k)
-    if meta["icg"] == 1 and meta["groups"] > 1:
-        return np.zeros((0, 2), np.int64)  # depthwise: exact
-    return layout.per_tap_pairs(meta["taps"], meta["icg"])
+        pairs = emulator.matmul_pairs(meta["k"], isa)
+    else:
+        pairs = emulator.conv_pairs(isa, meta["groups"], meta["icg"], meta["ocg"], meta["k"])
+    pairs = np.sort(pairs.reshape(-1, 2), axis=1)
+    return pairs[np.argsort(pairs[:, 0], kind="stable")]  # as decode_pairs lists them
+
+
+# -- exact-dequantization models: the kernel's int32 accumulator read from a float output -------------------
+
+
+def act_input(shape, zp: int = 0, step: float = 0.125):
+    """A Parameter behind a per-tensor 256-level FakeQuantize ``[-zp * step, (255 - zp) * step]`` (``zp`` 0: u8,
+    128: NNCF's signed symmetric ``[-128 s, 127 s]``, else asymmetric): the input ``(q - zp) * step`` is code
+    ``q`` exactly when ``step`` is a power of two."""
+    ops = require_openvino().opset13
+    if not 0 <= int(zp) <= 255:
+        raise ValueError(f"zp must be in [0, 255], got {zp}")
+    x = ops.parameter(list(shape), np.float32, name="x")
+    lo, hi = np.float32(-int(zp) * step), np.float32((255 - int(zp)) * step)
+    return x, ops.fake_quantize(x, lo, hi, lo, hi, 256)
+
+
+def exact_case(
+    op: str,
+    x_codes: np.ndarray,
+    zp: int,
+    w_codes: np.ndarray,
+    *,
+    w_exp=None,
+    strides=None,
+    pads=None,
+    dilations=None,
+    transpose_b: bool = True,
+    step: float = 0.125,
+) -> dict:
+    """One node whose float output is its int32 accumulator times powers of two (bit-exact in f32 while
+    ``|acc| < 2^24``): ``op`` "Convolution" (``w_codes`` (OC, IC, *k)), "GroupConvolution" ((G, OCg, ICg, *k))
+    or "MatMul" ((N, K) with ``transpose_b``, else (K, N)); input codes ``x_codes`` (u8) at zero point ``zp``;
+    per-output-channel weight scales ``2^-w_exp``.  Returns ``{"model", "feeds", "factor"}`` with
+    ``output * factor == accumulator``."""
+    ov = require_openvino()
+    ops = ov.opset13
+    x_codes, w_codes = np.asarray(x_codes, np.uint8), np.asarray(w_codes, np.int8)
+    x, fq = act_input(x_codes.shape, zp, step)
+    if op == "MatMul":
+        n = w_codes.shape[0] if transpose_b else w_codes.shape[1]
+        ch_axes = 0 if transpose_b else 1
+    elif op == "GroupConvolution":
+        n, ch_axes = w_codes.shape[0] * w_codes.shape[1], (0, 1)
+    elif op == "Convolution":
+        n, ch_axes = w_codes.shape[0], 0
+    else:
+        raise ValueError(f"op must be Convolution, GroupConvolution or MatMul, got {op!r}")
+    e = np.zeros(n, np.int64) if w_exp is None else np.broadcast_to(np.asarray(w_exp, np.int64), (n,))
+    scale = np.ldexp(np.ones(n, np.float32), -e).astype(np.float32)
+    shape = [1] * w_codes.ndim
+    for a in np.atleast_1d(ch_axes):
+        shape[a] = w_codes.shape[a]
+    w = ops.multiply(ops.convert(ops.constant(w_codes), np.float32), ops.constant(scale.reshape(shape)))
+    if op == "MatMul":
+        y = ops.matmul(fq, w, False, transpose_b)
+        factor = np.ldexp(np.ones(n), e) / step
+    else:
+        nd = w_codes.ndim - (3 if op == "GroupConvolution" else 2)
+        s = list(strides or [1] * nd)
+        d = list(dilations or [1] * nd)
+        pb, pe = (list(p) for p in (pads or ([0] * nd, [0] * nd)))
+        f = ops.convolution if op == "Convolution" else ops.group_convolution
+        y = f(fq, w, s, pb, pe, d)
+        factor = (np.ldexp(np.ones(n), e) / step).reshape((1, n) + (1,) * nd)
+    feeds = [((x_codes.astype(np.float32) - np.float32(zp)) * np.float32(step)).astype(np.float32)]
+    return {"model": ov.Model([y], [x]), "feeds": feeds, "factor": factor}

@@ -8,9 +8,13 @@ NNCF (3.4, OpenVINO backend, ``compress_weights`` default) emits every int8 weig
 point makes the plugin run the node in f32 (probe: ``brgconv_avx512_f32``), so such weights never saturate;
 an all-zero Subtract is folded away and the node runs in int8.
 
-Pairs (pair discovery, safeobs/openvino/kernel.py): see layout ``"openvino"``.  Per ISA
-(:func:`isa_pairs`): avx2 convs per tap, FullyConnected in gemm K blocks; avx512 convs per tap,
-FullyConnected flat; vnni none; depthwise none everywhere.
+Pairs (pair discovery and bit-exact emulation, :mod:`.kernel`, :mod:`.emulator`), per ISA
+(:func:`kernel_columns`): avx2 convs per tap, grouped convs with ICg or OCg not a multiple of 4 flat over the
+kernel order (``jit_gemm_I8``), FullyConnected in gemm K blocks; avx512 convs per tap, ICg = 1 convs that are
+not depthwise in kw-major order or per kernel row (brgconv "relo": which one depends on the input size, so
+both), FullyConnected flat; vnni none; depthwise none everywhere.
+Layout ``"openvino"`` (which does not know the grouping) lacks the two grouping-dependent rules, so
+:func:`safe_codes` adds this weight's own kernel pairs to the layout's.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from safeobs.core import solver
-from safeobs.kernels import layout
 
+from . import emulator
 from ._deps import require_openvino
 
 WEIGHT_OPS = ("Convolution", "GroupConvolution", "MatMul")
@@ -135,17 +139,22 @@ def read_weights(model) -> list[QWeight]:
 # -- pairs per ISA and for the union -----------------------------------------------------------------------
 
 
-def _columns(v_shape, op: str, isa: str) -> np.ndarray:
-    """Pairs of one output channel's natural row (``v.reshape(OC, -1)``) that an ``isa`` kernel adds."""
-    kc = int(np.prod(v_shape[1:]))
-    if isa == "vnni":
+def kernel_columns(qw: QWeight, isa: str) -> np.ndarray:
+    """Pairs of one output channel's natural row (``view(codes).reshape(OC, -1)``) that the plugin's ``isa``
+    kernel adds in one int16 lane (:mod:`.emulator`'s rules: per tap, AVX2's gemm path for grouped convs,
+    AVX-512's kw-major pairs for ICg = 1, gemm K blocks / flat for MatMul; none on VNNI, for depthwise and for
+    f32 nodes)."""
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+    v_shape = qw.view(qw.codes).shape
+    if not qw.int8:
         return np.zeros((0, 2), np.int64)
-    if op == "linear":
-        return (
-            layout.k_block_pairs(kc, layout.onednn_matmul_block(kc, "avx2")) if isa == "avx2" else layout.flat_pairs(kc)
-        )
-    icg, taps = int(v_shape[1]), int(np.prod(v_shape[2:]))
-    pos = layout.per_tap_pairs(taps, icg)
+    kc = int(np.prod(v_shape[1:]))
+    if qw.op == "linear":
+        return emulator.matmul_pairs(kc, isa)
+    icg, k = int(v_shape[1]), tuple(int(d) for d in v_shape[2:])
+    taps = int(np.prod(k))
+    pos = emulator.conv_pairs(isa, qw.groups, icg, int(v_shape[0]) // qw.groups, k, relo="union")
     return (pos % icg) * taps + pos // icg  # kernel position t*ICg + ic -> natural column ic*taps + t
 
 
@@ -157,28 +166,32 @@ def isa_kernel(qw: QWeight, isa: str) -> str:
         return "f32 (zero-point Subtract)"
     if qw.op == "linear":
         return {"avx2": "jit_gemm_I8", "avx512": "brgemm_avx512_I8", "vnni": "brgemm_avx512_I8 (VNNI)"}[isa]
-    k = qw.codes.shape[3:] if qw.op_type == "GroupConvolution" else qw.codes.shape[2:]
-    k1 = all(int(d) == 1 for d in k)
-    if isa == "avx2":
-        return "jit_avx2_1x1_I8" if k1 and not qw.groups > 1 else "jit_avx2_I8"
-    if qw.depthwise:
-        return {"avx512": "jit_avx512_I8 (depthwise)", "vnni": "brgconv_avx512_dw_I8"}[isa]
-    if qw.groups > 1:
-        return "jit_avx512_I8" + (" (VNNI)" if isa == "vnni" else "")
-    return ("brgconv_avx512_1x1_I8" if k1 else "brgconv_avx512_I8") + (" (VNNI)" if isa == "vnni" else "")
+    v_shape = qw.view(qw.codes).shape
+    k1 = all(int(d) == 1 for d in v_shape[2:])
+    return emulator.conv_kernel(isa, qw.groups, int(v_shape[1]), int(v_shape[0]) // qw.groups, k1)
 
 
 def unsafe_channels(qw: QWeight, isa: str, codes: np.ndarray | None = None) -> np.ndarray:
     """Output channels (of the kernel view) with a pair of codes summing past +-128 on ``isa``."""
-    if not qw.int8 or qw.depthwise or isa == "vnni":
+    cols = kernel_columns(qw, isa)
+    if len(cols) == 0:
         return np.zeros(0, np.int64)
     v = qw.view(qw.codes if codes is None else codes)
     rows = v.reshape(v.shape[0], -1).astype(np.int16)
-    cols = _columns(v.shape, qw.op, isa)
-    if len(cols) == 0:
-        return np.zeros(0, np.int64)
     tot = rows[:, cols[:, 0]] + rows[:, cols[:, 1]]
     return np.flatnonzero(np.any((tot > solver.PAIR_MAX) | (tot < solver.PAIR_MIN), axis=1))
+
+
+def plugin_pairs(qw: QWeight) -> np.ndarray:
+    """``(n, 2)`` indices into ``view(codes).ravel()`` of every pair the plugin's avx2 or avx512 kernels add."""
+    cols = np.concatenate([kernel_columns(qw, i) for i in ("avx2", "avx512")])
+    v_shape = qw.view(qw.codes).shape
+    oc, kc = int(v_shape[0]), int(np.prod(v_shape[1:]))
+    if not len(cols):
+        return np.zeros((0, 2), np.int64)
+    cols = np.unique(np.sort(cols, axis=1), axis=0)
+    base = (np.arange(oc, dtype=np.int64) * kc)[:, None, None]
+    return (base + cols[None]).reshape(-1, 2)
 
 
 def safe_codes(qw: QWeight, w: np.ndarray | None = None, lay: str = "openvino") -> tuple[np.ndarray, np.ndarray]:
@@ -199,8 +212,11 @@ def safe_codes(qw: QWeight, w: np.ndarray | None = None, lay: str = "openvino") 
     )
     if qw.depthwise or not qw.int8:
         pairs = np.zeros((0, 2), np.int64)
-    else:
+    else:  # the layout's pairs and every pair the plugin's kernels form for this weight (groups known here)
         pairs = solver.layout_pairs(v, lay, qw.op)
+        extra = plugin_pairs(qw)
+        if len(extra):
+            pairs = np.concatenate([np.asarray(pairs, np.int64).reshape(-1, 2), extra])
     if per_channel:
         s, _ = solver.raise_scales(
             v, pairs, stock, 0, ch_axis=0, symmetric=True, quant_min=QMIN, quant_max=QMAX, check_pairs=False
