@@ -161,7 +161,15 @@ def run_mode(case, qmodels, mode, feeds) -> tuple[dict, dict]:
     for c, r in zip(CONFIGS, res):
         outs[c] = np.concatenate([np.asarray(case["out"](f, o), np.float64) for f, o in zip(feeds, r["outputs"])])
         prims[c] = sorted({p for _, _, p in ovk.int8_primitives(r["runtime"])})
+        prims[c + " actact"] = act_act_matmuls(r["runtime"])
     return outs, prims
+
+
+def act_act_matmuls(runtime) -> int:
+    """Nodes the plugin runs as int8 ``MatMul`` (a MatMul with a constant weight becomes ``FullyConnected``;
+    one left as ``MatMul`` multiplies two activations, e.g. attention's Q K^T and P V).  Fused MHA
+    ``Subgraph`` nodes are not counted (they exist natively on AVX-512 only)."""
+    return sum(1 for _, t, _, prec in runtime if t == "MatMul" and prec in ("u8", "i8"))
 
 
 def quality(case, ref, y) -> dict:
@@ -238,6 +246,7 @@ def evaluate(case, args, log) -> dict:
             row["avx2_vs_native"] = sqnr(nat_q[c], avx2[c])
             row["avx2_eq_native"] = bool(np.array_equal(nat_q[c], avx2[c]))
             row["avx2_kernels"] = avx2_prims[c]
+            row["avx2_act_act_matmuls"] = avx2_prims[c + " actact"]
         if c != "FP32":
             row["audit"] = audit_counts(qmodels[c])
             row["weight_bits"] = weight_bits(qmodels[c])
@@ -256,6 +265,114 @@ def evaluate(case, args, log) -> dict:
         "qemu": have_qemu,
         "rows": rows,
     }
+
+
+# -- mechanism probes (issue 21: PP-OCRv4 rec, ENABLE, AVX2 != VNNI) ----------------------------------------
+
+
+def dw_probe(k: int, stride: int, pad: int, channels_per_probe: int = 1):
+    """Pair discovery (see safeobs/openvino/kernel.py) for a depthwise k x k GroupConvolution with ``stride`` and
+    ``pad``: one probe row per group, u8 input 255 everywhere; exact outputs by a float64 convolution."""
+    ops = ov.opset13
+    kg = k * k
+    rows = ovk.probe_rows(kg).reshape(-1, kg)
+    codes = rows.reshape(-1, 1, k, k).astype(np.int8)
+    c = codes.shape[0]
+    size = k + 2 * stride + 1
+    x = ops.parameter([1, c, size, size], np.float32, name="x")
+    lim = [ops.constant(np.float32(v)) for v in (0, 255, 0, 255)]
+    w = ops.multiply(
+        ops.convert(ops.constant(codes.reshape(c, 1, 1, k, k)), np.float32),
+        ops.constant(np.ones((c, 1, 1, 1, 1), np.float32)),
+    )
+    y = ops.group_convolution(ops.fake_quantize(x, *lim, 256), w, [stride] * 2, [pad] * 2, [pad] * 2, [1, 1])
+    feed = np.full((1, c, size, size), 255, np.float32)
+    exact = torch.nn.functional.conv2d(
+        torch.from_numpy(feed).double(),
+        torch.from_numpy(codes.astype(np.float64)),
+        stride=stride,
+        padding=pad,
+        groups=c,
+    ).numpy()
+    return {
+        "model": ov.Model([y], [x]),
+        "feeds": [feed],
+        "exact": exact,
+        "kg": kg,
+        "meta": dict(k=k, stride=stride, pad=pad),
+    }
+
+
+def actact_cases():
+    """Int8 MatMuls of two activations with the FakeQuantize ranges NNCF gave PP-OCRv4 rec's first SVTR attention
+    (ENABLE model): Q K^T (Q [-0.892, 0.885], K [-3.766, 3.736], head dim 15) and P V (softmax P [0, 0.368],
+    V [-2.853, 2.831], 40 keys).  Each side at one code; a realistic one: P = 0.368 on two adjacent keys."""
+    ops = ov.opset13
+
+    def fq(x, lo, hi):
+        return ops.fake_quantize(x, *[ops.constant(np.float32(v)) for v in (lo, hi, lo, hi)], 256)
+
+    def level(lo, hi, code):
+        return np.float32(lo + (hi - lo) * code / 255)
+
+    def model(sa, sb, ra, rb, tb):
+        a = ops.parameter(list(sa), np.float32, name="a")
+        b = ops.parameter(list(sb), np.float32, name="b")
+        return ov.Model([ops.matmul(fq(a, *ra), fq(b, *rb), False, tb)], [a, b])
+
+    rq, rk, rp, rv = (-0.892, 0.885), (-3.766, 3.736), (0.0, 0.368), (-2.853, 2.831)
+    out = []
+    for cq, ck in ((0, 255), (255, 0), (255, 255)):
+        a = np.full((1, 8, 40, 15), level(*rq, cq), np.float32)
+        b = np.full((1, 8, 40, 15), level(*rk, ck), np.float32)
+        out.append(
+            (
+                f"Q K^T, Q code {cq}, K code {ck}",
+                model(a.shape, b.shape, rq, rk, True),
+                [a, b],
+                a @ np.swapaxes(b, -1, -2),
+            )
+        )
+    p = np.full((1, 8, 40, 40), level(*rp, 255), np.float32)
+    v = np.full((1, 8, 40, 15), level(*rv, 255), np.float32)
+    out.append(("P V, P code 255, V code 255", model(p.shape, v.shape, rp, rv, False), [p, v], p @ v))
+    p = np.zeros((1, 8, 40, 40), np.float32)
+    p[..., 2:4] = level(*rp, 255)
+    v = np.full((1, 8, 40, 15), level(*rv, 228), np.float32)
+    out.append(
+        ("P V, P = 0.368 on keys 2 and 3, V code 228 (+100)", model(p.shape, v.shape, rp, rv, False), [p, v], p @ v)
+    )
+    return out
+
+
+def mechanism_probes(log) -> dict:
+    """Depthwise 3x3 / 5x5 pairing (strides 1, 2; padding) and activation x activation MatMuls, native and AVX2."""
+    modes = ["native"] + (["haswell"] if ovk.available("haswell") else [])
+    dws = [dw_probe(k, st, pad) for k in (3, 5) for st, pad in ((1, 0), (2, (k - 1) // 2))]
+    aa = actact_cases()
+    out = {"dw": [], "actact": [], "modes": modes}
+    for mode in modes:
+        res = ovk.run(
+            [{"model": c["model"], "feeds": c["feeds"]} for c in dws]
+            + [{"model": m, "feeds": [f]} for _, m, f, _ in aa],
+            mode=mode,
+        )
+        for c, r in zip(dws, res[: len(dws)]):
+            y = np.asarray(r["outputs"][0][0], np.float64)
+            sat = np.any((y != c["exact"]).reshape(y.shape[1], -1), axis=1)
+            pairs = ovk.decode_pairs(sat.reshape(c["kg"], -1))
+            kern = sorted({p for _, t, p, prec in r["runtime"] if t == "Convolution"})
+            out["dw"].append(dict(c["meta"], mode=mode, pairs=int(len(pairs)), kernels=kern))
+        for (name, _, _, exact), r in zip(aa, res[len(dws) :]):
+            y = np.asarray(r["outputs"][0][0], np.float64)
+            kern = sorted(
+                {f"{p} ({prec})" for _, t, p, prec in r["runtime"] if t in ("MatMul", "FullyConnected", "Subgraph")}
+            )
+            out["actact"].append(
+                {"case": name, "mode": mode, "exact": float(exact.flat[0]), "got": float(y.flat[0]), "kernels": kern}
+            )
+        log(f"mechanism probes: {mode} done")
+    return out
 
 
 # -- targets and report -------------------------------------------------------------------------------------
@@ -380,11 +497,55 @@ def report(results, meta) -> str:
             + (("; AVX2 " + ", ".join(k["safeobs"]["avx2_kernels"])) if "avx2_kernels" in k["safeobs"] else "")
             + "."
         )
+        if "avx2_act_act_matmuls" in k["safeobs"]:
+            a("")
+            a(
+                "Int8 MatMul nodes that multiply two activations on AVX2 (attention; no weight, so neither"
+                " `overflow_fix` nor safeobs's weight rewrite bounds their pairs): "
+                + ", ".join(f"{c} {k[c]['avx2_act_act_matmuls']}" for c in CONFIGS)
+                + "."
+            )
         a("")
         a("| target | measured | bound | met |")
         a("|---|---|---|---|")
         for t in res["targets"]:
             a(f"| {t['target']} | {t['value']:.2f} | {t['bound']:.2f} | {'**met**' if t['met'] else '**missed**'} |")
+    mech = meta.get("mechanism")
+    if mech:
+        a("")
+        a("## Mechanism probes (issue 21: an NNCF ENABLE PP-OCRv4 rec differs on AVX2 and VNNI)")
+        a("")
+        a(
+            "Depthwise GroupConvolution, u8 input 255 everywhere, pair discovery (one probe row per group, 127 at the"
+            " probed tap, 64 elsewhere; any partner makes 127 + 64 > 128): pairs found per kernel size, stride, padding."
+        )
+        a("")
+        a("| depthwise | " + " | ".join(f"{m}: pairs (kernel)" for m in mech["modes"]) + " |")
+        a("|---|" + "---|" * len(mech["modes"]))
+        for k in sorted({(d["k"], d["stride"], d["pad"]) for d in mech["dw"]}):
+            cells = [
+                f"{d['pairs']} ({', '.join(d['kernels'])})"
+                for m in mech["modes"]
+                for d in mech["dw"]
+                if (d["k"], d["stride"], d["pad"], d["mode"]) == (*k, m)
+            ]
+            a(f"| {k[0]}x{k[0]}, stride {k[1]}, pad {k[2]} | " + " | ".join(cells) + " |")
+        a("")
+        a(
+            "Int8 MatMul of two activations (no weight: `overflow_fix` and safeobs's weight rewrite cannot touch it),"
+            " FakeQuantize ranges as NNCF set them on PP-OCRv4 rec's first SVTR attention (ENABLE); first output"
+            " element, exact = float64 product of the dequantized inputs:"
+        )
+        a("")
+        a("| case | exact | " + " | ".join(f"{m} (kernel)" for m in mech["modes"]) + " |")
+        a("|---|---|" + "---|" * len(mech["modes"]))
+        for case in dict.fromkeys(d["case"] for d in mech["actact"]):
+            ds = {d["mode"]: d for d in mech["actact"] if d["case"] == case}
+            cells = [
+                f"{ds[m]['got']:.4f} ({', '.join(k for k in ds[m]['kernels'] if 'f32' not in k)})"
+                for m in mech["modes"]
+            ]
+            a(f"| {case} | {ds[mech['modes'][0]]['exact']:.4f} | " + " | ".join(cells) + " |")
     a("")
     a(f"Run time of the whole benchmark: {meta['seconds']:.0f} s.")
     return "\n".join(L) + "\n"
@@ -430,6 +591,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=15, help="interleaved speed rounds")
     ap.add_argument("--per-round", type=int, default=5, help="inferences per config per round")
     ap.add_argument("--no-qemu", action="store_true", help="skip the AVX2 (qemu Haswell) runs")
+    ap.add_argument("--no-probes", action="store_true", help="skip the depthwise / activation-MatMul probes")
     ap.add_argument("--smoke", action="store_true", help="truncated MobileNetV2 on 64x64 crops, few inputs")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = ap.parse_args(argv)
@@ -455,7 +617,9 @@ def main(argv=None):
         res = evaluate(case, args, log)
         res["targets"] = targets(res)
         results.append(res)
+    mech = None if args.no_probes else mechanism_probes(log)
     meta = {
+        "mechanism": mech,
         "cpu": realkernel.cpu_name(),
         "native_isa": ovk.mode_isa("native"),
         "native_label": "VNNI (native)" if ovk.mode_isa("native") == "vnni" else f"{ovk.mode_isa('native')} (native)",
