@@ -176,3 +176,41 @@ def test_closed_form_row_columns_equal_the_built_union(lay, kind, icg, k):
     key = np.unique(cols.min(axis=1) * kc + cols.max(axis=1)) if len(cols) else np.zeros(0, np.int64)
     built = np.stack([key // kc, key % kc], axis=1)
     np.testing.assert_array_equal(layout._row_columns(shape, lay, op), built)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    groups=st.integers(1, 3),
+    icg=st.sampled_from([1, 2, 3, 4, 5, 8, 29, 30, 31, 64]),
+    ocg=st.integers(1, 5),
+    k=st.sampled_from([(1, 1), (3, 3), (5, 5), (1, 7), (3,), (3, 3, 3)]),
+)
+def test_openvino_and_x86_layouts_cover_every_openvino_plugin_kernel(groups, icg, ocg, k):
+    """Layouts "openvino" and "x86" hold every pair the OpenVINO plugin's kernels form on avx2 and avx512, whatever
+    the grouping (the shape does not say it): per tap, the AVX2 gemm path of grouped convs (K blocks straddling
+    taps; odd blocks at ICg*taps in (256, 768)) and AVX-512 relo for ICg == 1.  The rules come from the bit-exact
+    emulator, tested against the real plugin in tests/test_openvino.py."""
+    from safeobs.openvino import emulator as ove
+
+    shape = (groups * ocg, icg, *k)
+    order = layout.kernel_order(shape, "conv", 1).reshape(shape[0], -1)
+    need = set()
+    for isa in ("avx2", "avx512"):
+        pos = ove.conv_pairs(isa, groups, icg, ocg, k, relo="union")
+        if len(pos):
+            a, b = order[:, pos[:, 0]].ravel(), order[:, pos[:, 1]].ravel()
+            need |= set(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
+    for lay in ("openvino", "x86"):
+        have = layout.weight_pairs(shape, lay, "conv")
+        have = set(zip(have.min(1).tolist(), have.max(1).tolist()))
+        assert need <= have, (lay, sorted(need - have)[:4])
+
+
+@pytest.mark.parametrize("k", [64, 255, 257, 270, 302, 511, 767, 1538])
+def test_openvino_and_x86_layouts_cover_openvino_matmul(k):
+    from safeobs.openvino import emulator as ove
+
+    need = {tuple(p) for isa in ("avx2", "avx512") for p in ove.matmul_pairs(k, isa).tolist()}
+    for lay in ("openvino", "x86"):
+        have = {tuple(sorted(p)) for p in layout.weight_pairs((1, k), lay, "linear").tolist()}
+        assert need <= have, lay

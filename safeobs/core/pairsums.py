@@ -97,7 +97,20 @@ def _own_families(layout: str, op: str, icg: int, taps: int, kshape: tuple) -> l
     if layout in ("fbgemm", "x86", "ort"):
         out.append(flat)
     if layout == "openvino":
-        out += [kblock("avx2"), flat] if op == "linear" else [_Family("per_tap", None, 1, kg, ((0, taps, icg),))]
+        if op == "linear":
+            out += [kblock("avx2"), flat]
+        else:  # per tap; AVX2 gemm convs (grouping unknown: always); AVX-512 relo for ICg == 1
+            out += [_Family("per_tap", None, 1, kg, ((0, taps, icg),)), kblock("avx2")]
+            if icg == 1:
+                kw = kshape[-1]
+                perm = np.arange(taps, dtype=np.int64).reshape(taps // kw, kw).T.ravel()
+                out += [_Family("whi", perm, 1, kg, ((0, 1, kg),)), _Family("row", None, 1, kg, ((0, taps // kw, kw),))]
+    if layout == "x86" and op != "linear":  # OpenVINO's AVX2 gemm convs, and its AVX-512 relo for 3-D ICg == 1
+        out.append(kblock("avx2"))
+        if icg == 1 and op == "conv" and len(kshape) == 3:
+            kw = kshape[-1]
+            perm = np.arange(taps, dtype=np.int64).reshape(taps // kw, kw).T.ravel()
+            out.append(_Family("whi", perm, 1, kg, ((0, 1, kg),)))
     if layout in ("onednn", "x86"):
         if op == "linear":
             out += [kblock("avx2"), kblock("avx512"), flat]

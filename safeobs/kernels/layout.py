@@ -49,11 +49,14 @@ LAYOUTS = ("fbgemm", "onednn", "x86", "any", "ort", "openvino")
 # convsym.cpp.  ONNX Conv weights (OC, IC/G, *k) have torch's layout; a MatMul weight B is (K, N):
 # pass B.T (safeobs.onnx does).  "x86" and "any" contain these pairs too.
 #
-# "openvino": the OpenVINO CPU plugin's int8 kernels (bundled oneDNN; pair discovery in safeobs/openvino/kernel.py,
-# tests/test_openvino.py): Convolution / GroupConvolution pair input channels (2m, 2m+1) of one tap, group-local
-# (jit_avx2_I8, jit_avx2_1x1_I8, brgconv_avx512[_1x1]_I8); depthwise is exact; FullyConnected pairs K in
-# gemm_s8u8s32 blocks on AVX2 (jit_gemm_I8: K=302 -> 150 pairs) and flat on AVX-512 (brgemm_avx512_I8: 151).
-# A subset of "onednn" (hence of "x86"); "any" covers it too.
+# "openvino": the OpenVINO CPU plugin's int8 kernels (bundled oneDNN; pair discovery and the bit-exact emulator in
+# safeobs/openvino/, tests/test_openvino.py): Convolution / GroupConvolution pair input channels (2m, 2m+1) of one
+# tap, group-local (jit_avx2_I8, jit_avx2_1x1_I8, brgconv_avx512[_1x1]_I8); grouped convs whose ICg or OCg is not a
+# multiple of 4 run im2col + gemm on AVX2 (jit_gemm_I8: the kernel order in gemm_s8u8s32 K blocks, straddling taps);
+# ICg == 1 convs (not depthwise) take oneDNN's relo pairs on AVX-512 ("whi", and per row on tiny inputs); depthwise
+# is exact; FullyConnected pairs K in gemm_s8u8s32 blocks on AVX2 (jit_gemm_I8: K=302 -> 150 pairs) and flat on
+# AVX-512 (brgemm_avx512_I8: 151).  The shape does not say the grouping, so every rule is taken.  "x86" (with the
+# AVX2 gemm K blocks of convs added for it) and "any" cover it.
 
 _EMPTY = np.zeros((0, 2), dtype=np.int64)
 
@@ -237,8 +240,14 @@ def _pairs_in_layout(layout: str, op: str, shape: tuple, groups: int) -> np.ndar
     if layout == "openvino":
         if op == "linear":
             parts += [k_block_pairs(kg, onednn_matmul_block(kg, "avx2")), flat_pairs(kg)]
-        else:
-            parts.append(per_tap_pairs(taps, icg))
+        else:  # per tap; AVX2 gemm K blocks (grouped, ICg or OCg not a multiple of 4); AVX-512 relo (ICg == 1)
+            parts += [per_tap_pairs(taps, icg), k_block_pairs(kg, onednn_matmul_block(kg, "avx2"))]
+            if icg == 1:
+                parts += [whi_pairs(shape[2:]), row_pairs(shape[2:], 1)]
+    if layout == "x86" and op != "linear":  # OpenVINO's AVX2 gemm convs (odd K blocks differ from flat)
+        parts.append(k_block_pairs(kg, onednn_matmul_block(kg, "avx2")))
+        if icg == 1 and op == "conv" and len(shape) == 5:  # OpenVINO's AVX-512 relo for 3-D ICg == 1 convs
+            parts.append(whi_pairs(shape[2:]))
     if layout in ("onednn", "x86"):
         if op == "linear":
             parts += [
@@ -322,6 +331,10 @@ def _all_flat(layout: str, op: str, icg: int, taps: int) -> bool:
     if op == "linear":
         blocks = (onednn_matmul_block(icg, "avx2"), onednn_matmul_block(icg, "avx512"))
         return layout in ("fbgemm", "ort") or all(b == icg or b % 2 == 0 for b in blocks)
+    if layout in ("x86", "openvino") and op != "linear":  # AVX2 gemm conv K blocks: flat unless a block is odd
+        b = onednn_matmul_block(icg * taps, "avx2")
+        if b != icg * taps and b % 2:
+            return False
     # kernel order is tap-major (t*ICg + ic), the row ic-major: they agree only with one tap or one channel
     return op == "conv" and (taps == 1 or (icg == 1 and layout in ("fbgemm", "ort")))
 
