@@ -303,6 +303,26 @@ def _emulator_cases(seed=0):
             {},
             np.uint8,
         )
+        Bt, Cb = np.ascontiguousarray(B.T), rng.integers(-5000, 5000, N).astype(np.int32)
+        for ysc, yzp, tb in ((ys, yz, 1), (None, None, 0)):  # quantized (QDQ Gemm) and float output
+            qins = [
+                ("a", A, False),
+                ("sa", sa, True),
+                ("az", az, True),
+                ("b", Bt if tb else B, True),
+                ("sb", sb, True),
+                ("bz", zb, True),
+                ("c", Cb, True),
+            ] + ([("ys", ysc, True), ("yz", yzp, True)] if ysc is not None else [])
+            add(
+                "QGemm",
+                qins,
+                dict(transB=tb, alpha=1.0),
+                (A, sa, az, Bt if tb else B, sb, zb, Cb, ysc, yzp),
+                dict(transB=tb),
+                np.uint8 if ysc is not None else np.float32,
+                ortkernel.MS,
+            )
     convs = [
         (3, 8, (3, 3), 1, (9, 9), (2, 2), (1, 1, 1, 1)),
         (4, 16, (3, 3), 1, (7, 8), (1, 1), (1, 1, 1, 1)),
