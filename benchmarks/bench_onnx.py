@@ -1,18 +1,23 @@
-"""ONNX Runtime: ORT's quantizer (default, reduce_range, U8U8, x64quantprecision) vs safeobs.onnx.
+"""ONNX Runtime: ORT's quantizer (default, reduce_range, U8U8, x64quantprecision) vs safeobs.onnx, RTN and data-aware.
 
-MiniLM (all-MiniLM-L6-v2, dynamic per-tensor / per-channel, static QDQ U8S8) and MobileNetV2
-(static QDQ U8S8 and S8S8), exported with torch.onnx.export, real sentences and photos from
-safeobs.data (calibration split for calibration, held-out split for evaluation).
+MiniLM (all-MiniLM-L6-v2: dynamic per-tensor / per-channel, static QDQ U8S8) and MobileNetV2 (static QDQ
+U8S8 and S8S8), exported with torch.onnx.export, real sentences and photos from safeobs.data (calibration
+split for calibration, held-out split for evaluation).
 
-* fidelity: SQNR of the output (MiniLM: mean-pooled embedding; MobileNetV2: logits) against the
-  FP32 ONNX model, on this host (real MLAS kernels) and, for the MiniLM dynamic models, under
-  qemu Haswell (AVX2 on any host; few sentences: qemu is slow);
-* "exact" column: the same model with ``session.x64quantprecision=1`` (ORT's exact U8U8 path), i.e.
-  the integer results a VNNI CPU computes (exact accumulation); the AVX2-vs-exact SQNR shows what
-  saturation costs; safeobs's models must match it (>= 45 dB; 0 saturated lanes in emulation);
-* speed: median run time on this host as a ratio to ORT's U8S8 default, measured in one run.
+* fidelity: SQNR of the output (MiniLM: mean-pooled embedding; MobileNetV2: logits) against the FP32 ONNX
+  model, three ways: **AVX2** = :mod:`safeobs.onnx.modelemu` (ORT's optimized graph, its int8-weight GEMM /
+  conv nodes run by the bit-exact MLAS U8S8 emulator, saturation included) on every held-out input, on any
+  host; **exact** = ``session.x64quantprecision=1`` (ORT's exact U8U8 path = what a VNNI CPU computes);
+  **native** = the plain session on this host (saturating on AVX2-only / AVX-512-without-VNNI hosts, exact
+  on VNNI hosts);
+* qemu Haswell: the real AVX2 kernels on a few sentences / photos, checked bit for bit against the AVX2 column;
+* calibration draws: draw d = a random 2/3 of the calibration split (seed d); the configurations that
+  depend on calibration data and matter for issue 19's targets run on every draw (mean ± std);
+* time: each ``quantize_*`` call (ORT's calibration included), safeobs as a ratio to ORT's call with the
+  same arguments in the same draw; inference speed as a ratio to ORT's U8S8 default, interleaved.
 
-Writes benchmarks/results/onnx.md and onnx.png.  About 5-8 minutes on 2 cores.
+Writes benchmarks/results/onnx.md, onnx.json and onnx.png.  ``--part minilm`` / ``--part mobilenet`` run one
+model (two processes may run side by side); the report is rendered once both parts are saved.
 """
 
 from __future__ import annotations
@@ -346,7 +351,22 @@ def _fmt(st, unit=" dB", digits=2):
 
 
 def run_configs(
-    model_name, cfgs, draws, make_cal, fp, feeds, ref, out_fn, tmp, t_start, chunk=None, top1=False, emulate_draws=()
+    model_name,
+    cfgs,
+    draws,
+    make_cal,
+    fp,
+    feeds,
+    ref,
+    out_fn,
+    tmp,
+    t_start,
+    chunk=None,
+    top1=False,
+    emulate_draws=(),
+    time_feeds=None,
+    reps=7,
+    checkpoint=None,
 ):
     """Quantize and evaluate every configuration; draw-dependent ones on every draw (others on draw 0).
 
@@ -401,6 +421,12 @@ def run_configs(
                 rk = next((c[6] for c in cfgs if c[0] == row["key"] and len(c) > 6), None)
                 if rk in times:
                     row["time_ratio"] = row["quant_time"] / times[rk]
+        if d == 0:  # inference speed of draw 0's models, interleaved
+            interleaved_times([r for r in results if r["draw"] == 0], time_feeds or feeds, reps)
+        for r in results:
+            r.pop("_y", None)
+        if checkpoint is not None:
+            checkpoint(results)
     return results
 
 
@@ -606,9 +632,14 @@ def part_minilm(args, tmp, t_start):
         return [minilm_feeds(tok, sub[i : i + 8]) for i in range(0, len(sub), 8)]
 
     _, mcfgs = minilm_configs()
-    mini = run_configs("minilm", mcfgs, args.draws, mini_cal, fp, feeds, ref, out_fn, tmp, t_start)
+
+    def save(rows):
+        _save(args, "minilm", {"mini": rows, "mcfgs": _keys(mcfgs), "n_sent": len(held)}, t_start)
+
+    mini = run_configs(
+        "minilm", mcfgs, args.draws, mini_cal, fp, feeds, ref, out_fn, tmp, t_start, reps=args.reps, checkpoint=save
+    )
     d0 = [r for r in mini if r["draw"] == 0]
-    interleaved_times(d0, feeds, args.reps)
     checks = []
     if args.qemu_sentences:
         qf = minilm_feeds(tok, held[: args.qemu_sentences])
@@ -647,11 +678,12 @@ def part_mobilenet(args, tmp, t_start):
         t_start,
         chunk=chunk8,
         top1=True,
-        emulate_draws=("ort_u8s8",),
+        time_feeds={"x": ev[:8]},
+        reps=args.reps,
+        checkpoint=lambda rows: _save(
+            args, "mobilenet", {"mob": rows, "bcfgs": _keys(bcfgs), "n_photos": len(ev)}, t_start
+        ),
     )
-    for r in mob:
-        r.pop("_y", None)
-    interleaved_times([r for r in mob if r["draw"] == 0], {"x": ev[:8]}, args.reps)
     checks = []
     if args.qemu_photos:
         qf = {"x": ev[: args.qemu_photos]}
@@ -666,6 +698,13 @@ def part_mobilenet(args, tmp, t_start):
         "n_photos": len(ev),
         "unseen": unseen,
     }
+
+
+def _save(args, name, res, t_start):
+    """The part's results so far (a checkpoint after every draw; the report renders from them)."""
+    res = dict(res, **{f"seconds_{name}": time.time() - t_start})
+    with open(Path(args.state_dir) / f"{name}.pkl", "wb") as f:
+        pickle.dump(_picklable(res), f)
 
 
 def _guard(fn, default, *args):
@@ -730,10 +769,7 @@ def main(argv=None):
         t_start = time.time()
         for name, fn in (("minilm", part_minilm), ("mobilenet", part_mobilenet)):
             if args.part in ("all", name):
-                res = fn(args, tmp, t_start)
-                res[f"seconds_{name}"] = time.time() - t_start
-                with open(state / f"{name}.pkl", "wb") as f:
-                    pickle.dump(_picklable(res), f)
+                _save(args, name, fn(args, tmp, t_start), t_start)
     parts = {}
     for name in ("minilm", "mobilenet"):
         if (state / f"{name}.pkl").exists():
@@ -785,8 +821,9 @@ def _targets(mini, mob):
 
 def write_report(args, parts):
     mini, mcfgs, mob, bcfgs = parts["mini"], parts["mcfgs"], parts["mob"], parts["bcfgs"]
-    qemu, qemu_time = parts["qemu_mini"] + parts["qemu_mob"], parts["qemu_time_mini"] + parts["qemu_time_mob"]
-    unseen, n_sent, n_photos = parts["unseen"], parts["n_sent"], parts["n_photos"]
+    qemu = parts.get("qemu_mini", []) + parts.get("qemu_mob", [])
+    qemu_time = parts.get("qemu_time_mini", 0.0) + parts.get("qemu_time_mob", 0.0)
+    unseen, n_sent, n_photos = parts.get("unseen", []), parts["n_sent"], parts["n_photos"]
     isa = host_isa()
     lines = []
     L = lines.append

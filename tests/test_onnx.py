@@ -973,3 +973,56 @@ def test_fallback_and_data_aware_weights_safe_whatever_the_weights(tmp_path_fact
     weights = so.read_weights(d / "q.onnx")
     assert rep.ok and len({w.codes_name for w in weights}) == 5
     assert all(so.pair_violations(w.codes, w.role, w.axis, "ort").size == 0 for w in weights)
+
+
+# -- whole-model AVX2 emulation (safeobs.onnx.modelemu) ----------------------------------------------
+
+
+def _stock_models(small_models, tmp_path):
+    """ORT's own int8 models (saturating weights): the MLP dynamic per channel, the CNN static QDQ."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    d, xs = small_models
+    quantize_dynamic(str(d / "mlp.onnx"), str(tmp_path / "mlp.onnx"), per_channel=True)
+    x = xs["cnn"]
+    quantize_static(
+        str(d / "cnn.onnx"),
+        str(tmp_path / "cnn.onnx"),
+        _Reader([{"x": x[i : i + 1]} for i in range(len(x))]),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        per_channel=True,
+    )
+    return [(tmp_path / "mlp.onnx", {"x": xs["mlp"] * 4}), (tmp_path / "cnn.onnx", {"x": x * 3})]
+
+
+def test_modelemu_matches_the_native_kernels(small_models, tmp_path):
+    from safeobs.kernels.realkernel import host_isa
+    from safeobs.onnx import modelemu
+
+    isa = {"vnni": "vnni", "avx2": "avx2"}.get(host_isa(), "avx512")
+    saturated = 0
+    for path, feeds in _stock_models(small_models, tmp_path):
+        plan = modelemu.build_plan(path)
+        assert plan["emulated"] and not plan["not_emulated"]
+        (y,), _ = modelemu.run(plan, feeds, isa)
+        np.testing.assert_array_equal(y, _run(path, feeds["x"]))  # the host's own kernels, bit for bit
+        (ya,), n = modelemu.run(plan, feeds, "avx2")
+        (ye,), n0 = modelemu.run(plan, feeds, "vnni")
+        np.testing.assert_array_equal(ye, _run(path, feeds["x"], exact=True))
+        saturated += n
+        assert n0 == 0 and (n == 0) == np.array_equal(ya, ye)
+    assert saturated > 0  # ORT's weights do saturate on AVX2: the emulation is not a copy of the exact run
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(not ortkernel.available("haswell"), reason="qemu-x86_64 not on PATH")
+def test_modelemu_matches_real_avx2_kernels_under_qemu(small_models, tmp_path):
+    from safeobs.onnx import modelemu
+
+    models = _stock_models(small_models, tmp_path)
+    real = ortkernel.run([{"model": p.read_bytes(), "feeds": f} for p, f in models], mode="haswell")
+    for (path, feeds), out in zip(models, real):
+        (y,), n = modelemu.run(modelemu.build_plan(path), feeds, "avx2")
+        assert n > 0
+        np.testing.assert_array_equal(y, out[0])
