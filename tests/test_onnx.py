@@ -303,6 +303,26 @@ def _emulator_cases(seed=0):
             {},
             np.uint8,
         )
+        Bt, Cb = np.ascontiguousarray(B.T), rng.integers(-5000, 5000, N).astype(np.int32)
+        for ysc, yzp, tb in ((ys, yz, 1), (None, None, 0)):  # quantized (QDQ Gemm) and float output
+            qins = [
+                ("a", A, False),
+                ("sa", sa, True),
+                ("az", az, True),
+                ("b", Bt if tb else B, True),
+                ("sb", sb, True),
+                ("bz", zb, True),
+                ("c", Cb, True),
+            ] + ([("ys", ysc, True), ("yz", yzp, True)] if ysc is not None else [])
+            add(
+                "QGemm",
+                qins,
+                dict(transB=tb, alpha=1.0),
+                (A, sa, az, Bt if tb else B, sb, zb, Cb, ysc, yzp),
+                dict(transB=tb),
+                np.uint8 if ysc is not None else np.float32,
+                ortkernel.MS,
+            )
     convs = [
         (3, 8, (3, 3), 1, (9, 9), (2, 2), (1, 1, 1, 1)),
         (4, 16, (3, 3), 1, (7, 8), (1, 1), (1, 1, 1, 1)),
@@ -798,3 +818,211 @@ def test_cli_audit_and_repair(small_models, tmp_path):
     ):
         r = _cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") <= 1, (args, r.stderr)
+
+
+# -- data-aware coverage and fallbacks (issue 19) ---------------------------------------------------
+
+
+def _fallback_model(path, rng, gain=1.0):
+    """Gemm transA=1, Conv with asymmetric pads, Conv auto_pad=SAME_UPPER, a 3-D Conv and a depthwise Conv."""
+    h, nh = onnx.helper, onnx.numpy_helper
+
+    def w(name, shape, lo=-0.3):
+        return nh.from_array(((rng.random(shape) + lo) * gain).astype(np.float32), name)
+
+    nodes = [
+        h.make_node("Gemm", ["a", "W1"], ["g"], transA=1, name="gemm_tA"),
+        h.make_node("Conv", ["x", "W2"], ["c1"], pads=[0, 1, 2, 1], strides=[2, 2], name="conv_asym"),
+        h.make_node("Conv", ["c1", "W3"], ["c2"], auto_pad="SAME_UPPER", strides=[2, 2], name="conv_same"),
+        h.make_node("Conv", ["v", "W4"], ["c3"], pads=[1, 0, 1, 1, 1, 0], strides=[1, 2, 1], name="conv3d"),
+        h.make_node("Conv", ["c2", "W5"], ["c4"], group=8, pads=[1, 1, 1, 1], name="conv_dw"),
+    ]
+    inits = [
+        w("W1", (16, 24)),
+        w("W2", (8, 3, 3, 3)),
+        w("W3", (8, 8, 3, 3)),
+        w("W4", (6, 4, 3, 3, 3)),
+        w("W5", (8, 1, 3, 3)),
+    ]
+    ins = [("a", [16, "m"]), ("x", ["n", 3, 11, 10]), ("v", ["n", 4, 5, 6, 5])]
+    outs = [("g", 2), ("c3", 5), ("c4", 4)]
+    g = h.make_graph(
+        nodes,
+        "fallbacks",
+        [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s) for n, s in ins],
+        [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["?"] * r) for n, r in outs],
+        initializer=inits,
+    )
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return [
+        {
+            "a": rng.standard_normal((16, 5)).astype(np.float32),
+            "x": rng.random((2, 3, 11, 10)).astype(np.float32),
+            "v": rng.random((1, 4, 5, 6, 5)).astype(np.float32),
+        }
+        for _ in range(3)
+    ]
+
+
+def test_calibration_stats_cover_transA_asymmetric_auto_pad_and_3d(tmp_path):
+    """E[x x^T] of every weight's kernel input, checked against the float op itself: w^T H w = mean((w . x)^2)."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(3)
+    feeds = _fallback_model(tmp_path / "m.onnx", rng)
+    skipped = {}
+    stats, _ = so.calibration_stats(tmp_path / "m.onnx", _Reader(feeds), max_positions=10**6, skipped=skipped)
+    assert set(stats) == {"W1", "W2", "W3", "W4", "W5"} and not skipped
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float64))  # noqa: E731
+    w2 = t(onnx.numpy_helper.to_array(onnx.load(str(tmp_path / "m.onnx")).graph.initializer[1]))
+    c1 = [F.conv2d(F.pad(t(f["x"]), (1, 1, 0, 2)), w2, stride=2).numpy() for f in feeds]
+    probe = {  # weight -> mean over calibration of the squared output of one channel with weight u
+        "W1": lambda u: np.mean(np.concatenate([(f["a"].T.astype(np.float64) @ u.reshape(-1)) ** 2 for f in feeds])),
+        "W2": lambda u: np.mean(
+            np.concatenate(
+                [F.conv2d(F.pad(t(f["x"]), (1, 1, 0, 2)), t(u), stride=2).numpy().ravel() ** 2 for f in feeds]
+            )
+        ),
+        # SAME_UPPER on 6 x 5 with k 3, stride 2: totals (1, 2): pads (0 before, 1 after) and (1, 1)
+        "W3": lambda u: np.mean(
+            np.concatenate([F.conv2d(F.pad(t(c), (1, 1, 0, 1)), t(u), stride=2).numpy().ravel() ** 2 for c in c1])
+        ),
+        "W4": lambda u: np.mean(
+            np.concatenate(
+                [
+                    F.conv3d(F.pad(t(f["v"]), (1, 0, 0, 1, 1, 1)), t(u), stride=(1, 2, 1)).numpy().ravel() ** 2
+                    for f in feeds
+                ]
+            )
+        ),
+    }
+    assert c1[0].shape[2:] == (6, 5)
+    for name, fn in probe.items():
+        k = stats[name].shape[-1]
+        shape = {"W1": (k,), "W2": (1, 3, 3, 3), "W3": (1, 8, 3, 3), "W4": (1, 4, 3, 3, 3)}[name]
+        u = rng.standard_normal(k)
+        np.testing.assert_allclose(u @ stats[name][0] @ u, fn(u.reshape(shape)), rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("fmt", ["QOperator", "QDQ"])
+def test_data_aware_fallbacks_are_explicit_and_safe(tmp_path, fmt):
+    from onnxruntime.quantization import QuantFormat, QuantType
+
+    rng = np.random.default_rng(4)
+    feeds = _fallback_model(tmp_path / "m.onnx", rng)
+    kw = dict(quant_format=getattr(QuantFormat, fmt), activation_type=QuantType.QUInt8, per_channel=True)
+    extras = [({}, {"W1", "W2", "W3", "W4"}, {"W5": "depthwise"})]
+    if fmt == "QOperator":  # ORT honours WeightSymmetric=False in QOperator: asymmetric int8 weights
+        extras.append(({"WeightSymmetric": False}, set(), {w: "asymmetric" for w in ("W1", "W2", "W3", "W4", "W5")}))
+    else:  # the weights stay float, quantized by ORT at run time: stored as s * q (q data-aware)
+        extras.append(({"AddQDQPairToWeight": True}, {"W1", "W2", "W3", "W4"}, {"W5": "depthwise"}))
+    for extra, aware, fallbacks in extras:
+        out = tmp_path / f"q{len(extra)}.onnx"
+        with pytest.warns(UserWarning, match="kept the RTN codes") as rec:
+            rep = so.quantize_static(str(tmp_path / "m.onnx"), str(out), _Reader(feeds), extra_options=extra, **kw)
+        text = " ".join(str(r.message) for r in rec)
+        assert set(rep.rounded) == aware, extra
+        assert {f.weight: f.reason.split()[0].split(":")[0].lower() for f in rep.fallbacks} == fallbacks, extra
+        for f in rep.fallbacks:
+            assert f.nodes and all(n in text for n in f.nodes)
+        weights = so.read_weights(out)
+        assert len({w.codes_name for w in weights}) == 5  # every int8 weight read (QGemm, Q(float) -> DQ included)
+        assert rep.ok and all(so.pair_violations(w.codes, w.role, w.axis, "ort").size == 0 for w in weights)
+        for err, rtn_err in rep.rounded.values():
+            assert np.all(err <= rtn_err * (1 + 1e-9))  # ties (RTN kept) may differ in the last bit
+        y = _run_all(out, feeds[0])
+        y_exact = _run_all(out, feeds[0], exact=True)
+        assert all(np.array_equal(a, b) for a, b in zip(y, y_exact))
+
+
+def _run_all(path, feeds, exact=False):
+    opts = ort.SessionOptions()
+    if exact:
+        opts.add_session_config_entry("session.x64quantprecision", "1")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(
+    seed=st.integers(0, 2**16),
+    gain=st.floats(0.01, 100.0),
+    extra=st.sampled_from(["", "WeightSymmetric", "AddQDQPairToWeight"]),
+)
+def test_fallback_and_data_aware_weights_safe_whatever_the_weights(tmp_path_factory, seed, gain, extra):
+    from onnxruntime.quantization import QuantFormat, QuantType
+
+    d = tmp_path_factory.mktemp("fbprop")
+    rng = np.random.default_rng(seed)
+    feeds = _fallback_model(d / "m.onnx", rng, gain)
+    fmt = QuantFormat.QDQ if extra == "AddQDQPairToWeight" else QuantFormat.QOperator
+    options = {extra: extra != "WeightSymmetric"} if extra else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = so.quantize_static(
+            str(d / "m.onnx"),
+            str(d / "q.onnx"),
+            _Reader(feeds),
+            quant_format=fmt,
+            activation_type=QuantType.QUInt8,
+            per_channel=True,
+            extra_options=options,
+        )
+    weights = so.read_weights(d / "q.onnx")
+    assert rep.ok and len({w.codes_name for w in weights}) == 5
+    assert all(so.pair_violations(w.codes, w.role, w.axis, "ort").size == 0 for w in weights)
+
+
+# -- whole-model AVX2 emulation (safeobs.onnx.modelemu) ----------------------------------------------
+
+
+def _stock_models(small_models, tmp_path):
+    """ORT's own int8 models (saturating weights): the MLP dynamic per channel, the CNN static QDQ."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    d, xs = small_models
+    quantize_dynamic(str(d / "mlp.onnx"), str(tmp_path / "mlp.onnx"), per_channel=True)
+    x = xs["cnn"]
+    quantize_static(
+        str(d / "cnn.onnx"),
+        str(tmp_path / "cnn.onnx"),
+        _Reader([{"x": x[i : i + 1]} for i in range(len(x))]),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        per_channel=True,
+    )
+    return [(tmp_path / "mlp.onnx", {"x": xs["mlp"] * 4}), (tmp_path / "cnn.onnx", {"x": x * 3})]
+
+
+def test_modelemu_matches_the_native_kernels(small_models, tmp_path):
+    from safeobs.kernels.realkernel import host_isa
+    from safeobs.onnx import modelemu
+
+    isa = {"vnni": "vnni", "avx2": "avx2"}.get(host_isa(), "avx512")
+    saturated = 0
+    for path, feeds in _stock_models(small_models, tmp_path):
+        plan = modelemu.build_plan(path)
+        assert plan["emulated"] and not plan["not_emulated"]
+        (y,), _ = modelemu.run(plan, feeds, isa)
+        np.testing.assert_array_equal(y, _run(path, feeds["x"]))  # the host's own kernels, bit for bit
+        (ya,), n = modelemu.run(plan, feeds, "avx2")
+        (ye,), n0 = modelemu.run(plan, feeds, "vnni")
+        np.testing.assert_array_equal(ye, _run(path, feeds["x"], exact=True))
+        saturated += n
+        assert n0 == 0 and (n == 0) == np.array_equal(ya, ye)
+    assert saturated > 0  # ORT's weights do saturate on AVX2: the emulation is not a copy of the exact run
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(not ortkernel.available("haswell"), reason="qemu-x86_64 not on PATH")
+def test_modelemu_matches_real_avx2_kernels_under_qemu(small_models, tmp_path):
+    from safeobs.onnx import modelemu
+
+    models = _stock_models(small_models, tmp_path)
+    real = ortkernel.run([{"model": p.read_bytes(), "feeds": f} for p, f in models], mode="haswell")
+    for (path, feeds), out in zip(models, real):
+        (y,), n = modelemu.run(modelemu.build_plan(path), feeds, "avx2")
+        assert n > 0
+        np.testing.assert_array_equal(y, out[0])

@@ -206,6 +206,20 @@ class _Context:
     stats: dict = field(default_factory=dict)  # weight name -> E[x x^T] (G, K, K) of its kernel's inputs
     codes: dict = field(default_factory=dict)  # QDQ: weight name -> data-aware codes for ORT's initializer
     rounded: dict = field(default_factory=dict)  # weight name -> (objective, RTN objective) per channel
+    skipped: dict = field(default_factory=dict)  # weight name -> why it has no statistics
+    fallbacks: dict = field(default_factory=dict)  # weight name -> why it keeps the RTN codes (data-aware asked)
+    nodes: dict = field(default_factory=dict)  # weight name -> consumer node names (float model)
+    data_aware: bool = False  # calibration data given: every int8 weight gets data-aware codes or a fallback
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A weight whose data-aware codes were asked for (calibration data given) but that keeps ORT's RTN
+    codes at the safe scales: ``nodes`` consume it, ``reason`` says why.  The codes are safe either way."""
+
+    weight: str
+    nodes: tuple
+    reason: str
 
 
 # -- data-aware weights: statistics from one ORT run of the float model (issue 19) -------------------
@@ -240,48 +254,107 @@ class _Replay:
 
 
 class _ConvAttrs:
-    """What :func:`safeobs.core.rounding._receptive_fields` reads, from an ONNX Conv's attributes."""
+    """What :func:`safeobs.core.rounding._receptive_fields` reads, from an ONNX Conv's attributes.  ``pads`` are
+    ONNX's explicit ``(begin..., end...)`` pads, or None with ``auto_pad`` SAME_UPPER / SAME_LOWER / VALID
+    (resolved per input shape by :func:`_pad_input`); ``padding`` stays 0: the input is padded beforehand."""
 
-    def __init__(self, kernel_size, stride, padding, dilation, groups):
-        self.kernel_size, self.stride, self.padding, self.dilation, self.groups = (
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-        )
+    def __init__(self, kernel_size, stride, pads, dilation, groups, auto_pad="NOTSET"):
+        self.kernel_size, self.stride, self.dilation, self.groups = kernel_size, stride, dilation, groups
+        self.pads, self.auto_pad = pads, auto_pad
+        self.padding = (0,) * len(kernel_size)
 
 
-def _stat_consumers(model) -> dict:
-    """``{weight name: [(activation name, role, conv attrs or None)]}`` for the weights data-aware rounding
-    covers: MatMul / Gemm (transA=0) on (.., K) inputs, and 1-D/2-D Conv with explicit symmetric pads."""
+def _pad_input(x: np.ndarray, conv: _ConvAttrs) -> np.ndarray:
+    """``x`` (N, C, *spatial) zero-padded as the float Conv pads it (explicit, asymmetric or ``auto_pad``)."""
+    nd = len(conv.kernel_size)
+    if conv.pads is not None:
+        begin, end = conv.pads[:nd], conv.pads[nd:]
+    elif conv.auto_pad == "VALID":
+        begin = end = (0,) * nd
+    else:  # SAME_UPPER / SAME_LOWER: output = ceil(input / stride), the odd pad at the end (UPPER) or begin
+        total = [
+            max(
+                (-(-x.shape[2 + i] // conv.stride[i]) - 1) * conv.stride[i]
+                + (conv.kernel_size[i] - 1) * conv.dilation[i]
+                + 1
+                - x.shape[2 + i],
+                0,
+            )
+            for i in range(nd)
+        ]
+        small = [t // 2 for t in total]
+        big = [t - h for t, h in zip(total, small)]
+        begin, end = (small, big) if conv.auto_pad == "SAME_UPPER" else (big, small)
+    if not any(begin) and not any(end):
+        return x
+    return np.pad(x, [(0, 0), (0, 0)] + [(int(b), int(e)) for b, e in zip(begin, end)])
+
+
+def _receptive_fields_nd(x: np.ndarray, conv: _ConvAttrs, max_positions: int):
+    """(G, S, K) receptive fields of a padded (N, C, *spatial) input for any number of spatial dims (3-D Conv),
+    K in ``weight[oc].ravel()`` order (ic, taps); the same fixed pseudo-random subset of at most
+    ``max_positions`` positions as :func:`safeobs.core.rounding._receptive_fields`."""
+    import torch
+
+    n, c = x.shape[:2]
+    nd = len(conv.kernel_size)
+    k, st, dl = conv.kernel_size, conv.stride, conv.dilation
+    out = [(x.shape[2 + i] - dl[i] * (k[i] - 1) - 1) // st[i] + 1 for i in range(nd)]
+    total = n * int(np.prod(out))
+    if total > max_positions:
+        idx = torch.randperm(total, generator=torch.Generator().manual_seed(total))[:max_positions].numpy()
+    else:
+        idx = np.arange(total)
+    pos = np.unravel_index(idx, (n, *out))
+    taps = list(np.ndindex(*k))
+    vals = np.stack(
+        [x[(pos[0], slice(None)) + tuple(pos[1 + i] * st[i] + t[i] * dl[i] for i in range(nd))] for t in taps], -1
+    )  # (S, C, taps)
+    g = conv.groups
+    vals = vals.reshape(vals.shape[0], g, c // g, len(taps)).transpose(1, 0, 2, 3)
+    return torch.from_numpy(np.ascontiguousarray(vals.reshape(g, vals.shape[1], -1)))
+
+
+_TRANS_A = "transA"  # Gemm with transA=1: its A is (K, M)
+
+
+def _stat_consumers(model) -> tuple[dict, dict]:
+    """``({weight name: [(activation name, role, conv attrs / "transA" / None)]}, {weight name: reason})``:
+    the weights data-aware rounding covers (MatMul / Gemm on (.., K) inputs, Gemm with transA=1, Conv of any
+    dimension with explicit, asymmetric or ``auto_pad`` pads), and why each other weight is not covered."""
+    onnx, _ = require()
     roles = weight_roles(model)
+    inits = {i.name: i for i in model.graph.initializer}
     out: dict = {}
+    skipped: dict = {}
     for node in model.graph.node:
-        if len(node.input) < 2 or roles.get(node.input[1], Role("other")).kind == "other":
+        if len(node.input) < 2 or node.input[1] not in roles:
+            continue
+        name = node.input[1]
+        if roles[name].kind == "other":
+            skipped[name] = "weight shared by nodes that use it differently"
             continue
         a = {x.name: onnx_attr(x) for x in node.attribute}
-        role, conv = roles[node.input[1]], None
+        role, conv = roles[name], None
         if node.op_type == "Gemm" and a.get("transA", 0):
-            out[node.input[1]] = None
-            continue
-        if node.op_type == "Conv":
-            nd = len(a.get("kernel_shape", ())) or None
-            pads = list(a.get("pads", [0] * 2 * (nd or 2)))
+            conv = _TRANS_A
+        elif node.op_type == "Conv":
+            nd = len(inits[name].dims) - 2
             auto = a.get("auto_pad", b"NOTSET")
-            if nd not in (1, 2) or pads[:nd] != pads[nd:] or auto not in (b"NOTSET", "NOTSET"):
-                out[node.input[1]] = None
+            auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+            if nd < 1:
+                skipped[name] = f"Conv weight of rank {nd + 2}"
                 continue
             conv = _ConvAttrs(
-                tuple(a["kernel_shape"]),
+                tuple(a.get("kernel_shape", inits[name].dims[2:])),
                 tuple(a.get("strides", [1] * nd)),
-                tuple(pads[:nd]),
+                tuple(a.get("pads", [0] * 2 * nd)) if auto == "NOTSET" else None,
                 tuple(a.get("dilations", [1] * nd)),
                 int(a.get("group", 1)),
+                auto,
             )
-        if out.get(node.input[1], []) is not None:
-            out.setdefault(node.input[1], []).append((node.input[0], role, conv))
-    return {k: v for k, v in out.items() if v}
+        out.setdefault(name, []).append((node.input[0], role, conv))
+    return out, skipped
 
 
 def onnx_attr(attr):
@@ -289,18 +362,33 @@ def onnx_attr(attr):
     return onnx.helper.get_attribute_value(attr)
 
 
-def calibration_stats(model_input, reader, *, max_positions: int = 16384):
-    """``(stats, replay)``: ``{weight name: E[x x^T]}`` (float64, (G, K, K), K ordered like the kernel's row)
-    of the inputs of every MatMul / Gemm / Conv weight, from one ONNX Runtime run of the float model over
-    ``reader`` with those inputs exposed as extra graph outputs; and a reader to hand on to ORT (``reader``
-    itself, rewound, if it has ``rewind()``; otherwise a replay of the cached feeds)."""
-    onnx, ort = require()
+def _fields(x: np.ndarray, conv, max_positions: int):
+    """(G, S, K) rows of the kernel's input matrix for one weight consumer (see :func:`_stat_consumers`)."""
     import torch
 
     from ..core.rounding import _receptive_fields
 
+    if conv is None:
+        return torch.from_numpy(np.ascontiguousarray(x.reshape(1, -1, x.shape[-1])))
+    if isinstance(conv, str):  # Gemm transA=1: A is (K, M)
+        return torch.from_numpy(np.ascontiguousarray(x.reshape(x.shape[0], -1).T[None]))
+    xp = _pad_input(x, conv)
+    if len(conv.kernel_size) <= 2:
+        return _receptive_fields(torch.from_numpy(np.ascontiguousarray(xp)), conv, max_positions)
+    return _receptive_fields_nd(xp, conv, max_positions)
+
+
+def calibration_stats(model_input, reader, *, max_positions: int = 16384, skipped: dict | None = None):
+    """``(stats, replay)``: ``{weight name: E[x x^T]}`` (float64, (G, K, K), K ordered like the kernel's row)
+    of the inputs of every MatMul / Gemm / Conv weight, from one ONNX Runtime run of the float model over
+    ``reader`` with those inputs exposed as extra graph outputs; and a reader to hand on to ORT (``reader``
+    itself, rewound, if it has ``rewind()``; otherwise a replay of the cached feeds).  ``skipped``: a dict
+    that receives ``{weight name: reason}`` for the weights without statistics."""
+    onnx, ort = require()
+    import torch
+
     model = onnx.load(str(model_input)) if not isinstance(model_input, onnx.ModelProto) else model_input
-    consumers = _stat_consumers(model)
+    consumers, why = _stat_consumers(model)
     inputs = {i.name for i in model.graph.input}
     acts = sorted({act for uses in consumers.values() for act, _, _ in uses})
     m = onnx.ModelProto()
@@ -322,34 +410,42 @@ def calibration_stats(model_input, reader, *, max_positions: int = 16384):
         vals = dict(zip(fetch, sess.run(fetch, feed))) if fetch else {}
         vals.update({k: np.asarray(v) for k, v in feed.items() if k in acts})
         for name, uses in consumers.items():
-            for act, role, conv in uses:
-                x = vals[act].astype(np.float32)
-                if conv is None:
-                    c = torch.from_numpy(x.reshape(1, -1, x.shape[-1]))
-                else:
-                    c = _receptive_fields(torch.from_numpy(x), conv, max_positions)
+            for act, _role, conv in uses:
+                c = _fields(vals[act].astype(np.float32), conv, max_positions)
                 xx = torch.bmm(c.transpose(1, 2), c).double().numpy()
                 if name in acc and acc[name][0].shape != xx.shape:
+                    why[name] = "its consumers see inputs of different sizes"
                     continue
                 prev = acc.get(name, (0.0, 0))
                 acc[name] = (prev[0] + xx, prev[1] + c.shape[1])
     replay = reader if rewind else _Replay(cached)
     replay.rewind()
-    return {k: xx / max(n, 1) for k, (xx, n) in acc.items() if n}, replay
+    if skipped is not None:
+        skipped.update(why)
+    return {k: xx / max(n, 1) for k, (xx, n) in acc.items() if n and k not in why}, replay
 
 
 def _data_aware(ctx: _Context, name: str, w, role: Role, axis, s, z, codes):
     """``(scale, codes)``: ``round_weight``'s codes at ORT's safe scales (per channel: with scale search; per
     tensor: at the one scale), per channel the better of those and ``codes`` on ``E[(e.x)^2]``; or the
-    inputs unchanged where the weight has no statistics or an asymmetric / unusual layout."""
+    inputs unchanged (a fallback, recorded in ``ctx.fallbacks`` with its reason) where the weight has no
+    statistics or a layout data-aware rounding does not model."""
     from ..core.rounding import SINGLE_SCALE, _objective, round_weight
 
-    h = ctx.stats.get(name)
-    if h is None or np.any(np.asarray(z) != 0) or (ctx.layout == "ort" and exact_depthwise(w.shape, role)):
+    def keep(reason):
+        ctx.fallbacks[name] = reason
         return s, codes
+
+    h = ctx.stats.get(name)
+    if h is None:
+        return keep(ctx.skipped.get(name, "no calibration statistics for its input"))
+    if np.any(np.asarray(z) != 0):
+        return keep("asymmetric weight (zero point != 0): data-aware rounding is symmetric")
+    if ctx.layout == "ort" and exact_depthwise(w.shape, role):
+        return keep("depthwise Conv: MLAS runs it exactly, RTN codes at ORT's scale")
     v, ch, op = _kernel_view(np.asarray(w, np.float32), role, axis)
     if op is None or ch not in (0, None):
-        return s, codes
+        return keep(f"weight layout not modelled (shape {tuple(np.shape(w))}, axis {axis})")
     cv = _kernel_view(codes, role, axis)[0]
     oc = v.shape[0]
     s_rows = np.broadcast_to(np.asarray(s, np.float32).reshape(-1), (oc,)).copy()
@@ -365,12 +461,12 @@ def _data_aware(ctx: _Context, name: str, w, role: Role, axis, s, z, codes):
             rtn_codes=np.ascontiguousarray(cv),
             **({} if ch == 0 else dict(multipliers=SINGLE_SCALE)),
         )
-    except (ValueError, AssertionError):  # a shape or pairing this path does not model: keep ORT's codes
-        return s, codes
+    except (ValueError, AssertionError) as e:  # a shape or pairing this path does not model: keep ORT's codes
+        return keep(f"round_weight: {e}")
     new_codes = r.codes.T if role.kind == "matmul" else r.codes
     new_s = r.scale if ch == 0 else np.asarray(s, np.float32)
     if pair_violations(new_codes, role, axis, ctx.layout, weight=np.asarray(w, np.float32)).size:
-        return s, codes  # never expected
+        return keep("data-aware codes failed the pair check")  # never expected
     g = h.shape[0]
     rows = np.arange(oc) // max(oc // g, 1) if g > 1 else None
     m = h[rows] if rows is not None else h[0]
@@ -422,7 +518,8 @@ def _hooks(ctx: _Context):
         s, z, codes = safe_weight_params(
             w, roles[weight_name], scale, zp, axis, symmetric=bool(np.all(zp == 0)), layout=ctx.layout
         )
-        s, codes = _data_aware(ctx, weight_name, w, roles[weight_name], axis, s, z, codes)
+        if ctx.data_aware:
+            s, codes = _data_aware(ctx, weight_name, w, roles[weight_name], axis, s, z, codes)
         _replace_initializer(quantizer.model, scale_name, s, sc_init)
         _replace_initializer(quantizer.model, zp_name, z, zp_init)
         q_init = quantizer.model.get_initializer(q_name)
@@ -458,8 +555,25 @@ def _hooks(ctx: _Context):
             s, z, codes = safe_weight_params(
                 w, roles[name], qp["scale"], zp, axis, symmetric=bool(np.all(zp == 0)), layout=ctx.layout
             )
-            if name in ctx.stats:
-                s, codes = _data_aware(ctx, name, w, roles[name], axis, s, z, codes)
+            if ctx.data_aware:
+                s_da, c_da = _data_aware(ctx, name, w, roles[name], axis, s, z, codes)
+                if name in ctx.fallbacks:
+                    pass
+                elif getattr(self, "add_qdq_pair_to_weight", False):
+                    # ORT keeps the float weight and quantizes it at run time: store s * q, which its
+                    # QuantizeLinear maps back to q (checked with ORT's formula), else RTN at the safe scale
+                    shape = [1] * w.ndim
+                    if axis is not None:
+                        shape[axis] = -1
+                    wq = (c_da.astype(np.float32) * np.asarray(s_da, np.float32).reshape(shape)).astype(np.float32)
+                    if np.array_equal(ort_codes(wq, s_da, z, axis), c_da):
+                        _replace_initializer(self.model, name, wq, self.model.get_initializer(name))
+                        s, codes = s_da, c_da
+                    else:
+                        ctx.fallbacks[name] = "AddQDQPairToWeight: s * q does not quantize back to q"
+                        ctx.rounded.pop(name, None)
+                else:
+                    s, codes = s_da, c_da
                 ctx.codes[name] = codes
             ctx.changed[name] = int(np.sum(s != np.asarray(qp["scale"], np.float32).reshape(-1)))
             qp["scale"] = s.reshape(np.shape(qp["scale"])).astype(np.asarray(qp["scale"]).dtype)
@@ -525,6 +639,35 @@ _DATA_AWARE_DOC = """
 """
 
 
+def _weight_nodes(model_input) -> dict:
+    onnx, _ = require()
+    model = model_input if isinstance(model_input, onnx.ModelProto) else onnx.load(str(model_input))
+    out: dict = {}
+    for i, node in enumerate(model.graph.node):
+        if node.op_type in WEIGHT_OPS and len(node.input) > 1:
+            out.setdefault(node.input[1], []).append(node.name or f"{node.op_type}_{i}")
+    return out
+
+
+def _result(ctx: _Context, model_output, layout: str) -> Report:
+    """The verification report of the written model, with the data-aware results and the fallbacks (each
+    named in one UserWarning: the weight keeps ORT's RTN codes at the safe scales, safe either way)."""
+    fallbacks = [Fallback(w, tuple(ctx.nodes.get(w, ())), why) for w, why in ctx.fallbacks.items()]
+    if fallbacks:
+        by_reason: dict = {}
+        for f in fallbacks:
+            by_reason.setdefault(f.reason, []).extend(f.nodes or (f.weight,))
+        text = "; ".join(f"{why}: {', '.join(nodes)}" for why, nodes in by_reason.items())
+        warnings.warn(
+            f"safeobs: data-aware rounding kept the RTN codes (at the safe scales) of {len(fallbacks)} "
+            f"weight(s): {text}",
+            UserWarning,
+            stacklevel=3,
+        )
+    report = verify(str(model_output), layout if layout != "any" else "ort")
+    return dataclasses.replace(report, rounded=ctx.rounded, fallbacks=fallbacks)
+
+
 def quantize_dynamic(model_input, model_output, *args, layout: str = "ort", calibration_data_reader=None, **kwargs):
     """``onnxruntime.quantization.quantize_dynamic`` with safe int8 weights (same arguments).
 
@@ -540,10 +683,11 @@ def quantize_dynamic(model_input, model_output, *args, layout: str = "ort", cali
     bound = _bind(q.quantize_dynamic, (model_input, model_output, *args), kwargs)
     ctx = _Context(layout)
     if calibration_data_reader is not None:
-        ctx.stats, _ = calibration_stats(bound.arguments["model_input"], calibration_data_reader)
+        ctx.data_aware, ctx.nodes = True, _weight_nodes(bound.arguments["model_input"])
+        ctx.stats, _ = calibration_stats(bound.arguments["model_input"], calibration_data_reader, skipped=ctx.skipped)
     with _hooks(ctx):
         q.quantize_dynamic(*bound.args, **bound.kwargs)
-    return dataclasses.replace(verify(str(model_output), layout if layout != "any" else "ort"), rounded=ctx.rounded)
+    return _result(ctx, model_output, layout)
 
 
 def quantize_static(
@@ -568,11 +712,14 @@ def quantize_static(
     _check_layout(layout)
     ctx = _Context(layout)
     if data_aware and calibration_data_reader is not None:
-        ctx.stats, calibration_data_reader = calibration_stats(model_input, calibration_data_reader)
+        ctx.data_aware, ctx.nodes = True, _weight_nodes(model_input)
+        ctx.stats, calibration_data_reader = calibration_stats(
+            model_input, calibration_data_reader, skipped=ctx.skipped
+        )
     bound = _bind(q.quantize_static, (model_input, model_output, calibration_data_reader, *args), kwargs)
     with _hooks(ctx):
         q.quantize_static(*bound.args, **bound.kwargs)
-    return dataclasses.replace(verify(str(model_output), layout if layout != "any" else "ort"), rounded=ctx.rounded)
+    return _result(ctx, model_output, layout)
 
 
 quantize_dynamic.__doc__ += _DATA_AWARE_DOC
@@ -657,7 +804,13 @@ def read_weights(model) -> list[QWeight]:
         model = onnx.load(str(model))
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    arr = lambda n: onnx.numpy_helper.to_array(inits[n]) if n in inits else None  # noqa: E731
+    computed: dict = {}  # codes that ORT computes at run time (QuantizeLinear of a float weight)
+
+    def arr(n):
+        if n in computed:
+            return computed[n]
+        return onnx.numpy_helper.to_array(inits[n]) if n in inits else None
+
     producers = {o: n for n in g.node for o in n.output}
 
     def act_dtype(name: str) -> str:
@@ -686,6 +839,8 @@ def read_weights(model) -> list[QWeight]:
             spec = (ins[3], ins[4], ins[5], Role("conv", a.get("group", 1)), ins[0], ins[2])
         elif t == "QLinearMatMul":
             spec = (ins[3], ins[4], ins[5], Role("matmul"), ins[0], ins[2])
+        elif t == "QGemm":  # com.microsoft (QOperator Gemm): B is (K, N), or (N, K) with transB=1
+            spec = (ins[3], ins[4], ins[5], Role("gemm_t" if a.get("transB", 0) else "matmul"), ins[0], ins[2])
         elif t == "MatMulInteger":
             b = base_of(ins[1])
             spec = (
@@ -719,7 +874,21 @@ def read_weights(model) -> list[QWeight]:
             spec = (ins[1], ins[2], ins[3] if len(ins) > 3 else None, Role("matmul"), None, None)
         elif t in WEIGHT_OPS and len(ins) > 1:
             p = producers.get(ins[1])
-            if p is not None and p.op_type == "DequantizeLinear" and p.input[0] in inits:
+            qn = producers.get(p.input[0]) if p is not None and p.op_type == "DequantizeLinear" else None
+            if (
+                qn is not None
+                and qn.op_type == "QuantizeLinear"
+                and qn.input[0] in inits
+                and p.input[0] not in computed
+            ):
+                # AddQDQPairToWeight: a float weight that ORT quantizes at run time, QuantizeLinear's codes
+                qs, qz = arr(qn.input[1]), arr(qn.input[2]) if len(qn.input) > 2 and qn.input[2] else None
+                if qz is not None and qz.dtype in (np.int8, np.uint8):
+                    lo, hi = (-128, 127) if qz.dtype == np.int8 else (0, 255)
+                    qw_axis = _attrs(qn).get("axis", 1) % arr(qn.input[0]).ndim if qs.size > 1 else None
+                    codes = ort_codes(arr(qn.input[0]), qs.reshape(-1), qz.reshape(-1), qw_axis, lo, hi)
+                    computed[p.input[0]] = codes.astype(qz.dtype)
+            if p is not None and p.op_type == "DequantizeLinear" and (p.input[0] in inits or p.input[0] in computed):
                 role = (
                     Role("conv", a.get("group", 1))
                     if t == "Conv"
@@ -729,7 +898,7 @@ def read_weights(model) -> list[QWeight]:
                 codes = arr(p.input[0])
                 spec = (p.input[0], p.input[1], p.input[2] if len(p.input) > 2 else None, role, ins[0], None)
                 spec = spec + (pa.get("axis", 1) if arr(p.input[1]).size > 1 else None,)
-        if spec is None or spec[0] not in inits:
+        if spec is None or (spec[0] not in inits and spec[0] not in computed):
             continue
         codes = arr(spec[0])
         if codes.dtype not in (np.int8, np.uint8) or codes.ndim < 2:
@@ -739,7 +908,7 @@ def read_weights(model) -> list[QWeight]:
         if len(spec) > 6:
             axis = None if spec[6] is None else spec[6] % codes.ndim
         elif scale is not None and scale.size > 1:
-            axis = 0 if spec[3].kind == "conv" else 1
+            axis = 0 if spec[3].kind in ("conv", "gemm_t") else 1
         else:
             axis = None
         if t == "DynamicQuantizeMatMul":
@@ -777,6 +946,7 @@ class Report:
     weights: int
     violations: dict
     rounded: dict = field(default_factory=dict)  # quantize_*: weight -> (objective, RTN objective) per channel
+    fallbacks: list = field(default_factory=list)  # quantize_* with calibration data: Fallback per RTN weight
 
     @property
     def ok(self) -> bool:

@@ -23,6 +23,27 @@ def _session(ort, model: bytes, config: dict, threads: int):
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
+def _load(name):
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        f"_safeobs_{name}", os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run_plan(ort, run):
+    runner, emulator, cache, outs, nsat = _load("_plan_runner"), _load("emulator"), {}, [], 0
+    for feeds in run["feeds"]:
+        y, n = runner.run_plan(ort, emulator, run["plan"], feeds, run["isa"], cache)
+        outs.append(y)
+        nsat += n
+    return [outs, nsat]
+
+
 def main(src: str, dst: str) -> None:
     import onnxruntime as ort
 
@@ -31,6 +52,9 @@ def main(src: str, dst: str) -> None:
     results = []
     for run in job["runs"]:
         try:
+            if "plan" in run:  # a whole-model emulation plan (safeobs.onnx.modelemu)
+                results.append(_run_plan(ort, run))
+                continue
             sess = _session(ort, run["model"], run.get("config"), run.get("threads", 1))
             feeds = run["feeds"]
             if isinstance(feeds, dict):

@@ -83,7 +83,7 @@ def _act_tensors(model, weights):
             ][0]
         )
         t = node.op_type
-        if t in ("QLinearConv", "QLinearMatMul"):
+        if t in ("QLinearConv", "QLinearMatMul", "QGemm"):
             out.append((node.input[0], node.input[2], False))
         elif t in ("MatMulInteger", "ConvInteger"):
             out.append((node.input[0], node.input[2] if len(node.input) > 2 else None, False))

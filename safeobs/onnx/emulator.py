@@ -171,6 +171,43 @@ def QLinearMatMul(
     return _requantize(acc, a_scale, b_scale, y_scale, y_zero_point)
 
 
+def QGemm(
+    A,
+    a_scale,
+    a_zero_point,
+    B,
+    b_scale,
+    b_zero_point,
+    C=None,
+    y_scale=None,
+    y_zero_point=None,
+    *,
+    alpha: float = 1.0,
+    transA: int = 0,
+    transB: int = 0,
+    isa: str = "avx2",
+) -> np.ndarray:
+    """com.microsoft QGemm (2-D): int32 ``(A - a_zp) @ (B - b_zp) + C``, then requantized with
+    ``alpha * a_scale * b_scale / y_scale`` (``y_scale`` given) or ``f32(acc) * (alpha * a_scale * b_scale)``."""
+    a, b = np.asarray(A), np.asarray(B)
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"QGemm takes 2-D A and B, got {a.shape} and {b.shape}")
+    a = a.T if transA else a
+    b = b.T if transB else b
+    acc = _gemm(a, b, _zp(a_zero_point, a.dtype), _zp(b_zero_point, b.dtype), _kernel_saturates(a.dtype, b.dtype, isa))
+    if C is not None:
+        acc = _wrap32(acc.astype(np.int64) + np.asarray(C, np.int64))
+    mult = (np.float32(alpha) * np.float32(a_scale) * np.asarray(b_scale, np.float32)).astype(np.float32)
+    if y_scale is None:
+        return (acc.astype(np.float32) * mult).astype(np.float32)
+    yz = np.asarray(y_zero_point if y_zero_point is not None else np.uint8(0))
+    qmin, qmax = (0, 255) if yz.dtype == np.uint8 else (-128, 127)
+    f = acc.astype(np.float32) * (mult / np.float32(y_scale)).astype(np.float32)
+    z = np.float32(int(yz))
+    f = np.minimum(np.maximum(f, np.float32(qmin) - z), np.float32(qmax) - z)
+    return (np.rint(f).astype(np.int32) + int(yz)).astype(yz.dtype)
+
+
 # -- convolutions --------------------------------------------------------------------------------
 
 
@@ -278,5 +315,13 @@ def ConvInteger(
 
 OPS = {
     f.__name__: f
-    for f in (MatMulInteger, MatMulIntegerToFloat, DynamicQuantizeMatMul, QLinearMatMul, QLinearConv, ConvInteger)
+    for f in (
+        MatMulInteger,
+        MatMulIntegerToFloat,
+        DynamicQuantizeMatMul,
+        QLinearMatMul,
+        QGemm,
+        QLinearConv,
+        ConvInteger,
+    )
 }
