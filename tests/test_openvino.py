@@ -736,3 +736,126 @@ def test_calibration_stats_pointwise_path_matches_receptive_fields():
         c = _receptive_fields(torch.from_numpy(x), conv, cap).double()
         ref = torch.bmm(c.transpose(1, 2), c).numpy() / c.shape[1]
         assert Q._pointwise(conv) and np.allclose(h, ref, rtol=1e-5, atol=1e-6)
+
+
+# -- 6. activation x activation MatMuls (no weight: kept in float by quantize, flagged by audit) ------------------
+
+
+class Attn(torch.nn.Module):
+    """x -> Linear q, Linear k -> q @ k^T: one MatMul of two activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.q(x) @ self.k(x).transpose(-1, -2)
+
+
+def _attn():
+    torch.manual_seed(0)
+    om = ov.convert_model(Attn().eval(), example_input=torch.randn(1, 8, 16))
+    rng = np.random.default_rng(0)
+    return om, nncf.Dataset([rng.standard_normal((1, 8, 16)).astype(np.float32) for _ in range(4)])
+
+
+def _both_fq(model) -> list[str]:
+    """MatMuls of the quantized graph whose two inputs are FakeQuantize outputs (through Reshape/Transpose)."""
+    return [
+        op.get_friendly_name()
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "MatMul" and all(A._fake_quantize(op.input_value(i)) is not None for i in (0, 1))
+    ]
+
+
+def test_quantize_keeps_activation_matmuls_in_float(tmp_path):
+    """safeobs.quantize leaves q @ k^T unquantized (graph and runtime), keeps the user's ignored_scope, audits 0;
+    NNCF's stock quantize of the same model has it in int8 and the CLI audit exits 1 on it, repair says it cannot
+    fix it (exit 1)."""
+    om, data = _attn()
+    act = [op.get_friendly_name() for op in W.find_activation_matmuls(om)]
+    linears = [op.get_friendly_name() for op in om.get_ordered_ops() if op.get_type_name() == "MatMul"]
+    assert len(act) == 1 and len(linears) == 3  # the two Linears have a constant weight
+    k_lin = next(n for n in linears if "__module.k" in n)
+    user = nncf.IgnoredScope(names=[k_lin], types=["Softmax"], validate=False)
+    q = sov.quantize(om, data, subset_size=4, ignored_scope=user, data_aware=False)
+    assert _both_fq(q) == [] and A.activation_matmuls(q) == []
+    assert {w.name for w in W.read_weights(q)} == set(linears) - {k_lin} - set(act)  # user's scope kept
+    assert user.names == [k_lin]  # the caller's object is not changed
+    rt = ov.Core().compile_model(q, "CPU").get_runtime_model()
+    prec = {
+        op.get_friendly_name(): op.get_rt_info()["runtimePrecision"].astype(str)
+        for op in rt.get_ordered_ops()
+        if op.get_rt_info()["layerType"].astype(str) == "MatMul"
+    }
+    assert prec and all(p in ("f32", "bf16", "f16") for p in prec.values()), prec
+    assert not A.audit_model(q)["unsafe"]
+
+    stock = nncf.quantize(om, data, subset_size=4)
+    assert _both_fq(stock) == act
+    res = A.audit_model(stock)
+    assert [n["name"] for n in res["unweighted"]] == act and res["unsafe"]
+    path = str(tmp_path / "stock.xml")
+    ov.save_model(stock, path, compress_to_fp16=False)
+    r = _cli("audit", path)
+    assert r.returncode == 1 and "activation x activation MatMul" in r.stdout, r.stdout + r.stderr
+    r = _cli("repair", path, "-o", str(tmp_path / "rep.xml"))
+    assert r.returncode == 1 and "NOT REPAIRED" in r.stdout and act[0] in r.stdout, r.stdout + r.stderr
+    r = _cli("audit", str(tmp_path / "rep.xml"), "--json")
+    assert r.returncode == 1 and act[0] in r.stdout
+
+    with pytest.warns(UserWarning, match="can saturate"):
+        q8 = sov.quantize(om, data, subset_size=4, activation_matmuls="int8", data_aware=False)
+    assert _both_fq(q8) == act
+    with pytest.raises(ValueError, match="activation_matmuls"):
+        sov.quantize(om, data, activation_matmuls="fp32")
+    with pytest.raises(TypeError, match="ignored_scope"):
+        sov.quantize(om, data, ignored_scope=[k_lin])
+
+
+def _act_matmul_probe():
+    """Two activations FakeQuantize'd like NNCF's signed ones ([-128 s, 127 s]) -> MatMul (K = 64)."""
+    s = 0.125
+    lo, hi = ops.constant(np.float32(-128 * s)), ops.constant(np.float32(127 * s))
+    a, b = (ops.parameter([1, 4, 64], np.float32, name=n) for n in "ab")
+    m = ov.Model([ops.matmul(*(ops.fake_quantize(p, lo, hi, lo, hi, 256) for p in (a, b)), False, True)], [a, b])
+    full = np.full((1, 4, 64), 127 * s, np.float32)
+    feeds = [[full, full], [full, -full], [np.zeros_like(full), full]]
+    return m, feeds, [f[0][0] @ f[1][0].T for f in feeds]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_activation_matmul_kernels(mode):
+    """The plugin's int8 MatMul of two activations saturates where audit says it can (avx2, avx512 without VNNI)
+    and is exact on VNNI: both inputs at +max are int16 pairs of 255 * 127."""
+    m, feeds, exact = _act_matmul_probe()
+    assert A.activation_matmuls(m)
+    r = K.run([{"model": m, "feeds": feeds}], mode=mode)[0]
+    isa = K.mode_isa(mode)
+    kinds = [row[2] for row in r["runtime"] if row[1] == "MatMul"]
+    assert kinds and all(k.lower().endswith("_i8") for k in kinds), r["runtime"]
+    same = [np.allclose(o[0], e, rtol=1e-5) for o, e in zip(r["outputs"], exact)]
+    assert same[2]  # a zero row: no lane can saturate
+    assert (not all(same)) == A.ACT_MATMUL_SATURATES[isa], (isa, [o[0].ravel()[:2] for o in r["outputs"]])
+
+
+def test_audit_flags_fake_quantized_weights():
+    """A weight kept as FakeQuantize(Constant) behind a FakeQuantize'd activation runs in int8 on the plugin; audit
+    cannot read its codes and reports it (can saturate on avx2/avx512); without the activation FakeQuantize not."""
+    rng = np.random.default_rng(0)
+    x = ops.parameter([1, 32], np.float32, name="x")
+    lo, hi = ops.constant(np.float32(-4.0)), ops.constant(np.float32(4.0))
+    w = ops.constant(rng.standard_normal((8, 32)).astype(np.float32))
+    wl, wh = ops.constant(np.full((8, 1), -3.0, np.float32)), ops.constant(np.full((8, 1), 3.0, np.float32))
+    wq = ops.fake_quantize(w, wl, wh, wl, wh, 255)
+    m = ov.Model([ops.matmul(ops.fake_quantize(x, lo, hi, lo, hi, 256), wq, False, True)], [x])
+    res = A.audit_model(m)
+    assert [n["kind"] for n in res["unweighted"]] == [A.FQ_WEIGHT_KIND] and res["unsafe"]
+    rt = ov.Core().compile_model(m, "CPU").get_runtime_model()
+    assert any(
+        op.get_rt_info()["layerType"].astype(str) == "FullyConnected"
+        and op.get_rt_info()["runtimePrecision"].astype(str) in ("u8", "i8")
+        for op in rt.get_ordered_ops()
+    )
+    plain = ov.Model([ops.matmul(x, wq, False, True)], [x])
+    assert A.audit_model(plain)["unweighted"] == []

@@ -23,11 +23,85 @@ import numpy as np
 from . import capture
 from . import emulator as E
 from ._deps import require_openvino
-from .weights import ISAS, isa_kernel, kernel_columns, read_weights, safe_codes, unsafe_channels
+from .weights import (
+    ISAS,
+    find_activation_matmuls,
+    isa_kernel,
+    kernel_columns,
+    read_weights,
+    safe_codes,
+    unsafe_channels,
+)
 
 SAT_ISAS = ("avx2", "avx512")
 
 DEFAULT_LAYOUT = "openvino"  # safeobs repair MODEL.xml: the OpenVINO CPU plugin pairing
+
+ACT_MATMUL_KIND = (
+    "activation x activation MatMul, no weight: cannot be made safe by weights; keep it in float (ignored_scope)"
+)
+# probed on the real plugin (tests/test_openvino.py::test_activation_matmul_kernels): both inputs at +max, K = 64
+ACT_MATMUL_KERNEL = {"avx2": "jit_gemm_i8", "avx512": "brgemm_avx512_i8", "vnni": "brgemm_avx512_i8 (VNNI)"}
+ACT_MATMUL_SATURATES = {"avx2": True, "avx512": True, "vnni": False}
+FQ_WEIGHT_KIND = "weight kept as a FakeQuantize (not int8 Constants): its codes are not audited"
+_PASS = ("Reshape", "Squeeze", "Unsqueeze", "Transpose", "Convert")  # between a FakeQuantize and its consumer
+
+
+def _fake_quantize(output):
+    """The 8-bit (<= 256 levels) FakeQuantize behind ``output`` through value-preserving ops, or None."""
+    src = output.get_node()
+    while src.get_type_name() in _PASS:
+        src = src.input_value(0).get_node()
+    if src.get_type_name() == "FakeQuantize" and int(src.get_attributes()["levels"]) <= 256:
+        return src
+    return None
+
+
+def activation_matmuls(model) -> list[dict]:
+    """Int8 MatMuls whose two inputs are both activations (both 8-bit FakeQuantize'd, no constant weight): the
+    plugin runs them on a gemm that pairs activation codes in saturating int16 on avx2 and avx512 (not VNNI)."""
+    out = []
+    for op in find_activation_matmuls(model):
+        if all(_fake_quantize(op.input_value(i)) is not None for i in range(2)):
+            out.append(
+                {
+                    "name": op.get_friendly_name(),
+                    "op": "MatMul",
+                    "kind": ACT_MATMUL_KIND,
+                    "kernel": dict(ACT_MATMUL_KERNEL),
+                    "can_saturate": dict(ACT_MATMUL_SATURATES),
+                }
+            )
+    return out
+
+
+def fq_weights(model) -> list[dict]:
+    """Convolution / GroupConvolution / MatMul nodes whose weight is a FakeQuantize of a constant (not NNCF's
+    int8 Constants) and whose activation is FakeQuantize'd too: the plugin folds both into int8 (the weight's
+    codes are not read here: ``can_saturate`` is reported conservatively on avx2 and avx512)."""
+    from .weights import WEIGHT_OPS, _constant_names
+
+    ops = model.get_ordered_ops()
+    const = _constant_names(ops)
+    out = []
+    for op in ops:
+        if op.get_type_name() not in WEIGHT_OPS or op.get_input_size() < 2:
+            continue
+        w = _fake_quantize(op.input_value(1))
+        if w is None or w.input_value(0).get_node().get_name() not in const:
+            continue
+        if _fake_quantize(op.input_value(0)) is None:
+            continue
+        out.append(
+            {
+                "name": op.get_friendly_name(),
+                "op": op.get_type_name(),
+                "kind": FQ_WEIGHT_KIND,
+                "kernel": dict.fromkeys(ISAS, "int8 (not probed)"),
+                "can_saturate": {"avx2": True, "avx512": True, "vnni": False},
+            }
+        )
+    return out
 
 
 def load_ir(path: str):
@@ -66,8 +140,10 @@ def audit_model(model, inputs=None) -> dict:
         for n in nodes:
             c = counts.get(n["name"])
             n["saturated_lanes"] = None if c is None else {isa: c.get(isa, 0) for isa in ISAS}
+    unweighted = activation_matmuls(model) + fq_weights(model)
     unsafe = any(any(n["unsafe_channels"].values()) or any((n.get("saturated_lanes") or {}).values()) for n in nodes)
-    return {"nodes": nodes, "unsafe": unsafe}
+    unsafe = unsafe or any(any(n["can_saturate"].values()) for n in unweighted)
+    return {"nodes": nodes, "unweighted": unweighted, "unsafe": unsafe}
 
 
 def _conv_args(node) -> dict:
@@ -124,8 +200,12 @@ def format_audit(result: dict, only_unsafe: bool = False) -> str:
                 state += f" ({n['saturated_lanes'][isa]} sat)"
             cells.append(f"{n['kernel'][isa]}: {state}")
         lines.append(f"{n['name'][-48:]:<48} {n['op']:<16} " + " ".join(f"{c:<36}" for c in cells))
+    for n in result.get("unweighted", []):
+        cells = [f"{n['kernel'][i]}: {'CAN SATURATE' if n['can_saturate'][i] else 'exact'}" for i in ISAS]
+        lines.append(f"{n['name'][-48:]:<48} {n['op']:<16} " + " ".join(f"{c:<36}" for c in cells))
+        lines.append(f"    {n['kind']}")
     lines.append(
-        "UNSAFE: some channel can saturate a vpmaddubsw int16 lane"
+        "UNSAFE: some channel or activation x activation MatMul can saturate a vpmaddubsw int16 lane"
         if result["unsafe"]
         else "safe: no weight pair can saturate on avx2, avx512 or vnni"
     )
@@ -274,7 +354,7 @@ def cmd_audit(args, dump) -> int:
         raise ValueError(
             f"{args.model}: cannot run the model on --inputs ({type(e).__name__}: {str(e)[:200]})"
         ) from None
-    if not result["nodes"]:
+    if not result["nodes"] and not result["unweighted"]:
         raise ValueError(f"{args.model}: no int8 weight (Constant i8 -> Convert -> Multiply) (is it quantized?)")
     result["model"] = args.model
     print(dump(result) if args.json else format_audit(result, only_unsafe=args.unsafe_only))
@@ -286,9 +366,21 @@ def cmd_repair(args, dump) -> int:
     if layout not in ("openvino", "onednn", "x86"):
         raise ValueError(f"--layout {layout} is not for OpenVINO IR; use openvino, onednn or x86")
     infos = repair_ir(args.model, args.output, layout)
+    src = load_ir(args.model)
+    left = activation_matmuls(src) + fq_weights(src)
     if args.json:
-        print(dump({"model": args.model, "output": args.output, "layout": layout, "weights": infos}))
+        print(
+            dump({"model": args.model, "output": args.output, "layout": layout, "weights": infos, "not_repaired": left})
+        )
     else:
         print(format_repair(infos, only_changed=not args.all))
         print(f"saved OpenVINO IR to {args.output}")
-    return 0
+        if left:
+            print(f"NOT REPAIRED: {len(left)} node(s) can still saturate without VNNI (exit 1):")
+            for n in left:
+                print(f"  {n['name']}: {n['kind']}")
+            print(
+                "  re-quantize with safeobs.openvino.quantize (activation_matmuls='float', the default) or add "
+                "them to NNCF's ignored_scope"
+            )
+    return 1 if left else 0

@@ -16,22 +16,53 @@ bound as codes are chosen.  Per channel the result is never worse than the safe 
 (RTN is a candidate), and every channel is checked again with :func:`.weights.unsafe_channels` on avx2 and
 avx512 (a channel that fails, never expected, keeps its RTN codes).  NNCF's bias correction stays as NNCF
 computed it (for its own weights).
+
+Activation x activation MatMuls (attention ``Q K^T``, ``softmax V``): NNCF quantizes both inputs of a MatMul
+that multiplies two activations, and the plugin runs it as an int8 gemm that pairs *activation* codes in
+saturating int16 without VNNI (AVX2 ``jit_gemm_i8``, AVX-512 ``brgemm_avx512_i8``; probe: two rows at +max,
+K = 64, give 127.5 instead of 16129).  No weight is involved, so safe weight codes cannot protect it.
+``activation_matmuls="float"`` (default) adds every MatMul whose two inputs are both non-constant in the
+float model (:func:`.weights.find_activation_matmuls`) to NNCF's ``ignored_scope`` (merged with the user's),
+so they stay in float; ``"int8"`` leaves them to NNCF, with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 
 import numpy as np
 
 from . import capture
 from ._deps import require_nncf, require_openvino
-from .weights import QMAX, QMIN, WEIGHT_OPS, plugin_pairs, read_weights, replace_constants, safe_codes, unsafe_channels
+from .weights import (
+    QMAX,
+    QMIN,
+    WEIGHT_OPS,
+    find_activation_matmuls,
+    plugin_pairs,
+    read_weights,
+    replace_constants,
+    safe_codes,
+    unsafe_channels,
+)
 
 MAX_POSITIONS = 1024  # receptive fields per conv input and item (a fixed pseudo-random subset beyond)
 
 LAYOUTS = ("openvino", "onednn", "x86", "any")
+ACTIVATION_MATMULS = ("float", "int8")
+
+
+def _ignored_scope(nncf, user, names: list[str]):
+    """NNCF's ``IgnoredScope`` with ``names`` added to the user's (every other user entry kept)."""
+    if user is None:
+        return nncf.IgnoredScope(names=list(names)) if names else None
+    if not isinstance(user, nncf.IgnoredScope):
+        raise TypeError(f"ignored_scope must be nncf.IgnoredScope, got {type(user).__name__}")
+    if not names:
+        return user
+    return dataclasses.replace(user, names=list(dict.fromkeys([*user.names, *names])))
 
 
 def float_weights(model) -> dict[str, np.ndarray]:
@@ -240,7 +271,15 @@ def rewrite(model, floats: dict | None = None, layout: str = "openvino", stats: 
     return infos
 
 
-def quantize(model, calibration_dataset, *args, layout: str = "openvino", data_aware: bool = True, **kwargs):
+def quantize(
+    model,
+    calibration_dataset,
+    *args,
+    layout: str = "openvino",
+    data_aware: bool = True,
+    activation_matmuls: str = "float",
+    **kwargs,
+):
     """Drop-in for ``nncf.quantize`` (same arguments) on an ``openvino.Model``; returns the quantized
     ``ov.Model`` with safe int8 weights (it runs in int8 on the CPU plugin like NNCF's own result).
 
@@ -248,17 +287,34 @@ def quantize(model, calibration_dataset, *args, layout: str = "openvino", data_a
     ``"any"``: wider unions).  ``advanced_parameters.overflow_fix`` is overridden to DISABLE.
     ``data_aware``: codes chosen on the calibration subset (module docstring; one extra plugin run of the
     float model); ``False``: round-to-nearest at the tightest safe scales.
+    ``activation_matmuls``: ``"float"`` (default) keeps MatMuls of two activations (attention ``Q K^T``,
+    ``softmax V``; :func:`.weights.find_activation_matmuls`) in float by adding them to NNCF's
+    ``ignored_scope`` (the user's entries kept); ``"int8"`` lets NNCF quantize them (warning: they can
+    saturate without VNNI, no weight is involved so safeobs cannot make them safe).
     """
     nncf = require_nncf()
     ov = require_openvino()
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if activation_matmuls not in ACTIVATION_MATMULS:
+        raise ValueError(f"activation_matmuls must be one of {ACTIVATION_MATMULS}, got {activation_matmuls!r}")
     if not isinstance(model, ov.Model):
         raise TypeError(
             f"safeobs.openvino.quantize needs an openvino.Model (ov.convert_model(...)), got {type(model).__name__}"
         )
     bound = inspect.signature(nncf.quantize).bind(model, calibration_dataset, *args, **kwargs)
     bound.arguments["advanced_parameters"] = _advanced(nncf, bound.arguments.get("advanced_parameters"))
+    act = [op.get_friendly_name() for op in find_activation_matmuls(model)] if activation_matmuls == "float" else []
+    scope = _ignored_scope(nncf, bound.arguments.get("ignored_scope"), act)
+    if scope is not None:
+        bound.arguments["ignored_scope"] = scope
+    if activation_matmuls == "int8" and find_activation_matmuls(model):
+        warnings.warn(
+            "activation_matmuls='int8': MatMuls of two activations are quantized by NNCF and can saturate int16 "
+            "without VNNI (AVX2 jit_gemm_i8, AVX-512 brgemm_avx512_i8); no weight is involved, so safeobs cannot "
+            "make them safe",
+            stacklevel=2,
+        )
     floats = float_weights(model)
     stats = None
     if data_aware:

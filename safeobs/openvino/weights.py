@@ -89,6 +89,37 @@ class QWeight:
         return not self.zero_point
 
 
+def _constant_names(ops) -> set:
+    """Unique names (``get_name()``) of the nodes in ``ops`` (topological order) whose value is constant: a
+    Constant, or an op over constants only."""
+    const: set = set()
+    for op in ops:
+        n = op.get_input_size()
+        if op.get_type_name() == "Constant" or (
+            op.get_type_name() not in ("Parameter", "ReadValue", "RandomUniform")
+            and n > 0
+            and all(op.input_value(i).get_node().get_name() in const for i in range(n))
+        ):
+            const.add(op.get_name())
+    return const
+
+
+def find_activation_matmuls(model) -> list:
+    """The MatMul nodes of an ``ov.Model`` whose two inputs are both activations (neither a Constant nor computed
+    from constants only: attention's ``Q K^T`` and ``softmax V``).  Quantized to int8 (both inputs
+    FakeQuantize'd) the plugin runs them on a gemm that pairs *activation* codes in saturating int16 on AVX2
+    (``jit_gemm_I8``): no weight code can make them safe."""
+    ops = model.get_ordered_ops()
+    const = _constant_names(ops)
+    return [
+        op
+        for op in ops
+        if op.get_type_name() == "MatMul"
+        and op.get_input_size() == 2
+        and not any(op.input_value(i).get_node().get_name() in const for i in range(2))
+    ]
+
+
 def _const(output):
     node = output.get_node()
     return node if node.get_type_name() == "Constant" else None
