@@ -499,3 +499,29 @@ def test_fast_gemm_equals_plain_reference(case, tiny_blocks):
     want = sorted(zip(pp.tolist(), (gg * ocg + oo).tolist(), (gg * ocg * kg + oo * kg + pairs[mm, 0]).tolist()))
     got = sorted(zip(sat.position[:, 0].tolist(), sat.channel.tolist(), sat.pair[:, 0].tolist()))
     assert sat.count == len(want) and got == want
+
+
+def test_tensor_outputs_have_the_real_ops_memory_layout():
+    """The emulated ops return tensors laid out like torch's (C-contiguous): a transposed result would change the
+    float reductions of the layers after it (found on a VNNI host: MiniLM embeddings 3e-8 apart)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 48)
+    lin = torch.ao.nn.quantized.dynamic.Linear(48, 24)
+    lin.set_weight_bias(
+        torch.quantize_per_channel(
+            torch.randn(24, 48), torch.rand(24) / 50 + 0.01, torch.zeros(24, dtype=torch.long), 0, torch.qint8
+        ),
+        torch.randn(24),
+    )
+    for engine in ("fbgemm", "onednn"):
+        e = emulator.linear_dynamic(x, lin.weight(), lin.bias(), engine=engine, isa="avx2")
+        assert e.is_contiguous() and e.shape == (2, 5, 24), engine
+    xq = torch.quantize_per_tensor(torch.rand(2, 5, 48), 0.01, 3, torch.quint8)
+    y = emulator.linear(xq, lin.weight(), lin.bias(), 0.1, 7, engine="fbgemm", isa="avx2")
+    assert y.is_contiguous() and y.shape == (2, 5, 24)
+    xc = torch.quantize_per_tensor(torch.rand(2, 8, 9, 9), 0.01, 3, torch.quint8)
+    wc = torch.quantize_per_channel(
+        torch.randn(6, 8, 3, 3), torch.rand(6) / 50 + 0.01, torch.zeros(6, dtype=torch.long), 0, torch.qint8
+    )
+    yc = emulator.conv2d(xc, wc, None, padding=1, scale=0.1, zero_point=7, engine="fbgemm", isa="avx2")
+    assert yc.is_contiguous() and yc.shape == (2, 6, 9, 9)

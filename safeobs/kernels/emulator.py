@@ -724,7 +724,7 @@ def qlinear_dynamic_codes(
     y = y.astype(_F32)
     if relu:
         y = np.maximum(y, _F32(0))
-    y = y.reshape(x.shape[:-1] + (np.shape(w)[0],))
+    y = np.ascontiguousarray(y.reshape(x.shape[:-1] + (np.shape(w)[0],)))  # C order, like torch's output
     return (y, sat) if _want_sat else y
 
 
@@ -1163,7 +1163,8 @@ def _linear_dynamic_call(
         ),
         _want_sat,
     )
-    return torch.from_numpy(y), sat
+    # contiguous like torch's op: a transposed result would change the float reductions of the layers after it
+    return torch.from_numpy(np.ascontiguousarray(y)), sat
 
 
 def linear_dynamic(input, weight, bias=None, *, reduce_range=False, engine="x86", isa="avx2", exact=False):
