@@ -504,9 +504,10 @@ def report(results, meta) -> str:
             a("")
             a(
                 f"**safeobs's AVX2 output is not bit-identical to {isa} here** ({fmt_db(sk['avx2_vs_native'])} apart)"
-                " although no weight pair can saturate. Its int8 activation x activation MatMuls (below) are outside"
-                " the weight guarantee, but for MiniLM a separate run with them left in float (NNCF `ignored_scope`) stayed"
-                " 38.61 dB apart, so they are not what moves it; the cause is not identified yet."
+                " although no weight pair can saturate and safeobs keeps activation x activation MatMuls in float"
+                " (count below). The plugin's float ops differ between its AVX2 and AVX-512 code paths (the FP32"
+                " model itself is not bit-identical across them on MiniLM); which node moves it is not identified"
+                " yet. The distance is above NNCF ENABLE's, a model whose weights cannot saturate either."
             )
         if "avx2_act_act_matmuls" in k["safeobs"]:
             a("")
