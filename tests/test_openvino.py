@@ -347,7 +347,7 @@ SHAPES = [
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_openvino_layout_inside_x86(shape):
-    """"x86" covers the plugin's pairs (not "onednn" alone: the plugin's AVX2 gemm convs pair in K blocks and its
+    """ "x86" covers the plugin's pairs (not "onednn" alone: the plugin's AVX2 gemm convs pair in K blocks and its
     ICg = 1 convs take relo pairs where torch's oneDNN convs do not; tests/test_layout.py checks every grouping)."""
     ovp = {tuple(p) for p in layout.weight_pairs(shape, "openvino").tolist()}
     assert ovp <= {tuple(p) for p in layout.weight_pairs(shape, "x86").tolist()}
