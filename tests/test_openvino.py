@@ -161,6 +161,21 @@ def _emulate(c, isa):
     return getattr(E, c["op"])(c["x"], c["zp"], c["w"], pads_begin=pb, pads_end=pe, isa=isa, **kw)
 
 
+def _relo_unprobed(mode, kind, groups, icg, ocg) -> bool:
+    """An ICg = 1 conv (not depthwise) on the plugin's AVX-512 kernels of a host *without* VBMI.  Its relo pairs were
+    measured with oneDNN seeing VBMI (AVX512_CORE forced on a Zen 4); torch's oneDNN picks relo only with VBMI
+    (kernel-spec §8.3), so a Skylake-SP / Cascade Lake may run another pairing: no bit-exact claim there (safety
+    does not depend on it: layout "openvino" holds the per-tap and both relo pairings)."""
+    depthwise = groups > 1 and icg == 1 and ocg == 1
+    return (
+        kind != "matmul"
+        and icg == 1
+        and not depthwise
+        and K.mode_isa(mode) == "avx512"
+        and realkernel.forced_avx512_isa() == "avx512"
+    )
+
+
 _RESULTS = {}
 
 
@@ -198,6 +213,9 @@ def test_pair_discovery_matches_layout(mode, models):
     """Measured pairs == layout "openvino" for the mode's ISA: 0 false positives, 0 false negatives."""
     isa = K.mode_isa(mode)
     for r in _results(mode, models)["probes"]:
+        m = r["meta"]
+        if m["kind"] != "matmul" and _relo_unprobed(mode, m["kind"], m["groups"], m["icg"], m["ocg"]):
+            continue
         exp = r["expected"]
         assert np.array_equal(r["pairs"], exp.reshape(-1, 2)), (mode, r["meta"], r["pairs"][:8], exp[:8])
         prims = {p for _, _, p in r["runtime"]}
@@ -225,6 +243,11 @@ def test_emulator_bit_exact(mode, models):
     isa = K.mode_isa(mode)
     differs = lanes = 0
     for c in _results(mode, models)["emu"]:
+        if c["op"] != "MatMul":
+            g = c["w"].shape[0] if c["op"] == "GroupConvolution" else 1
+            icg, ocg = c["w"].shape[-3], (c["w"].shape[1] if c["op"] == "GroupConvolution" else c["w"].shape[0])
+            if _relo_unprobed(mode, "conv", g, icg, ocg):
+                continue
         got = np.asarray(c["result"]["outputs"][0][0], np.float64) * c["built"]["factor"]
         assert np.abs(got).max() < 2**24
         acc = _emulate(c, isa)
