@@ -131,7 +131,9 @@ def threads_info() -> dict:
 # -- the flows (each called in its own worker process) -----------------------------------------------
 
 
-def _case(flow, model, stock, safe, args, **extra) -> dict:
+def _case(flow, model, stock, safe, args, **extra) -> dict | None:
+    if getattr(args, "models", None) and model not in args.models:
+        return None
     log(f"{flow} {model}: warm-up {args.warmup}, {args.rounds} interleaved rounds")
     la0 = os.getloadavg()
     rec = interleaved(stock, safe, args.rounds, args.warmup)
@@ -218,6 +220,8 @@ def flow_torchao(args) -> list[dict]:
         return time.perf_counter() - t
 
     rec = _case("torchao", name, stock, safe, args, n_calib=len(cal))
+    if rec is None:
+        return []
     rec["quantize_only_s"] = times_q[args.warmup :]
     return [rec]
 
@@ -340,7 +344,7 @@ def worker(args) -> None:
     sys.path.insert(0, str(HERE))
     if args.worker == "onnx":
         import bench_onnx  # noqa: F401  (pins OMP/BLAS threads before numpy/torch load, as the ONNX benchmark does)
-    recs = WORKERS[args.worker](args)
+    recs = [r for r in WORKERS[args.worker](args) if r is not None]
     res = {"flow": args.worker, "records": recs, "threads": threads_info()}
     Path(args.json).write_text(json.dumps(res, indent=1, default=float))
 
@@ -413,6 +417,8 @@ def render(res: dict, out: Path) -> None:
         "`safeobs.onnx.quantize_dynamic(..., calibration_data_reader=...)` / `safeobs.onnx.quantize_static(...)`, "
         "`safeobs.openvino.quantize(...)`.",
         "",
+        *[f"- {n}" for n in res.get("notes", [])],
+        "" if res.get("notes") else "",
         "![calibration time ratios](calibration.png)",
         "",
     ]
@@ -451,6 +457,22 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge(parts: list[dict]) -> dict:
+    """One report from several runs (e.g. a flow re-run with other threads): flows concatenated, each tagged with
+    its run's command and load; a flow's error is dropped when another run measured it."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    res = dict(parts[0], flows=[], errors={}, requested=[], command=" + ".join(p["command"] for p in parts))
+    for p in parts:
+        for f in p["flows"]:
+            res["flows"].append(dict(f, run=p["command"], run_load=p["load_start"]))
+        res["requested"] += [f for f in p["requested"] if f not in res["requested"]]
+        res["errors"].update(p["errors"])
+    measured = {f["flow"] for f in res["flows"]}
+    res["errors"] = {k: v for k, v in res["errors"].items() if k not in measured}
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--flows", nargs="+", choices=FLOWS, default=list(FLOWS))
@@ -461,9 +483,21 @@ def main(argv=None) -> int:
         "--out", type=Path, default=None, help="results directory (default: benchmarks/results; smoke: none)"
     )
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per flow worker")
+    ap.add_argument("--models", nargs="+", help="only these models (e.g. MiniLM MobileNetV2)")
+    ap.add_argument("--threads", type=int, help="OMP/OpenBLAS/MKL threads of the workers (default: the libraries')")
     ap.add_argument("--worker", choices=FLOWS, help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
+    ap.add_argument("--merge", nargs="+", type=Path, help="render the union of saved calibration.json files to --out")
+    ap.add_argument("--note", action="append", help="with --merge: a note line for the report")
     args = ap.parse_args(argv)
+    if args.merge:
+        res = merge([json.loads(p.read_text()) for p in args.merge])
+        res["notes"] = args.note or []
+        out = args.out or RESULTS
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "calibration.json").write_text(json.dumps(res, indent=1, default=float))
+        render(res, out)
+        return 0
     if args.worker:
         worker(args)
         return 0
@@ -484,9 +518,13 @@ def main(argv=None) -> int:
         js = tmp / f"{flow}.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", flow, "--json", str(js)]
         cmd += ["--rounds", str(args.rounds), "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
+        cmd += ["--models", *args.models] if args.models else []
+        env = dict(os.environ)
+        if args.threads:
+            env.update({v: str(args.threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
         log(f"worker {flow}")
         try:
-            p = subprocess.run(cmd, timeout=args.timeout, stdout=subprocess.PIPE, stderr=None, text=True)
+            p = subprocess.run(cmd, timeout=args.timeout, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
             if p.returncode != 0 or not js.exists():
                 res["errors"][flow] = f"worker exited {p.returncode}"
                 continue

@@ -82,3 +82,22 @@ def test_torchao_smoke_flow_and_report(tmp_path):
     assert f"**{s['ratio']:.2f}x**" in md and ("**met**" in md) == s["met"]
     assert "onnx | — | not measured: worker exited 1" in md and res["host"]["cpu"] in md
     assert (tmp_path / "calibration.png").stat().st_size > 1000
+
+
+def test_merge_keeps_every_run_and_drops_errors_another_run_measured():
+    def run(cmd, flows, errors):
+        recs = lambda f: [{"flow": f, "model": "m", "ratios": [1.0]}]  # noqa: E731
+        return {
+            "command": cmd,
+            "load_start": [1.0, 1.0, 1.0],
+            "requested": flows + list(errors),
+            "flows": [{"flow": f, "records": recs(f)} for f in flows],
+            "errors": errors,
+        }
+
+    res = bc.merge([run("a", ["pt2e", "onnx"], {"openvino": "killed"}), run("b", ["openvino"], {"torchao": "x"})])
+    assert [f["flow"] for f in res["flows"]] == ["pt2e", "onnx", "openvino"]
+    assert [f["run"] for f in res["flows"]] == ["a", "a", "b"] and res["command"] == "a + b"
+    assert res["errors"] == {"torchao": "x"} and set(res["requested"]) == {"pt2e", "onnx", "openvino", "torchao"}
+    with pytest.raises(ValueError):
+        bc.merge([])
