@@ -433,10 +433,11 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    recs = [r for p in res["flows"] for r in p["records"]]
-    if not recs:
+    pairs = [(r, p.get("threads", {})) for p in res["flows"] for r in p["records"]]
+    if not pairs:
         return
-    labels = [f"{r['flow']}\n{_label(r)}" for r in recs]
+    recs = [r for r, _ in pairs]
+    labels = [f"{r['flow']}, torch threads {t.get('torch_threads', '?')}\n{_label(r)}" for r, t in pairs]
     med = np.array([summary(r)["ratio"] for r in recs])
     lo = med - np.array([summary(r)["ratio_min"] for r in recs])
     hi = np.array([summary(r)["ratio_max"] for r in recs]) - med
@@ -446,6 +447,9 @@ def plot(res: dict, path: Path) -> None:
     for i, r in enumerate(recs):
         ax.plot(r["ratios"], [i] * len(r["ratios"]), "k.", ms=4)
     ax.axvline(TARGET, color="k", ls="--", lw=1, label="target 5x")
+    ax.set_xscale("log")
+    lo_all = min(min(r["ratios"]) for r in recs)
+    ax.set_xlim(min(1.0, 0.8 * lo_all), 1.5 * max(max(r["ratios"]) for r in recs))
     ax.set_yticks(y, labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("calibration time: safeobs / stock (median, whiskers min-max, dots: rounds)")
