@@ -11,6 +11,7 @@ import logging
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,27 +22,14 @@ from torchao.quantization import quantize_
 
 import safeobs.torchao as sto
 
-
-class Block(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        L = lambda i, o: torch.nn.Linear(i, o, bias=False)
-        self.q, self.k, self.v, self.o = L(4096, 4096), L(4096, 4096), L(4096, 4096), L(4096, 4096)
-        self.gate, self.up, self.down = L(4096, 11008), L(4096, 11008), L(11008, 4096)
-
-    def forward(self, x):
-        a = self.o(self.q(x) + self.k(x) + self.v(x))
-        return a + self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_scale import BLOCK, Block  # noqa: E402  (the same block as bench_scale's quantize_block job)
 
 
 def make(seed=0):
     g = np.random.default_rng(seed)
-    b = Block().eval()
-    with torch.no_grad():
-        for m in b.children():
-            w = g.standard_t(3, size=tuple(m.weight.shape)).astype(np.float32) * 0.02
-            m.weight.copy_(torch.from_numpy(w))
-    return b
+    weights = {k: (g.standard_t(3, size=shape) * 0.02).astype(np.float32) for k, shape in BLOCK.items()}
+    return Block.make(torch, weights)
 
 
 config = sys.argv[1]
