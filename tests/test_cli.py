@@ -289,3 +289,27 @@ def test_repaired_model_bit_exact_on_avx2(repaired, route):
     got = realrun.run_module(path, x, mode=mode, engine="x86", trust_pickle=True)  # the test's own TorchScript
     for g, r in zip(got, ref):
         np.testing.assert_array_equal(g, r)
+
+
+def test_audit_pickled_model_with_quantized_convs(capsys, tmp_path):
+    """torch.save'd eager models: torch's quantized convs unpickle without their nn.Module tables (their
+    __setstate__ is TorchScript's); audit restores them instead of failing with a traceback."""
+    import torch.ao.nn.quantized as nnq
+
+    torch.backends.quantized.engine = "x86"
+    model = torch.nn.Sequential(nnq.Conv2d(3, 8, 3), nnq.Conv2d(8, 4, 1)).eval()
+    w = torch.full((8, 3, 3, 3), 127 * 0.01)  # every pair at +127, +127: unsafe on AVX2
+    model[0].set_weight_bias(torch.quantize_per_tensor(w, 0.01, 0, torch.qint8), None)
+    w = torch.full((4, 8, 1, 1), 60 * 0.01)  # pairs at +60, +60: safe
+    model[1].set_weight_bias(torch.quantize_per_tensor(w, 0.01, 0, torch.qint8), None)
+    whole, bare = tmp_path / "whole.pt", tmp_path / "conv.pt"
+    torch.save(model, whole)
+    torch.save(model[1], bare)
+    rc, out, _ = run(capsys, "audit", str(whole), "--json", "-q", "--trust-pickle")
+    res = json.loads(out)
+    assert rc == 1 and res["source"] == "pickle" and res["unsafe_layers"] == ["0"] and len(res["layers"]) == 2
+    rc, out, _ = run(capsys, "audit", str(bare), "--json", "-q", "--trust-pickle")
+    assert rc == 0 and [lay["kind"] for lay in json.loads(out)["layers"]] == ["conv2d"]
+    loaded, source = serialization.load(str(whole), trust_pickle=True)
+    x = torch.quantize_per_tensor(torch.rand(1, 3, 8, 8), 1 / 255, 0, torch.quint8)
+    assert source == "pickle" and torch.equal(loaded(x).int_repr(), model(x).int_repr())  # it still runs

@@ -132,6 +132,7 @@ def load(path: str, *, trust_pickle: bool = False, arch=None, mmap: bool = False
             raise ModelError(f"{path}: not a TorchScript file nor a torch.save'd model ({type(e).__name__})") from None
         if not isinstance(obj, torch.nn.Module):
             raise ModelError(f"{path}: holds a {type(obj).__name__}, not a model") from None
+        _restore_module_state(obj)
         return obj, "pickle"
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         if arch is None and obj.get("layers") is not None:
@@ -145,6 +146,23 @@ def load(path: str, *, trust_pickle: bool = False, arch=None, mmap: bool = False
             )
         return _build(path, obj, arch), "state_dict"
     raise ModelError(f"{path}: holds a {type(obj).__name__}, not a model or a state dict")
+
+
+def _restore_module_state(model: torch.nn.Module) -> None:
+    """Give back the ``nn.Module`` internals that a pickled quantized conv loses.
+
+    ``torch.ao.nn.quantized`` convs define ``__setstate__`` for TorchScript (it restores the packed weight,
+    scale and zero point only), so a ``torch.save``'d model that holds one unpickles into a conv without
+    ``_modules``, ``_parameters`` or hooks, and ``named_modules`` fails on it.  Its own attributes are intact."""
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        d = m.__dict__
+        if "_modules" not in d:
+            for key in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_backward_hooks"):
+                d.setdefault(key, {})
+            torch.nn.Module.__setstate__(m, {})  # the remaining hook tables
+        stack.extend(c for c in d["_modules"].values() if isinstance(c, torch.nn.Module))
 
 
 def _build(path, state_dict, arch):
