@@ -730,3 +730,17 @@ def test_calibration_with_an_uncovered_config_is_a_type_error(one_thread):
         sto.quantize_(copy.deepcopy(m), Int8WeightOnlyConfig(set_inductor_config=False), calibration=cal)
     out = sto.quantize_(copy.deepcopy(m), Int8WeightOnlyConfig(set_inductor_config=False))  # no int8 x int8 product
     assert not sto.quantized_linears(out)
+
+
+@pytest.mark.parametrize("isa,path", [("avx2", "onednn"), ("avx2", "compiled"), ("vnni", "eager")])
+def test_emulated_linear_has_the_real_ops_memory_layout(isa, path, one_thread):
+    """The emulated int8 Linear returns C-contiguous outputs like torch's: a transposed result changes the float
+    reductions of the layers after it (found as forced-AVX2 MiniLM embeddings no longer bit-equal to the emulator's)."""
+    m = torch.nn.Sequential(torch.nn.Linear(64, 48)).eval()
+    quantize_(m, StockDynamic())
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = m(x)
+        with et.emulate(m, isa=isa, path=path):
+            ye = m(x)
+    assert y.is_contiguous() and ye.is_contiguous() and ye.stride() == y.stride()

@@ -333,7 +333,8 @@ def int8_dynamic_linear(
         y = y * ws
         if b is not None:
             y = y + b
-    y = y.astype(_F32).reshape(x.shape[:-1] + (w.shape[0],))
+    # C order, like torch's op: a transposed result changes the float reductions of the layers after it
+    y = np.ascontiguousarray(y.astype(_F32).reshape(x.shape[:-1] + (w.shape[0],)))
     if sat is None:
         sat = _emu.Saturation(0, np.zeros((0, 1), np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.int64))
     return (y, sat) if _want_sat else y
