@@ -469,10 +469,11 @@ def _gemm_cases(draw):
 
 
 @settings(max_examples=250, deadline=None, derandomize=True, database=None)
-@given(case=_gemm_cases(), tiny_blocks=st.booleans())
-def test_fast_gemm_equals_plain_reference(case, tiny_blocks):
-    """The optimised core (candidate filter, float32 BLAS, K chunks, lane chunks, position and row blocks) gives
-    the plain int64 all-lanes accumulators, and reports exactly the lanes that leave int16."""
+@given(case=_gemm_cases(), tiny_blocks=st.booleans(), reorder=st.sampled_from([None, True, False]))
+def test_fast_gemm_equals_plain_reference(case, tiny_blocks, reorder):
+    """The optimised core (candidate filter, float32 BLAS, K chunks, lane chunks, position and row blocks, channels
+    reordered by candidate count or not) gives the plain int64 all-lanes accumulators, and reports exactly the
+    lanes that leave int16."""
     from safeobs.kernels import emulator as emu
 
     a, w, w_zp, x_zp, valid, taps, pairs = case
@@ -480,13 +481,15 @@ def test_fast_gemm_equals_plain_reference(case, tiny_blocks):
     ocg = w.shape[1]
     act = emu._Act(a, valid, taps, (p,))
     order = np.arange(w.size).reshape(w.shape)
-    saved = emu._BLOCK, emu._LANES, emu._WBLOCK
+    saved = emu._BLOCK, emu._LANES, emu._WBLOCK, emu._PERMUTE
     if tiny_blocks:  # every loop of the fast path runs more than once
         emu._BLOCK, emu._LANES, emu._WBLOCK = 2 * g * kg, 3, 7
+    if reorder is not None:  # channels reordered whenever there are candidates (one group), or never
+        emu._PERMUTE = 0 if reorder else np.inf
     try:
         acc, sat = emu._gemm(act, w, x_zp, w_zp, pairs, order, True)
     finally:
-        emu._BLOCK, emu._LANES, emu._WBLOCK = saved
+        emu._BLOCK, emu._LANES, emu._WBLOCK, emu._PERMUTE = saved
     ref = emu._gemm_reference(act, w, x_zp, w_zp, pairs)
     assert np.array_equal(np.asarray(acc, np.float64), ref.astype(np.float64))
     # the saturated lanes, counted here from the raw codes
