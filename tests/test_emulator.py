@@ -528,3 +528,31 @@ def test_tensor_outputs_have_the_real_ops_memory_layout():
     )
     yc = emulator.conv2d(xc, wc, None, padding=1, scale=0.1, zero_point=7, engine="fbgemm", isa="avx2")
     assert yc.is_contiguous() and yc.shape == (2, 6, 9, 9)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(
+    nd=st.integers(1, 3),
+    k=st.integers(1, 4),
+    dil=st.integers(1, 3),
+    lead_stride=st.integers(1, 3),
+    groups=st.sampled_from([1, 2, 3]),
+    n=st.integers(1, 2),
+    half=st.integers(1, 9),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_stride2_windows_equal_the_strided_copy(nd, k, dil, lead_stride, groups, n, half, seed):
+    """The stride-2 im2col (last axis read as uint16 column pairs, a tap = one cast) equals the plain strided copy
+    for every rank, kernel, dilation, group count and even width."""
+    from safeobs.kernels import emulator as emu
+
+    w = 2 * half
+    ks, dils, strides = (k,) * nd, (dil,) * nd, (lead_stride,) * (nd - 1) + (2,)
+    if w < dil * (k - 1) + 1:
+        return
+    rng = np.random.default_rng(seed)
+    lead = tuple(int(v) for v in rng.integers(dil * (k - 1) + 1, dil * (k - 1) + 5, nd - 1))
+    buf = rng.integers(0, 256, (n, groups * 2) + lead + (w,)).astype(np.uint8)
+    got, got_sp = emu._windows(buf, ks, strides, dils, groups, False)
+    want, want_sp = emu._windows_any(buf, ks, strides, dils, groups, False)
+    assert tuple(got_sp) == tuple(want_sp) and np.array_equal(got, want)

@@ -458,6 +458,13 @@ def _kernel_pairs(kernel, w_shape, op, groups, isa):
 
 def _windows(buf: np.ndarray, k, stride, dilation, groups: int, flip: bool):
     """(N, C, *S) -> (G, taps*ICg, N*prod(O)) in kernel order: taps first, input channel fastest."""
+    if stride[-1] == 2 and not flip and buf.shape[-1] % 2 == 0 and buf.shape[-1] >= dilation[-1] * (k[-1] - 1) + 1:
+        return _windows_s2(buf, k, stride, dilation, groups)
+    return _windows_any(buf, k, stride, dilation, groups, flip)
+
+
+def _windows_any(buf: np.ndarray, k, stride, dilation, groups: int, flip: bool):
+    """:func:`_windows` through one strided copy (any stride)."""
     nd = len(k)
     n, c = buf.shape[:2]
     win = tuple(d * (kk - 1) + 1 for kk, d in zip(k, dilation))
@@ -473,6 +480,36 @@ def _windows(buf: np.ndarray, k, stride, dilation, groups: int, flip: bool):
     perm = (1,) + tuple(range(3 + nd, 3 + 2 * nd)) + (2, 0) + tuple(range(3, 3 + nd))
     a = np.ascontiguousarray(v.transpose(perm)).reshape(groups, -1, n * int(np.prod(out_sp)))
     return a, out_sp
+
+
+def _windows_s2(buf: np.ndarray, k, stride, dilation, groups: int):
+    """:func:`_windows` for stride 2 along the last axis (even width): that axis read as little-endian uint16,
+    whose low / high bytes are the even / odd columns, so each tap of the last axis is one contiguous-row cast
+    (a byte-strided copy runs a byte a cycle)."""
+    nd = len(k)
+    n, c = buf.shape[:2]
+    kw, d = k[-1], dilation[-1]
+    u = buf.view("<u2")  # (N, C, *S[:-1], W/2): column pairs
+    win = tuple(dd * (kk - 1) + 1 for kk, dd in zip(k, dilation))
+    v = np.lib.stride_tricks.sliding_window_view(u, win[:-1], axis=tuple(range(2, 1 + nd))) if nd > 1 else u
+    v = v[
+        (slice(None), slice(None))
+        + tuple(slice(None, None, st) for st in stride[:-1])
+        + (slice(None),)
+        + tuple(slice(None, None, dd) for dd in dilation[:-1])
+    ]
+    ow = (buf.shape[-1] - d * (kw - 1) - 1) // 2 + 1
+    out_sp = v.shape[2 : 1 + nd] + (ow,)
+    icg = c // groups
+    out = np.empty((groups, *k, icg, n, *out_sp), np.uint8)
+    # (N, G, ICg, *O[:-1], W/2, *k[:-1]) -> (G, *k[:-1], ICg, N, *O[:-1], W/2)
+    v = v.reshape((n, groups, icg) + v.shape[2:])
+    v = v.transpose((1,) + tuple(range(3 + nd, 2 + 2 * nd)) + (2, 0) + tuple(range(3, 3 + nd)))
+    for j in range(kw):  # tap j of the last axis reads column 2*o + j*d: pair o + (j*d)//2, byte (j*d) % 2
+        sh, hi = divmod(j * d, 2)
+        src = v[..., sh : sh + ow]
+        np.copyto(out[(slice(None),) * nd + (j,)], np.right_shift(src, 8) if hi else src, casting="unsafe")
+    return out.reshape(groups, -1, n * int(np.prod(out_sp))), out_sp
 
 
 def _conv_input_buffer(x, k, stride, padding, dilation, transposed, output_padding, fill):
