@@ -108,7 +108,7 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def rounds_of(fns, budget_s=1.5, lo=3, hi=25):
+def rounds_of(fns, budget_s=1.5, lo=3, hi=100):
     """Interleaved rounds of ``fns``: (best CPU seconds, best wall seconds) per function."""
     t0 = time.perf_counter()
     for f in fns:

@@ -469,10 +469,11 @@ def _gemm_cases(draw):
 
 
 @settings(max_examples=250, deadline=None, derandomize=True, database=None)
-@given(case=_gemm_cases(), tiny_blocks=st.booleans())
-def test_fast_gemm_equals_plain_reference(case, tiny_blocks):
-    """The optimised core (candidate filter, float32 BLAS, K chunks, lane chunks, position and row blocks) gives
-    the plain int64 all-lanes accumulators, and reports exactly the lanes that leave int16."""
+@given(case=_gemm_cases(), tiny_blocks=st.booleans(), reorder=st.sampled_from([None, True, False]))
+def test_fast_gemm_equals_plain_reference(case, tiny_blocks, reorder):
+    """The optimised core (candidate filter, float32 BLAS, K chunks, lane chunks, position and row blocks, channels
+    reordered by candidate count or not) gives the plain int64 all-lanes accumulators, and reports exactly the
+    lanes that leave int16."""
     from safeobs.kernels import emulator as emu
 
     a, w, w_zp, x_zp, valid, taps, pairs = case
@@ -480,13 +481,15 @@ def test_fast_gemm_equals_plain_reference(case, tiny_blocks):
     ocg = w.shape[1]
     act = emu._Act(a, valid, taps, (p,))
     order = np.arange(w.size).reshape(w.shape)
-    saved = emu._BLOCK, emu._LANES, emu._WBLOCK
+    saved = emu._BLOCK, emu._LANES, emu._WBLOCK, emu._PERMUTE
     if tiny_blocks:  # every loop of the fast path runs more than once
         emu._BLOCK, emu._LANES, emu._WBLOCK = 2 * g * kg, 3, 7
+    if reorder is not None:  # channels reordered whenever there are candidates (one group), or never
+        emu._PERMUTE = 0 if reorder else np.inf
     try:
         acc, sat = emu._gemm(act, w, x_zp, w_zp, pairs, order, True)
     finally:
-        emu._BLOCK, emu._LANES, emu._WBLOCK = saved
+        emu._BLOCK, emu._LANES, emu._WBLOCK, emu._PERMUTE = saved
     ref = emu._gemm_reference(act, w, x_zp, w_zp, pairs)
     assert np.array_equal(np.asarray(acc, np.float64), ref.astype(np.float64))
     # the saturated lanes, counted here from the raw codes
@@ -525,3 +528,31 @@ def test_tensor_outputs_have_the_real_ops_memory_layout():
     )
     yc = emulator.conv2d(xc, wc, None, padding=1, scale=0.1, zero_point=7, engine="fbgemm", isa="avx2")
     assert yc.is_contiguous() and yc.shape == (2, 6, 9, 9)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(
+    nd=st.integers(1, 3),
+    k=st.integers(1, 4),
+    dil=st.integers(1, 3),
+    lead_stride=st.integers(1, 3),
+    groups=st.sampled_from([1, 2, 3]),
+    n=st.integers(1, 2),
+    half=st.integers(1, 9),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_stride2_windows_equal_the_strided_copy(nd, k, dil, lead_stride, groups, n, half, seed):
+    """The stride-2 im2col (last axis read as uint16 column pairs, a tap = one cast) equals the plain strided copy
+    for every rank, kernel, dilation, group count and even width."""
+    from safeobs.kernels import emulator as emu
+
+    w = 2 * half
+    ks, dils, strides = (k,) * nd, (dil,) * nd, (lead_stride,) * (nd - 1) + (2,)
+    if w < dil * (k - 1) + 1:
+        return
+    rng = np.random.default_rng(seed)
+    lead = tuple(int(v) for v in rng.integers(dil * (k - 1) + 1, dil * (k - 1) + 5, nd - 1))
+    buf = rng.integers(0, 256, (n, groups * 2) + lead + (w,)).astype(np.uint8)
+    got, got_sp = emu._windows(buf, ks, strides, dils, groups, False)
+    want, want_sp = emu._windows_any(buf, ks, strides, dils, groups, False)
+    assert tuple(got_sp) == tuple(want_sp) and np.array_equal(got, want)

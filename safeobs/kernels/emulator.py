@@ -104,8 +104,8 @@ def requantize_fbgemm(acc, x_scale, w_scale, bias, y_scale, y_zp, *, per_channel
     return _requant_fbgemm(xf, x_scale, w_scale, _f32_or_none(bias), y_scale, y_zp, per_channel=per_channel, relu=relu)
 
 
-def _requant_fbgemm(xf, x_scale, w_scale, bias, y_scale, y_zp, *, per_channel: bool, relu: bool):
-    """:func:`requantize_fbgemm` on ``xf`` = f32(int32 acc), which it overwrites."""
+def _requant_fbgemm(xf, x_scale, w_scale, bias, y_scale, y_zp, *, per_channel: bool, relu: bool, bound=None):
+    """:func:`requantize_fbgemm` on ``xf`` = f32(int32 acc), which it overwrites (``bound``: of ``|xf|``, if known)."""
     ws = np.asarray(w_scale, dtype=_F32)
     atws = _F32(x_scale) * ws  # f32(xs * ws)
     mult = atws / _F32(y_scale)
@@ -118,7 +118,12 @@ def _requant_fbgemm(xf, x_scale, w_scale, bias, y_scale, y_zp, *, per_channel: b
     xf *= mult
     y = xf
     zp = int(y_zp)
-    if 0 <= zp <= 255 and (y.size == 0 or (y.min() > _F32(-(2.0**31)) and y.max() < _F32(2.0**31))):  # no NaN
+    if bound is not None:  # |y| <= (bound + |b|) * |mult| (NaN or inf factors: no bound, the check below runs)
+        yb = (bound + (0.0 if bias is None else float(np.abs(b).max(initial=0)))) * float(np.abs(mult).max(initial=0))
+        bound = yb if yb < 2.0**30 else None
+    if 0 <= zp <= 255 and (
+        y.size == 0 or bound is not None or (y.min() > _F32(-(2.0**31)) and y.max() < _F32(2.0**31))
+    ):  # no NaN
         # packs32, adds16, packus (and relu: max with zp) in float32, exact: after rint every value is an
         # integer; where |y| >= 2^24 the sum with zp may round, but stays beyond [0, 255] and clips the same.
         np.rint(y, out=y)
@@ -247,7 +252,8 @@ def _candidates(w_o: np.ndarray, pairs: np.ndarray, amax: np.ndarray):
 
 _WBLOCK = 1 << 18  # weight elements per row block when few positions (1 MB of float32)
 _BLOCK = 1 << 23  # activation elements (G * Kg * positions) per block: float32 scratch stays near 32 MB
-_LANES = 1 << 20  # candidate lanes per correction chunk (4 MB of float32)
+_LANES = 1 << 20  # candidate lanes per correction chunk (2 MB of uint16)
+_PERMUTE = 1  # reorder the channels (slices, not fancy indices, per layer) when lanes >= _PERMUTE x weights
 
 
 def _wz(w_o, w_zp_o, has_wzp: bool) -> np.ndarray:
@@ -258,9 +264,9 @@ def _wz(w_o, w_zp_o, has_wzp: bool) -> np.ndarray:
     return wz
 
 
-def _gemm(act: _Act, w_o: np.ndarray, x_zp: int, w_zp_o: np.ndarray, pairs: np.ndarray, order, want_sat: bool):
-    """int32 accumulators (P, OC), as exact float32 or float64 integers, after zero-point correction (§1, §5.3;
-    §8.2 for skipped padding).
+def _gemm_rows(act: _Act, w_o: np.ndarray, x_zp: int, w_zp_o: np.ndarray, pairs: np.ndarray, order, want_sat: bool):
+    """int32 accumulators (OC, P) (a row per channel, in the order ``slot``), as exact float32 or float64
+    integers, after zero-point correction (§1, §5.3; §8.2 for skipped padding).
 
     ``w_o`` (G, OCg, Kg) raw int8 weight codes in kernel order, ``w_zp_o`` (G, OCg, 1).  The exact value
     ``sum_valid (a - x_zp)(w - w_zp)`` comes from one BLAS product (:func:`_product`) of ``a - x_zp`` (0 at
@@ -268,6 +274,9 @@ def _gemm(act: _Act, w_o: np.ndarray, x_zp: int, w_zp_o: np.ndarray, pairs: np.n
     activations) adds ``sat16(s) - s`` for its lanes ``s``, summed per channel.  The result wraps like the
     kernels' int32.  Positions go in blocks of :data:`_BLOCK` activations, lanes in chunks of :data:`_LANES`:
     the scratch memory is bounded whatever the input size.  :func:`_gemm_reference` is the plain version.
+
+    Returns ``(acc, saturation or None, slot, bound)``: channel c is row ``slot[c]`` (``slot`` None: row c), and
+    ``bound`` bounds every ``|acc|``.
     """
     a = act.a
     g, kg, p = a.shape
@@ -299,21 +308,32 @@ def _gemm(act: _Act, w_o: np.ndarray, x_zp: int, w_zp_o: np.ndarray, pairs: np.n
     if n:  # the corrections of a channel add up to at most the sum of its lanes' bounds
         lane_bound = amax[gi, r0] * np.abs(c0) + amax[gi, r1] * np.abs(c1)
         bound += float(np.bincount(cc, lane_bound, minlength=1).max())
-    # Layers: a channel's k-th candidate of each sign goes to layer (sign, k), so no channel repeats within a
-    # layer and each layer of a chunk adds to distinct rows in one fancy-indexed step.
+    # Layers: a channel's k-th candidate goes to layer k, so no channel repeats within a layer and each layer of
+    # a chunk adds to distinct rows in one step.  When the lanes outnumber the weights (one group), the channels
+    # are computed in the order of their candidate counts, most first (row ``slot[c]`` holds channel c): layer
+    # k then adds to rows [0, n_k), a slice instead of a fancy index (gather, add, scatter).
     rank = np.arange(n) - np.searchsorted(cc, cc)  # cc is sorted (by channel, then pair)
-    lay = np.lexsort((cc, rank, sg))
-    gi, oi, mi, c0, c1, r0, r1, cc, rank, sg = (v[lay] for v in (gi, oi, mi, c0, c1, r0, r1, cc, rank, sg))
+    slot = None
+    row = cc
+    if g == 1 and n and n * p >= _PERMUTE * oc * kg:
+        perm = np.argsort(-np.bincount(cc, minlength=oc), kind="stable")
+        slot = np.empty(oc, np.int64)
+        slot[perm] = np.arange(oc)
+        row = slot[cc]
+        w_o, w_zp_o = w_o[:, perm], w_zp_o[:, perm]
+    lay = np.lexsort((row, rank))
+    gi, oi, mi, c0, c1, r0, r1, cc, row, rank, sg = (v[lay] for v in (gi, oi, mi, c0, c1, r0, r1, cc, row, rank, sg))
     pb = max(1, min(p, _BLOCK // max(1, g * kg)))
     acc = np.empty((g, ocg, p), _F32 if bound < _F32_EXACT else np.float64)
     acc2 = acc.reshape(oc, p)
-    u0, u1 = np.abs(c0).astype(_F32), np.abs(c1).astype(_F32)
     # float32 weights w - w_zp: all at once, or (few positions: the weights dominate) in cache-sized row blocks
     rb = ocg if p > 64 else max(1, _WBLOCK // max(1, g * kg))
     wz_all = None if rb < ocg else _wz(w_o, w_zp_o, has_wzp)
-    # lanes in uint16 (a0|c0| + a1|c1| <= 65280): half the bytes of float32 per pass
-    u0, u1 = u0.astype(np.uint16)[:, None], u1.astype(np.uint16)[:, None]
-    nneg = int(np.count_nonzero(sg < 0))  # sorted by sign: negative candidates first
+    # lanes in uint16 (a0|c0| + a1|c1| <= 65280): half the bytes of float32 per pass; minus lim, read as int16,
+    # they are exactly sg * s - lim (in [-32768, 32513]), whose positive part is the excess
+    u0, u1 = np.abs(c0).astype(np.uint16)[:, None], np.abs(c1).astype(np.uint16)[:, None]
+    lim = np.where(sg < 0, 32768, 32767).astype(np.uint16)[:, None]
+    neg = (-sg).astype(np.int16)[:, None]  # sat16(s) - s = -sg * excess
     parts = []
     for p0 in range(0, p, pb):
         p1 = min(p, p0 + pb)
@@ -334,30 +354,30 @@ def _gemm(act: _Act, w_o: np.ndarray, x_zp: int, w_zp_o: np.ndarray, pairs: np.n
             if x_zp and not shift:
                 out -= (float(x_zp) * wz.sum(axis=2, dtype=np.float64)).astype(acc.dtype)[:, :, None]
         step = max(1, _LANES // (p1 - p0))
+        zero = np.zeros(p1 - p0, np.int16)  # a row, not a scalar: numpy's maximum with a scalar is ~8x slower
         for lo in range(0, n, step):
             hi = min(n, lo + step)
             e = np.multiply(ab[gi[lo:hi], r0[lo:hi]], u0[lo:hi], dtype=np.uint16)  # (chunk, Pb) lanes sg * s
             e += np.multiply(ab[gi[lo:hi], r1[lo:hi]], u1[lo:hi], dtype=np.uint16)
-            for s0, s1, li in ((lo, min(hi, nneg), 32768), (max(lo, nneg), hi, 32767)):  # negative rows first
-                if s1 > s0:  # the excess of every lane: nonzero exactly where it saturates
-                    es = e[s0 - lo : s1 - lo]
-                    np.maximum(es, np.uint16(li), out=es)
-                    es -= np.uint16(li)
+            e -= lim[lo:hi]
+            t = e.view(np.int16)
+            np.maximum(t, zero, out=t)  # the excess of every lane: nonzero exactly where it saturates
+            t *= neg[lo:hi]
             if want_sat:
-                ci, pi = np.nonzero(e != 0)
+                ci, pi = np.nonzero(t)
                 if len(ci):
                     parts.append((pi + p0, ci + lo))
-            cuts = np.r_[lo, lo + np.flatnonzero(np.diff(rank[lo:hi]) | np.diff(sg[lo:hi])) + 1, hi]
-            for l0, l1 in zip(cuts[:-1], cuts[1:]):  # one layer: distinct channels, one sign
-                if sg[l0] > 0:
-                    acc2[cc[l0:l1], p0:p1] -= e[l0 - lo : l1 - lo]
+            cuts = np.r_[lo, lo + np.flatnonzero(np.diff(rank[lo:hi])) + 1, hi]
+            for l0, l1 in zip(cuts[:-1], cuts[1:]):  # one layer: distinct rows (with slot: consecutive ones)
+                if slot is not None:
+                    acc2[row[l0] : row[l1 - 1] + 1, p0:p1] += t[l0 - lo : l1 - lo]
                 else:
-                    acc2[cc[l0:l1], p0:p1] += e[l0 - lo : l1 - lo]
+                    acc2[row[l0:l1], p0:p1] += t[l0 - lo : l1 - lo]
         del af, araw
     if bound >= 2.0**31 and acc.size and max(acc.max(), -acc.min()) >= 2.0**31:  # int32 wrap (needs a huge K)
         acc2[...] = (acc2.astype(np.int64) + 2**31) % 2**32 - 2**31
     if not want_sat:
-        return acc2.T, None
+        return acc2, None, slot, min(bound, 2.0**31)
     if parts:
         pi, cidx = (np.concatenate(x) for x in zip(*parts))
         cc_ = cc[cidx]
@@ -368,7 +388,15 @@ def _gemm(act: _Act, w_o: np.ndarray, x_zp: int, w_zp_o: np.ndarray, pairs: np.n
     else:
         pi, cc_, pr = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
     pos = np.stack(np.unravel_index(pi, act.pos_shape), axis=1) if len(act.pos_shape) else pi[:, None]
-    return acc2.T, Saturation(int(len(pi)), pos.astype(np.int64), cc_.astype(np.int64), pr.astype(np.int64))
+    sat = Saturation(int(len(pi)), pos.astype(np.int64), cc_.astype(np.int64), pr.astype(np.int64))
+    return acc2, sat, slot, min(bound, 2.0**31)
+
+
+def _gemm(act: _Act, w_o: np.ndarray, x_zp: int, w_zp_o: np.ndarray, pairs: np.ndarray, order, want_sat: bool):
+    """:func:`_gemm_rows` as int32 accumulators (P, OC) in channel order (a view of a float array) and the
+    :class:`Saturation` (None unless ``want_sat``)."""
+    acc, sat, slot, _ = _gemm_rows(act, w_o, x_zp, w_zp_o, pairs, order, want_sat)
+    return _natural(acc, slot), sat
 
 
 def _gemm_reference(act: _Act, w_o: np.ndarray, x_zp: int, w_zp_o: np.ndarray, pairs: np.ndarray):
@@ -430,6 +458,13 @@ def _kernel_pairs(kernel, w_shape, op, groups, isa):
 
 def _windows(buf: np.ndarray, k, stride, dilation, groups: int, flip: bool):
     """(N, C, *S) -> (G, taps*ICg, N*prod(O)) in kernel order: taps first, input channel fastest."""
+    if stride[-1] == 2 and not flip and buf.shape[-1] % 2 == 0 and buf.shape[-1] >= dilation[-1] * (k[-1] - 1) + 1:
+        return _windows_s2(buf, k, stride, dilation, groups)
+    return _windows_any(buf, k, stride, dilation, groups, flip)
+
+
+def _windows_any(buf: np.ndarray, k, stride, dilation, groups: int, flip: bool):
+    """:func:`_windows` through one strided copy (any stride)."""
     nd = len(k)
     n, c = buf.shape[:2]
     win = tuple(d * (kk - 1) + 1 for kk, d in zip(k, dilation))
@@ -445,6 +480,36 @@ def _windows(buf: np.ndarray, k, stride, dilation, groups: int, flip: bool):
     perm = (1,) + tuple(range(3 + nd, 3 + 2 * nd)) + (2, 0) + tuple(range(3, 3 + nd))
     a = np.ascontiguousarray(v.transpose(perm)).reshape(groups, -1, n * int(np.prod(out_sp)))
     return a, out_sp
+
+
+def _windows_s2(buf: np.ndarray, k, stride, dilation, groups: int):
+    """:func:`_windows` for stride 2 along the last axis (even width): that axis read as little-endian uint16,
+    whose low / high bytes are the even / odd columns, so each tap of the last axis is one contiguous-row cast
+    (a byte-strided copy runs a byte a cycle)."""
+    nd = len(k)
+    n, c = buf.shape[:2]
+    kw, d = k[-1], dilation[-1]
+    u = buf.view("<u2")  # (N, C, *S[:-1], W/2): column pairs
+    win = tuple(dd * (kk - 1) + 1 for kk, dd in zip(k, dilation))
+    v = np.lib.stride_tricks.sliding_window_view(u, win[:-1], axis=tuple(range(2, 1 + nd))) if nd > 1 else u
+    v = v[
+        (slice(None), slice(None))
+        + tuple(slice(None, None, st) for st in stride[:-1])
+        + (slice(None),)
+        + tuple(slice(None, None, dd) for dd in dilation[:-1])
+    ]
+    ow = (buf.shape[-1] - d * (kw - 1) - 1) // 2 + 1
+    out_sp = v.shape[2 : 1 + nd] + (ow,)
+    icg = c // groups
+    out = np.empty((groups, *k, icg, n, *out_sp), np.uint8)
+    # (N, G, ICg, *O[:-1], W/2, *k[:-1]) -> (G, *k[:-1], ICg, N, *O[:-1], W/2)
+    v = v.reshape((n, groups, icg) + v.shape[2:])
+    v = v.transpose((1,) + tuple(range(3 + nd, 2 + 2 * nd)) + (2, 0) + tuple(range(3, 3 + nd)))
+    for j in range(kw):  # tap j of the last axis reads column 2*o + j*d: pair o + (j*d)//2, byte (j*d) % 2
+        sh, hi = divmod(j * d, 2)
+        src = v[..., sh : sh + ow]
+        np.copyto(out[(slice(None),) * nd + (j,)], np.right_shift(src, 8) if hi else src, casting="unsafe")
+    return out.reshape(groups, -1, n * int(np.prod(out_sp))), out_sp
 
 
 def _conv_input_buffer(x, k, stride, padding, dilation, transposed, output_padding, fill):
@@ -489,12 +554,27 @@ def _conv_act(x, k, stride, padding, dilation, groups, transposed, output_paddin
     return _Act(a, valid, int(np.prod(k)), (x.shape[0],) + tuple(out_sp)), out_sp
 
 
-def _requant(kernel, acc, x_scale, ws, bias, y_scale, y_zp, *, per_channel: bool, relu: bool):
-    """The backend's output stage on :func:`_gemm`'s accumulators (overwritten when float32: _gemm's own)."""
+def _requant(kernel, acc, x_scale, ws, bias, y_scale, y_zp, *, per_channel: bool, relu: bool, slot=None, bound=None):
+    """The backend's output stage on :func:`_gemm_rows`'s accumulators (OC, P) (overwritten when float32), channel
+    c in row ``slot[c]``: uint8 codes (OC, P) in channel order.  Per-channel factors are columns, broadcast along
+    the rows: every pass is contiguous.  ``bound`` (bounds ``|acc|``) can spare the range check."""
     xf = acc if acc.dtype == _F32 else acc.astype(_F32)  # exact integers < 2^31: float64 -> float32 is cvtdq2ps
+    col = np.asarray(ws, dtype=np.float64).reshape(-1, 1)
+    bcol = None if bias is None else bias.reshape(-1, 1)
+    if slot is not None:
+        perm = np.argsort(slot)
+        col = col[perm]
+        bcol = None if bcol is None else bcol[perm]
     if kernel.backend == "fbgemm":
-        return _requant_fbgemm(xf, x_scale, ws, bias, y_scale, y_zp, per_channel=per_channel, relu=relu)
-    return _requant_onednn(xf, x_scale, ws, bias, y_scale, y_zp, relu=relu)
+        q = _requant_fbgemm(xf, x_scale, col, bcol, y_scale, y_zp, per_channel=per_channel, relu=relu, bound=bound)
+    else:
+        q = _requant_onednn(xf, x_scale, col, bcol, y_scale, y_zp, relu=relu)
+    return q if slot is None else np.take(q, slot, axis=0)
+
+
+def _natural(acc, slot):
+    """:func:`_gemm_rows`'s accumulators as (P, OC) in channel order."""
+    return (acc if slot is None else np.take(acc, slot, axis=0)).T
 
 
 # -- integer core ----------------------------------------------------------------------------------
@@ -516,8 +596,10 @@ def _qlinear(x, x_scale, x_zp, w, w_scale, w_zp, bias, *, engine, isa, exact, wa
     if kernel.backend == "onednn" and np.any(wzp != 0):
         raise ValueError("oneDNN requires weight zero points of 0")
     per_channel = np.asarray(w_scale).size > 1 or np.asarray(w_zp).size > 1
-    acc, sat = qlinear_acc(x, x_zp, w, wzp, kernel=kernel, isa=isa, exact=exact, _want_sat=want_sat, _raw=True)
-    return acc, sat, kernel, per_channel, ws, _bias(bias, oc)
+    acc, sat, slot, bound = qlinear_acc(
+        x, x_zp, w, wzp, kernel=kernel, isa=isa, exact=exact, _want_sat=want_sat, _raw=True
+    )
+    return acc, sat, kernel, per_channel, ws, _bias(bias, oc), slot, bound
 
 
 def qlinear_acc(
@@ -541,8 +623,10 @@ def qlinear_acc(
     x = np.asarray(x)
     act = _Act(np.ascontiguousarray(x.reshape(-1, w.shape[1]).T, dtype=np.uint8)[None], None, 1, x.shape[:-1])
     pairs = _pairs(kernel, w.shape, "linear", 1, isa, exact)
-    acc, sat = _gemm(act, w_o, int(x_zp), wzp_o, pairs, order, _want_sat)
-    return (acc, sat) if _raw else (acc.astype(np.float64, copy=False), sat)
+    acc, sat, slot, bound = _gemm_rows(act, w_o, int(x_zp), wzp_o, pairs, order, _want_sat)
+    if _raw:  # _gemm_rows's (OC, P) rows, channel order ``slot``, and bound
+        return acc, sat, slot, bound
+    return _natural(acc, slot).astype(np.float64, copy=False), sat
 
 
 def qlinear_codes(
@@ -564,11 +648,11 @@ def qlinear_codes(
 ):
     """Quantized Linear on codes: ``x`` uint8 (..., K), ``w`` int8 (OC, K), per-tensor or per-channel
     ``w_scale``/``w_zp``; returns uint8 codes (..., OC)."""
-    acc, sat, kernel, per_channel, ws, b = _qlinear(
+    acc, sat, kernel, per_channel, ws, b, slot, bound = _qlinear(
         x, x_scale, x_zp, w, w_scale, w_zp, bias, engine=engine, isa=isa, exact=exact, want_sat=_want_sat
     )
-    q = _requant(kernel, acc, x_scale, ws, b, y_scale, y_zp, per_channel=per_channel, relu=relu)
-    q = q.reshape(np.shape(x)[:-1] + (np.shape(w)[0],))
+    q = _requant(kernel, acc, x_scale, ws, b, y_scale, y_zp, per_channel=per_channel, relu=relu, slot=slot, bound=bound)
+    q = q.T.reshape(np.shape(x)[:-1] + (np.shape(w)[0],))  # (OC, P) -> (..., OC)
     return (q, sat) if _want_sat else q
 
 
@@ -645,9 +729,21 @@ def qconv_codes(
     act, out_sp = _conv_act(x, k, stride, padding, dilation, g, transposed, output_padding, fill, int(x_zp))
     order, w_o, wzp_o = _weights_in_order(w, op, g, wzp)
     pairs = _pairs(kernel, w.shape, op, g, isa, exact)
-    acc, sat = _gemm(act, w_o, int(x_zp), wzp_o, pairs, order, _want_sat)
-    q = _requant(kernel, acc, x_scale, ws, _bias(bias, oc), y_scale, y_zp, per_channel=per_channel, relu=relu)
-    q = np.moveaxis(q.T.reshape((oc, x.shape[0]) + tuple(out_sp)), 0, 1)  # (P, OC) -> (N, OC, *O)
+    acc, sat, slot, bound = _gemm_rows(act, w_o, int(x_zp), wzp_o, pairs, order, _want_sat)
+    q = _requant(
+        kernel,
+        acc,
+        x_scale,
+        ws,
+        _bias(bias, oc),
+        y_scale,
+        y_zp,
+        per_channel=per_channel,
+        relu=relu,
+        slot=slot,
+        bound=bound,
+    )
+    q = np.moveaxis(q.reshape((oc, x.shape[0]) + tuple(out_sp)), 0, 1)  # (OC, P) -> (N, OC, *O)
     return (q, sat) if _want_sat else q
 
 
@@ -711,9 +807,10 @@ def qlinear_dynamic_codes(
         return _qlinear_dynamic_onednn(
             x, xq, xs_d, xzp, w, w_scale, w_zp, bias, isa=isa, relu=relu, exact=exact, want_sat=_want_sat
         )
-    acc, sat, _, _, ws, b = _qlinear(
+    acc, sat, _, _, ws, b, slot, _ = _qlinear(
         xq, xs, xzp, w, w_scale, w_zp, bias, engine=engine, isa=isa, exact=exact, want_sat=_want_sat
     )
+    acc = _natural(acc, slot)
     # ReQuantizeForFloat AVX2 is fma(f32(acc), f32(As*Bs), bias) with one rounding (checked against the
     # real op; mul then add differs by 1 ulp).  The float64 product is exact; the float64 add can only
     # double-round when the sum needs > 53 bits and lands on an f32 tie (not observed).
@@ -748,9 +845,10 @@ def _qlinear_dynamic_onednn(x, xq, xs_d, xzp, w, w_scale, w_zp, bias, *, isa, re
         with np.errstate(divide="ignore", invalid="ignore"):
             t = (x / _F32(xs_d)).astype(_F32) + _F32(xzp)
         xq = np.clip(np.rint(t), 0, 255).astype(np.uint8)
-    acc, sat, _, _, ws, b = _qlinear(
+    acc, sat, _, _, ws, b, slot, _ = _qlinear(
         xq, _F32(xs_d), xzp, w, w_scale, w_zp, bias, engine="onednn", isa=isa, exact=exact, want_sat=want_sat
     )
+    acc = _natural(acc, slot)
     # qlinear_prepack.cpp: per tensor ``1.0/q_scale()`` from the double, per channel ``1.0f/scale.item<float>()``
     wrec = _recip2(ws) if np.asarray(w_scale).size == 1 else _recip2(ws.astype(_F32))
     if isa == "avx2":
