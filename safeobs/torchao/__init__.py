@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover - exercised only without torchao
 from ..core import statefile
 from ..core.layers import LayerCodes, QLayer
 from ..core.progress import auto, progress_bar, rss_mb
-from ..core.rounding import _batches, _objective, round_weight
+from ..core.rounding import _batches, round_weight
 from ..core.solver import layout_pairs, raise_scales
 from ..core.verify import Report, check_codes, check_layers
 from . import emulator as emulator_torchao
@@ -392,16 +392,11 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
             h = hsum.double().numpy() / n
             del hsum
             rtn = quantize_weight(w, config)  # what the handler will store: the call without calibration
-            r = round_weight(w, h, layout=config.layout, op="linear", bias_correction=False)
-            w64 = w.to(torch.float32).cpu().double().numpy()
             q0, s0 = rtn.qdata.cpu().numpy(), rtn.scale.detach().float().cpu().numpy().reshape(-1)
-            err0 = _objective(w64 - s0[:, None].astype(np.float64) * q0, h)
-            err1 = _objective(w64 - r.scale[:, None].astype(np.float64) * r.codes, h)
-            del w, w64, h, rtn
-            better = err1 < err0
-            codes = torch.from_numpy(np.where(better[:, None], r.codes, q0).astype(np.int8))
-            scale = torch.from_numpy(np.where(better, r.scale, s0).astype(np.float32))
-            del r, q0
+            # the handler's scales and codes are round_weight's base: per row, never worse than them
+            r = round_weight(w, h, layout=config.layout, op="linear", bias_correction=False, scale=s0, rtn_codes=q0)
+            del w, h, rtn, q0
+            codes, scale = torch.from_numpy(r.codes), torch.from_numpy(r.scale)
             _qa.quantize_(mod, config, filter_fn=lambda m, _fqn, mod=mod: m is mod, device=device)
             wq = mod.weight
             if not isinstance(wq, Int8Tensor):  # pragma: no cover - the handler always makes one
@@ -412,7 +407,8 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
             left = check_codes(wq.qdata.detach().cpu().numpy(), config.layout, op="linear")
             if left:  # never expected: both candidates are safe row by row
                 raise RuntimeError(f"{name}: {len(left)} weight pairs unsafe after data-aware rounding; please report")
-            errors[name], done = (np.minimum(err0, err1), err0), done | {name}
+            errors[name], done = (r.error, r.rtn_error), done | {name}
+            del r
         rest = filter_fn if filter_fn is not None else _qa._is_linear
         _qa.quantize_(model, config, filter_fn=lambda m, fqn: fqn not in done and rest(m, fqn), device=device)
     # per row, the calibration objective of the stored codes and of the call without calibration
