@@ -950,3 +950,33 @@ def test_rewrite_requantizes_smooth_quant_weights_from_float():
         err = np.abs(true - s[:, None].astype(np.float64) * qw.view(qw.codes))
         assert np.all(err <= s[:, None] * (0.5 + 1e-3)), qw.name
         assert all(W.unsafe_channels(qw, isa).size == 0 for isa in W.ISAS)
+
+
+def test_bias_correction_keeps_nncf_mean_output():
+    """bias_correction=True: NNCF's bias was computed for its own codes; the new codes' mean output error
+    ((W_nncf - W_safe) . E[x]) goes into the bias, so on the calibration items the quantized layer's mean output
+    (run on the plugin) is NNCF's again, far closer than without the correction."""
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(48, 24).eval()
+    model = ov.convert_model(lin, example_input=torch.randn(1, 8, 48))
+    rng = np.random.default_rng(2)
+    offset = rng.normal(0, 2, 48)  # inputs with a large mean: the mean error is a real part of the output error
+    items = [(rng.standard_normal((1, 8, 48)) + offset).astype(np.float32) for _ in range(8)]
+    data = nncf.Dataset(items)
+    adv = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.DISABLE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = nncf.quantize(model, data, subset_size=8, advanced_parameters=adv)
+        on = sov.quantize(model, data, subset_size=8, bias_correction=True)
+        off = sov.quantize(model, data, subset_size=8)
+
+    def mean_out(m):
+        c = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return np.mean([c(x)[0].reshape(-1, 24) for x in items], axis=(0, 1))
+
+    ref = mean_out(stock)
+    gap_on, gap_off = np.abs(mean_out(on) - ref).max(), np.abs(mean_out(off) - ref).max()
+    assert gap_on < 0.2 * gap_off, (gap_on, gap_off)
+    assert all(W.unsafe_channels(qw, isa).size == 0 for qw in W.read_weights(on) for isa in W.ISAS)
+    with pytest.raises(TypeError, match="bias_correction"):
+        sov.quantize(model, data, subset_size=8, bias_correction="yes")
