@@ -238,7 +238,14 @@ def _round_layout(qw, v: np.ndarray, layout: str) -> str:
 
 
 def _data_aware(
-    qw, w: np.ndarray, codes: np.ndarray, scale: np.ndarray, h: np.ndarray, layout: str, mean: np.ndarray | None = None
+    qw,
+    w: np.ndarray,
+    codes: np.ndarray,
+    scale: np.ndarray,
+    h: np.ndarray,
+    layout: str,
+    mean: np.ndarray | None = None,
+    multipliers=None,
 ):
     """``(codes, scale, objective, RTN objective)`` (stored shapes; per channel objectives) from
     :func:`safeobs.core.rounding.round_weight` at the safe RTN ``(codes, scale)``, per channel the better of the
@@ -266,7 +273,7 @@ def _data_aware(
             # a wider layout than the one the RTN codes are safe for: its own clipped RTN is the base candidate
             rtn_codes=np.ascontiguousarray(cv) if lay == layout else None,
             # per channel: the scale search (a per-tensor scale is shared by every channel: one candidate)
-            multipliers=SCALE_SEARCH if per_channel else SINGLE_SCALE,
+            multipliers=(SCALE_SEARCH if multipliers is None else multipliers) if per_channel else SINGLE_SCALE,
         )
     except (ValueError, AssertionError):  # a shape this path does not model: keep the RTN codes
         return None
@@ -365,6 +372,9 @@ def rewrite(
     layout: str = "openvino",
     stats: dict | None = None,
     means: dict | None = None,
+    *,
+    smooth_quant: bool = True,
+    multipliers=None,
 ) -> list[dict]:
     """Make every int8 weight of an NNCF-quantized ``ov.Model`` safe, in place; one info dict per weight.
 
@@ -375,7 +385,9 @@ def rewrite(
     data-aware codes; the info then holds ``objective`` and ``rtn_objective`` per output channel.
     ``means``: ``{node name: E[x]}``; where the node has a bias (:func:`bias_constant`), the bias gets
     ``(W_nncf - W_safe) . E[x]`` per output channel (NNCF's bias correction was computed for its own codes: this
-    keeps the layer's mean output where NNCF put it) and the codes minimise ``e^T (H - mu mu^T) e``."""
+    keeps the layer's mean output where NNCF put it) and the codes minimise ``e^T (H - mu mu^T) e``.
+    ``smooth_quant=False`` / ``multipliers`` (candidate scales of per-channel weights, default
+    ``safeobs.core.rounding.SCALE_SEARCH``): for ablations (benchmarks/bench_openvino.py ``--ablation``)."""
     floats, stats, means = floats or {}, stats or {}, means or {}
     infos = []
     for qw in read_weights(model):
@@ -384,7 +396,7 @@ def rewrite(
             w = floats.get(qw.name)
             factor = None
             use = w is not None and _consistent(w, qw)
-            if w is not None and not use:
+            if w is not None and not use and smooth_quant:
                 factor = smooth_quant_factor(qw)
                 if factor is not None:
                     ws = _unsmooth(qw, w, factor)
@@ -401,7 +413,7 @@ def rewrite(
                 mu = None
             if h is not None:
                 wf = w if use else qw.codes.astype(np.float32) * np.asarray(qw.scale, np.float32)
-                r = _data_aware(qw, wf, codes, scale, h, layout, mu)
+                r = _data_aware(qw, wf, codes, scale, h, layout, mu, multipliers)
                 if r is not None:
                     codes, scale = r[0], r[1]
                     info.update(objective=r[2], rtn_objective=r[3], data_aware=int(np.count_nonzero(r[2] < r[3])))
