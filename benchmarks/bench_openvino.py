@@ -596,6 +596,115 @@ def plot(results, path):
     plt.close(fig)
 
 
+# -- ablation: what each part of safeobs's data-aware rewrite does (natively) ---------------------------------
+
+ABLATION = (
+    ("NNCF DISABLE", None),
+    ("safeobs RTN (data_aware=False)", dict(stats=False)),
+    ("data-aware as before (no SmoothQuant recovery, raw H)", dict(smooth_quant=False, shrink=False)),
+    ("+ SmoothQuant recovery (float w / a)", dict(shrink=False)),
+    ("+ Ledoit-Wolf shrinkage of H (safeobs default)", dict()),
+    ("default, one scale (no scale search)", dict(multipliers=(1.0,))),
+    ("default + bias_correction=True", dict(bias=True)),
+)
+
+
+def ablation(case, log) -> dict:
+    """One NNCF DISABLE model (activation x activation MatMuls in float, as safeobs.openvino.quantize) rewritten
+    by each variant of :data:`ABLATION`; SQNR natively on all held-out inputs and on the qemu subset."""
+    from safeobs.openvino import ptq
+    from safeobs.openvino.weights import find_activation_matmuls
+
+    act = [op.get_friendly_name() for op in find_activation_matmuls(case["ov"])]
+    ds = nncf.Dataset(case["calib"])
+    kw = dict(subset_size=len(case["calib"]), model_type=case["model_type"])
+    adv = AdvancedQuantizationParameters(overflow_fix=OverflowFix.DISABLE)
+    base = nncf.quantize(case["ov"], ds, advanced_parameters=adv, **kw)
+    q0 = nncf.quantize(case["ov"], ds, advanced_parameters=adv, ignored_scope=nncf.IgnoredScope(names=act), **kw)
+    floats = ptq.float_weights(case["ov"])
+    stats, means, lw = ptq.calibration_moments(case["ov"], ds.get_inference_data(), names=set(floats))
+    models_ = {"FP32": case["ov"]}
+    for name, v in ABLATION:
+        if v is None:
+            models_[name] = base
+            continue
+        q, st = q0.clone(), None
+        if v.get("stats", True):
+            if v.get("bias"):
+                mm = {k: mu.reshape(mu.shape[0], -1, 1) * mu.reshape(mu.shape[0], 1, -1) for k, mu in means.items()}
+                st = {k: ptq.shrink(h - mm[k], lw[k]) + mm[k] for k, h in stats.items()}
+            else:
+                st = {k: ptq.shrink(h, lw[k]) if v.get("shrink", True) else h for k, h in stats.items()}
+        ptq.rewrite(
+            q,
+            floats,
+            "openvino",
+            st,
+            means if v.get("bias") else None,
+            smooth_quant=v.get("smooth_quant", True),
+            multipliers=v.get("multipliers"),
+        )
+        models_[name] = q
+    names = list(models_)
+    out = {}
+    for key in ("feeds", "qemu_feeds"):
+        res = ovk.run([{"model": models_[c], "feeds": case[key]} for c in names], mode="native", timeout=3600)
+        ys = {
+            c: np.concatenate([np.asarray(case["out"](f, o), np.float64) for f, o in zip(case[key], r["outputs"])])
+            for c, r in zip(names, res)
+        }
+        out[key] = {c: sqnr(ys["FP32"], ys[c]) for c in names[1:]}
+    log(f"ablation {case['name']} done")
+    return {"model": case["name"], "n": case["n"], "sqnr_all": out["feeds"], "sqnr_subset": out["qemu_feeds"]}
+
+
+def ablation_report(rows, meta) -> str:
+    L = [
+        "# OpenVINO + NNCF: ablation of safeobs's data-aware rewrite (`benchmarks/bench_openvino.py --ablation`)",
+        "",
+        f"Host: {meta['cpu']}; every number natively, **{meta['native_label']}** (int8 products accumulated"
+        " exactly: this isolates rounding quality from saturation). openvino"
+        f" {meta['openvino']}, nncf {meta['nncf']}. SQNR against FP32 on the held-out inputs (all of them, and the"
+        " subset `openvino.md` runs under qemu). Every row but the first rewrites ONE NNCF DISABLE model (activation"
+        " x activation MatMuls in float, as `safeobs.openvino.quantize` does) from the same calibration set.",
+        "",
+    ]
+    for r in rows:
+        L += [f"## {r['model']} ({r['n'][0]} calibration, {r['n'][1]} held-out)", ""]
+        L += ["| variant | SQNR, all held-out | SQNR, qemu subset |", "|---|---|---|"]
+        for c in r["sqnr_all"]:
+            L.append(f"| {c} | {fmt_db(r['sqnr_all'][c])} | {fmt_db(r['sqnr_subset'][c])} |")
+        L.append("")
+    L.append(f"Run time: {meta['seconds']:.0f} s.")
+    return "\n".join(L) + "\n"
+
+
+def ablation_plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(6.5 * len(rows), 4.6), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        names = list(r["sqnr_all"])
+        x = np.arange(len(names))
+        ax.bar(x - 0.2, [r["sqnr_all"][c] for c in names], 0.4, label="all held-out", color="#1f77b4")
+        ax.bar(x + 0.2, [r["sqnr_subset"][c] for c in names], 0.4, label="qemu subset", color="#9ecae1")
+        lo = min(min(r["sqnr_all"].values()), min(r["sqnr_subset"].values()))
+        ax.set_ylim(lo - 1.5, max(max(r["sqnr_all"].values()), max(r["sqnr_subset"].values())) + 0.8)
+        ax.set_xticks(x, [str(i) for i in range(len(names))])
+        ax.set_xlabel("variant: row of the table in openvino_ablation.md (0 = NNCF DISABLE)")
+        ax.set_ylabel("SQNR vs FP32 (dB), natively")
+        ax.set_title(r["model"])
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("safeobs.openvino data-aware rewrite, ablation (VNNI native; rows as in openvino_ablation.md)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=int, default=0, help="held-out photos natively (0: all 80)")
@@ -609,6 +718,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="truncated MobileNetV2 on 64x64 crops, few inputs")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument("--report-only", action="store_true", help="re-render md and png from OUT/openvino.json")
+    ap.add_argument("--ablation", action="store_true", help="only the ablation (natively): openvino_ablation.*")
     args = ap.parse_args(argv)
     t_start = time.time()
     if args.report_only:
@@ -632,6 +742,23 @@ def main(argv=None):
             image_case("MobileNetV2", models.mobilenet_v2().eval(), 224, args.photos, args.qemu_photos),
             text_case(args.sentences, args.qemu_sentences),
         ]
+    if args.ablation:
+        rows = [ablation(c, log) for c in cases]
+        meta = {
+            "cpu": realkernel.cpu_name(),
+            "native_label": "VNNI (native)"
+            if ovk.mode_isa("native") == "vnni"
+            else f"{ovk.mode_isa('native')} (native)",
+            "openvino": ov.__version__.split("-")[0],
+            "nncf": nncf.__version__,
+            "seconds": time.time() - t_start,
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "openvino_ablation.md").write_text(ablation_report(rows, meta))
+        (args.out / "openvino_ablation.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        ablation_plot(rows, args.out / "openvino_ablation.png")
+        log(f"wrote {args.out / 'openvino_ablation.md'}")
+        return rows
     results = []
     for case in cases:
         res = evaluate(case, args, log)

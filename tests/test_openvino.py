@@ -883,3 +883,100 @@ def test_audit_flags_fake_quantized_weights():
     )
     plain = ov.Model([ops.matmul(x, wq, False, True)], [x])
     assert A.audit_model(plain)["unweighted"] == []
+
+
+# -- 6b. statistics for data-aware rounding: SmoothQuant coordinates, Ledoit-Wolf shrinkage --------------------
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tokens=st.integers(2, 12), k=st.integers(2, 24), items=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_calibration_moments_match_ledoit_wolf(tokens, k, items, seed):
+    """calibration_moments gives E[x x^T], E[x] and the Ledoit-Wolf shrinkage intensity of a MatMul input (few
+    samples, often fewer than K), checked against the samples and scikit-learn's ledoit_wolf (assume_centered:
+    shrinkage of the second moment toward tr / K * I); shrink() gives scikit-learn's shrunk matrix."""
+    from sklearn.covariance import ledoit_wolf
+
+    rng = np.random.default_rng(seed)
+    p = ops.parameter([1, tokens, k], np.float32, name="x")
+    model = ov.Model([ops.matmul(p, ops.constant(rng.standard_normal((3, k)).astype(np.float32)), False, True)], [p])
+    feeds = [(rng.standard_normal((1, tokens, k)) * rng.uniform(0.1, 4, k) + rng.normal(0, 1, k)) for _ in range(items)]
+    feeds = [f.astype(np.float32) for f in feeds]
+    (h,), (mu,), (a,) = (d.values() for d in Q.calibration_moments(model, feeds))
+    x = np.concatenate([f.reshape(-1, k) for f in feeds]).astype(np.float64)
+    assert np.allclose(h[0], x.T @ x / len(x), rtol=1e-5, atol=1e-6) and np.allclose(mu[0], x.mean(0), atol=1e-6)
+    ref_h, ref_a = ledoit_wolf(x, assume_centered=True)
+    assert np.allclose(a[0], ref_a, rtol=1e-4, atol=1e-6)
+    assert np.allclose(Q.shrink(h, a)[0], ref_h, rtol=1e-4, atol=1e-6)
+
+
+class _LnMlp(torch.nn.Module):
+    """LayerNorm -> Linear -> GELU -> Linear: NNCF's SmoothQuant (model_type=TRANSFORMER) rescales both."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.ln, self.fc1, self.fc2 = torch.nn.LayerNorm(32), torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+        with torch.no_grad():
+            self.ln.weight.mul_(torch.linspace(0.2, 6.0, 32))  # uneven channels: SmoothQuant moves scale around
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(self.ln(x))))
+
+
+def test_rewrite_requantizes_smooth_quant_weights_from_float():
+    """Under SmoothQuant NNCF's codes are round(w / a / s) (a: the factor on the activation), not round(w / s):
+    rewrite finds a, requantizes w / a (not the already rounded NNCF weight, whose error would add up), so
+    every safe code is within half a step of the true smoothed weight; the factor read here by NNCF's node name,
+    not by safeobs's graph walk."""
+    model = ov.convert_model(_LnMlp().eval(), example_input=torch.randn(1, 8, 32))
+    rng = np.random.default_rng(1)
+    data = nncf.Dataset([rng.standard_normal((1, 8, 32)).astype(np.float32) for _ in range(6)])
+    adv = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.DISABLE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = nncf.quantize(model, data, subset_size=6, model_type=nncf.ModelType.TRANSFORMER, advanced_parameters=adv)
+    floats = Q.float_weights(model)
+    infos = Q.rewrite(q, floats, "openvino")
+    assert [i["source"] for i in infos] == ["float (SmoothQuant)"] * 2
+    for qw in W.read_weights(q):
+        fq = qw.node.input_value(0).get_node()
+        sq = fq.input_value(0).get_node()
+        assert "smooth_quant" in sq.get_friendly_name()
+        a = next(
+            sq.input_value(i).get_node() for i in range(2) if sq.input_value(i).get_node().get_type_name() == "Constant"
+        )
+        true = qw.view(floats[qw.name]).astype(np.float64) / np.asarray(a.get_data(), np.float64).reshape(1, -1)
+        s, _ = qw.channel_scales()
+        err = np.abs(true - s[:, None].astype(np.float64) * qw.view(qw.codes))
+        assert np.all(err <= s[:, None] * (0.5 + 1e-3)), qw.name
+        assert all(W.unsafe_channels(qw, isa).size == 0 for isa in W.ISAS)
+
+
+def test_bias_correction_keeps_nncf_mean_output():
+    """bias_correction=True: NNCF's bias was computed for its own codes; the new codes' mean output error
+    ((W_nncf - W_safe) . E[x]) goes into the bias, so on the calibration items the quantized layer's mean output
+    (run on the plugin) is NNCF's again, far closer than without the correction."""
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(48, 24).eval()
+    model = ov.convert_model(lin, example_input=torch.randn(1, 8, 48))
+    rng = np.random.default_rng(2)
+    offset = rng.normal(0, 2, 48)  # inputs with a large mean: the mean error is a real part of the output error
+    items = [(rng.standard_normal((1, 8, 48)) + offset).astype(np.float32) for _ in range(8)]
+    data = nncf.Dataset(items)
+    adv = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.DISABLE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = nncf.quantize(model, data, subset_size=8, advanced_parameters=adv)
+        on = sov.quantize(model, data, subset_size=8, bias_correction=True)
+        off = sov.quantize(model, data, subset_size=8)
+
+    def mean_out(m):
+        c = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return np.mean([c(x)[0].reshape(-1, 24) for x in items], axis=(0, 1))
+
+    ref = mean_out(stock)
+    gap_on, gap_off = np.abs(mean_out(on) - ref).max(), np.abs(mean_out(off) - ref).max()
+    assert gap_on < 0.2 * gap_off, (gap_on, gap_off)
+    assert all(W.unsafe_channels(qw, isa).size == 0 for qw in W.read_weights(on) for isa in W.ISAS)
+    with pytest.raises(TypeError, match="bias_correction"):
+        sov.quantize(model, data, subset_size=8, bias_correction="yes")

@@ -3,7 +3,9 @@
 * :func:`quantize` -- drop-in for ``nncf.quantize`` on an ``openvino.Model``: NNCF quantizes (with
   ``overflow_fix`` DISABLE), safeobs rewrites only the int8 weight codes and scales with codes that are safe
   for the plugin's measured pairs (layout ``"openvino"`` plus the node's grouping-dependent pairs), chosen on
-  the calibration data (``data_aware=True``, :func:`calibration_stats`) or RTN at the tightest safe scales;
+  the calibration data (``data_aware=True``, :func:`calibration_moments`, ``H`` Ledoit-Wolf-shrunk by
+  :func:`shrink`; SmoothQuant'd weights requantized from float, :func:`smooth_quant_factor`) or RTN at the
+  tightest safe scales;
   MatMuls of two activations (:func:`find_activation_matmuls`: no weight, they can saturate without VNNI)
   stay in float via NNCF's ``ignored_scope`` (``activation_matmuls="float"``, default).
 * :mod:`.audit` -- audit and repair an OpenVINO IR (``safeobs audit|repair model.xml``; ``--inputs x.npz``
@@ -16,7 +18,7 @@ openvino and nncf are imported lazily (``pip install 'safeobs[openvino]'``).
 """
 
 from ._deps import INSTALL_HINT, require_nncf, require_openvino
-from .ptq import calibration_stats, float_weights, quantize, rewrite
+from .ptq import calibration_moments, calibration_stats, float_weights, quantize, rewrite, shrink, smooth_quant_factor
 from .weights import (
     ISAS,
     QWeight,
@@ -32,6 +34,7 @@ __all__ = [
     "INSTALL_HINT",
     "ISAS",
     "QWeight",
+    "calibration_moments",
     "calibration_stats",
     "find_activation_matmuls",
     "float_weights",
@@ -43,5 +46,7 @@ __all__ = [
     "require_openvino",
     "rewrite",
     "safe_codes",
+    "shrink",
+    "smooth_quant_factor",
     "unsafe_channels",
 ]
