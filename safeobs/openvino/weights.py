@@ -259,9 +259,16 @@ def safe_codes(qw: QWeight, w: np.ndarray | None = None, lay: str = "openvino") 
         s = np.full_like(stock, s[0])
     s = s.astype(np.float32)
     check = [] if (qw.depthwise or not qw.int8) else [i for i in ISAS if i != "vnni"]
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    kc = int(np.prod(v.shape[1:]))
     for _ in range(64):
         codes = _quantize(v, s)
-        bad = np.unique(np.concatenate([unsafe_channels(qw, i, qw.unview(codes)) for i in check] or [[]])).astype(int)
+        flat = codes.reshape(-1).astype(np.int16)
+        tot = flat[pairs[:, 0]] + flat[pairs[:, 1]]
+        broken = pairs[(tot > solver.PAIR_MAX) | (tot < solver.PAIR_MIN), 0] // kc  # every pair targeted, exactly
+        bad = np.unique(np.concatenate([broken] + [unsafe_channels(qw, i, qw.unview(codes)) for i in check])).astype(
+            int
+        )
         if bad.size == 0:
             break
         s[bad if per_channel else slice(None)] = np.nextafter(s[bad if per_channel else slice(None)], np.inf)
