@@ -209,6 +209,8 @@ class _Context:
     skipped: dict = field(default_factory=dict)  # weight name -> why it has no statistics
     fallbacks: dict = field(default_factory=dict)  # weight name -> why it keeps the RTN codes (data-aware asked)
     nodes: dict = field(default_factory=dict)  # weight name -> consumer node names (float model)
+    means: dict = field(default_factory=dict)  # weight name -> (E[x], E[x_hat]) (quantize_dynamic's bias correction)
+    final: dict = field(default_factory=dict)  # weight name -> (scale, codes, axis) as written
     data_aware: bool = False  # calibration data given: every int8 weight gets data-aware codes or a fallback
 
 
@@ -378,12 +380,32 @@ def _fields(x: np.ndarray, conv, max_positions: int):
     return _receptive_fields_nd(xp, conv, max_positions)
 
 
-def calibration_stats(model_input, reader, *, max_positions: int = 16384, skipped: dict | None = None):
+def dynamic_quantize(x: np.ndarray) -> np.ndarray:
+    """ORT's ``DynamicQuantizeLinear`` round trip: ``x`` as the integer kernel sees it (float32, dequantized).
+
+    One u8 scale and zero point for the whole tensor, its range widened to include 0:
+    ``s = (max(x, 0) - min(x, 0)) / 255``, ``zp = clip(round(-min / s), 0, 255)``, ``q = clip(round(x / s) + zp)``
+    (round half to even, as ORT); returns ``(q - zp) * s``."""
+    x = np.asarray(x, np.float32)
+    lo, hi = np.float32(min(float(x.min(initial=0.0)), 0.0)), np.float32(max(float(x.max(initial=0.0)), 0.0))
+    s = np.float32((hi - lo) / np.float32(255))
+    if s == 0:
+        return np.zeros_like(x)
+    zp = np.float32(np.clip(np.rint(-lo / s), 0, 255))
+    return ((np.clip(np.rint(x / s) + zp, 0, 255) - zp) * s).astype(np.float32)
+
+
+def calibration_stats(
+    model_input, reader, *, max_positions: int = 16384, skipped: dict | None = None, means: dict | None = None
+):
     """``(stats, replay)``: ``{weight name: E[x x^T]}`` (float64, (G, K, K), K ordered like the kernel's row)
     of the inputs of every MatMul / Gemm / Conv weight, from one ONNX Runtime run of the float model over
     ``reader`` with those inputs exposed as extra graph outputs; and a reader to hand on to ORT (``reader``
     itself, rewound, if it has ``rewind()``; otherwise a replay of the cached feeds).  ``skipped``: a dict
-    that receives ``{weight name: reason}`` for the weights without statistics."""
+    that receives ``{weight name: reason}`` for the weights without statistics.  ``means``: a dict that
+    receives ``{weight name: (E[x], E[x_hat])}`` (float64, (G, K) each) for the same rows, ``x_hat`` being
+    the input after ORT's per-run ``DynamicQuantizeLinear`` (:func:`dynamic_quantize`): what a dynamically
+    quantized MatMul really multiplies."""
     onnx, ort = require()
     import torch
 
@@ -400,7 +422,7 @@ def calibration_stats(model_input, reader, *, max_positions: int = 16384, skippe
     fetch = [a for a in acts if a not in inputs]
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     rewind = callable(getattr(reader, "rewind", None))
-    cached, acc = [], {}
+    cached, acc, sums = [], {}, {}
     while True:
         feed = reader.get_next()
         if feed is None:
@@ -409,6 +431,7 @@ def calibration_stats(model_input, reader, *, max_positions: int = 16384, skippe
             cached.append(feed)
         vals = dict(zip(fetch, sess.run(fetch, feed))) if fetch else {}
         vals.update({k: np.asarray(v) for k, v in feed.items() if k in acts})
+        dq = {}
         for name, uses in consumers.items():
             for act, _role, conv in uses:
                 c = _fields(vals[act].astype(np.float32), conv, max_positions)
@@ -418,10 +441,20 @@ def calibration_stats(model_input, reader, *, max_positions: int = 16384, skippe
                     continue
                 prev = acc.get(name, (0.0, 0))
                 acc[name] = (prev[0] + xx, prev[1] + c.shape[1])
+                if means is not None:
+                    if act not in dq:
+                        dq[act] = dynamic_quantize(vals[act])
+                    cq = _fields(dq[act], conv, max_positions)
+                    m0, m1 = sums.get(name, (0.0, 0.0))
+                    sums[name] = (m0 + c.double().sum(1).numpy(), m1 + cq.double().sum(1).numpy())
     replay = reader if rewind else _Replay(cached)
     replay.rewind()
     if skipped is not None:
         skipped.update(why)
+    if means is not None:
+        means.update(
+            {k: (m0 / acc[k][1], m1 / acc[k][1]) for k, (m0, m1) in sums.items() if acc[k][1] and k not in why}
+        )
     return {k: xx / max(n, 1) for k, (xx, n) in acc.items() if n and k not in why}, replay
 
 
@@ -520,6 +553,7 @@ def _hooks(ctx: _Context):
         )
         if ctx.data_aware:
             s, codes = _data_aware(ctx, weight_name, w, roles[weight_name], axis, s, z, codes)
+        ctx.final[weight_name] = (np.asarray(s, np.float32), np.asarray(codes), axis)
         _replace_initializer(quantizer.model, scale_name, s, sc_init)
         _replace_initializer(quantizer.model, zp_name, z, zp_init)
         q_init = quantizer.model.get_initializer(q_name)
@@ -668,7 +702,67 @@ def _result(ctx: _Context, model_output, layout: str) -> Report:
     return dataclasses.replace(report, rounded=ctx.rounded, fallbacks=fallbacks)
 
 
-def quantize_dynamic(model_input, model_output, *args, layout: str = "ort", calibration_data_reader=None, **kwargs):
+def _dynamic_bias_correction(ctx: _Context, model_input, model_output) -> dict:
+    """Add each data-aware MatMul's mean output error on the calibration data to its float bias, in place in
+    ``model_output``; ``{weight name: bias initializer}`` of the corrected ones.
+
+    ``quantize_dynamic`` keeps the bias in float (the ``Add`` after the integer MatMul), so the mean error
+    of the layer as run, ``E[x_hat] . w_hat - E[x] . w`` per output channel (``x_hat``: the input after
+    ORT's ``DynamicQuantizeLinear``, ``w_hat = s * q``), can be subtracted exactly there: on the
+    calibration data the mean squared output error drops by the square of that mean, channel by channel
+    (``E[(d - m)^2] = E[d^2] - m^2``).  Only a ``MatMul`` whose output feeds exactly one node, an ``Add``
+    with a float initializer of ``N`` values used by that ``Add`` alone, is corrected."""
+    onnx, _ = require()
+    fm = model_input if isinstance(model_input, onnx.ModelProto) else onnx.load(str(model_input))
+    outputs: dict = {}
+    for node in fm.graph.node:
+        if len(node.input) > 1:
+            outputs.setdefault(node.input[1], []).append((node.op_type, node.output[0]))
+    q = onnx.load(str(model_output))
+    inits = {i.name: i for i in q.graph.initializer}
+    users: dict = {}
+    for node in q.graph.node:
+        for i in node.input:
+            users.setdefault(i, []).append(node)
+    done = {}
+    for name, (mu, mu_hat) in ctx.means.items():
+        uses = outputs.get(name, [])
+        if name not in ctx.final or len(uses) != 1 or uses[0][0] != "MatMul":
+            continue
+        s, codes, axis = ctx.final[name]
+        w = np.asarray(onnx.numpy_helper.to_array(next(i for i in fm.graph.initializer if i.name == name)))
+        if w.ndim != 2 or mu.shape != (1, w.shape[0]) or axis not in (None, 1):
+            continue
+        add = users.get(uses[0][1], [])
+        if len(add) != 1 or add[0].op_type != "Add":
+            continue
+        (bias,) = [i for i in add[0].input if i != uses[0][1]] or [None]
+        b = inits.get(bias)
+        if b is None or len(users.get(bias, [])) != 1 or b.data_type != onnx.TensorProto.FLOAT:
+            continue
+        bv = onnx.numpy_helper.to_array(b)
+        if bv.size != w.shape[1]:
+            continue
+        scale = np.asarray(s, np.float64).reshape(-1)
+        w_hat = codes.astype(np.float64) * (scale[None, :] if axis is not None else scale[0])
+        delta = mu_hat[0] @ w_hat - mu[0] @ w.astype(np.float64)
+        nb = (bv.astype(np.float64).reshape(-1) - delta).astype(np.float32).reshape(bv.shape)
+        b.CopyFrom(onnx.numpy_helper.from_array(nb, bias))
+        done[name] = bias
+    if done:
+        onnx.save(q, str(model_output))
+    return done
+
+
+def quantize_dynamic(
+    model_input,
+    model_output,
+    *args,
+    layout: str = "ort",
+    calibration_data_reader=None,
+    bias_correction: bool = True,
+    **kwargs,
+):
     """``onnxruntime.quantization.quantize_dynamic`` with safe int8 weights (same arguments).
 
     ``layout``: the kernels to be safe for: ``"ort"`` (MLAS, default), ``"x86"`` (also FBGEMM/oneDNN)
@@ -684,10 +778,15 @@ def quantize_dynamic(model_input, model_output, *args, layout: str = "ort", cali
     ctx = _Context(layout)
     if calibration_data_reader is not None:
         ctx.data_aware, ctx.nodes = True, _weight_nodes(bound.arguments["model_input"])
-        ctx.stats, _ = calibration_stats(bound.arguments["model_input"], calibration_data_reader, skipped=ctx.skipped)
+        ctx.stats, _ = calibration_stats(
+            bound.arguments["model_input"], calibration_data_reader, skipped=ctx.skipped, means=ctx.means
+        )
     with _hooks(ctx):
         q.quantize_dynamic(*bound.args, **bound.kwargs)
-    return _result(ctx, model_output, layout)
+    corrected = {}
+    if bias_correction and ctx.means:
+        corrected = _dynamic_bias_correction(ctx, bound.arguments["model_input"], model_output)
+    return dataclasses.replace(_result(ctx, model_output, layout), bias_corrected=corrected)
 
 
 def quantize_static(
@@ -947,6 +1046,7 @@ class Report:
     violations: dict
     rounded: dict = field(default_factory=dict)  # quantize_*: weight -> (objective, RTN objective) per channel
     fallbacks: list = field(default_factory=list)  # quantize_* with calibration data: Fallback per RTN weight
+    bias_corrected: dict = field(default_factory=dict)  # quantize_dynamic with calibration data: weight -> bias
 
     @property
     def ok(self) -> bool:
