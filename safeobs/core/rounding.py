@@ -14,10 +14,10 @@ convs and Linear (every channel sees the same inputs, as in GPTQ), and one per g
 convs (depthwise 3x3: one 9x9 matrix per channel).
 
 **Method** (:func:`round_weight`).  For each candidate scale (multiples of the tightest safe
-scale) the codes are chosen by GPTQ/OBQ sequential rounding with error feedback: columns are
-rounded one at a time, and the rounding error of column ``j`` is spread over the columns not yet
-rounded through the Cholesky factor of ``H^{-1}`` (the optimal least-squares compensation).  The
-pair bound is enforced as each code is chosen: column ``j`` is rounded, then clipped to the
+scale; by default that scale alone, :data:`DEFAULT_MULTIPLIERS`) the codes are chosen by GPTQ/OBQ sequential
+rounding with error feedback: columns are rounded one at a time, and the rounding error of column ``j`` is
+spread over the columns not yet rounded through the Cholesky factor of ``H^{-1}`` (the optimal least-squares
+compensation).  The pair bound is enforced as each code is chosen: column ``j`` is rounded, then clipped to the
 interval its already-rounded partners leave (below).  Per channel, the candidate with the
 smallest objective wins; RTN at the tightest safe scale is always a candidate.
 
@@ -32,18 +32,25 @@ gathers the errors of the columns before it with one matrix-vector product; the 
 columns does a constant number of vector operations on all stacked rows at once.  GPTQ's own loss
 gives each candidate's objective for free: with ``e = w - s q`` and ``H_d = M + diag(shift)``,
 ``e^T H_d e = s^2 sum_j ((x_j - q_j) / U_jj)^2`` (``e = U^T err``, ``U H_d U^T = I``), so
-``e^T M e`` is that sum minus ``e^T diag(shift) e``, no ``K x K`` product per candidate.
+``e^T M e`` is that sum minus ``e^T diag(shift) e``, no ``K x K`` product per candidate.  Candidates are
+ranked on it; the winner's ``e^T M e`` is then computed exactly and compared with RTN's (two ``K x K``
+products per layer in all).  Where two candidates' losses lie within ``1e-9`` of each other (relative to
+the damped loss; the subtraction cancels when ``M`` is nearly singular), they are compared on the exact
+objective instead.
 Cost per layer: ``O(K^3)`` for the factor plus ``O(S OC K^2)`` for ``S`` candidates, linear in the
 number of layers.
 
 *Precision.*  Layers with ``OC*K^2 <= 2^31`` (every MobileNetV2 and MiniLM layer) run in float64 and
 give the codes of the former per-column implementation (tests/_rounding_reference.py; the blocked sums
 add the same terms in another order, so only a value within float64 rounding of a half-integer could
-round the other way).  Larger layers run the recursion in float32: the codes are integers below 2^8
-and the fed-back values need an absolute accuracy well below half a code, while float32 BLAS sums of
+round the other way).  There the code units are ``x = w / s`` exactly (so GPTQ's loss is exact to float64
+rounding) and a value ``v`` is rounded as ``rint(v * s * f32(1/s))``, which is torch's quantize
+``rint(w * f32(1/s))`` at the first column.  Larger layers run the recursion in float32: the codes are
+integers below 2^8 and the fed-back values need an absolute accuracy well below half a code, while float32 BLAS sums of
 ``K`` terms of magnitude <= 128 stay within about ``sqrt(K) * 2^-24 * 128`` (1e-3 codes at ``K = 11008``).
 A code whose value lies that close to a half-integer may round the other way than in float64 (and the
-rest of its row follows another, equally valid path): the documented tie-breaking.  Safety does not
+rest of its row follows another, equally valid path): the documented tie-breaking; candidates are
+ranked on the float32-tracked loss there (no near-tie rule).  Safety does not
 depend on it (the clip works on exact small integers), and Guarantee 2 is checked on the exact
 float64 objective: the winning candidate's ``e^T M e`` and RTN's are recomputed from the float64
 Cholesky factor (``||e_rev L||^2`` minus the shift, half a GEMM per row) and RTN is kept where the
@@ -51,9 +58,9 @@ winner is not strictly better (``RoundResult.extra["reverted"]`` counts them).
 
 *Memory* (shared ``H``, bytes of a float64 ``K x K`` matrix = ``|H|``).  The float64 factor ``L``
 (``|H|``, kept for the exact objective), its inverse while ``U`` is formed (``|H|``, freed), ``U``
-(``|H|/2`` in float32), the stacked rows in chunks of at most ``max(K, 1024)`` rows (``(K, chunk)``
-values: ``|H|/2`` in float32 for a square layer) and int8 codes; float64 temporaries in 8 MB row
-slabs.  Peak above the inputs: about ``2.5-3 |H|`` for ``OC <= K`` (measured in
+(``|H|/2`` in float32), the stacked rows in chunks of at most ``max(K, 1024)`` rows or 32 MB, whichever is
+more (``(K, chunk)`` values: ``|H|/2`` in float32 for a square LLM layer) and int8 codes; float64 temporaries
+in 8 MB row slabs.  Peak above the inputs: about ``2.5-3 |H|`` for ``OC <= K`` (measured in
 benchmarks/results/rounding.md).  ``H`` itself can be accumulated per batch in float32 and summed in
 float64: a float32 sum of ``x x^T`` over a batch of ``n`` rows is within about ``n * 2^-24`` relative of
 the exact one, far below the 1% dampening added to its diagonal.
@@ -115,15 +122,18 @@ __all__ = [
 ]
 
 # Scale candidates, as multiples of the tightest RTN-safe scale.  Below 1 the pair clip (not the
-# scale) keeps the codes safe; the objective picks per channel.  Ablation in
-# benchmarks/results/fidelity.md ("without scale search": SINGLE_SCALE).
+# scale) keeps the codes safe; the objective picks per channel.  The default is the tightest safe scale
+# alone: the search lowers the calibration objective but not the held-out error (it fits the calibration
+# set), at 5x the rounding cost.  Measured: benchmarks/results/fidelity.md ("no scale search" row: equal or
+# better on MobileNetV2 and MiniLM) and docs/benchmarks.md (torchao MiniLM, 5 draws: 23.27 vs 23.10 dB).
 SCALE_SEARCH = (0.90, 0.94, 0.97, 1.0, 1.03)
 SINGLE_SCALE = (1.0,)
-DEFAULT_MULTIPLIERS = SCALE_SEARCH
+DEFAULT_MULTIPLIERS = SINGLE_SCALE
 DAMP = 0.01  # GPTQ's dampening: H + DAMP * mean(diag H) * I
 _OUTER = 256  # columns per BLAS-3 error-feedback update to all later columns (shared H)
 _INNER = 32  # columns per BLAS-3 update inside an outer block
 _SLAB = 1 << 20  # elements per row slab of the float64 temporaries (8 MB)
+_NEAR = 1e-9  # candidates whose GPTQ losses are this close (relative) are ranked on the exact objective
 _FAST_WORK = 1 << 31  # OC * K^2 above which the shared-H recursion runs in float32 (module docstring)
 
 
@@ -340,13 +350,17 @@ def _gemm_sub(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
         c[...] = out.T
 
 
-def _sequential(xt: np.ndarray, u: np.ndarray | None, earlier, every: bool) -> tuple[np.ndarray, np.ndarray]:
+def _sequential(
+    xt: np.ndarray, u: np.ndarray | None, earlier, every: bool, rscale: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Sequential safe rounding of ``xt`` (K, C): column ``j`` of ``C`` rows (stacked candidates), in code units.
 
     Rounds code ``j`` of every row, clips it to the interval its earlier partners leave (module docstring,
     Guarantee 1) and feeds its error back to the later codes through ``u`` (None: no feedback, the
-    sequential clip alone).  ``xt`` is overwritten.  Returns the int8 codes (K, C) and, per row, the sum of
-    the squared scaled errors ``((x_j - q_j) / U_jj)^2`` (code units; GPTQ's loss).
+    sequential clip alone).  ``rscale`` (C,): per row, the factor applied to a value just before it is rounded
+    (``s * f32(1/s)`` when ``xt`` holds ``w / s``: torch's quantize rounds ``w * f32(1/s)``).  ``xt`` is
+    overwritten.  Returns the int8 codes (K, C) and, per row, the sum of the squared scaled errors ``((x_j -
+    q_j) / U_jj)^2`` (code units; GPTQ's loss).
 
     Blocked: outer blocks of ``_OUTER`` columns pass their errors to all later columns in one BLAS-3 update,
     inner blocks of ``_INNER`` columns to the rest of their outer block; inside an inner block a column
@@ -371,7 +385,7 @@ def _sequential(xt: np.ndarray, u: np.ndarray | None, earlier, every: bool) -> t
                 v = xt[j]
                 if u is not None and j > s0:
                     v = v - u[s0:j, j] @ err[s0 - b0 : j - b0]
-                code = np.rint(v)
+                code = np.rint(v) if rscale is None else np.rint(v * rscale)
                 np.minimum(np.maximum(code, lo_q, out=code), hi_q, out=code)
                 if every:
                     if j:
@@ -543,10 +557,13 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
     if f is None or not fast:  # the direct objective: float64 e^T M e
         m0 = h[0] - np.outer(mu[0], mu[0]) if mu is not None else h[0]
 
-    def objective(r0, r1, s, q):
+    def objective_rows(rows, s, q):
         if m0 is None:
-            return _objective_factored(w2[r0:r1], s, q, f)
-        return _objective(w2[r0:r1].astype(np.float64) - s[:, None].astype(np.float64) * q, m0)
+            return _objective_factored(w2[rows], s, q, f)
+        return _objective(w2[rows].astype(np.float64) - s[:, None].astype(np.float64) * q, m0)
+
+    def objective(r0, r1, s, q):
+        return objective_rows(slice(r0, r1), s, q)
 
     if rtn is None:
         rtn = np.empty((oc, k), np.int8)
@@ -557,48 +574,77 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
             rtn = _sequential(np.ascontiguousarray(rtn.T, dtype=dt), None, earlier, every)[0].T
         rtn = np.ascontiguousarray(rtn, dtype=np.int8)
     rtn_err = objective(0, oc, scale0, rtn)
-    best_q, best_s, best_err = rtn.copy(), scale0.copy(), rtn_err.copy()
-    choice = np.full(oc, -1)
     u = f.u if (gptq and f is not None) else None
-    approx = fast and u is not None  # GPTQ's own loss, checked exactly against RTN below
+    # With error feedback the candidates are ranked by GPTQ's own loss (free, module docstring) and only the
+    # winner's objective is computed exactly and compared with RTN's below (Guarantee 2): about two evaluations
+    # of e^T M e per layer instead of one per candidate.  The loss is e^T (M + shift) e minus the shift's part;
+    # where M is (nearly) singular the difference cancels, so candidates whose losses lie within _NEAR of each
+    # other (relative to the damped loss) are compared on the exact objective instead.
+    approx = u is not None
+    best_q, best_s = rtn.copy(), scale0.copy()
+    best_err = np.full(oc, np.inf) if approx else rtn_err.copy()
+    best_tot = np.zeros(oc)  # damped loss of the best candidate (the scale of its cancellation error)
+    best_exact = np.full(oc, np.nan)  # exact objective of the best candidate, where computed
+    choice = np.full(oc, -1)
     scales = [_candidate_scale(scale0, m) for m in mults]
     n = len(mults) * oc
-    cmax = max(k, 1024)  # rows per chunk: the recursion's state is at most (K, max(K, 1024)) in dtype
+    # Rows per chunk: the recursion's state (K, rows) is at most max(K, 1024) rows or 32 MB, whichever is more.
+    cmax = max(k, 1024, (32 << 20) // (k * np.dtype(dt).itemsize))
     for a in range(0, n, cmax):
         b = min(n, a + cmax)
         pieces = [(ci, max(a - ci * oc, 0), min(b - ci * oc, oc)) for ci in range(a // oc, (b - 1) // oc + 1)]
         xt = np.empty((k, b - a), dt)
+        rscale = None if fast or u is None else np.empty(b - a)
         off = 0
         for ci, r0, r1 in pieces:
             s = scales[ci][r0:r1]
-            if u is not None:  # code units: x = w * f32(1/s), torch's quantize before rint
+            if u is not None and fast:  # code units: x = w * f32(1/s), torch's quantize before rint
                 inv = (np.float32(1) / s).astype(dt)
                 np.multiply(w2[r0:r1].T, inv[None, :], out=xt[:, off : off + r1 - r0])
+            elif u is not None:  # float64: x = w / s exactly, so that GPTQ's loss is e^T (M + shift) e to ~1e-15
+                np.divide(w2[r0:r1].T, s[None, :].astype(np.float64), out=xt[:, off : off + r1 - r0])
+                rscale[off : off + r1 - r0] = s.astype(np.float64) * (np.float32(1) / s)
             else:
                 xt[:, off : off + r1 - r0] = quantize(w2[r0:r1], s[:, None]).T
             off += r1 - r0
-        q, sq = _sequential(xt, u, earlier, every)
+        q, sq = _sequential(xt, u, earlier, every, rscale)
         del xt
         off = 0
         for ci, r0, r1 in pieces:
             s, qc = scales[ci][r0:r1], np.ascontiguousarray(q[:, off : off + r1 - r0].T)
+            exact = np.full(r1 - r0, np.nan)
             if approx:  # e^T (M + shift) e = s^2 * GPTQ's loss (module docstring), minus the shift's part
-                err = s.astype(np.float64) ** 2 * sq[off : off + r1 - r0] - _shift_part(w2[r0:r1], s, qc, f.shift)
+                tot = s.astype(np.float64) ** 2 * sq[off : off + r1 - r0]
+                err = tot - _shift_part(w2[r0:r1], s, qc, f.shift)
+                tol = _NEAR * np.maximum(tot, best_tot[r0:r1]) if not fast else np.zeros(r1 - r0)
+                near = np.flatnonzero(np.abs(err - best_err[r0:r1]) <= tol)
+                if len(near):  # a near-tie: decide on the exact objective
+                    rows = near + r0
+                    exact[near] = err[near] = objective_rows(rows, s[near], qc[near])
+                    todo = rows[np.isnan(best_exact[rows])]
+                    if len(todo):
+                        best_exact[todo] = objective_rows(todo, best_s[todo], best_q[todo])
+                    best_err[rows] = best_exact[rows]
             else:
                 err = objective(r0, r1, s, qc)
             better = err < best_err[r0:r1]
             idx = np.flatnonzero(better) + r0
             best_q[idx], best_s[idx], best_err[idx], choice[idx] = qc[better], s[better], err[better], ci
+            if approx:
+                best_tot[idx], best_exact[idx] = tot[better], exact[better]
             off += r1 - r0
         del q
+    lost = choice < 0
+    best_err[lost] = rtn_err[lost]
     reverted = 0
-    if approx and np.any(choice >= 0):  # Guarantee 2 on the exact objective, not on the float32-tracked one
+    if approx and np.any(choice >= 0):  # Guarantee 2 on the exact objective, not on the tracked loss
         idx = np.flatnonzero(choice >= 0)
-        exact = np.empty(len(idx))
+        exact = best_exact[idx]
+        todo = np.flatnonzero(np.isnan(exact))
         step = max(1, _SLAB // k)
-        for i0 in range(0, len(idx), step):
-            sel = idx[i0 : i0 + step]
-            exact[i0 : i0 + step] = _objective_factored(w2[sel], best_s[sel], best_q[sel], f)
+        for i0 in range(0, len(todo), step):
+            sel = idx[todo[i0 : i0 + step]]
+            exact[todo[i0 : i0 + step]] = objective_rows(sel, best_s[sel], best_q[sel])
         worse = exact >= rtn_err[idx]
         best_err[idx] = exact
         back = idx[worse]
