@@ -210,7 +210,7 @@ class _Context:
     fallbacks: dict = field(default_factory=dict)  # weight name -> why it keeps the RTN codes (data-aware asked)
     nodes: dict = field(default_factory=dict)  # weight name -> consumer node names (float model)
     means: dict = field(default_factory=dict)  # weight name -> (E[x], E[x_hat]) (quantize_dynamic's bias correction)
-    final: dict = field(default_factory=dict)  # weight name -> (scale, codes, axis) as written
+    final: dict = field(default_factory=dict)  # weight name -> (float weight, scale, codes, axis, codes name)
     data_aware: bool = False  # calibration data given: every int8 weight gets data-aware codes or a fallback
 
 
@@ -553,7 +553,7 @@ def _hooks(ctx: _Context):
         )
         if ctx.data_aware:
             s, codes = _data_aware(ctx, weight_name, w, roles[weight_name], axis, s, z, codes)
-        ctx.final[weight_name] = (np.asarray(s, np.float32), np.asarray(codes), axis)
+        ctx.final[weight_name] = (np.asarray(w, np.float32), np.asarray(s, np.float32), np.asarray(codes), axis, q_name)
         _replace_initializer(quantizer.model, scale_name, s, sc_init)
         _replace_initializer(quantizer.model, zp_name, z, zp_init)
         q_init = quantizer.model.get_initializer(q_name)
@@ -702,53 +702,61 @@ def _result(ctx: _Context, model_output, layout: str) -> Report:
     return dataclasses.replace(report, rounded=ctx.rounded, fallbacks=fallbacks)
 
 
-def _dynamic_bias_correction(ctx: _Context, model_input, model_output) -> dict:
-    """Add each data-aware MatMul's mean output error on the calibration data to its float bias, in place in
+_INT_MATMULS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
+
+
+def _dynamic_bias_correction(ctx: _Context, model_output) -> dict:
+    """Add each calibrated MatMul's mean output error on the calibration data to its float bias, in place in
     ``model_output``; ``{weight name: bias initializer}`` of the corrected ones.
 
-    ``quantize_dynamic`` keeps the bias in float (the ``Add`` after the integer MatMul), so the mean error
-    of the layer as run, ``E[x_hat] . w_hat - E[x] . w`` per output channel (``x_hat``: the input after
-    ORT's ``DynamicQuantizeLinear``, ``w_hat = s * q``), can be subtracted exactly there: on the
-    calibration data the mean squared output error drops by the square of that mean, channel by channel
-    (``E[(d - m)^2] = E[d^2] - m^2``).  Only a ``MatMul`` whose output feeds exactly one node, an ``Add``
-    with a float initializer of ``N`` values used by that ``Add`` alone, is corrected."""
+    ``quantize_dynamic`` keeps the bias in float (the ``Add`` after the integer MatMul and its rescaling), so the
+    mean error of the layer as run, ``E[x_hat] . w_hat - E[x] . w`` per output channel (``x_hat``: the input after
+    ORT's ``DynamicQuantizeLinear``, :func:`dynamic_quantize`; ``w_hat = s * q`` as written), can be subtracted
+    exactly there: on the calibration data the mean squared output error drops by the square of that mean,
+    channel by channel (``E[(d - m)^2] = E[d^2] - m^2``).  Corrected: an integer MatMul whose result reaches,
+    through single-consumer ``Cast`` / ``Mul`` nodes, an ``Add`` with a float initializer of ``N`` values that
+    nothing else uses (ORT's output for MatMul + Add, and for Gemm, which ORT rewrites into them)."""
     onnx, _ = require()
-    fm = model_input if isinstance(model_input, onnx.ModelProto) else onnx.load(str(model_input))
-    outputs: dict = {}
-    for node in fm.graph.node:
-        if len(node.input) > 1:
-            outputs.setdefault(node.input[1], []).append((node.op_type, node.output[0]))
     q = onnx.load(str(model_output))
     inits = {i.name: i for i in q.graph.initializer}
     users: dict = {}
     for node in q.graph.node:
         for i in node.input:
             users.setdefault(i, []).append(node)
+    by_codes = {}
+    for node in q.graph.node:
+        if node.op_type in _INT_MATMULS and len(node.input) > 1:
+            by_codes.setdefault(node.input[1], []).append(node)
     done = {}
-    for name, (mu, mu_hat) in ctx.means.items():
-        uses = outputs.get(name, [])
-        if name not in ctx.final or len(uses) != 1 or uses[0][0] != "MatMul":
+    for name, (w, s, codes, axis, q_name) in ctx.final.items():
+        if name not in ctx.means or len(by_codes.get(q_name, ())) != 1 or w.ndim != 2 or axis not in (None, 1):
             continue
-        s, codes, axis = ctx.final[name]
-        w = np.asarray(onnx.numpy_helper.to_array(next(i for i in fm.graph.initializer if i.name == name)))
-        if w.ndim != 2 or mu.shape != (1, w.shape[0]) or axis not in (None, 1):
+        mu, mu_hat = ctx.means[name]
+        if mu.shape != (1, w.shape[0]) or codes.shape != w.shape:
             continue
-        add = users.get(uses[0][1], [])
-        if len(add) != 1 or add[0].op_type != "Add":
+        node = by_codes[q_name][0]
+        while True:  # the rescaling after MatMulInteger, up to the bias Add
+            nxt = users.get(node.output[0], [])
+            if len(nxt) != 1 or nxt[0].op_type not in ("Cast", "Mul", "Add"):
+                node = None
+                break
+            node = nxt[0]
+            if node.op_type == "Add":
+                break
+        if node is None:
             continue
-        (bias,) = [i for i in add[0].input if i != uses[0][1]] or [None]
-        b = inits.get(bias)
-        if b is None or len(users.get(bias, [])) != 1 or b.data_type != onnx.TensorProto.FLOAT:
+        others = [i for i in node.input if i in inits]
+        b = inits[others[0]] if len(others) == 1 else None
+        if b is None or len(users.get(b.name, [])) != 1 or b.data_type != onnx.TensorProto.FLOAT:
             continue
         bv = onnx.numpy_helper.to_array(b)
-        if bv.size != w.shape[1]:
+        if bv.size != w.shape[1] or bv.ndim != 1:
             continue
         scale = np.asarray(s, np.float64).reshape(-1)
         w_hat = codes.astype(np.float64) * (scale[None, :] if axis is not None else scale[0])
         delta = mu_hat[0] @ w_hat - mu[0] @ w.astype(np.float64)
-        nb = (bv.astype(np.float64).reshape(-1) - delta).astype(np.float32).reshape(bv.shape)
-        b.CopyFrom(onnx.numpy_helper.from_array(nb, bias))
-        done[name] = bias
+        b.CopyFrom(onnx.numpy_helper.from_array((bv.astype(np.float64) - delta).astype(np.float32), b.name))
+        done[name] = b.name
     if done:
         onnx.save(q, str(model_output))
     return done
@@ -785,7 +793,7 @@ def quantize_dynamic(
         q.quantize_dynamic(*bound.args, **bound.kwargs)
     corrected = {}
     if bias_correction and ctx.means:
-        corrected = _dynamic_bias_correction(ctx, bound.arguments["model_input"], model_output)
+        corrected = _dynamic_bias_correction(ctx, model_output)
     return dataclasses.replace(_result(ctx, model_output, layout), bias_corrected=corrected)
 
 
