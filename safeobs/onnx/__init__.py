@@ -14,10 +14,10 @@ biases follow the new scales.  The scales are the tightest ones that :mod:`safeo
 safe for the kernels' pairs (layout ``"ort"``: MLAS's U8S8 kernels pair the flat (2m, 2m+1)
 positions of K, or of (taps, input channel) for Conv), never below ORT's own scale; the codes use
 ORT's formula ``clip(round(w / scale) + zp)``.  With calibration data (``quantize_static``'s reader,
-``quantize_dynamic(calibration_data_reader=)``) the codes are data-aware instead, and a per-channel scale
-may move from there by the scale search (:data:`safeobs.core.rounding.SCALE_SEARCH`, down to 0.9x), the
-codes still proven safe.  Activations keep the full u8 range and
-``reduce_range`` is turned off: with safe weights no u8 activation can saturate a lane.
+``quantize_dynamic(calibration_data_reader=)``) the codes are data-aware instead, at the same scales
+(:func:`safeobs.core.rounding.round_weight`'s default, one scale per channel), still proven safe, and
+``quantize_dynamic`` subtracts each MatMul's mean output error on that data from its float bias.  Activations keep
+the full u8 range and ``reduce_range`` is turned off: with safe weights no u8 activation can saturate a lane.
 
 onnx and onnxruntime are imported lazily (``pip install 'safeobs[onnx]'``).
 """
@@ -459,8 +459,9 @@ def calibration_stats(
 
 
 def _data_aware(ctx: _Context, name: str, w, role: Role, axis, s, z, codes):
-    """``(scale, codes)``: ``round_weight``'s codes at ORT's safe scales (per channel: with scale search; per
-    tensor: at the one scale), per channel the better of those and ``codes`` on ``E[(e.x)^2]``; or the
+    """``(scale, codes)``: ``round_weight``'s codes at ORT's safe scales (its default candidate scales per channel;
+    per tensor: the one scale), per channel the better of those and ``codes`` on the exact float64
+    ``E[(e.x)^2]`` (a channel that is not strictly better keeps ``codes``); or the
     inputs unchanged (a fallback, recorded in ``ctx.fallbacks`` with its reason) where the weight has no
     statistics or a layout data-aware rounding does not model."""
     from ..core.rounding import SINGLE_SCALE, _objective, round_weight
@@ -672,12 +673,17 @@ _DATA_AWARE_DOC = """
     Data-aware weights (issue 19): with a ``calibration_data_reader``, ORT itself runs the float model once
     over it, the inputs of every MatMul / Gemm / Conv weight exposed as extra graph outputs
     (:func:`calibration_stats`), and each int8 weight's codes become
-    :func:`safeobs.core.rounding.round_weight`'s at ORT's safe scales (per channel, with scale search; per
-    tensor, at the one scale), per channel the better of those and the RTN codes on ``E[(e.x)^2]``: never
-    worse than without calibration on that objective.  The reader is rewound with its ``rewind()`` if it
-    has one; otherwise its feeds are cached (in memory) and replayed.  ``E[x x^T]`` is float64, K x K per
-    weight (K=4096: 128 MB).  Covered: symmetric int8 weights (ORT's default), MatMul / Gemm (transA=0) /
-    1-D and 2-D Conv with explicit symmetric pads; QDQ with ``AddQDQPairToWeight`` keeps ORT's codes.
+    :func:`safeobs.core.rounding.round_weight`'s at ORT's safe scales (``round_weight``'s default candidate
+    scales per channel; per tensor, the one scale), per channel the better of those and the RTN codes on the
+    exact ``E[(e.x)^2]``: never worse than without calibration on that objective.  ``quantize_dynamic`` then
+    subtracts each MatMul's mean output error on the calibration data, ``E[x_hat] . w_hat - E[x] . w``
+    (``x_hat``: the input after ORT's per-run ``DynamicQuantizeLinear``), from the float bias that follows it
+    (``bias_correction=False`` keeps ORT's bias; ``Report.bias_corrected``: ``{weight: bias}``).  That mean
+    depends on the dynamic scales of the runs, so calibrate with batches like the ones the model will run.
+    The reader is rewound with its ``rewind()`` if it has one; otherwise its feeds are cached (in memory) and
+    replayed.  ``E[x x^T]`` is float64, K x K per weight (K=4096: 128 MB).  Covered: symmetric int8 weights
+    (ORT's default), MatMul / Gemm (transA=0) / 1-D and 2-D Conv with explicit symmetric pads; QDQ with
+    ``AddQDQPairToWeight`` keeps ORT's codes.
 """
 
 
