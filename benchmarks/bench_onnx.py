@@ -542,6 +542,15 @@ def minilm_configs():
             "da",
             "ort_pc",
         ),
+        (
+            "da_pc_nobc",
+            "safeobs per_channel=True, data-aware, bias_correction=False (ablation)",
+            so.quantize_dynamic,
+            dict(per_channel=True, bias_correction=False),
+            True,
+            "da",
+            "ort_pc",
+        ),
         ("ort_st", "ORT quantize_static QDQ U8S8", quantize_static, qdq_u8, False, "ort", None),
         (
             "rtn_st",

@@ -14,10 +14,10 @@ biases follow the new scales.  The scales are the tightest ones that :mod:`safeo
 safe for the kernels' pairs (layout ``"ort"``: MLAS's U8S8 kernels pair the flat (2m, 2m+1)
 positions of K, or of (taps, input channel) for Conv), never below ORT's own scale; the codes use
 ORT's formula ``clip(round(w / scale) + zp)``.  With calibration data (``quantize_static``'s reader,
-``quantize_dynamic(calibration_data_reader=)``) the codes are data-aware instead, and a per-channel scale
-may move from there by the scale search (:data:`safeobs.core.rounding.SCALE_SEARCH`, down to 0.9x), the
-codes still proven safe.  Activations keep the full u8 range and
-``reduce_range`` is turned off: with safe weights no u8 activation can saturate a lane.
+``quantize_dynamic(calibration_data_reader=)``) the codes are data-aware instead, at the same scales
+(:func:`safeobs.core.rounding.round_weight`'s default, one scale per channel), still proven safe, and
+``quantize_dynamic`` subtracts each MatMul's mean output error on that data from its float bias.  Activations keep
+the full u8 range and ``reduce_range`` is turned off: with safe weights no u8 activation can saturate a lane.
 
 onnx and onnxruntime are imported lazily (``pip install 'safeobs[onnx]'``).
 """
@@ -209,6 +209,8 @@ class _Context:
     skipped: dict = field(default_factory=dict)  # weight name -> why it has no statistics
     fallbacks: dict = field(default_factory=dict)  # weight name -> why it keeps the RTN codes (data-aware asked)
     nodes: dict = field(default_factory=dict)  # weight name -> consumer node names (float model)
+    means: dict = field(default_factory=dict)  # weight name -> (E[x], E[x_hat]) (quantize_dynamic's bias correction)
+    final: dict = field(default_factory=dict)  # weight name -> (float weight, scale, codes, axis, codes name)
     data_aware: bool = False  # calibration data given: every int8 weight gets data-aware codes or a fallback
 
 
@@ -378,12 +380,32 @@ def _fields(x: np.ndarray, conv, max_positions: int):
     return _receptive_fields_nd(xp, conv, max_positions)
 
 
-def calibration_stats(model_input, reader, *, max_positions: int = 16384, skipped: dict | None = None):
+def dynamic_quantize(x: np.ndarray) -> np.ndarray:
+    """ORT's ``DynamicQuantizeLinear`` round trip: ``x`` as the integer kernel sees it (float32, dequantized).
+
+    One u8 scale and zero point for the whole tensor, its range widened to include 0:
+    ``s = (max(x, 0) - min(x, 0)) / 255``, ``zp = clip(round(-min / s), 0, 255)``, ``q = clip(round(x / s) + zp)``
+    (round half to even, as ORT); returns ``(q - zp) * s``."""
+    x = np.asarray(x, np.float32)
+    lo, hi = np.float32(min(float(x.min(initial=0.0)), 0.0)), np.float32(max(float(x.max(initial=0.0)), 0.0))
+    s = np.float32((hi - lo) / np.float32(255))
+    if s == 0:
+        return np.zeros_like(x)
+    zp = np.float32(np.clip(np.rint(-lo / s), 0, 255))
+    return ((np.clip(np.rint(x / s) + zp, 0, 255) - zp) * s).astype(np.float32)
+
+
+def calibration_stats(
+    model_input, reader, *, max_positions: int = 16384, skipped: dict | None = None, means: dict | None = None
+):
     """``(stats, replay)``: ``{weight name: E[x x^T]}`` (float64, (G, K, K), K ordered like the kernel's row)
     of the inputs of every MatMul / Gemm / Conv weight, from one ONNX Runtime run of the float model over
     ``reader`` with those inputs exposed as extra graph outputs; and a reader to hand on to ORT (``reader``
     itself, rewound, if it has ``rewind()``; otherwise a replay of the cached feeds).  ``skipped``: a dict
-    that receives ``{weight name: reason}`` for the weights without statistics."""
+    that receives ``{weight name: reason}`` for the weights without statistics.  ``means``: a dict that
+    receives ``{weight name: (E[x], E[x_hat])}`` (float64, (G, K) each) for the same rows, ``x_hat`` being
+    the input after ORT's per-run ``DynamicQuantizeLinear`` (:func:`dynamic_quantize`): what a dynamically
+    quantized MatMul really multiplies."""
     onnx, ort = require()
     import torch
 
@@ -400,7 +422,7 @@ def calibration_stats(model_input, reader, *, max_positions: int = 16384, skippe
     fetch = [a for a in acts if a not in inputs]
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     rewind = callable(getattr(reader, "rewind", None))
-    cached, acc = [], {}
+    cached, acc, sums = [], {}, {}
     while True:
         feed = reader.get_next()
         if feed is None:
@@ -409,6 +431,7 @@ def calibration_stats(model_input, reader, *, max_positions: int = 16384, skippe
             cached.append(feed)
         vals = dict(zip(fetch, sess.run(fetch, feed))) if fetch else {}
         vals.update({k: np.asarray(v) for k, v in feed.items() if k in acts})
+        dq = {}
         for name, uses in consumers.items():
             for act, _role, conv in uses:
                 c = _fields(vals[act].astype(np.float32), conv, max_positions)
@@ -418,16 +441,27 @@ def calibration_stats(model_input, reader, *, max_positions: int = 16384, skippe
                     continue
                 prev = acc.get(name, (0.0, 0))
                 acc[name] = (prev[0] + xx, prev[1] + c.shape[1])
+                if means is not None:
+                    if act not in dq:
+                        dq[act] = dynamic_quantize(vals[act])
+                    cq = _fields(dq[act], conv, max_positions)
+                    m0, m1 = sums.get(name, (0.0, 0.0))
+                    sums[name] = (m0 + c.double().sum(1).numpy(), m1 + cq.double().sum(1).numpy())
     replay = reader if rewind else _Replay(cached)
     replay.rewind()
     if skipped is not None:
         skipped.update(why)
+    if means is not None:
+        means.update(
+            {k: (m0 / acc[k][1], m1 / acc[k][1]) for k, (m0, m1) in sums.items() if acc[k][1] and k not in why}
+        )
     return {k: xx / max(n, 1) for k, (xx, n) in acc.items() if n and k not in why}, replay
 
 
 def _data_aware(ctx: _Context, name: str, w, role: Role, axis, s, z, codes):
-    """``(scale, codes)``: ``round_weight``'s codes at ORT's safe scales (per channel: with scale search; per
-    tensor: at the one scale), per channel the better of those and ``codes`` on ``E[(e.x)^2]``; or the
+    """``(scale, codes)``: ``round_weight``'s codes at ORT's safe scales (its default candidate scales per channel;
+    per tensor: the one scale), per channel the better of those and ``codes`` on the exact float64
+    ``E[(e.x)^2]`` (a channel that is not strictly better keeps ``codes``); or the
     inputs unchanged (a fallback, recorded in ``ctx.fallbacks`` with its reason) where the weight has no
     statistics or a layout data-aware rounding does not model."""
     from ..core.rounding import SINGLE_SCALE, _objective, round_weight
@@ -463,15 +497,23 @@ def _data_aware(ctx: _Context, name: str, w, role: Role, axis, s, z, codes):
         )
     except (ValueError, AssertionError) as e:  # a shape or pairing this path does not model: keep ORT's codes
         return keep(f"round_weight: {e}")
-    new_codes = r.codes.T if role.kind == "matmul" else r.codes
-    new_s = r.scale if ch == 0 else np.asarray(s, np.float32)
-    if pair_violations(new_codes, role, axis, ctx.layout, weight=np.asarray(w, np.float32)).size:
-        return keep("data-aware codes failed the pair check")  # never expected
+    # Never worse than the RTN codes per channel, on the exact float64 objective E[(e.x)^2] computed here (not on
+    # round_weight's ranking, which may use GPTQ's damped loss): a channel whose codes are not better keeps RTN's.
     g = h.shape[0]
     rows = np.arange(oc) // max(oc // g, 1) if g > 1 else None
     m = h[rows] if rows is not None else h[0]
     w2, c2 = v.reshape(oc, -1).astype(np.float64), cv.reshape(oc, -1).astype(np.float64)
-    ctx.rounded[name] = (r.error, _objective(w2 - s_rows[:, None].astype(np.float64) * c2, m))
+    rtn_err = _objective(w2 - s_rows[:, None].astype(np.float64) * c2, m)
+    q2, s_da = r.codes.reshape(oc, -1).copy(), np.asarray(r.scale, np.float32).reshape(-1).copy()
+    da_err = _objective(w2 - s_da[:, None].astype(np.float64) * q2.astype(np.float64), m)
+    back = ~(da_err <= rtn_err)
+    q2[back], s_da[back], da_err[back] = cv.reshape(oc, -1)[back], s_rows[back], rtn_err[back]
+    q_kernel = q2.reshape(v.shape).astype(np.int8)
+    new_codes = q_kernel.T if role.kind == "matmul" else q_kernel
+    new_s = s_da if ch == 0 else np.asarray(s, np.float32)
+    if pair_violations(new_codes, role, axis, ctx.layout, weight=np.asarray(w, np.float32)).size:
+        return keep("data-aware codes failed the pair check")  # never expected
+    ctx.rounded[name] = (da_err, rtn_err)
     return new_s.astype(np.float32).reshape(np.shape(s)), np.ascontiguousarray(new_codes).astype(np.int8)
 
 
@@ -520,6 +562,7 @@ def _hooks(ctx: _Context):
         )
         if ctx.data_aware:
             s, codes = _data_aware(ctx, weight_name, w, roles[weight_name], axis, s, z, codes)
+        ctx.final[weight_name] = (np.asarray(w, np.float32), np.asarray(s, np.float32), np.asarray(codes), axis, q_name)
         _replace_initializer(quantizer.model, scale_name, s, sc_init)
         _replace_initializer(quantizer.model, zp_name, z, zp_init)
         q_init = quantizer.model.get_initializer(q_name)
@@ -630,12 +673,17 @@ _DATA_AWARE_DOC = """
     Data-aware weights (issue 19): with a ``calibration_data_reader``, ORT itself runs the float model once
     over it, the inputs of every MatMul / Gemm / Conv weight exposed as extra graph outputs
     (:func:`calibration_stats`), and each int8 weight's codes become
-    :func:`safeobs.core.rounding.round_weight`'s at ORT's safe scales (per channel, with scale search; per
-    tensor, at the one scale), per channel the better of those and the RTN codes on ``E[(e.x)^2]``: never
-    worse than without calibration on that objective.  The reader is rewound with its ``rewind()`` if it
-    has one; otherwise its feeds are cached (in memory) and replayed.  ``E[x x^T]`` is float64, K x K per
-    weight (K=4096: 128 MB).  Covered: symmetric int8 weights (ORT's default), MatMul / Gemm (transA=0) /
-    1-D and 2-D Conv with explicit symmetric pads; QDQ with ``AddQDQPairToWeight`` keeps ORT's codes.
+    :func:`safeobs.core.rounding.round_weight`'s at ORT's safe scales (``round_weight``'s default candidate
+    scales per channel; per tensor, the one scale), per channel the better of those and the RTN codes on the
+    exact ``E[(e.x)^2]``: never worse than without calibration on that objective.  ``quantize_dynamic`` then
+    subtracts each MatMul's mean output error on the calibration data, ``E[x_hat] . w_hat - E[x] . w``
+    (``x_hat``: the input after ORT's per-run ``DynamicQuantizeLinear``), from the float bias that follows it
+    (``bias_correction=False`` keeps ORT's bias; ``Report.bias_corrected``: ``{weight: bias}``).  That mean
+    depends on the dynamic scales of the runs, so calibrate with batches like the ones the model will run.
+    The reader is rewound with its ``rewind()`` if it has one; otherwise its feeds are cached (in memory) and
+    replayed.  ``E[x x^T]`` is float64, K x K per weight (K=4096: 128 MB).  Covered: symmetric int8 weights
+    (ORT's default), MatMul / Gemm (transA=0) / 1-D and 2-D Conv with explicit symmetric pads; QDQ with
+    ``AddQDQPairToWeight`` keeps ORT's codes.
 """
 
 
@@ -668,7 +716,75 @@ def _result(ctx: _Context, model_output, layout: str) -> Report:
     return dataclasses.replace(report, rounded=ctx.rounded, fallbacks=fallbacks)
 
 
-def quantize_dynamic(model_input, model_output, *args, layout: str = "ort", calibration_data_reader=None, **kwargs):
+_INT_MATMULS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
+
+
+def _dynamic_bias_correction(ctx: _Context, model_output) -> dict:
+    """Add each calibrated MatMul's mean output error on the calibration data to its float bias, in place in
+    ``model_output``; ``{weight name: bias initializer}`` of the corrected ones.
+
+    ``quantize_dynamic`` keeps the bias in float (the ``Add`` after the integer MatMul and its rescaling), so the
+    mean error of the layer as run, ``E[x_hat] . w_hat - E[x] . w`` per output channel (``x_hat``: the input after
+    ORT's ``DynamicQuantizeLinear``, :func:`dynamic_quantize`; ``w_hat = s * q`` as written), can be subtracted
+    exactly there: on the calibration data the mean squared output error drops by the square of that mean,
+    channel by channel (``E[(d - m)^2] = E[d^2] - m^2``).  Corrected: an integer MatMul whose result reaches,
+    through single-consumer ``Cast`` / ``Mul`` nodes, an ``Add`` with a float initializer of ``N`` values that
+    nothing else uses (ORT's output for MatMul + Add, and for Gemm, which ORT rewrites into them)."""
+    onnx, _ = require()
+    q = onnx.load(str(model_output))
+    inits = {i.name: i for i in q.graph.initializer}
+    users: dict = {}
+    for node in q.graph.node:
+        for i in node.input:
+            users.setdefault(i, []).append(node)
+    by_codes = {}
+    for node in q.graph.node:
+        if node.op_type in _INT_MATMULS and len(node.input) > 1:
+            by_codes.setdefault(node.input[1], []).append(node)
+    done = {}
+    for name, (w, s, codes, axis, q_name) in ctx.final.items():
+        if name not in ctx.means or len(by_codes.get(q_name, ())) != 1 or w.ndim != 2 or axis not in (None, 1):
+            continue
+        mu, mu_hat = ctx.means[name]
+        if mu.shape != (1, w.shape[0]) or codes.shape != w.shape:
+            continue
+        node = by_codes[q_name][0]
+        while True:  # the rescaling after MatMulInteger, up to the bias Add
+            nxt = users.get(node.output[0], [])
+            if len(nxt) != 1 or nxt[0].op_type not in ("Cast", "Mul", "Add"):
+                node = None
+                break
+            node = nxt[0]
+            if node.op_type == "Add":
+                break
+        if node is None:
+            continue
+        others = [i for i in node.input if i in inits]
+        b = inits[others[0]] if len(others) == 1 else None
+        if b is None or len(users.get(b.name, [])) != 1 or b.data_type != onnx.TensorProto.FLOAT:
+            continue
+        bv = onnx.numpy_helper.to_array(b)
+        if bv.size != w.shape[1] or bv.ndim != 1:
+            continue
+        scale = np.asarray(s, np.float64).reshape(-1)
+        w_hat = codes.astype(np.float64) * (scale[None, :] if axis is not None else scale[0])
+        delta = mu_hat[0] @ w_hat - mu[0] @ w.astype(np.float64)
+        b.CopyFrom(onnx.numpy_helper.from_array((bv.astype(np.float64) - delta).astype(np.float32), b.name))
+        done[name] = b.name
+    if done:
+        onnx.save(q, str(model_output))
+    return done
+
+
+def quantize_dynamic(
+    model_input,
+    model_output,
+    *args,
+    layout: str = "ort",
+    calibration_data_reader=None,
+    bias_correction: bool = True,
+    **kwargs,
+):
     """``onnxruntime.quantization.quantize_dynamic`` with safe int8 weights (same arguments).
 
     ``layout``: the kernels to be safe for: ``"ort"`` (MLAS, default), ``"x86"`` (also FBGEMM/oneDNN)
@@ -684,10 +800,15 @@ def quantize_dynamic(model_input, model_output, *args, layout: str = "ort", cali
     ctx = _Context(layout)
     if calibration_data_reader is not None:
         ctx.data_aware, ctx.nodes = True, _weight_nodes(bound.arguments["model_input"])
-        ctx.stats, _ = calibration_stats(bound.arguments["model_input"], calibration_data_reader, skipped=ctx.skipped)
+        ctx.stats, _ = calibration_stats(
+            bound.arguments["model_input"], calibration_data_reader, skipped=ctx.skipped, means=ctx.means
+        )
     with _hooks(ctx):
         q.quantize_dynamic(*bound.args, **bound.kwargs)
-    return _result(ctx, model_output, layout)
+    corrected = {}
+    if bias_correction and ctx.means:
+        corrected = _dynamic_bias_correction(ctx, model_output)
+    return dataclasses.replace(_result(ctx, model_output, layout), bias_corrected=corrected)
 
 
 def quantize_static(
@@ -947,6 +1068,7 @@ class Report:
     violations: dict
     rounded: dict = field(default_factory=dict)  # quantize_*: weight -> (objective, RTN objective) per channel
     fallbacks: list = field(default_factory=list)  # quantize_* with calibration data: Fallback per RTN weight
+    bias_corrected: dict = field(default_factory=dict)  # quantize_dynamic with calibration data: weight -> bias
 
     @property
     def ok(self) -> bool:
