@@ -645,7 +645,9 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
         for i0 in range(0, len(todo), step):
             sel = idx[todo[i0 : i0 + step]]
             exact[todo[i0 : i0 + step]] = objective_rows(sel, best_s[sel], best_q[sel])
-        worse = exact >= rtn_err[idx]
+        # strictly better beyond float rounding: codes equal to RTN's (or within an ulp of its objective) stay RTN's,
+        # so the reported error never exceeds an independent evaluation of RTN's by rounding
+        worse = exact >= rtn_err[idx] * (1 - 1e-12)
         best_err[idx] = exact
         back = idx[worse]
         best_q[back], best_s[back], best_err[back], choice[back] = rtn[back], scale0[back], rtn_err[back], -1
