@@ -52,7 +52,7 @@ logging.disable(logging.WARNING)
 
 OUT = Path(__file__).resolve().parent / "results"
 CONFIGS = ("stock", "safeobs RTN", "safeobs data-aware")
-CEILING = "float weights, same activation quantization"  # eager only: the ceiling of any weight rounding
+CEILING = "float weights, same activation quantization"  # eager only: the weight-error-free reference
 FP32 = "FP32 (not quantized)"  # compiled on both ISAs once: the float noise floor of the two kernel sets
 T0 = time.perf_counter()
 
@@ -201,8 +201,8 @@ def _weights(gm) -> dict:
 
 def float_weights(converted, stats: dict):
     """A copy of a ``convert_pt2e`` graph whose conv/linear nodes in ``stats`` read their float weight and bias
-    instead of the int8 ones: the same activation quantization with exact weights, the ceiling of any weight
-    rounding (eager)."""
+    instead of the int8 ones: the same activation quantization with exact weights (eager), the reference a weight
+    rounding approaches (it can pass it only by compensating activation error)."""
     gm = copy.deepcopy(converted)
     g = gm.graph
     for n in list(g.nodes):
@@ -530,9 +530,8 @@ def _noise_lines(r: dict, run_cols: list) -> list:
         out += [
             "",
             "Per draw: eager SQNR (dB; `convert_pt2e`'s reference ops, no int8 kernel) of each configuration and of "
-            f"*{CEILING}* (the converted graph with every conv/linear reading its float weight and bias: the ceiling of "
-            "any weight rounding with these activation scales)"
-            + ("; then AVX2 - VNNI of the compiled SQNR." if both else "."),
+            f"*{CEILING}* (the converted graph with every conv/linear reading its float weight and bias: no weight "
+            "error, the same activation quantization)" + ("; then AVX2 - VNNI of the compiled SQNR." if both else "."),
             "",
             "| draw | "
             + " | ".join(f"eager: {k}" for k in (*CONFIGS, CEILING))
@@ -546,7 +545,7 @@ def _noise_lines(r: dict, run_cols: list) -> list:
                 cells += [f"{r['rows'][k]['AVX2'][d]['sqnr'] - r['rows'][k]['VNNI'][d]['sqnr']:+.3f}" for k in CONFIGS]
             out.append(f"| {d} | " + " | ".join(cells) + " |")
         ceil = [e[CEILING]["sqnr"] for e in eager]
-        out += ["", f"Ceiling mean {np.mean(ceil):.2f} dB (min {min(ceil):.2f})."]
+        out += ["", f"{CEILING}: mean {np.mean(ceil):.2f} dB (min {min(ceil):.2f})."]
     if r.get("fp32"):
         f = r["fp32"]
         out.append(
