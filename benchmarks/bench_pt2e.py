@@ -52,6 +52,8 @@ logging.disable(logging.WARNING)
 
 OUT = Path(__file__).resolve().parent / "results"
 CONFIGS = ("stock", "safeobs RTN", "safeobs data-aware")
+CEILING = "float weights, same activation quantization"  # eager only: the weight-error-free reference
+FP32 = "FP32 (not quantized)"  # compiled on both ISAs once: the float noise floor of the two kernel sets
 T0 = time.perf_counter()
 
 
@@ -197,6 +199,30 @@ def _weights(gm) -> dict:
     return out
 
 
+def float_weights(converted, stats: dict):
+    """A copy of a ``convert_pt2e`` graph whose conv/linear nodes in ``stats`` read their float weight and bias
+    instead of the int8 ones: the same activation quantization with exact weights (eager), the reference a weight
+    rounding approaches (it can pass it only by compensating activation error)."""
+    gm = copy.deepcopy(converted)
+    g = gm.graph
+    for n in list(g.nodes):
+        st = stats.get(n.name)
+        if st is None or st.n == 0:
+            continue
+        args = list(n.args)
+        gm.register_buffer(f"_float_w_{n.name}", st.weight.clone())
+        with g.inserting_before(n):
+            args[1] = g.get_attr(f"_float_w_{n.name}")
+        if st.bias is not None and len(args) > 2 and getattr(args[2], "op", None) == "get_attr":
+            gm.register_buffer(f"_float_b_{n.name}", st.bias.clone())
+            with g.inserting_before(n):
+                args[2] = g.get_attr(f"_float_b_{n.name}")
+        n.args = tuple(args)
+    g.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
 def quantize_draw(task: Task, calibration, rtn_alone: bool) -> dict:
     """The three converted models of one calibration draw and each flow's time (s)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -244,7 +270,12 @@ def quantize_draw(task: Task, calibration, rtn_alone: bool) -> dict:
         if not same:
             raise RuntimeError("the stand-alone RTN flow differs from the RTN model of the shared calibration")
     verified = {k: len(pt2e.verify(m, "x86")) for k, m in models.items()}
-    return dict(models=models, times=times, rtn_same=same, violations=verified)
+    # eager (the reference decomposed ops: dequantize, float conv/linear, quantize): no int8 kernel, no ISA
+    eager = {}
+    with torch.no_grad():
+        for k, m in [*models.items(), (CEILING, float_weights(models["safeobs RTN"], stats))]:
+            eager[k] = task.metrics(task.ref, task.post(m(*task.held), task.held))
+    return dict(models=models, times=times, rtn_same=same, violations=verified, eager=eager)
 
 
 # -- worker: compile with freezing and run, in a process whose oneDNN ISA is fixed at start ------------------
@@ -338,12 +369,14 @@ def kernel_columns(host: str, cpu: str) -> dict:
 def run_task(task: Task, draws: int, cols: dict, threads: int) -> dict:
     rows = {c: {k: [] for k in cols} for c in CONFIGS}
     times, rtn_same, violations, compile_s, impls, isa_lines, eq = [], None, {}, {}, {}, {}, []
+    eager, fp32 = [], {}
     for d in range(draws):
         calibration = task.calib_fn(d)
         log(f"{task.name} draw {d}: quantizing ({sum(len(b[0]) for b in calibration)} calibration inputs)")
         q = quantize_draw(task, calibration, rtn_alone=d == 0)
         times.append(q["times"])
         violations = q["violations"]
+        eager.append(q["eager"])
         if d == 0:
             rtn_same = q["rtn_same"]
         log(f"{task.name} draw {d}: times {json.dumps({k: round(v, 1) for k, v in q['times'].items()})}")
@@ -353,6 +386,10 @@ def run_task(task: Task, draws: int, cols: dict, threads: int) -> dict:
                 path = os.path.join(tmp, f"{k.replace(' ', '_')}.pt2")
                 torch.export.save(torch.export.export(gm, task.held), path)
                 paths.append((k, path))
+            if d == 0:  # the float model once: what the two ISAs' kernels differ by without any int8
+                path = os.path.join(tmp, "fp32.pt2")
+                torch.export.save(torch.export.export(task.exported, task.held), path)
+                paths.append((FP32, path))
             outs = {}
             for col, (mode, _label) in cols.items():
                 if mode is None:
@@ -363,10 +400,12 @@ def run_task(task: Task, draws: int, cols: dict, threads: int) -> dict:
                     rows[k][col].append(task.metrics(task.ref, task.post(o["outputs"][k], task.held)))
                     compile_s.setdefault(col, []).append(o["compile_s"][k])
                 impls[col], isa_lines[col] = o["impls"], o["isa_line"]
+                if FP32 in o["outputs"]:
+                    fp32[col] = task.metrics(task.ref, task.post(o["outputs"][FP32], task.held))
                 log(f"{task.name} draw {d} {col}: " + ", ".join(f"{k} {rows[k][col][-1]['sqnr']:.2f}" for k in CONFIGS))
             if "AVX2" in outs and "VNNI" in outs:
                 a, v = outs["AVX2"]["outputs"], outs["VNNI"]["outputs"]
-                eq.append({k: float((a[k] - v[k]).abs().max() / v[k].abs().max()) for k in CONFIGS})
+                eq.append({k: float((a[k] - v[k]).abs().max() / v[k].abs().max()) for k in CONFIGS if k in a})
     return dict(
         name=task.name,
         rows=rows,
@@ -377,6 +416,8 @@ def run_task(task: Task, draws: int, cols: dict, threads: int) -> dict:
         impls=impls,
         isa_lines=isa_lines,
         avx2_vs_vnni=eq,
+        eager=eager,
+        fp32=fp32,
     )
 
 
@@ -479,6 +520,43 @@ def _fmt(m: dict, key: str = "sqnr") -> str:
     return f"{s['mean']:.2f} ± {s['std']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
 
 
+def _noise_lines(r: dict, run_cols: list) -> list:
+    """Per draw: eager SQNR of each configuration and of the activation-only ceiling, and the AVX2 - VNNI SQNR
+    difference of each compiled configuration; the FP32 model compiled on both ISAs."""
+    out = []
+    eager = r.get("eager") or []
+    both = "AVX2" in run_cols and "VNNI" in run_cols
+    if eager:
+        out += [
+            "",
+            "Per draw: eager SQNR (dB; `convert_pt2e`'s reference ops, no int8 kernel) of each configuration and of "
+            f"*{CEILING}* (the converted graph with every conv/linear reading its float weight and bias: no weight "
+            "error, the same activation quantization)" + ("; then AVX2 - VNNI of the compiled SQNR." if both else "."),
+            "",
+            "| draw | "
+            + " | ".join(f"eager: {k}" for k in (*CONFIGS, CEILING))
+            + (" | " + " | ".join(f"AVX2 - VNNI: {k}" for k in CONFIGS) if both else "")
+            + " |",
+            "|---|" + "---|" * (len(CONFIGS) + 1 + (len(CONFIGS) if both else 0)),
+        ]
+        for d, e in enumerate(eager):
+            cells = [f"{e[k]['sqnr']:.2f}" for k in (*CONFIGS, CEILING)]
+            if both:
+                cells += [f"{r['rows'][k]['AVX2'][d]['sqnr'] - r['rows'][k]['VNNI'][d]['sqnr']:+.3f}" for k in CONFIGS]
+            out.append(f"| {d} | " + " | ".join(cells) + " |")
+        ceil = [e[CEILING]["sqnr"] for e in eager]
+        out += ["", f"{CEILING}: mean {np.mean(ceil):.2f} dB (min {min(ceil):.2f})."]
+    if r.get("fp32"):
+        f = r["fp32"]
+        out.append(
+            f"{FP32}, compiled once: "
+            + ", ".join(f"{c} {m['sqnr']:.2f} dB" for c, m in f.items())
+            + (f" (AVX2 - VNNI {f['AVX2']['sqnr'] - f['VNNI']['sqnr']:+.3f} dB)" if "AVX2" in f and "VNNI" in f else "")
+            + "."
+        )
+    return out
+
+
 def report(res: dict) -> str:
     cols = res["columns"]
     lines = [
@@ -544,6 +622,7 @@ def report(res: dict) -> str:
                 + ", ".join(f"{k} {v:.2e}" for k, v in worst.items())
                 + "."
             )
+        lines += _noise_lines(r, run_cols)
         lines.append(
             f"RTN = the data-aware flow's calibrated observers converted without rounding; draw 0 ran the RTN flow on its own "
             f"too: identical int8 weights and scales: **{r['rtn_same']}**."
@@ -576,7 +655,7 @@ def main(argv=None) -> None:
     ap.add_argument("--draws", type=int, default=5, help="calibration draws for MobileNetV2")
     ap.add_argument("--minilm-draws", type=int, default=1, help="calibration draws for MiniLM (its rounding is slow)")
     ap.add_argument("--calib", type=int, default=32, help="calibration inputs per draw")
-    ap.add_argument("--held", type=int, default=24, help="held-out inputs")
+    ap.add_argument("--held", type=int, default=80, help="held-out inputs (at most the held-out split: 80 photos)")
     ap.add_argument("--batch", type=int, default=8, help="calibration batch size")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="a toy CNN on 32x32 photos, 1 draw (tests)")

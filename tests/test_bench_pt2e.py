@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -42,6 +43,33 @@ def test_flows_match_the_one_call_and_only_safeobs_is_safe(toy):
     assert q["violations"]["stock"] > 0 and q["violations"]["safeobs RTN"] == q["violations"]["safeobs data-aware"] == 0
     assert pt2e.verify(q["models"]["safeobs data-aware"]).ok
     assert all(t > 0 for t in q["times"].values())
+
+
+def test_float_weight_ceiling_reads_every_float_weight(toy):
+    """The ceiling model: the same activation quantization, no int8 weight left, and eager metrics for it."""
+    _, _, q = toy
+    task = bp.toy_task(n_calib=8, n_held=4, batch=4)  # a fresh export (quantize_pt2e prepares its input in place)
+    calibration = task.calib_fn(0)
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from safeobs.pt2e import rounding
+
+    p = prepare_pt2e(
+        copy.deepcopy(task.exported),
+        pt2e.X86InductorQuantizer().set_global(pt2e.get_x86_inductor_quantization_config()),
+    )
+    stats = rounding.calibrate_pt2e(p, calibration, progress=False)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    converted = convert_pt2e(p)
+    ceiling = bp.float_weights(converted, stats)
+    assert len(list(pt2e.quantized_weights(converted))) == 3 and not list(pt2e.quantized_weights(ceiling))
+    ops = {n.target for n in ceiling.graph.nodes}
+    assert torch.ops.quantized_decomposed.quantize_per_tensor.default in ops  # activations still quantized
+    x = task.held[0]
+    with torch.no_grad():
+        assert not torch.equal(ceiling(x), converted(x)) and not torch.equal(ceiling(x), task.model(x))
+    assert set(q["eager"]) == {*bp.CONFIGS, bp.CEILING} and all("sqnr" in m for m in q["eager"].values())
 
 
 def test_verbose_parser_keeps_int8_primitives_only():

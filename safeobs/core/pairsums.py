@@ -171,6 +171,15 @@ def _plan(shape: tuple, layout: str, op: str | None, groups, skip: tuple = ()) -
                 own = lift if f.perm is None else lift[:, f.perm]
                 fams.append(f._replace(perm=None if ng == 1 else own.ravel(), b=ng, lf=own.shape[1]))
             cand.append(fams)
+    elif (
+        layout == "onednn"
+        and d.op == "conv"
+        and groups is not None
+        and groups > 1
+        and shape[1] == 1
+        and (shape[0] == groups and len(d.kshape) <= 2)
+    ):  # a 1-D/2-D depthwise conv: oneDNN's dw kernels (AVX2, AVX-512, VNNI) accumulate in int32, no pairs
+        cand = [[]]
     else:
         cand = [_own_families(layout, d.op, d.icg, d.taps, d.kshape)]
     nonempty = sum(any(len(p) for f in fams for p in _positions(f)) for fams in cand)

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .dispatch import OPS, Kernel
+from .dispatch import ISAS, OPS, Kernel, conv_kernel
 
 LAYOUTS = ("fbgemm", "onednn", "x86", "any", "ort", "openvino")
 
@@ -59,6 +59,25 @@ LAYOUTS = ("fbgemm", "onednn", "x86", "any", "ort", "openvino")
 # AVX2 gemm K blocks of convs added for it) and "any" cover it.
 
 _EMPTY = np.zeros((0, 2), dtype=np.int64)
+
+
+def onednn_exact_conv(weight_shape: Sequence[int], op: str | None = None, groups: int | None = None) -> bool:
+    """True when every oneDNN kernel that may run this conv accumulates exactly: 1-D/2-D depthwise convs
+    (``groups > 1``, one input and one output channel per group) run oneDNN's dw kernels on AVX2 (``jit_uni_int8``
+    dw), AVX-512 (``dw``) and VNNI (``brdgmm_dw``), none of which uses ``vpmaddubsw`` (kernel-spec §8.2-§8.3;
+    :func:`safeobs.kernels.dispatch.onednn_conv_path` / ``onednn_avx512_conv_path`` say "dw").  Layout ``"onednn"``
+    then has no pairs for the weight, *when ``groups`` is given* (a shape alone cannot tell a depthwise conv from a
+    dense one with one input channel, whose AVX-512 VBMI relo kernels do pair).  3-D depthwise (gemm on AVX-512)
+    and everything else pair as before."""
+    if groups is None or groups < 2 or len(weight_shape) < 3:
+        return False
+    shape = tuple(int(s) for s in weight_shape)
+    if infer_op(shape, op) != "conv" or shape[1] != 1 or shape[0] != groups or len(shape) > 4:
+        return False
+    group_sizes(shape, "conv", groups)
+    # the union over every ISA of the pairs of the kernel oneDNN picks (no input shape: relo counted where it may run)
+    kernels = ((conv_kernel("onednn", isa, shape, groups=groups), isa) for isa in ISAS)
+    return not any(len(kernel_pairs(k, shape, "conv", groups, isa)) for k, isa in kernels)
 
 
 def infer_op(weight_shape: Sequence[int], op: str | None = None) -> str:
@@ -308,6 +327,8 @@ def weight_pairs(
     op = infer_op(weight_shape, op)
     if op == "conv" and groups is not None:
         group_sizes(weight_shape, op, groups)
+        if layout == "onednn" and onednn_exact_conv(weight_shape, op, groups):
+            return _EMPTY
     return _weight_pairs(tuple(int(s) for s in weight_shape), layout, op, None if op != "conv_transpose" else groups)
 
 
@@ -387,10 +408,14 @@ class PairTable:
         if op == "conv" and groups is not None:
             group_sizes(self.shape, op, groups)
         self.groups = groups if op == "conv_transpose" else None
+        # layout "onednn" and a depthwise conv whose groups are given: every oneDNN kernel is exact, no pairs
+        self.exact = layout == "onednn" and op == "conv" and onednn_exact_conv(self.shape, op, groups)
         # ConvTranspose without groups: the union over every grouping is only available materialised
         self.structured = op != "conv_transpose" or groups is not None
 
     def array(self) -> np.ndarray:
+        if self.exact:
+            return _EMPTY
         return weight_pairs(self.shape, self.layout, self.op, self.groups)
 
     def __array__(self, dtype=None, copy=None):  # np.asarray(table): the materialised (n, 2) pairs
@@ -408,7 +433,7 @@ class PairTable:
         (linear / conv: row ``oc`` of ``weight.reshape(OC, -1)``); None for ConvTranspose (rows not contiguous)."""
         if self.op == "conv_transpose":
             return None
-        return _row_columns(self.shape, self.layout, self.op)
+        return _EMPTY if self.exact else _row_columns(self.shape, self.layout, self.op)
 
     def near(self, weight, threshold) -> np.ndarray:
         """``(m, 2)`` flat indices of the pairs whose two weights add up to more than ``threshold`` in magnitude
@@ -425,6 +450,8 @@ class PairTable:
             w = torch.as_tensor(weight)
             big = torch.nonzero((w.abs() > float(thr.max()) / 2).view(-1)).view(-1).numpy()
             return self.touching(big)
+        if self.exact:
+            return np.zeros((0, 2), dtype=np.int64)
         cols, flat, c0, c1 = _near_plan(self.shape, self.layout, self.op)
         if len(cols) == 0:
             return np.zeros((0, 2), dtype=np.int64)
@@ -448,6 +475,8 @@ class PairTable:
         elems = np.asarray(elems, dtype=np.int64)
         if not self.structured:
             raise ValueError("touching needs ConvTranspose groups; use array()")
+        if self.exact:
+            return np.zeros((0, 2), dtype=np.int64)
         g = self.groups or 1
         indptr, partner, icg, taps = _position_csr(self.shape, self.layout, self.op, g)
         if self.op == "conv_transpose":  # (G, ICg, OCg, taps)

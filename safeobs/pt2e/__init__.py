@@ -130,9 +130,31 @@ def quantized_weights(model: torch.fx.GraphModule) -> Iterator[tuple[str, np.nda
             yield str(node.args[0].target), codes.numpy(), op, groups
 
 
-def verify(model: torch.fx.GraphModule, layout: str = "x86") -> Report:
-    """:func:`safeobs.verify` for a ``convert_pt2e`` model: every weight pair that can saturate."""
+def verify(model: torch.fx.GraphModule, layout: str | None = None) -> Report:
+    """:func:`safeobs.verify` for a ``convert_pt2e`` model: every weight pair that can saturate.
+
+    ``layout``: default the one :func:`quantize_pt2e` used (``model.meta["safeobs_layout"]``), else ``"x86"``."""
+    if layout is None:
+        layout = getattr(model, "meta", {}).get("safeobs_layout", "x86")
     return check_layers((LayerCodes(*w) for w in quantized_weights(model)), layout)
+
+
+def _tell_groups(prepared: torch.fx.GraphModule) -> None:
+    """Give every safe weight observer of a ``prepare_pt2e`` graph its conv's op and ``groups`` (the observer alone
+    sees only the weight's shape): with layout ``"onednn"`` a depthwise conv then has no pairs (oneDNN's dw kernels
+    are exact); every other layout pairs the same with or without it."""
+    for node in prepared.graph.nodes:
+        if (
+            _CONSUMERS.get(node.target) != "conv"
+            or len(node.args) < 2
+            or getattr(node.args[1], "op", None) != "call_module"
+        ):
+            continue
+        obs = prepared.get_submodule(node.args[1].target)
+        obs = getattr(obs, "activation_post_process", obs)  # QAT: the fake-quant's observer
+        if isinstance(obs, _SafeMixin):
+            obs.op = "conv"
+            obs.groups = int(node.args[_GROUPS_ARG["conv"]]) if len(node.args) > _GROUPS_ARG["conv"] else 1
 
 
 def quantize_pt2e(
@@ -141,6 +163,7 @@ def quantize_pt2e(
     calibration=None,
     *,
     backend: str = "x86",
+    layout: str = "x86",
     is_dynamic: bool = False,
     is_qat: bool = False,
     bias_correction: bool = True,
@@ -155,10 +178,13 @@ def quantize_pt2e(
     statistics (:func:`safeobs.pt2e.rounding.calibrate_pt2e`).  With calibration, every conv/linear weight
     gets :func:`safeobs.core.rounding.round_weight`'s codes (never worse than round-to-nearest at the tightest
     safe scale on the calibration objective); without (``None``), ``example_inputs`` calibrate the
-    observers and the weights stay RTN at the tightest safe scales.  ``backend``: ``"x86"`` (layout "x86",
-    safe for oneDNN's and FBGEMM's pairings).  Returns the converted GraphModule; its
-    ``meta["safeobs_rounding"]`` holds ``{node name: RoundResult}`` (empty without calibration).  Compile
-    it yourself: ``with torch._inductor.config.patch(freezing=True): torch.compile(gm)``.
+    observers and the weights stay RTN at the tightest safe scales.  ``backend``: ``"x86"``
+    (X86InductorQuantizer).  ``layout``: the pairs kept safe: ``"x86"`` (default: oneDNN's and FBGEMM's), or
+    ``"onednn"`` (the kernels Inductor lowers PT2E int8 conv/linear to: ``onednn.qconv_pointwise`` /
+    ``qlinear_pointwise`` only; depthwise convs then have no pairs) or ``"any"``.  Returns the converted
+    GraphModule; its ``meta["safeobs_rounding"]`` holds ``{node name: RoundResult}`` (empty without
+    calibration) and ``meta["safeobs_layout"]`` the layout (:func:`verify`'s default).
+    Compile it yourself: ``with torch._inductor.config.patch(freezing=True): torch.compile(gm)``.
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 
@@ -172,9 +198,10 @@ def quantize_pt2e(
     if not isinstance(model, torch.fx.GraphModule):
         model = torch.export.export(model, example_inputs).module()
     quantizer = X86InductorQuantizer().set_global(
-        get_x86_inductor_quantization_config(is_qat=is_qat, is_dynamic=is_dynamic, layout=backend)
+        get_x86_inductor_quantization_config(is_qat=is_qat, is_dynamic=is_dynamic, layout=layout)
     )
     prepared = (prepare_qat_pt2e if is_qat else prepare_pt2e)(model, quantizer)
+    _tell_groups(prepared)
     stats = None
     if calibration is None:
         with torch.no_grad():
@@ -184,6 +211,7 @@ def quantize_pt2e(
     converted = convert_pt2e(prepared)
     results = {}
     if stats is not None:
-        results = apply_pt2e(converted, stats, layout=backend, bias_correction=bias_correction, progress=progress)
+        results = apply_pt2e(converted, stats, layout=layout, bias_correction=bias_correction, progress=progress)
     converted.meta["safeobs_rounding"] = results
+    converted.meta["safeobs_layout"] = layout
     return converted
