@@ -396,7 +396,13 @@ def dynamic_quantize(x: np.ndarray) -> np.ndarray:
 
 
 def calibration_stats(
-    model_input, reader, *, max_positions: int = 16384, skipped: dict | None = None, means: dict | None = None
+    model_input,
+    reader,
+    *,
+    max_positions: int = 16384,
+    skipped: dict | None = None,
+    means: dict | None = None,
+    layout: str | None = None,
 ):
     """``(stats, replay)``: ``{weight name: E[x x^T]}`` (float64, (G, K, K), K ordered like the kernel's row)
     of the inputs of every MatMul / Gemm / Conv weight, from one ONNX Runtime run of the float model over
@@ -405,12 +411,18 @@ def calibration_stats(
     that receives ``{weight name: reason}`` for the weights without statistics.  ``means``: a dict that
     receives ``{weight name: (E[x], E[x_hat])}`` (float64, (G, K) each) for the same rows, ``x_hat`` being
     the input after ORT's per-run ``DynamicQuantizeLinear`` (:func:`dynamic_quantize`): what a dynamically
-    quantized MatMul really multiplies."""
+    quantized MatMul really multiplies.  ``layout="ort"``: no statistics for depthwise Conv weights, which MLAS
+    runs exactly (they keep RTN codes; their receptive fields were most of the cost on MobileNetV2)."""
     onnx, ort = require()
     import torch
 
     model = onnx.load(str(model_input)) if not isinstance(model_input, onnx.ModelProto) else model_input
     consumers, why = _stat_consumers(model)
+    if layout == "ort":
+        shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+        for name in [n for n, uses in consumers.items() if exact_depthwise(shapes[n], uses[0][1])]:
+            del consumers[name]
+            why[name] = "depthwise Conv: MLAS runs it exactly, RTN codes at ORT's scale"
     inputs = {i.name for i in model.graph.input}
     acts = sorted({act for uses in consumers.values() for act, _, _ in uses})
     m = onnx.ModelProto()
@@ -470,11 +482,11 @@ def _data_aware(ctx: _Context, name: str, w, role: Role, axis, s, z, codes):
         ctx.fallbacks[name] = reason
         return s, codes
 
+    if np.any(np.asarray(z) != 0):
+        return keep("asymmetric weight (zero point != 0): data-aware rounding is symmetric")
     h = ctx.stats.get(name)
     if h is None:
         return keep(ctx.skipped.get(name, "no calibration statistics for its input"))
-    if np.any(np.asarray(z) != 0):
-        return keep("asymmetric weight (zero point != 0): data-aware rounding is symmetric")
     if ctx.layout == "ort" and exact_depthwise(w.shape, role):
         return keep("depthwise Conv: MLAS runs it exactly, RTN codes at ORT's scale")
     v, ch, op = _kernel_view(np.asarray(w, np.float32), role, axis)
@@ -801,7 +813,11 @@ def quantize_dynamic(
     if calibration_data_reader is not None:
         ctx.data_aware, ctx.nodes = True, _weight_nodes(bound.arguments["model_input"])
         ctx.stats, _ = calibration_stats(
-            bound.arguments["model_input"], calibration_data_reader, skipped=ctx.skipped, means=ctx.means
+            bound.arguments["model_input"],
+            calibration_data_reader,
+            skipped=ctx.skipped,
+            means=ctx.means,
+            layout=layout,
         )
     with _hooks(ctx):
         q.quantize_dynamic(*bound.args, **bound.kwargs)
@@ -835,7 +851,7 @@ def quantize_static(
     if data_aware and calibration_data_reader is not None:
         ctx.data_aware, ctx.nodes = True, _weight_nodes(model_input)
         ctx.stats, calibration_data_reader = calibration_stats(
-            model_input, calibration_data_reader, skipped=ctx.skipped
+            model_input, calibration_data_reader, skipped=ctx.skipped, layout=layout
         )
     bound = _bind(q.quantize_static, (model_input, model_output, calibration_data_reader, *args), kwargs)
     with _hooks(ctx):
