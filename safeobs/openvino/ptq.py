@@ -227,12 +227,18 @@ def _round_layout(qw, v: np.ndarray, layout: str) -> str:
     need = plugin_pairs(qw)
     if not len(need):
         return layout
-    need = {tuple(p) for p in np.sort(need, axis=1).tolist()}
+    n = np.int64(v.size)
+
+    def keys(pairs):  # one int64 per unordered pair (flat indices < v.size)
+        p = np.sort(np.asarray(pairs, np.int64).reshape(-1, 2), axis=1)
+        return p[:, 0] * n + p[:, 1]
+
+    need = keys(need)
     for lay in dict.fromkeys((layout, "x86")):
         if lay == "any":
             break
-        have = np.sort(np.asarray(solver.layout_pairs(v, lay, qw.op, qw.groups if qw.op == "conv" else None)), axis=1)
-        if need <= {tuple(p) for p in have.tolist()}:
+        have = keys(solver.layout_pairs(v, lay, qw.op, qw.groups if qw.op == "conv" else None))
+        if np.isin(need, have).all():
             return lay
     return "any"
 
