@@ -1026,3 +1026,36 @@ def test_modelemu_matches_real_avx2_kernels_under_qemu(small_models, tmp_path):
         (y,), n = modelemu.run(modelemu.build_plan(path), feeds, "avx2")
         assert n > 0
         np.testing.assert_array_equal(y, out[0])
+
+
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(tokens=st.integers(2, 12), k=st.integers(8, 40), items=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_calibration_stats_ledoit_wolf_intensity(tmp_path_factory, tokens, k, items, seed):
+    """calibration_stats gives E[x x^T] of a MatMul input and its Ledoit-Wolf intensity (few samples, often fewer
+    than K), checked against the samples and scikit-learn's ledoit_wolf (assume_centered: the second moment shrunk
+    toward tr / K * I); core.rounding.shrink gives scikit-learn's shrunk matrix (what the quantize_* calls round on)."""
+    import onnx
+    from sklearn.covariance import ledoit_wolf
+
+    from safeobs.core.rounding import shrink
+
+    rng = np.random.default_rng(seed)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((k, 3)).astype(np.float32), "W")
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, tokens, k])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, tokens, 3])],
+        [w],
+    )
+    path = tmp_path_factory.mktemp("lw") / "m.onnx"
+    onnx.save(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8), str(path))
+    feeds = [(rng.standard_normal((1, tokens, k)) * rng.uniform(0.1, 4, k) + rng.normal(0, 1, k)) for _ in range(items)]
+    feeds = [{"x": f.astype(np.float32)} for f in feeds]
+    lw: dict = {}
+    stats, _ = so.calibration_stats(path, _Reader(feeds), intensity=lw)
+    x = np.concatenate([f["x"].reshape(-1, k) for f in feeds]).astype(np.float64)
+    assert np.allclose(stats["W"][0], x.T @ x / len(x), rtol=1e-5, atol=1e-6)
+    ref_h, ref_a = ledoit_wolf(x, assume_centered=True)
+    assert np.allclose(lw["W"][0], ref_a, rtol=1e-4, atol=1e-6)
+    assert np.allclose(shrink(stats["W"], lw["W"])[0], ref_h, rtol=1e-4, atol=1e-6)

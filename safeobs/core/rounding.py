@@ -117,8 +117,10 @@ from .solver import PAIR_MAX, PAIR_MIN, layout_pairs, quantize, safe_qparams
 __all__ = [
     "LayerStats",
     "RoundResult",
+    "ledoit_wolf_intensity",
     "round_weight",
     "safe_round",
+    "shrink",
 ]
 
 # Scale candidates, as multiples of the tightest RTN-safe scale.  Below 1 the pair clip (not the
@@ -198,6 +200,33 @@ def _receptive_fields(x: torch.Tensor, conv, max_positions: int) -> torch.Tensor
     g = conv.groups
     vals = vals.reshape(g, c // g, vals.shape[1], kh.numel()).transpose(1, 2)  # (G, S, ICg, taps)
     return vals.reshape(g, vals.shape[1], -1)  # (G, S, K), K in (ic, tap) order
+
+
+def ledoit_wolf_intensity(h: np.ndarray, x4: np.ndarray, n: int) -> np.ndarray:
+    """Ledoit-Wolf shrinkage intensity (per group, in [0, 1]) of the sample second moment ``h`` (G, K, K) of ``n``
+    samples with mean ``||x||^4`` ``x4`` (G,) toward ``m I``, ``m = tr(h) / K``: ``min(b^2, d^2) / d^2`` with
+    ``d^2 = ||h - m I||_F^2`` and ``b^2 = (mean ||x||^4 - ||h||_F^2) / n`` (the estimation error of ``h``).
+
+    Why: with few calibration rows for a wide layer (30 sentences, a few hundred tokens, K = 1536) the sample
+    ``H`` is rank-deficient and GPTQ's error feedback fits the calibration set instead of the data; shrinking
+    toward the identity by this intensity (about 0 with many rows) is the classic remedy (Ledoit & Wolf 2004)."""
+    h = np.asarray(h, np.float64).reshape((-1,) + np.shape(h)[-2:])
+    k = h.shape[-1]
+    m = np.trace(h, axis1=1, axis2=2) / k
+    fro2 = np.square(h).sum((1, 2))
+    d2 = fro2 - k * m**2  # ||h - m I||_F^2
+    b2 = np.clip((np.asarray(x4, np.float64).reshape(-1) - fro2) / max(n, 1), 0.0, None)
+    return np.where(d2 > 0, np.minimum(b2, d2) / np.where(d2 > 0, d2, 1.0), 1.0)
+
+
+def shrink(h: np.ndarray, intensity: np.ndarray) -> np.ndarray:
+    """``(1 - a) h + a (tr(h) / K) I`` per group: the Ledoit-Wolf estimate of ``E[x x^T]``
+    (:func:`ledoit_wolf_intensity`); ``h`` (G, K, K) or (K, K), returned in the same shape."""
+    h = np.asarray(h, np.float64)
+    h3 = h.reshape((-1,) + h.shape[-2:])
+    a = np.asarray(intensity, np.float64).reshape(-1, 1, 1)
+    m = np.trace(h3, axis1=1, axis2=2).reshape(-1, 1, 1) / h3.shape[-1]
+    return ((1 - a) * h3 + a * m * np.eye(h3.shape[-1])).reshape(h.shape)
 
 
 def _batches(calibration):

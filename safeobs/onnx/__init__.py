@@ -403,6 +403,7 @@ def calibration_stats(
     skipped: dict | None = None,
     means: dict | None = None,
     layout: str | None = None,
+    intensity: dict | None = None,
 ):
     """``(stats, replay)``: ``{weight name: E[x x^T]}`` (float64, (G, K, K), K ordered like the kernel's row)
     of the inputs of every MatMul / Gemm / Conv weight, from one ONNX Runtime run of the float model over
@@ -412,9 +413,13 @@ def calibration_stats(
     receives ``{weight name: (E[x], E[x_hat])}`` (float64, (G, K) each) for the same rows, ``x_hat`` being
     the input after ORT's per-run ``DynamicQuantizeLinear`` (:func:`dynamic_quantize`): what a dynamically
     quantized MatMul really multiplies.  ``layout="ort"``: no statistics for depthwise Conv weights, which MLAS
-    runs exactly (they keep RTN codes; their receptive fields were most of the cost on MobileNetV2)."""
+    runs exactly (they keep RTN codes; their receptive fields were most of the cost on MobileNetV2).
+    ``intensity``: a dict that receives ``{weight name: Ledoit-Wolf intensity (G,)}`` of each ``E[x x^T]``
+    (:func:`safeobs.core.rounding.ledoit_wolf_intensity`, from the same rows)."""
     onnx, ort = require()
     import torch
+
+    from ..core.rounding import ledoit_wolf_intensity
 
     model = onnx.load(str(model_input)) if not isinstance(model_input, onnx.ModelProto) else model_input
     consumers, why = _stat_consumers(model)
@@ -451,8 +456,9 @@ def calibration_stats(
                 if name in acc and acc[name][0].shape != xx.shape:
                     why[name] = "its consumers see inputs of different sizes"
                     continue
-                prev = acc.get(name, (0.0, 0))
-                acc[name] = (prev[0] + xx, prev[1] + c.shape[1])
+                x4 = (c.double().square().sum(-1) ** 2).sum(1).numpy()  # sum_i ||x_i||^4 per group
+                prev = acc.get(name, (0.0, 0, 0.0))
+                acc[name] = (prev[0] + xx, prev[1] + c.shape[1], prev[2] + x4)
                 if means is not None:
                     if act not in dq:
                         dq[act] = dynamic_quantize(vals[act])
@@ -467,7 +473,10 @@ def calibration_stats(
         means.update(
             {k: (m0 / acc[k][1], m1 / acc[k][1]) for k, (m0, m1) in sums.items() if acc[k][1] and k not in why}
         )
-    return {k: xx / max(n, 1) for k, (xx, n) in acc.items() if n and k not in why}, replay
+    out = {k: xx / n for k, (xx, n, _) in acc.items() if n and k not in why}
+    if intensity is not None:
+        intensity.update({k: ledoit_wolf_intensity(out[k], acc[k][2] / acc[k][1], acc[k][1]) for k in out})
+    return out, replay
 
 
 def _data_aware(ctx: _Context, name: str, w, role: Role, axis, s, z, codes):
@@ -812,13 +821,18 @@ def quantize_dynamic(
     ctx = _Context(layout)
     if calibration_data_reader is not None:
         ctx.data_aware, ctx.nodes = True, _weight_nodes(bound.arguments["model_input"])
+        from ..core.rounding import shrink
+
+        lw: dict = {}
         ctx.stats, _ = calibration_stats(
             bound.arguments["model_input"],
             calibration_data_reader,
             skipped=ctx.skipped,
             means=ctx.means,
             layout=layout,
+            intensity=lw,
         )
+        ctx.stats = {k: shrink(h, lw[k]) for k, h in ctx.stats.items()}  # Ledoit-Wolf: see calibration_stats
     with _hooks(ctx):
         q.quantize_dynamic(*bound.args, **bound.kwargs)
     corrected = {}
@@ -850,9 +864,13 @@ def quantize_static(
     ctx = _Context(layout)
     if data_aware and calibration_data_reader is not None:
         ctx.data_aware, ctx.nodes = True, _weight_nodes(model_input)
+        from ..core.rounding import shrink
+
+        lw: dict = {}
         ctx.stats, calibration_data_reader = calibration_stats(
-            model_input, calibration_data_reader, skipped=ctx.skipped, layout=layout
+            model_input, calibration_data_reader, skipped=ctx.skipped, layout=layout, intensity=lw
         )
+        ctx.stats = {k: shrink(h, lw[k]) for k, h in ctx.stats.items()}  # Ledoit-Wolf: see calibration_stats
     bound = _bind(q.quantize_static, (model_input, model_output, calibration_data_reader, *args), kwargs)
     with _hooks(ctx):
         q.quantize_static(*bound.args, **bound.kwargs)

@@ -41,6 +41,8 @@ import warnings
 
 import numpy as np
 
+from ..core.rounding import ledoit_wolf_intensity as _ledoit_wolf
+from ..core.rounding import shrink
 from . import capture
 from ._deps import require_nncf, require_openvino
 from .weights import (
@@ -197,26 +199,6 @@ def calibration_moments(
         {k: sx / n for k, (_, sx, _, n) in done.items()},
         {k: _ledoit_wolf(hs[k], x4 / n, n) for k, (_, _, x4, n) in done.items()},
     )
-
-
-def _ledoit_wolf(h: np.ndarray, x4: np.ndarray, n: int) -> np.ndarray:
-    """Ledoit-Wolf shrinkage intensity (per group, in [0, 1]) of the sample second moment ``h`` (G, K, K) of ``n``
-    samples with mean ``||x||^4`` ``x4`` (G,) toward ``m I``, ``m = tr(h) / K``: ``min(b^2, d^2) / d^2`` with
-    ``d^2 = ||h - m I||_F^2`` and ``b^2 = (mean ||x||^4 - ||h||_F^2) / n`` (the estimation error of ``h``)."""
-    k = h.shape[-1]
-    m = np.trace(h, axis1=1, axis2=2) / k
-    fro2 = np.square(h).sum((1, 2))
-    d2 = fro2 - k * m**2  # ||h - m I||_F^2
-    b2 = np.clip((x4 - fro2) / max(n, 1), 0.0, None)
-    return np.where(d2 > 0, np.minimum(b2, d2) / np.where(d2 > 0, d2, 1.0), 1.0)
-
-
-def shrink(h: np.ndarray, intensity: np.ndarray) -> np.ndarray:
-    """``(1 - a) h + a (tr(h) / K) I`` per group: the Ledoit-Wolf estimate of ``E[x x^T]`` (:func:`_ledoit_wolf`)."""
-    h = np.asarray(h, np.float64)
-    a = np.asarray(intensity, np.float64).reshape(-1, 1, 1)
-    m = np.trace(h, axis1=1, axis2=2).reshape(-1, 1, 1) / h.shape[-1]
-    return (1 - a) * h + a * m * np.eye(h.shape[-1])
 
 
 def _round_layout(qw, v: np.ndarray, layout: str) -> str:
