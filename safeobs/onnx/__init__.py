@@ -485,7 +485,7 @@ def _data_aware(ctx: _Context, name: str, w, role: Role, axis, s, z, codes):
     ``E[(e.x)^2]`` (a channel that is not strictly better keeps ``codes``); or the
     inputs unchanged (a fallback, recorded in ``ctx.fallbacks`` with its reason) where the weight has no
     statistics or a layout data-aware rounding does not model."""
-    from ..core.rounding import SINGLE_SCALE, _objective, round_weight
+    from ..core.rounding import SINGLE_SCALE, round_weight
 
     def keep(reason):
         ctx.fallbacks[name] = reason
@@ -518,23 +518,15 @@ def _data_aware(ctx: _Context, name: str, w, role: Role, axis, s, z, codes):
         )
     except (ValueError, AssertionError) as e:  # a shape or pairing this path does not model: keep ORT's codes
         return keep(f"round_weight: {e}")
-    # Never worse than the RTN codes per channel, on the exact float64 objective E[(e.x)^2] computed here (not on
-    # round_weight's ranking, which may use GPTQ's damped loss): a channel whose codes are not better keeps RTN's.
-    g = h.shape[0]
-    rows = np.arange(oc) // max(oc // g, 1) if g > 1 else None
-    m = h[rows] if rows is not None else h[0]
-    w2, c2 = v.reshape(oc, -1).astype(np.float64), cv.reshape(oc, -1).astype(np.float64)
-    rtn_err = _objective(w2 - s_rows[:, None].astype(np.float64) * c2, m)
-    q2, s_da = r.codes.reshape(oc, -1).copy(), np.asarray(r.scale, np.float32).reshape(-1).copy()
-    da_err = _objective(w2 - s_da[:, None].astype(np.float64) * q2.astype(np.float64), m)
-    back = ~(da_err <= rtn_err)
-    q2[back], s_da[back], da_err[back] = cv.reshape(oc, -1)[back], s_rows[back], rtn_err[back]
+    # Never worse than ORT's codes per channel on the exact float64 objective E[(e.x)^2]: they are round_weight's
+    # base candidate (rtn_codes at scale s), kept in every channel where the winner is not strictly better.
+    q2, s_da = r.codes.reshape(oc, -1), np.asarray(r.scale, np.float32).reshape(-1)
     q_kernel = q2.reshape(v.shape).astype(np.int8)
     new_codes = q_kernel.T if role.kind == "matmul" else q_kernel
     new_s = s_da if ch == 0 else np.asarray(s, np.float32)
     if pair_violations(new_codes, role, axis, ctx.layout, weight=np.asarray(w, np.float32)).size:
         return keep("data-aware codes failed the pair check")  # never expected
-    ctx.rounded[name] = (da_err, rtn_err)
+    ctx.rounded[name] = (r.error, r.rtn_error)
     return new_s.astype(np.float32).reshape(np.shape(s)), np.ascontiguousarray(new_codes).astype(np.int8)
 
 
