@@ -456,7 +456,8 @@ def calibration_stats(
                 if name in acc and acc[name][0].shape != xx.shape:
                     why[name] = "its consumers see inputs of different sizes"
                     continue
-                x4 = (c.double().square().sum(-1) ** 2).sum(1).numpy()  # sum_i ||x_i||^4 per group
+                # sum_i ||x_i||^4 per group: the Ledoit-Wolf intensity's only extra statistic
+                x4 = (c.double().square().sum(-1) ** 2).sum(1).numpy() if intensity is not None else 0.0
                 prev = acc.get(name, (0.0, 0, 0.0))
                 acc[name] = (prev[0] + xx, prev[1] + c.shape[1], prev[2] + x4)
                 if means is not None:
