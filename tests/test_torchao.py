@@ -676,6 +676,63 @@ def test_quantize_with_calibration_safe_whatever_the_data(seed, gain, wscale):
     assert np.all(rec["error"] <= rec["rtn_error"])
 
 
+class _Attn(torch.nn.Module):
+    """Q/K/V read the same tensor (shared H); ``detour``: from the second batch on, K reads a copy instead."""
+
+    def __init__(self, detour=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(48, 48) for _ in range(4))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        self.detour, self.calls = detour, 0
+
+    def forward(self, x):
+        self.calls += 1
+        k_in = x.clone() if self.detour and self.calls > 1 else x
+        return self.o(self.q(x) * self.k(k_in) + self.v(x))
+
+
+def _attn_data(n=3):
+    g = torch.Generator().manual_seed(6)
+    basis = torch.randn(6, 48, generator=g)
+    return [(torch.randn(10, 6, generator=g) @ basis + 0.05 * torch.randn(10, 48, generator=g),) for _ in range(n)]
+
+
+def test_linears_reading_one_tensor_share_their_statistics(one_thread):
+    """Q/K/V get one H (summed once, the very sums of separate hooks); a Linear that later reads another tensor
+    ends the sharing (None: quantize_ reruns without it); a one-shot calibration never shares."""
+    m, cal = _Attn(), _attn_data()
+    names = ["q", "k", "v", "o"]
+    shared = sto._calibrate_linears(m, names, cal, False, share=True)
+    alone = sto._calibrate_linears(m, names, cal, False, share=False)
+    assert [shared[n].leader for n in names] == [None, "q", "q", None]
+    assert all(alone[n].leader is None for n in names)
+    assert all(shared[n].n == alone[n].n == 30 for n in names) and shared["k"].xx is None
+    h_alone = {n: sto._symmetric_h(alone[n]) for n in names}
+    h_shared = {n: sto._symmetric_h(shared[n]) for n in ("q", "o")}
+    assert np.array_equal(h_alone["q"], h_alone["k"]) and np.array_equal(h_alone["q"], h_alone["v"])
+    assert np.array_equal(h_shared["q"], h_alone["q"]) and np.array_equal(h_shared["o"], h_alone["o"])
+    np.testing.assert_allclose(h_alone["q"], _h(m, cal, "q"), rtol=1e-5, atol=1e-5 * np.abs(h_alone["q"]).max())
+    assert sto._calibrate_linears(_Attn(detour=True), names, cal, False, share=True) is None
+
+
+@pytest.mark.parametrize("detour", [False, True])
+def test_quantize_with_shared_statistics_matches_separate_rounding(one_thread, detour):
+    """quantize_ on Q/K/V (stacked rounding of one H; or the rerun when the sharing breaks) gives the codes of a
+    one-shot calibration (a generator: every Linear summed and rounded on its own), safe, never worse than RTN."""
+    cal = _attn_data()
+    a = sto.quantize_(_Attn(detour), calibration=cal)
+    b = sto.quantize_(_Attn(detour), calibration=(batch for batch in cal))
+    assert sto.verify(a, "x86").ok
+    for name in ("q", "k", "v", "o"):
+        wa, wb = a.get_submodule(name).weight, b.get_submodule(name).weight
+        assert torch.equal(wa.qdata, wb.qdata) and torch.equal(wa.scale, wb.scale)
+        rec = a._safeobs_rounding[name]
+        assert np.all(rec["error"] <= rec["rtn_error"]) and rec["error"].sum() < rec["rtn_error"].sum()
+
+
 def _weights(model):
     return {n: (mod.weight.qdata.clone(), mod.weight.scale.clone()) for n, mod in sto.quantized_linears(model)}
 

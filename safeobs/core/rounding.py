@@ -53,10 +53,10 @@ rest of its row follows another, equally valid path): the documented tie-breakin
 ranked on the float32-tracked loss there (no near-tie rule).  Safety does not
 depend on it (the clip works on exact small integers), and Guarantee 2 is checked on the exact
 float64 objective: the winning candidate's ``e^T M e`` and RTN's are recomputed from the float64
-Cholesky factor (``||e_rev L||^2`` minus the shift, half a GEMM per row) and RTN is kept where the
+Cholesky factor (``||R e_rev||^2`` minus the shift, half a GEMM per row) and RTN is kept where the
 winner is not strictly better (``RoundResult.extra["reverted"]`` counts them).
 
-*Memory* (shared ``H``, bytes of a float64 ``K x K`` matrix = ``|H|``).  The float64 factor ``L``
+*Memory* (shared ``H``, bytes of a float64 ``K x K`` matrix = ``|H|``).  The float64 factor ``R``
 (``|H|``, kept for the exact objective), its inverse while ``U`` is formed (``|H|``, freed), ``U``
 (``|H|/2`` in float32), the stacked rows in chunks of at most ``max(K, 1024)`` rows or 32 MB, whichever is
 more (``(K, chunk)`` values: ``|H|/2`` in float32 for a square LLM layer) and int8 codes; float64 temporaries
@@ -288,12 +288,11 @@ def _earlier_partners(cols: np.ndarray, k: int) -> list:
         return out
     lo, hi = np.minimum(cols[:, 0], cols[:, 1]), np.maximum(cols[:, 0], cols[:, 1])
     keep = lo < hi
-    lo, hi = lo[keep], hi[keep]
-    order = np.lexsort((lo, hi))
-    lo, hi = lo[order], hi[order]
+    key = np.unique(hi[keep].astype(np.int64) * k + lo[keep])  # sorted by (hi, lo), duplicates dropped
+    hi, lo = key // k, key % k
     starts = np.flatnonzero(np.r_[True, hi[1:] != hi[:-1]])
-    for a, b in zip(starts, np.r_[starts[1:], len(hi)]):  # once per column with partners, not per code
-        out[int(hi[a])] = np.unique(lo[a:b])
+    for j, p in zip(hi[starts].tolist(), np.split(lo, starts[1:])):  # once per column with partners
+        out[j] = p
     return out
 
 
@@ -327,23 +326,25 @@ class _Factor:
     """One shared ``K x K`` objective matrix ``M``, factored once per layer (see :func:`_factor_shared`).
 
     ``u``: upper Cholesky factor of ``(M + diag(shift))^-1`` in the recursion's dtype (C-contiguous);
-    ``lrev``: lower Cholesky factor of the same damped matrix with rows and columns reversed (float64,
-    Fortran order), so that ``e^T (M + diag(shift)) e = ||e[::-1] @ lrev||^2``; ``shift``: the diagonal
-    added to ``M`` (dampening, and 1 on dead inputs)."""
+    ``rrev``: upper Cholesky factor ``R`` of the same damped matrix with rows and columns reversed (float64,
+    Fortran order: ``J M_d J = R^T R``), so that ``e^T (M + diag(shift)) e = ||R e[::-1]||^2``; ``shift``: the
+    diagonal added to ``M`` (dampening, and 1 on dead inputs)."""
 
     u: np.ndarray
-    lrev: np.ndarray
+    rrev: np.ndarray
     shift: np.ndarray
 
 
 def _factor_shared(h: np.ndarray, mu: np.ndarray | None, damp: float, dtype) -> _Factor | None:
     """Factor ``M = h - mu mu^T`` (or ``h``) + dampening once: one Cholesky and one triangular inverse.
 
-    GPTQ needs ``U`` upper with ``U^T U = H_d^-1``.  With ``J`` the reversal, ``J H_d J = L L^T`` gives
-    ``H_d = V V^T`` with ``V = J L J`` upper, so ``U = V^-1 = J L^-1 J``: no ``K x K`` inverse of ``H_d`` and
-    no second factorisation.  Memory: one float64 ``K x K`` buffer for ``L`` (kept for the exact objective),
-    one for ``L^-1`` while it is computed, and ``U`` in ``dtype``.  None when no dampening up to 10^11
-    times the first makes ``H_d`` positive definite (the caller then rounds without error feedback).
+    GPTQ needs ``U`` upper with ``U^T U = H_d^-1``.  With ``J`` the reversal, ``J H_d J = R^T R`` (``R`` upper)
+    gives ``H_d = V V^T`` with ``V = J R^T J`` upper, so ``U = V^-1 = J R^-T J``: no ``K x K`` inverse of ``H_d``
+    and no second factorisation.  ``R^-1`` comes out of LAPACK in Fortran order, so ``R^-T`` is C-contiguous and
+    ``J R^-T J`` is its memory read backwards (a sequential copy).  Memory: one float64 ``K x K`` buffer for ``R``
+    (kept for the exact objective), one for ``R^-1`` while it is computed, and ``U`` in ``dtype``.  None when no
+    dampening up to 10^11 times the first makes ``H_d`` positive definite (the caller then rounds without error
+    feedback).
     """
     k = h.shape[-1]
     idx = np.arange(k)
@@ -360,13 +361,14 @@ def _factor_shared(h: np.ndarray, mu: np.ndarray | None, damp: float, dtype) -> 
                 p[i0 : i0 + rows] -= mr[i0 : i0 + rows, None] * mr[None, :]
         shift = dead + lam
         p[idx, idx] += shift[::-1]
-        lrev, info = lapack.dpotrf(p.T, lower=1, clean=1, overwrite_a=1)  # p is symmetric: p.T is p, F-ordered
+        rrev, info = lapack.dpotrf(p.T, lower=0, clean=1, overwrite_a=1)  # p is symmetric: p.T is p, F-ordered
         if info == 0:
-            linv, info = lapack.dtrtri(lrev, lower=1)
+            rinv, info = lapack.dtrtri(rrev, lower=0)
             if info == 0:
-                u = np.ascontiguousarray(linv[::-1, ::-1], dtype=dtype)
-                del linv
-                return _Factor(u, lrev, shift)
+                flat = rinv.T.reshape(-1)  # R^-T, C order: a view of the Fortran-ordered R^-1
+                u = np.ascontiguousarray(flat[::-1], dtype=dtype).reshape(k, k)  # J R^-T J
+                del rinv, flat
+                return _Factor(u, rrev, shift)
         lam *= 10
     return None
 
@@ -452,20 +454,22 @@ def _objective(e: np.ndarray, m: np.ndarray) -> np.ndarray:
     return np.einsum("rk,rkj,rj->r", e, m, e)
 
 
-def _objective_factored(w: np.ndarray, scale: np.ndarray, q: np.ndarray, f: _Factor) -> np.ndarray:
-    """Exact float64 ``e^T M e`` of ``e = w - scale*q`` per row, from the factor: ``||e[::-1] @ lrev||^2 -
-    e^T diag(shift) e`` (one triangular product per row, half a GEMM; rows in slabs)."""
+def _objective_factored(w: np.ndarray, scale: np.ndarray, q: np.ndarray, f: _Factor, with_damped: bool = False):
+    """Exact float64 ``e^T M e`` of ``e = w - scale*q`` per row, from the factor: ``||R e[::-1]||^2 -
+    e^T diag(shift) e`` (one triangular product per row, half a GEMM; rows in slabs).  ``with_damped``: also
+    return ``||R e[::-1]||^2`` per row (the scale of the subtraction's cancellation)."""
     r, k = q.shape
-    out = np.empty(r)
+    out, tot = np.empty(r), np.empty(r)
     rows = max(1, _SLAB // k)
     for r0 in range(0, r, rows):
         r1 = min(r, r0 + rows)
         e = w[r0:r1].astype(np.float64) - scale[r0:r1, None].astype(np.float64) * q[r0:r1]
         sh = np.einsum("rk,rk,k->r", e, e, f.shift)
         et = np.ascontiguousarray(e[:, ::-1])
-        y = blas.dtrmm(1.0, f.lrev, et.T, side=0, lower=1, trans_a=1, overwrite_b=1)  # (e_rev @ lrev)^T
-        out[r0:r1] = np.einsum("kr,kr->r", y, y) - sh
-    return out
+        y = blas.dtrmm(1.0, f.rrev, et.T, side=0, lower=0, trans_a=0, overwrite_b=1)  # R e_rev^T
+        tot[r0:r1] = np.einsum("kr,kr->r", y, y)
+        out[r0:r1] = tot[r0:r1] - sh
+    return (out, tot) if with_damped else out
 
 
 def check_safe(codes: np.ndarray, pairs) -> None:
@@ -589,7 +593,16 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
     def objective_rows(rows, s, q):
         if m0 is None:
             return _objective_factored(w2[rows], s, q, f)
-        return _objective(w2[rows].astype(np.float64) - s[:, None].astype(np.float64) * q, m0)
+        if f is None:
+            return _objective(w2[rows].astype(np.float64) - s[:, None].astype(np.float64) * q, m0)
+        # float64 with a factor: half a GEMM from it, and the direct product only for rows where the shift
+        # cancels more than half of the damped value (there the subtraction loses digits)
+        out, tot = _objective_factored(w2[rows], s, q, f, with_damped=True)
+        bad = np.flatnonzero(out < 0.5 * tot)
+        if len(bad):
+            wr = w2[rows][bad]
+            out[bad] = _objective(wr.astype(np.float64) - s[bad, None].astype(np.float64) * q[bad], m0)
+        return out
 
     def objective(r0, r1, s, q):
         return objective_rows(slice(r0, r1), s, q)
@@ -669,6 +682,13 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
     if approx and np.any(choice >= 0):  # Guarantee 2 on the exact objective, not on the tracked loss
         idx = np.flatnonzero(choice >= 0)
         exact = best_exact[idx]
+        if not fast:
+            # float64: the tracked loss is e^T M e to float64 rounding of the damped loss (module docstring);
+            # where it beats RTN by far more than that and the shift cancels at most half of it, it is the
+            # exact objective for this comparison (the winner's K x K product is skipped)
+            e, tot = best_err[idx], best_tot[idx]
+            clear = np.isnan(exact) & (e <= rtn_err[idx] * (1 - 1e-12) - _NEAR * tot) & (e >= 0.5 * tot)
+            exact[clear] = e[clear]
         todo = np.flatnonzero(np.isnan(exact))
         step = max(1, _SLAB // k)
         for i0 in range(0, len(todo), step):

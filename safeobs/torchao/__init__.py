@@ -32,6 +32,7 @@ import contextvars
 import dataclasses
 import types
 import warnings
+import weakref
 from functools import partial
 
 import numpy as np
@@ -288,6 +289,98 @@ def _refuse_stock_int8(config) -> None:
             )
 
 
+_STACK_MAX = 1 << 24  # weights (elements) per stacked rounding of Linears sharing H: 64 MB of float32 rows
+
+
+@dataclasses.dataclass
+class _LinearStats:
+    """``sum x x^T`` (upper triangle, float32, Fortran order) of one Linear's inputs and their count; ``leader``:
+    the Linear whose sum this one shares (it read the same tensors), or None."""
+
+    k: int
+    xx: np.ndarray | None = None
+    n: int = 0
+    leader: str | None = None
+
+
+def _symmetric_h(st: _LinearStats) -> np.ndarray:
+    """float64 ``E[x x^T]`` from the upper-triangle sum; frees the sum."""
+    h = st.xx.astype(np.float64, order="C")  # ssyrk wrote the upper triangle; the lower one is zero
+    st.xx = None
+    for i0 in range(0, st.k, 256):  # mirror it in 256-row blocks (cache-friendly; a whole h + h.T is 2x slower)
+        i1 = min(st.k, i0 + 256)
+        h[i0:i1, :i0] = h[:i0, i0:i1].T
+        d = h[i0:i1, i0:i1]
+        d += np.triu(d, 1).T
+    h /= st.n
+    return h
+
+
+def _calibrate_linears(model, names, calibration, progress, *, share: bool):
+    """One forward pass per calibration batch with a pre-hook on each Linear in ``names``: ``{name: _LinearStats}``.
+
+    ``share``: a Linear whose first input (in the first batch) is the very tensor an earlier Linear summed gets
+    that Linear as ``leader`` and sums nothing; after every batch its inputs must have been exactly its leader's
+    (same tensors, same order), else None is returned (the caller reruns with ``share=False``)."""
+    from scipy.linalg import blas
+
+    stats = {n: _LinearStats(model.get_submodule(n).in_features) for n in names}
+    seen, owner, state = {n: [] for n in names}, {}, {"batch": 0, "broken": False}
+
+    def hook(_m, args, kwargs, name):
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor):
+            return
+        st = stats[name]
+        if share:
+            seen[name].append(id(x))
+            if st.leader is None and state["batch"] == 0 and not st.n and not seen[name][:-1]:
+                hit = owner.get(id(x))
+                if hit is not None and hit[1]() is x:
+                    st.leader = hit[0]
+            if st.leader is not None:
+                hit = owner.get(id(x))
+                if hit is None or hit[0] != st.leader or hit[1]() is not x:
+                    state["broken"] = True
+                return
+            owner.setdefault(id(x), (name, weakref.ref(x)))
+        a = x.detach().reshape(-1, st.k).to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        if st.xx is None:
+            st.xx = np.zeros((st.k, st.k), np.float32, order="F")
+        # the upper triangle of x^T x (symmetric: half the products of addmm); a.T is Fortran-ordered, no copy
+        blas.ssyrk(1.0, a.T, beta=1.0, c=st.xx, overwrite_c=1)
+        st.n += a.shape[0]
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(partial(hook, name=n), with_kwargs=True) for n in names]
+    enabled = auto(progress, sum(int(model.get_submodule(n).weight.numel()) for n in names))
+    cbar = progress_bar(
+        enabled, "safeobs.torchao calibration", len(calibration) if hasattr(calibration, "__len__") else None
+    )
+    try:
+        with torch.no_grad():
+            for batch in _batches(calibration):
+                model(*batch)
+                if share:
+                    for n, st in stats.items():
+                        if st.leader is not None and seen[n] != seen[st.leader]:
+                            state["broken"] = True
+                    if state["broken"]:
+                        return None
+                    for v in seen.values():
+                        v.clear()
+                    owner.clear()
+                    state["batch"] += 1
+                cbar.step(f"{rss_mb():.0f} MB RSS")
+    finally:
+        cbar.close()
+        for h in handles:
+            h.remove()
+    for st in stats.values():
+        if st.leader is not None:
+            st.n = stats[st.leader].n
+    return stats
+
+
 def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_fn=None, device=None, progress=None):
     """torchao's ``quantize_(model, config, filter_fn, device)`` with safe weights, data-aware with calibration.
 
@@ -307,8 +400,13 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
     {"error": ..., "rtn_error": ...}}`` per row).  Bias correction is off (the objective is
     ``E[(e.x)^2]``; the float bias is untouched).
 
-    Memory: ``H`` is accumulated in float32, one K x K matrix per selected Linear (K = in_features): K=4096
-    is 64 MB, K=11008 is 485 MB, all held until the calibration ends.  float32 halves the memory of
+    Linears that read the very same tensor (attention's Q/K/V, an MLP's gate/up) share one ``H``, summed once
+    and rounded as one stacked weight (one factor, one recursion) while the stack is at most 16M weights.  This
+    needs a calibration that can be iterated again (a list, a DataLoader): should a Linear later read another
+    tensor than its partners, the calibration runs again without sharing; a one-shot iterator never shares.
+
+    Memory: ``H`` is accumulated in float32 (the upper triangle, by ``ssyrk``), one K x K matrix per distinct
+    Linear input (K = in_features): K=4096 is 64 MB, K=11008 is 485 MB, all held until the calibration ends.  float32 halves the memory of
     float64; the per-batch products are float32 BLAS either way and the rounding dampens ``H``
     (:data:`safeobs.core.rounding.DAMP`).  The rounding then converts one layer's ``H`` at a time to float64
     (a few K x K float64 temporaries, ~1 GB each at K=11008) and frees it before the next layer.
@@ -350,65 +448,69 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
             _qa.quantize_(model, config, filter_fn=filter_fn, device=device)
         return model
     select = filter_fn if filter_fn is not None else (lambda m, _name: isinstance(m, torch.nn.Linear))
-    stats, handles = {}, []
-    for name, mod in model.named_modules():
-        if not (isinstance(mod, torch.nn.Linear) and select(mod, name)):
-            continue
-        k = mod.in_features
-        st = stats[name] = [torch.zeros(k, k, dtype=torch.float32), 0]
-
-        def hook(_m, args, kwargs, st=st, k=k):
-            x = args[0] if args else kwargs.get("input")
-            if not isinstance(x, torch.Tensor):
-                return
-            x = x.detach().reshape(-1, k).to(device="cpu", dtype=torch.float32)
-            st[0].addmm_(x.T, x)
-            st[1] += x.shape[0]
-
-        handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-    batches = calibration if hasattr(calibration, "__len__") else None
-    todo = [model.get_submodule(name) for name in stats]
-    enabled = auto(progress, sum(int(m.weight.numel()) for m in todo))
-    cbar = progress_bar(enabled, "safeobs.torchao calibration", len(batches) if batches is not None else None)
-    try:
-        with torch.no_grad():
-            for batch in _batches(calibration):
-                model(*batch)
-                cbar.step(f"{rss_mb():.0f} MB RSS")
-    finally:
-        cbar.close()
-        for h in handles:
-            h.remove()
-    if stats and not any(n for _, n in stats.values()):
+    names = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and select(mod, n)]
+    # Linears that read the very same input tensor (attention's Q/K/V, an MLP's gate/up) share one H: accumulated
+    # once, rounded stacked.  Only with a calibration that can be iterated again: if the sharing breaks on some
+    # batch (a Linear later reads another tensor), the calibration reruns with none.
+    again = hasattr(calibration, "__len__") and iter(calibration) is not calibration
+    stats = _calibrate_linears(model, names, calibration, progress, share=again)
+    if stats is None:
+        stats = _calibrate_linears(model, names, calibration, progress, share=False)
+    if stats and not any(st.n for st in stats.values()):
         raise ValueError("calibration was empty: no selected Linear saw an input")
     errors, done = {}, set()
+    todo = [model.get_submodule(name) for name in stats]
+    enabled = auto(progress, sum(int(m.weight.numel()) for m in todo))
+    groups = {}  # leader -> [names], in the leader's order
+    for name, st in stats.items():
+        groups.setdefault(st.leader or name, []).append(name)
     with _bar(enabled, "safeobs.torchao quantize_ (data-aware)", todo):
-        for name in list(stats):  # one Linear at a time: round, quantize, write; then the next
-            hsum, n = stats.pop(name)  # frees this layer's H after its rounding
-            mod = model.get_submodule(name)
-            if n == 0:
+        for leader, members in groups.items():  # one group at a time: round, quantize, write; then the next
+            st = stats[leader]
+            if st.n == 0:
                 continue  # never saw an input: RTN below, with the layers the filter selects but no hook saw
-            w = mod.weight.detach()
-            h = hsum.double().numpy() / n
-            del hsum
-            rtn = quantize_weight(w, config)  # what the handler will store: the call without calibration
-            q0, s0 = rtn.qdata.cpu().numpy(), rtn.scale.detach().float().cpu().numpy().reshape(-1)
-            # the handler's scales and codes are round_weight's base: per row, never worse than them
-            r = round_weight(w, h, layout=config.layout, op="linear", bias_correction=False, scale=s0, rtn_codes=q0)
-            del w, h, rtn, q0
-            codes, scale = torch.from_numpy(r.codes), torch.from_numpy(r.scale)
-            _qa.quantize_(mod, config, filter_fn=lambda m, _fqn, mod=mod: m is mod, device=device)
-            wq = mod.weight
-            if not isinstance(wq, Int8Tensor):  # pragma: no cover - the handler always makes one
-                raise RuntimeError(f"{name}: expected a torchao Int8Tensor weight after quantize_")
-            with torch.no_grad():
-                wq.qdata.copy_(codes.to(wq.qdata.device))
-                wq.scale.copy_(scale.reshape(wq.scale.shape).to(wq.scale.device, wq.scale.dtype))
-            left = check_codes(wq.qdata.detach().cpu().numpy(), config.layout, op="linear")
-            if left:  # never expected: both candidates are safe row by row
-                raise RuntimeError(f"{name}: {len(left)} weight pairs unsafe after data-aware rounding; please report")
-            errors[name], done = (r.error, r.rtn_error), done | {name}
-            del r
+            h = _symmetric_h(st)  # float64 E[x x^T]; frees the float32 sum
+            # rows stacked while small (one factor, one recursion); a large Linear is rounded on its own
+            chunks, cur = [], []
+            for name in members:
+                if cur and sum(model.get_submodule(n).weight.numel() for n in cur + [name]) > _STACK_MAX:
+                    chunks.append(cur)
+                    cur = []
+                cur.append(name)
+            chunks.append(cur)
+            for chunk in chunks:
+                mods = [model.get_submodule(name) for name in chunk]
+                ws = [mod.weight.detach() for mod in mods]  # the float weights, kept past the handler
+                for mod in mods:  # torchao's handler (safeobs's): the call without calibration's codes and scales
+                    _qa.quantize_(mod, config, filter_fn=lambda m, _fqn, mod=mod: m is mod, device=device)
+                    if not isinstance(mod.weight, Int8Tensor):  # pragma: no cover - the handler always makes one
+                        raise RuntimeError(
+                            f"expected a torchao Int8Tensor weight after quantize_, got {type(mod.weight)}"
+                        )
+                wqs = [mod.weight for mod in mods]
+                q0 = np.concatenate([wq.qdata.detach().cpu().numpy() for wq in wqs])
+                s0 = np.concatenate([wq.scale.detach().float().cpu().numpy().reshape(-1) for wq in wqs])
+                w = ws[0] if len(ws) == 1 else torch.cat([x.to("cpu", torch.float32) for x in ws])
+                del ws
+                # the handler's scales and codes are round_weight's base: per row, never worse than them
+                r = round_weight(w, h, layout=config.layout, op="linear", bias_correction=False, scale=s0, rtn_codes=q0)
+                del w, q0
+                r0 = 0
+                for name, wq in zip(chunk, wqs):
+                    r1 = r0 + wq.qdata.shape[0]
+                    codes, scale = torch.from_numpy(r.codes[r0:r1]), torch.from_numpy(r.scale[r0:r1])
+                    with torch.no_grad():
+                        wq.qdata.copy_(codes.to(wq.qdata.device))
+                        wq.scale.copy_(scale.reshape(wq.scale.shape).to(wq.scale.device, wq.scale.dtype))
+                    left = check_codes(wq.qdata.detach().cpu().numpy(), config.layout, op="linear")
+                    if left:  # never expected: both candidates are safe row by row
+                        raise RuntimeError(
+                            f"{name}: {len(left)} weight pairs unsafe after data-aware rounding; please report"
+                        )
+                    errors[name], done = (r.error[r0:r1], r.rtn_error[r0:r1]), done | {name}
+                    r0 = r1
+                del r
+            del h
         rest = filter_fn if filter_fn is not None else _qa._is_linear
         _qa.quantize_(model, config, filter_fn=lambda m, fqn: fqn not in done and rest(m, fqn), device=device)
     # per row, the calibration objective of the stored codes and of the call without calibration
