@@ -33,8 +33,10 @@ columns does a constant number of vector operations on all stacked rows at once.
 gives each candidate's objective for free: with ``e = w - s q`` and ``H_d = M + diag(shift)``,
 ``e^T H_d e = s^2 sum_j ((x_j - q_j) / U_jj)^2`` (``e = U^T err``, ``U H_d U^T = I``), so
 ``e^T M e`` is that sum minus ``e^T diag(shift) e``, no ``K x K`` product per candidate.  Candidates are
-ranked on it; the winner's ``e^T M e`` is then computed exactly and compared with RTN's (two ``K x K``
-products per layer in all).  Where two candidates' losses lie within ``1e-9`` of each other (relative to
+ranked on it; the winner's ``e^T M e`` is then computed exactly and compared with RTN's (at most two
+``K x K`` products per layer; in float64 the tracked loss stands for the winner's where it beats RTN's by more
+than ``1e-9`` of the damped loss and the shift cancels at most half of it, so usually only RTN's is computed,
+as half a GEMM from the factor).  Where two candidates' losses lie within ``1e-9`` of each other (relative to
 the damped loss; the subtraction cancels when ``M`` is nearly singular), they are compared on the exact
 objective instead.
 Cost per layer: ``O(K^3)`` for the factor plus ``O(S OC K^2)`` for ``S`` candidates, linear in the

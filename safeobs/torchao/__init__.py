@@ -406,8 +406,9 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
     tensor than its partners, the calibration runs again without sharing; a one-shot iterator never shares.
 
     Memory: ``H`` is accumulated in float32 (the upper triangle, by ``ssyrk``), one K x K matrix per distinct
-    Linear input (K = in_features): K=4096 is 64 MB, K=11008 is 485 MB, all held until the calibration ends.  float32 halves the memory of
-    float64; the per-batch products are float32 BLAS either way and the rounding dampens ``H``
+    Linear input (K = in_features): K=4096 is 64 MB, K=11008 is 485 MB, all held until the calibration ends.
+    float32 halves the memory of float64; the per-batch products are float32 BLAS either way and the rounding
+    dampens ``H``
     (:data:`safeobs.core.rounding.DAMP`).  The rounding then converts one layer's ``H`` at a time to float64
     (a few K x K float64 temporaries, ~1 GB each at K=11008) and frees it before the next layer.
 
