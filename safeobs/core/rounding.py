@@ -22,16 +22,19 @@ interval its already-rounded partners leave (below).  Per channel, the candidate
 smallest objective wins; RTN at the tightest safe scale is always a candidate.
 
 **Implementation at LLM scale** (one shared ``K x K`` matrix: Linear, dense convs).  ``M`` (``H`` or
-``H - mu mu^T``) plus the dampening is factored once per layer: one Cholesky of the reversed matrix
-and one triangular inverse give the upper factor ``U`` of its inverse (no ``K x K`` inverse, no second
-factorisation).  All candidate scales are stacked as rows sharing ``U`` and rounded together, in code
-units (``x = w / s``: the feedback ``x_k -= (x_j - q_j) U_jk / U_jj`` does not depend on the scale).
+``H - mu mu^T``) plus the dampening, ``H_d``, is factored once per layer: one Cholesky of the reversed
+matrix gives ``H_d = V V^T`` with ``V`` upper.  GPTQ feeds the rounding error of column ``j`` to the later
+columns through the upper factor ``U`` of ``H_d^-1``, which is ``V^-1``; unrolled, that feedback rounds column
+``j`` from ``v_j = x_j + sum_{i<j} (V_ij / V_jj) (x_i - q_i)`` (from ``e = U^T err``, ``err_i = (v_i - q_i) /
+U_ii``, ``U_ii = 1 / V_ii``), so ``V`` itself serves and no triangular inverse is formed.  All candidate scales
+are stacked as rows sharing ``V`` and rounded together, in code units (``x = w / s``: the feedback does not
+depend on the scale).
 The error feedback is blocked as in GPTQ: every 256 columns pass their errors to all later columns in
 one BLAS-3 product, every 32 columns to the rest of their 256-block, and a column inside a 32-block
 gathers the errors of the columns before it with one matrix-vector product; the one Python loop over
 columns does a constant number of vector operations on all stacked rows at once.  GPTQ's own loss
 gives each candidate's objective for free: with ``e = w - s q`` and ``H_d = M + diag(shift)``,
-``e^T H_d e = s^2 sum_j ((x_j - q_j) / U_jj)^2`` (``e = U^T err``, ``U H_d U^T = I``), so
+``e^T H_d e = s^2 sum_j ((v_j - q_j) V_jj)^2`` (``e = U^T err``, ``U H_d U^T = I``), so
 ``e^T M e`` is that sum minus ``e^T diag(shift) e``, no ``K x K`` product per candidate.  Candidates are
 ranked on it; the winner's ``e^T M e`` is then computed exactly and compared with RTN's (at most two
 ``K x K`` products per layer; in float64 the tracked loss stands for the winner's where it beats RTN's by more
@@ -59,10 +62,10 @@ Cholesky factor (``||R e_rev||^2`` minus the shift, half a GEMM per row) and RTN
 winner is not strictly better (``RoundResult.extra["reverted"]`` counts them).
 
 *Memory* (shared ``H``, bytes of a float64 ``K x K`` matrix = ``|H|``).  The float64 factor ``R``
-(``|H|``, kept for the exact objective), its inverse while ``U`` is formed (``|H|``, freed), ``U``
-(``|H|/2`` in float32), the stacked rows in chunks of at most ``max(K, 1024)`` rows or 32 MB, whichever is
-more (``(K, chunk)`` values: ``|H|/2`` in float32 for a square LLM layer) and int8 codes; float64 temporaries
-in 8 MB row slabs.  Peak above the inputs: about ``2.5-3 |H|`` for ``OC <= K`` (measured in
+(``|H|``, kept for the exact objective), the feedback matrix ``V / diag(V)`` (``|H|/2`` in float32), the
+stacked rows in chunks of at most ``max(K, 1024)`` rows or 32 MB, whichever is more (``(K, chunk)`` values:
+``|H|/2`` in float32 for a square LLM layer) and a copy of their starting values (the same again), and int8
+codes; float64 temporaries in 8 MB row slabs.  Peak above the inputs: about ``2.5-3 |H|`` for ``OC <= K`` (measured in
 benchmarks/results/rounding.md).  ``H`` itself can be accumulated per batch in float32 and summed in
 float64: a float32 sum of ``x x^T`` over a batch of ``n`` rows is within about ``n * 2^-24`` relative of
 the exact one, far below the 1% dampening added to its diagonal.
@@ -327,26 +330,26 @@ def _cholesky_inv_upper(h: np.ndarray, damp: float) -> np.ndarray:
 class _Factor:
     """One shared ``K x K`` objective matrix ``M``, factored once per layer (see :func:`_factor_shared`).
 
-    ``u``: upper Cholesky factor of ``(M + diag(shift))^-1`` in the recursion's dtype (C-contiguous);
-    ``rrev``: upper Cholesky factor ``R`` of the same damped matrix with rows and columns reversed (float64,
-    Fortran order: ``J M_d J = R^T R``), so that ``e^T (M + diag(shift)) e = ||R e[::-1]||^2``; ``shift``: the
-    diagonal added to ``M`` (dampening, and 1 on dead inputs)."""
+    With ``M_d = M + diag(shift)`` and ``J`` the reversal, ``J M_d J = R^T R`` (``R`` upper) and ``M_d = V V^T``
+    with ``V = J R^T J`` upper.  ``feed``: ``V`` with column ``j`` divided by ``V_jj``, in the recursion's dtype
+    (C-contiguous); ``vdiag``: ``V_jj`` in that dtype; ``rrev``: ``R`` (float64, Fortran order), so that
+    ``e^T M_d e = ||R e[::-1]||^2``; ``shift``: the diagonal added to ``M`` (dampening, and 1 on dead inputs)."""
 
-    u: np.ndarray
+    feed: np.ndarray
+    vdiag: np.ndarray
     rrev: np.ndarray
     shift: np.ndarray
 
 
 def _factor_shared(h: np.ndarray, mu: np.ndarray | None, damp: float, dtype) -> _Factor | None:
-    """Factor ``M = h - mu mu^T`` (or ``h``) + dampening once: one Cholesky and one triangular inverse.
+    """Factor ``M = h - mu mu^T`` (or ``h``) + dampening once: one Cholesky, no inverse.
 
-    GPTQ needs ``U`` upper with ``U^T U = H_d^-1``.  With ``J`` the reversal, ``J H_d J = R^T R`` (``R`` upper)
-    gives ``H_d = V V^T`` with ``V = J R^T J`` upper, so ``U = V^-1 = J R^-T J``: no ``K x K`` inverse of ``H_d``
-    and no second factorisation.  ``R^-1`` comes out of LAPACK in Fortran order, so ``R^-T`` is C-contiguous and
-    ``J R^-T J`` is its memory read backwards (a sequential copy).  Memory: one float64 ``K x K`` buffer for ``R``
-    (kept for the exact objective), one for ``R^-1`` while it is computed, and ``U`` in ``dtype``.  None when no
-    dampening up to 10^11 times the first makes ``H_d`` positive definite (the caller then rounds without error
-    feedback).
+    GPTQ feeds errors through ``U`` upper with ``U^T U = M_d^-1``, i.e. ``U = V^-1`` (:class:`_Factor`);
+    :func:`_sequential` uses ``V`` itself (its module-docstring form), so no triangular inverse is formed.
+    ``R`` comes out of LAPACK in Fortran order: ``R^T`` is C-contiguous and ``V = J R^T J`` is its memory read
+    backwards (a sequential read).  Memory: one float64 ``K x K`` buffer for ``R`` (kept for the exact
+    objective) and ``feed`` in ``dtype``.  None when no dampening up to 10^11 times the first makes ``M_d``
+    positive definite (the caller then rounds without error feedback).
     """
     k = h.shape[-1]
     idx = np.arange(k)
@@ -364,41 +367,41 @@ def _factor_shared(h: np.ndarray, mu: np.ndarray | None, damp: float, dtype) -> 
         shift = dead + lam
         p[idx, idx] += shift[::-1]
         rrev, info = lapack.dpotrf(p.T, lower=0, clean=1, overwrite_a=1)  # p is symmetric: p.T is p, F-ordered
-        if info == 0:
-            rinv, info = lapack.dtrtri(rrev, lower=0)
-            if info == 0:
-                flat = rinv.T.reshape(-1)  # R^-T, C order: a view of the Fortran-ordered R^-1
-                u = np.ascontiguousarray(flat[::-1], dtype=dtype).reshape(k, k)  # J R^-T J
-                del rinv, flat
-                return _Factor(u, rrev, shift)
+        if info == 0 and np.all(np.diagonal(rrev) > 0):
+            v = rrev.T.reshape(-1)[::-1].reshape(k, k)  # J R^T J: a view of R's memory, read backwards
+            vdiag = np.diagonal(v).copy()
+            feed = np.empty((k, k), dtype)
+            np.divide(v, vdiag[None, :], out=feed)
+            return _Factor(feed, vdiag.astype(dtype), rrev, shift)
         lam *= 10
     return None
 
 
-def _gemm_sub(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """``c -= a.T @ b`` in place (BLAS-3, no temporary of ``c``'s size); all C-contiguous, ``a`` may be a view."""
+def _gemm_add(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """``c += a.T @ b`` in place (BLAS-3, no temporary of ``c``'s size); all C-contiguous, ``a`` may be a view."""
     gemm = blas.sgemm if c.dtype == np.float32 else blas.dgemm
-    out = gemm(-1.0, b.T, a, beta=1.0, c=c.T, overwrite_c=1)
+    out = gemm(1.0, b.T, a, beta=1.0, c=c.T, overwrite_c=1)
     if not np.shares_memory(out, c):  # never expected: the C-contiguous c is its transpose in Fortran order
         c[...] = out.T
 
 
 def _sequential(
-    xt: np.ndarray, u: np.ndarray | None, earlier, every: bool, rscale: np.ndarray | None = None
+    xt: np.ndarray, f: _Factor | None, earlier, every: bool, rscale: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sequential safe rounding of ``xt`` (K, C): column ``j`` of ``C`` rows (stacked candidates), in code units.
 
     Rounds code ``j`` of every row, clips it to the interval its earlier partners leave (module docstring,
-    Guarantee 1) and feeds its error back to the later codes through ``u`` (None: no feedback, the
-    sequential clip alone).  ``rscale`` (C,): per row, the factor applied to a value just before it is rounded
-    (``s * f32(1/s)`` when ``xt`` holds ``w / s``: torch's quantize rounds ``w * f32(1/s)``).  ``xt`` is
-    overwritten.  Returns the int8 codes (K, C) and, per row, the sum of the squared scaled errors ``((x_j -
-    q_j) / U_jj)^2`` (code units; GPTQ's loss).
+    Guarantee 1) and feeds its error back to the later codes through ``f`` (None: no feedback, the
+    sequential clip alone): column ``j`` is rounded from ``v_j = x_j + sum_{i<j} f.feed_ij (x_i - q_i)``.
+    ``rscale`` (C,): per row, the factor applied to a value just before it is rounded (``s * f32(1/s)`` when
+    ``xt`` holds ``w / s``: torch's quantize rounds ``w * f32(1/s)``).  ``xt`` is overwritten.  Returns the
+    int8 codes (K, C) and, per row, GPTQ's loss ``sum_j ((v_j - q_j) V_jj)^2`` (code units).
 
     Blocked: outer blocks of ``_OUTER`` columns pass their errors to all later columns in one BLAS-3 update,
     inner blocks of ``_INNER`` columns to the rest of their outer block; inside an inner block a column
     gathers the errors of the (< ``_INNER``) columns before it with one matrix-vector product.  The only
-    Python loop over columns does O(1) vector operations on the C rows at once.
+    Python loop over columns does O(1) vector operations on the C rows at once.  The feedback reads the
+    starting values ``x_i``, so they are kept (one more ``(K, C)`` array).
     """
     k, c = xt.shape
     dt = xt.dtype
@@ -406,9 +409,10 @@ def _sequential(
     sq = np.zeros(c)
     if every:
         top, bottom = np.full(c, -128, dt), np.full(c, 127, dt)  # max / min of the codes chosen so far
-    if u is not None:
-        dinv = 1 / np.diagonal(u).astype(dt)
-        err = np.empty((min(_OUTER, k), c), dt)
+    if f is not None:
+        x0, feed, vdiag = xt.copy(), f.feed, f.vdiag
+        err = np.empty((min(_OUTER, k), c), dt)  # x_i - q_i of the current outer block
+        res = np.empty((min(_OUTER, k), c), dt)  # (v_i - q_i) V_ii: GPTQ's scaled errors
     lo_q, hi_q = dt.type(-128), dt.type(127)
     for b0 in range(0, k, _OUTER):
         b1 = min(k, b0 + _OUTER)
@@ -416,8 +420,8 @@ def _sequential(
             s1 = min(b1, s0 + _INNER)
             for j in range(s0, s1):
                 v = xt[j]
-                if u is not None and j > s0:
-                    v = v - u[s0:j, j] @ err[s0 - b0 : j - b0]
+                if f is not None and j > s0:
+                    v = v + feed[s0:j, j] @ err[s0 - b0 : j - b0]
                 code = np.rint(v) if rscale is None else np.rint(v * rscale)
                 np.minimum(np.maximum(code, lo_q, out=code), hi_q, out=code)
                 if every:
@@ -435,17 +439,18 @@ def _sequential(
                     np.maximum(code, np.subtract(PAIR_MIN, qlo, dtype=dt), out=code)
                     np.minimum(code, np.subtract(PAIR_MAX, qhi, dtype=dt), out=code)
                 q[j] = code
-                if u is not None:
-                    e = err[j - b0]
-                    np.subtract(v, code, out=e)
-                    e *= dinv[j]
-            if u is not None and s1 < b1:
-                _gemm_sub(xt[s1:b1], u[s0:s1, s1:b1], err[s0 - b0 : s1 - b0])
-        if u is not None:
-            eb = err[: b1 - b0]
-            sq += np.einsum("bc,bc->c", eb, eb, dtype=np.float64)
+                if f is not None:
+                    np.subtract(x0[j], code, out=err[j - b0])
+                    r = res[j - b0]
+                    np.subtract(v, code, out=r)
+                    r *= vdiag[j]
+            if f is not None and s1 < b1:
+                _gemm_add(xt[s1:b1], feed[s0:s1, s1:b1], err[s0 - b0 : s1 - b0])
+        if f is not None:
+            rb = res[: b1 - b0]
+            sq += np.einsum("bc,bc->c", rb, rb, dtype=np.float64)
             if b1 < k:
-                _gemm_sub(xt[b1:], u[b0:b1, b1:], eb)
+                _gemm_add(xt[b1:], feed[b0:b1, b1:], err[: b1 - b0])
     return q, sq
 
 
@@ -618,13 +623,13 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
             rtn = _sequential(np.ascontiguousarray(rtn.T, dtype=dt), None, earlier, every)[0].T
         rtn = np.ascontiguousarray(rtn, dtype=np.int8)
     rtn_err = objective(0, oc, scale0, rtn)
-    u = f.u if (gptq and f is not None) else None
+    feedback = f if (gptq and f is not None) else None
     # With error feedback the candidates are ranked by GPTQ's own loss (free, module docstring) and only the
     # winner's objective is computed exactly and compared with RTN's below (Guarantee 2): about two evaluations
     # of e^T M e per layer instead of one per candidate.  The loss is e^T (M + shift) e minus the shift's part;
     # where M is (nearly) singular the difference cancels, so candidates whose losses lie within _NEAR of each
     # other (relative to the damped loss) are compared on the exact objective instead.
-    approx = u is not None
+    approx = feedback is not None
     best_q, best_s = rtn.copy(), scale0.copy()
     best_err = np.full(oc, np.inf) if approx else rtn_err.copy()
     best_tot = np.zeros(oc)  # damped loss of the best candidate (the scale of its cancellation error)
@@ -638,20 +643,20 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
         b = min(n, a + cmax)
         pieces = [(ci, max(a - ci * oc, 0), min(b - ci * oc, oc)) for ci in range(a // oc, (b - 1) // oc + 1)]
         xt = np.empty((k, b - a), dt)
-        rscale = None if fast or u is None else np.empty(b - a)
+        rscale = None if fast or feedback is None else np.empty(b - a)
         off = 0
         for ci, r0, r1 in pieces:
             s = scales[ci][r0:r1]
-            if u is not None and fast:  # code units: x = w * f32(1/s), torch's quantize before rint
+            if feedback is not None and fast:  # code units: x = w * f32(1/s), torch's quantize before rint
                 inv = (np.float32(1) / s).astype(dt)
                 np.multiply(w2[r0:r1].T, inv[None, :], out=xt[:, off : off + r1 - r0])
-            elif u is not None:  # float64: x = w / s exactly, so that GPTQ's loss is e^T (M + shift) e to ~1e-15
+            elif feedback is not None:  # float64: x = w / s exactly, so that GPTQ's loss is e^T (M + shift) e to ~1e-15
                 np.divide(w2[r0:r1].T, s[None, :].astype(np.float64), out=xt[:, off : off + r1 - r0])
                 rscale[off : off + r1 - r0] = s.astype(np.float64) * (np.float32(1) / s)
             else:
                 xt[:, off : off + r1 - r0] = quantize(w2[r0:r1], s[:, None]).T
             off += r1 - r0
-        q, sq = _sequential(xt, u, earlier, every, rscale)
+        q, sq = _sequential(xt, feedback, earlier, every, rscale)
         del xt
         off = 0
         for ci, r0, r1 in pieces:

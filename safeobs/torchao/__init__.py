@@ -305,13 +305,15 @@ class _LinearStats:
 
 def _symmetric_h(st: _LinearStats) -> np.ndarray:
     """float64 ``E[x x^T]`` from the upper-triangle sum; frees the sum."""
-    h = st.xx.astype(np.float64, order="C")  # ssyrk wrote the upper triangle; the lower one is zero
+    # ssyrk wrote the upper triangle of the Fortran-ordered sum: read as C order (its transpose, no strided
+    # copy) that is the lower triangle, mirrored here in 128-row blocks (cache-friendly; h + h.T is 2x slower)
+    h = st.xx.T.astype(np.float64)
     st.xx = None
-    for i0 in range(0, st.k, 256):  # mirror it in 256-row blocks (cache-friendly; a whole h + h.T is 2x slower)
-        i1 = min(st.k, i0 + 256)
-        h[i0:i1, :i0] = h[:i0, i0:i1].T
+    for i0 in range(0, st.k, 128):
+        i1 = min(st.k, i0 + 128)
+        h[:i0, i0:i1] = h[i0:i1, :i0].T
         d = h[i0:i1, i0:i1]
-        d += np.triu(d, 1).T
+        d += np.tril(d, -1).T
     h /= st.n
     return h
 
