@@ -718,6 +718,27 @@ def test_linears_reading_one_tensor_share_their_statistics(one_thread):
     assert sto._calibrate_linears(_Attn(detour=True), names, cal, False, share=True) is None
 
 
+class _Reuse(torch.nn.Module):
+    """p reads a tensor that is freed before q and r read a new one (CPython gives it the freed one's id)."""
+
+    def __init__(self):
+        super().__init__()
+        self.p, self.q, self.r = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        a = x * 2
+        y = self.p(a)
+        del a
+        b = x * 3
+        return y + self.q(b) + self.r(b)
+
+
+def test_a_reused_tensor_id_neither_shares_nor_hides_sharing(one_thread):
+    cal = [(torch.randn(4, 8, generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    shared = sto._calibrate_linears(_Reuse(), ["p", "q", "r"], cal, False, share=True)
+    assert shared is not None and [shared[n].leader for n in ("p", "q", "r")] == [None, None, "q"]
+
+
 @pytest.mark.parametrize("detour", [False, True])
 def test_quantize_with_shared_statistics_matches_separate_rounding(one_thread, detour):
     """quantize_ on Q/K/V (stacked rounding of one H; or the rerun when the sharing breaks) gives the codes of a

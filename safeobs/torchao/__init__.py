@@ -345,7 +345,9 @@ def _calibrate_linears(model, names, calibration, progress, *, share: bool):
                 if hit is None or hit[0] != st.leader or hit[1]() is not x:
                     state["broken"] = True
                 return
-            owner.setdefault(id(x), (name, weakref.ref(x)))
+            hit = owner.get(id(x))
+            if hit is None or hit[1]() is not x:  # a freed tensor's id is reused by new ones: replace stale entries
+                owner[id(x)] = (name, weakref.ref(x))
         a = x.detach().reshape(-1, st.k).to(device="cpu", dtype=torch.float32).contiguous().numpy()
         if st.xx is None:
             st.xx = np.zeros((st.k, st.k), np.float32, order="F")
