@@ -461,10 +461,13 @@ def _objective(e: np.ndarray, m: np.ndarray) -> np.ndarray:
     return np.einsum("rk,rkj,rj->r", e, m, e)
 
 
-def _objective_factored(w: np.ndarray, scale: np.ndarray, q: np.ndarray, f: _Factor, with_damped: bool = False):
+def _objective_factored(
+    w: np.ndarray, scale: np.ndarray, q: np.ndarray, f: _Factor, with_damped: bool = False, r32=None
+):
     """Exact float64 ``e^T M e`` of ``e = w - scale*q`` per row, from the factor: ``||R e[::-1]||^2 -
     e^T diag(shift) e`` (one triangular product per row, half a GEMM; rows in slabs).  ``with_damped``: also
-    return ``||R e[::-1]||^2`` per row (the scale of the subtraction's cancellation)."""
+    return ``||R e[::-1]||^2`` per row (the scale of the subtraction's cancellation).  ``r32``: ``R`` in float32
+    (Fortran order): the product in float32, half the time, to about ``K * 2^-24`` relative (an estimate)."""
     r, k = q.shape
     out, tot = np.empty(r), np.empty(r)
     rows = max(1, _SLAB // k)
@@ -472,9 +475,13 @@ def _objective_factored(w: np.ndarray, scale: np.ndarray, q: np.ndarray, f: _Fac
         r1 = min(r, r0 + rows)
         e = w[r0:r1].astype(np.float64) - scale[r0:r1, None].astype(np.float64) * q[r0:r1]
         sh = np.einsum("rk,rk,k->r", e, e, f.shift)
-        et = np.ascontiguousarray(e[:, ::-1])
-        y = blas.dtrmm(1.0, f.rrev, et.T, side=0, lower=0, trans_a=0, overwrite_b=1)  # R e_rev^T
-        tot[r0:r1] = np.einsum("kr,kr->r", y, y)
+        if r32 is None:
+            et = np.ascontiguousarray(e[:, ::-1])
+            y = blas.dtrmm(1.0, f.rrev, et.T, side=0, lower=0, trans_a=0, overwrite_b=1)  # R e_rev^T
+        else:
+            et = np.ascontiguousarray(e[:, ::-1], dtype=np.float32)
+            y = blas.strmm(1.0, r32, et.T, side=0, lower=0, trans_a=0, overwrite_b=1)
+        tot[r0:r1] = np.einsum("kr,kr->r", y, y, dtype=np.float64)
         out[r0:r1] = tot[r0:r1] - sh
     return (out, tot) if with_damped else out
 
@@ -622,8 +629,16 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
         if scale is not None:  # a given scale: RTN made safe by the same sequential clip
             rtn = _sequential(np.ascontiguousarray(rtn.T, dtype=dt), None, earlier, every)[0].T
         rtn = np.ascontiguousarray(rtn, dtype=np.int8)
-    rtn_err = objective(0, oc, scale0, rtn)
     feedback = f if (gptq and f is not None) else None
+    if f is not None and not fast and feedback is not None:
+        # RTN's objective estimated in float32 (half a float32 GEMM); made exact below wherever it decides anything
+        # close (a winner within the estimate's error of it, RTN kept) or where the shift cancels much of it
+        rtn_err, rtn_tot = _objective_factored(
+            w2, scale0, rtn, f, with_damped=True, r32=np.asfortranarray(f.rrev, dtype=np.float32)
+        )
+        rtn_exact = np.zeros(oc, bool)
+    else:
+        rtn_err, rtn_exact = objective(0, oc, scale0, rtn), None
     # With error feedback the candidates are ranked by GPTQ's own loss (free, module docstring) and only the
     # winner's objective is computed exactly and compared with RTN's below (Guarantee 2): about two evaluations
     # of e^T M e per layer instead of one per candidate.  The loss is e^T (M + shift) e minus the shift's part;
@@ -683,6 +698,18 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
                 best_tot[idx], best_exact[idx] = tot[better], exact[better]
             off += r1 - r0
         del q
+    if rtn_exact is not None:
+        # the estimate stands only where a winner beats it by far more than its error (K * 2^-24 relative at
+        # worst, with at most 2x cancellation by the shift); elsewhere RTN's objective is computed exactly
+        margin = max(1e-3, 4 * k * 2.0**-24)
+        sure = (choice >= 0) & (best_err <= rtn_err * (1 - margin)) & (rtn_err >= 0.5 * rtn_tot)
+        sure &= (best_err >= 0.5 * best_tot) | ~np.isnan(best_exact)  # and the winner's loss is itself accurate
+        need = np.flatnonzero(~sure)
+        step = max(1, _SLAB // k)
+        for i0 in range(0, len(need), step):
+            sel = need[i0 : i0 + step]
+            rtn_err[sel] = objective_rows(sel, scale0[sel], rtn[sel])
+        rtn_exact[need] = True
     lost = choice < 0
     best_err[lost] = rtn_err[lost]
     reverted = 0
