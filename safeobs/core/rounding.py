@@ -394,14 +394,14 @@ def _sequential(
     Guarantee 1) and feeds its error back to the later codes through ``f`` (None: no feedback, the
     sequential clip alone): column ``j`` is rounded from ``v_j = x_j + sum_{i<j} f.feed_ij (x_i - q_i)``.
     ``rscale`` (C,): per row, the factor applied to a value just before it is rounded (``s * f32(1/s)`` when
-    ``xt`` holds ``w / s``: torch's quantize rounds ``w * f32(1/s)``).  ``xt`` is overwritten.  Returns the
+    ``xt`` holds ``w / s``: torch's quantize rounds ``w * f32(1/s)``).  ``xt`` is not modified.  Returns the
     int8 codes (K, C) and, per row, GPTQ's loss ``sum_j ((v_j - q_j) V_jj)^2`` (code units).
 
-    Blocked: outer blocks of ``_OUTER`` columns pass their errors to all later columns in one BLAS-3 update,
-    inner blocks of ``_INNER`` columns to the rest of their outer block; inside an inner block a column
-    gathers the errors of the (< ``_INNER``) columns before it with one matrix-vector product.  The only
-    Python loop over columns does O(1) vector operations on the C rows at once.  The feedback reads the
-    starting values ``x_i``, so they are kept (one more ``(K, C)`` array).
+    Blocked, left-looking: an outer block of ``_OUTER`` columns first gathers the errors ``x_i - q_i`` of every
+    earlier outer block (recomputed from ``xt`` and the codes: no ``(K, C)`` state besides ``xt``) in one BLAS-3
+    product each; inside it, inner blocks of ``_INNER`` columns pass their errors to the rest of the outer block,
+    and a column gathers the errors of the (< ``_INNER``) columns before it with one matrix-vector product.  The
+    only Python loop over columns does O(1) vector operations on the C rows at once.
     """
     k, c = xt.shape
     dt = xt.dtype
@@ -410,18 +410,31 @@ def _sequential(
     if every:
         top, bottom = np.full(c, -128, dt), np.full(c, 127, dt)  # max / min of the codes chosen so far
     if f is not None:
-        x0, feed, vdiag = xt.copy(), f.feed, f.vdiag
-        err = np.empty((min(_OUTER, k), c), dt)  # x_i - q_i of the current outer block
-        res = np.empty((min(_OUTER, k), c), dt)  # (v_i - q_i) V_ii: GPTQ's scaled errors
+        feed, vdiag = f.feed, f.vdiag
+        nb = min(_OUTER, k)
+        vb = np.empty((nb, c), dt)  # the current outer block's values, corrections added
+        err = np.empty((nb, c), dt)  # its x_i - q_i
+        ea = np.empty((nb, c), dt)  # an earlier block's x_i - q_i
+        res = np.empty((nb, c), dt)  # (v_i - q_i) V_ii: GPTQ's scaled errors
     lo_q, hi_q = dt.type(-128), dt.type(127)
     for b0 in range(0, k, _OUTER):
         b1 = min(k, b0 + _OUTER)
+        if f is not None:
+            blk = vb[: b1 - b0]
+            blk[...] = xt[b0:b1]
+            for a0 in range(0, b0, _OUTER):  # the earlier blocks' errors, in block order (as right-looking adds them)
+                a1 = a0 + _OUTER
+                np.subtract(xt[a0:a1], q[a0:a1], out=ea[: a1 - a0])
+                _gemm_add(blk, feed[a0:a1, b0:b1], ea[: a1 - a0])
         for s0 in range(b0, b1, _INNER):
             s1 = min(b1, s0 + _INNER)
             for j in range(s0, s1):
-                v = xt[j]
-                if f is not None and j > s0:
-                    v = v + feed[s0:j, j] @ err[s0 - b0 : j - b0]
+                if f is None:
+                    v = xt[j]
+                else:
+                    v = vb[j - b0]
+                    if j > s0:
+                        v = v + feed[s0:j, j] @ err[s0 - b0 : j - b0]
                 code = np.rint(v) if rscale is None else np.rint(v * rscale)
                 np.minimum(np.maximum(code, lo_q, out=code), hi_q, out=code)
                 if every:
@@ -440,17 +453,15 @@ def _sequential(
                     np.minimum(code, np.subtract(PAIR_MAX, qhi, dtype=dt), out=code)
                 q[j] = code
                 if f is not None:
-                    np.subtract(x0[j], code, out=err[j - b0])
+                    np.subtract(xt[j], code, out=err[j - b0])
                     r = res[j - b0]
                     np.subtract(v, code, out=r)
                     r *= vdiag[j]
             if f is not None and s1 < b1:
-                _gemm_add(xt[s1:b1], feed[s0:s1, s1:b1], err[s0 - b0 : s1 - b0])
+                _gemm_add(vb[s1 - b0 : b1 - b0], feed[s0:s1, s1:b1], err[s0 - b0 : s1 - b0])
         if f is not None:
             rb = res[: b1 - b0]
             sq += np.einsum("bc,bc->c", rb, rb, dtype=np.float64)
-            if b1 < k:
-                _gemm_add(xt[b1:], feed[b0:b1, b1:], err[: b1 - b0])
     return q, sq
 
 
