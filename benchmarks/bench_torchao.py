@@ -448,9 +448,10 @@ def targets(res) -> list[str]:
     ct = res["calibration_time"]
     r1, r2 = np.array(ct["ratio_vs_quantize"]), np.array(ct["ratio_vs_quantize_plus_forward"])
     lines.append(
-        f"- Calibration time: safeobs `quantize_(calibration=...)` / torchao `quantize_` = {r1.mean():.0f}x "
-        f"± {r1.std():.0f} (/ (torchao `quantize_` + one float pass over the calibration) = {r2.mean():.0f}x): "
-        f"**{'met' if r2.mean() <= 5 else 'missed'}** (target <= 5x)."
+        f"- Calibration time here (one timing per draw, fidelity threads, not interleaved): safeobs "
+        f"`quantize_(calibration=...)` / torchao `quantize_` = {r1.mean():.0f}x ± {r1.std():.0f}, / (torchao "
+        f"`quantize_` + one float pass over the calibration) = {r2.mean():.1f}x ± {r2.std():.1f}.  The target "
+        f"(<= 5x) is judged in `calibration.md` (`bench_calibration.py`: interleaved rounds, 1 thread), not here."
     )
     return lines
 

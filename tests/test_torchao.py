@@ -581,8 +581,9 @@ def _mlp_and_data(seed=0, rank=8):
     return m, [data(32) for _ in range(4)], data(128)
 
 
-def _h(model, cal, name):
-    """float64 E[x x^T] of the inputs of Linear ``name`` of the float ``model`` (an independent computation)."""
+def _h(model, cal, name, shrunk=False):
+    """float64 E[x x^T] of the inputs of Linear ``name`` of the float ``model`` (an independent computation);
+    ``shrunk``: scikit-learn's Ledoit-Wolf estimate of it (second moment: ``assume_centered``)."""
     xs = []
     h = model.get_submodule(name).register_forward_pre_hook(lambda _m, a: xs.append(a[0].double()))
     with torch.no_grad():
@@ -590,14 +591,18 @@ def _h(model, cal, name):
             model(*b)
     h.remove()
     x = torch.cat(xs).reshape(-1, xs[0].shape[-1])
+    if shrunk:
+        from sklearn.covariance import ledoit_wolf
+
+        return ledoit_wolf(x.numpy(), assume_centered=True)[0]
     return (x.T @ x / x.shape[0]).numpy()
 
 
-def _objective(model_f, model_q, cal, name):
+def _objective(model_f, model_q, cal, name, shrunk=False):
     w = model_f.get_submodule(name).weight.detach().double().numpy()
     wq = model_q.get_submodule(name).weight
     e = w - wq.scale.detach().double().numpy().reshape(-1, 1) * wq.qdata.numpy()
-    return np.einsum("rk,rk->r", e @ _h(model_f, cal, name), e)
+    return np.einsum("rk,rk->r", e @ _h(model_f, cal, name, shrunk), e)
 
 
 def _static_cfg():
@@ -619,11 +624,13 @@ def test_quantize_with_calibration_is_data_aware(one_thread, static):
         assert w1.qdata.shape == w0.qdata.shape and w1.scale.shape == w0.scale.shape
         if static:
             assert torch.equal(w1.act_quant_scale, w0.act_quant_scale)
-        # never worse than the call without calibration, per row, on the calibration objective (by construction)
-        e1, e0 = _objective(m, da, cal, name), _objective(m, rtn, cal, name)
+        # never worse than the call without calibration, per row, on the calibration objective (by construction;
+        # H shrunk by its Ledoit-Wolf intensity, here scikit-learn's)
+        e1, e0 = _objective(m, da, cal, name, shrunk=True), _objective(m, rtn, cal, name, shrunk=True)
         assert np.all(e1 <= e0 * (1 + 1e-9) + 1e-18) and e1.sum() < e0.sum()
         rec = da._safeobs_rounding[name]
         assert np.all(rec["error"] <= rec["rtn_error"])
+        np.testing.assert_allclose(rec["error"], e1, rtol=1e-4)  # the objective reported is the shrunk one
     with torch.no_grad():  # runs eager; measured only (held-out error is not guaranteed)
         y, ref = da(*held), m(*held)
     assert y.shape == ref.shape and torch.isfinite(y).all()
@@ -710,6 +717,8 @@ def test_linears_reading_one_tensor_share_their_statistics(one_thread):
     assert [shared[n].leader for n in names] == [None, "q", "q", None]
     assert all(alone[n].leader is None for n in names)
     assert all(shared[n].n == alone[n].n == 30 for n in names) and shared["k"].xx is None
+    x = torch.cat([b[0] for b in cal]).double()  # the Ledoit-Wolf statistic: sum over rows of ||x||^4
+    assert np.isclose(shared["k"].x4, float((x.pow(2).sum(1) ** 2).sum()), rtol=1e-6)
     h_alone = {n: sto._symmetric_h(alone[n]) for n in names}
     h_shared = {n: sto._symmetric_h(shared[n]) for n in ("q", "o")}
     assert np.array_equal(h_alone["q"], h_alone["k"]) and np.array_equal(h_alone["q"], h_alone["v"])

@@ -52,7 +52,7 @@ except ImportError:  # pragma: no cover - exercised only without torchao
 from ..core import statefile
 from ..core.layers import LayerCodes, QLayer
 from ..core.progress import auto, progress_bar, rss_mb
-from ..core.rounding import _batches, round_weight
+from ..core.rounding import _batches, ledoit_wolf_intensity, round_weight, shrink
 from ..core.solver import layout_pairs, raise_scales
 from ..core.verify import Report, check_codes, check_layers
 from . import emulator as emulator_torchao
@@ -301,6 +301,7 @@ class _LinearStats:
     xx: np.ndarray | None = None
     n: int = 0
     leader: str | None = None
+    x4: float = 0.0  # sum over rows of ||x||^4 (the Ledoit-Wolf intensity's statistic)
 
 
 def _symmetric_h(st: _LinearStats) -> np.ndarray:
@@ -349,6 +350,7 @@ def _calibrate_linears(model, names, calibration, progress, *, share: bool):
             if hit is None or hit[1]() is not x:  # a freed tensor's id is reused by new ones: replace stale entries
                 owner[id(x)] = (name, weakref.ref(x))
         a = x.detach().reshape(-1, st.k).to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        st.x4 += float(np.square(np.einsum("rk,rk->r", a, a, dtype=np.float64)).sum())
         if st.xx is None:
             st.xx = np.zeros((st.k, st.k), np.float32, order="F")
         # the upper triangle of x^T x (symmetric: half the products of addmm); a.T is Fortran-ordered, no copy
@@ -381,7 +383,7 @@ def _calibrate_linears(model, names, calibration, progress, *, share: bool):
             h.remove()
     for st in stats.values():
         if st.leader is not None:
-            st.n = stats[st.leader].n
+            st.n, st.x4 = stats[st.leader].n, stats[st.leader].x4
     return stats
 
 
@@ -399,7 +401,8 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
     float weight is freed as its ``Int8Tensor`` replaces it).  Only ``qdata`` and ``scale`` of torchao's
     ``Int8Tensor`` change (same block_size,
     act_quant_kwargs, activation scales).  Per row, the codes kept are the better, on the calibration
-    objective ``e^T H e`` (``e`` = float row - scale * codes), of the data-aware codes and the config's own
+    objective ``e^T H e`` (``e`` = float row - scale * codes; ``H`` shrunk, below), of the data-aware codes and
+    the config's own
     RTN codes: never worse than the call without calibration (``model._safeobs_rounding``: ``{name:
     {"error": ..., "rtn_error": ...}}`` per row).  Bias correction is off (the objective is
     ``E[(e.x)^2]``; the float bias is untouched).
@@ -408,6 +411,10 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
     and rounded as one stacked weight (one factor, one recursion) while the stack is at most 16M weights.  This
     needs a calibration that can be iterated again (a list, a DataLoader): should a Linear later read another
     tensor than its partners, the calibration runs again without sharing; a one-shot iterator never shares.
+
+    ``H`` is shrunk toward ``(tr H / K) I`` by its Ledoit-Wolf intensity
+    (:func:`safeobs.core.rounding.ledoit_wolf_intensity`: about 0 with many calibration rows; with a few hundred
+    tokens for a wide Linear the sample ``H`` is rank-deficient and the rounding would fit the calibration set).
 
     Memory: ``H`` is accumulated in float32 (the upper triangle, by ``ssyrk``), one K x K matrix per distinct
     Linear input (K = in_features): K=4096 is 64 MB, K=11008 is 485 MB, all held until the calibration ends.
@@ -474,7 +481,11 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
             st = stats[leader]
             if st.n == 0:
                 continue  # never saw an input: RTN below, with the layers the filter selects but no hook saw
+            x4 = st.x4 / st.n
             h = _symmetric_h(st)  # float64 E[x x^T]; frees the float32 sum
+            # Ledoit-Wolf shrinkage toward (tr H / K) I: a few hundred calibration tokens for K = 1536 leave H
+            # rank-deficient, and GPTQ's feedback would fit them (safeobs.core.rounding.ledoit_wolf_intensity)
+            h = shrink(h, ledoit_wolf_intensity(h[None], x4, st.n)).reshape(h.shape)
             # rows stacked while small (one factor, one recursion); a large Linear is rounded on its own
             chunks, cur = [], []
             for name in members:
