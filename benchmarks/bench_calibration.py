@@ -469,7 +469,8 @@ def merge(parts: list[dict]) -> dict:
     res = dict(parts[0], flows=[], errors={}, requested=[], command=" + ".join(p["command"] for p in parts))
     for p in parts:
         for f in p["flows"]:
-            res["flows"].append(dict(f, run=p["command"], run_load=p["load_start"]))
+            # a flow from an earlier merge keeps the run it came from
+            res["flows"].append(dict(f, run=f.get("run", p["command"]), run_load=f.get("run_load", p["load_start"])))
         res["requested"] += [f for f in p["requested"] if f not in res["requested"]]
         res["errors"].update(p["errors"])
     measured = {f["flow"] for f in res["flows"]}

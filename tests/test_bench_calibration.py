@@ -99,5 +99,7 @@ def test_merge_keeps_every_run_and_drops_errors_another_run_measured():
     assert [f["flow"] for f in res["flows"]] == ["pt2e", "onnx", "openvino"]
     assert [f["run"] for f in res["flows"]] == ["a", "a", "b"] and res["command"] == "a + b"
     assert res["errors"] == {"torchao": "x"} and set(res["requested"]) == {"pt2e", "onnx", "openvino", "torchao"}
+    again = bc.merge([res, run("c", ["torchao"], {})])  # a merged file merged again keeps each flow's own run
+    assert [f["run"] for f in again["flows"]] == ["a", "a", "b", "c"] and again["errors"] == {}
     with pytest.raises(ValueError):
         bc.merge([])
