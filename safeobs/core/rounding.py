@@ -64,10 +64,10 @@ winner is not strictly better (``RoundResult.extra["reverted"]`` counts them).
 *Memory* (shared ``H``, bytes of a float64 ``K x K`` matrix = ``|H|``).  The float64 factor ``R``
 (``|H|``, kept for the exact objective), the feedback matrix ``V / diag(V)`` (``|H|/2`` in float32), the
 stacked rows in chunks of at most ``max(K, 1024)`` rows or 32 MB, whichever is more (``(K, chunk)`` values:
-``|H|/2`` in float32 for a square LLM layer) and a copy of their starting values (the same again), and int8
-codes; float64 temporaries in 8 MB row slabs.  Peak above the inputs: about ``2.5-3 |H|`` for ``OC <= K`` (measured in
-benchmarks/results/rounding.md).  ``H`` itself can be accumulated per batch in float32 and summed in
-float64: a float32 sum of ``x x^T`` over a batch of ``n`` rows is within about ``n * 2^-24`` relative of
+``|H|/2`` in float32 for a square LLM layer; the recursion reads them and keeps only ``256``-column blocks of
+state) and int8 codes; float64 temporaries in 8 MB row slabs.  Peak above the inputs: about ``2.5-3 |H|`` for
+``OC <= K`` (measured in benchmarks/results/rounding.md).  ``H`` itself can be accumulated per batch in float32
+and summed in float64: a float32 sum of ``x x^T`` over a batch of ``n`` rows is within about ``n * 2^-24`` relative of
 the exact one, far below the 1% dampening added to its diagonal.
 
 Per-group matrices (grouped and depthwise convs: one ``K x K`` per group, ``K`` = one group's receptive
@@ -647,9 +647,9 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
         rtn_err, rtn_tot = _objective_factored(
             w2, scale0, rtn, f, with_damped=True, r32=np.asfortranarray(f.rrev, dtype=np.float32)
         )
-        rtn_exact = np.zeros(oc, bool)
+        rtn_estimated = True
     else:
-        rtn_err, rtn_exact = objective(0, oc, scale0, rtn), None
+        rtn_err, rtn_estimated = objective(0, oc, scale0, rtn), False
     # With error feedback the candidates are ranked by GPTQ's own loss (free, module docstring) and only the
     # winner's objective is computed exactly and compared with RTN's below (Guarantee 2): about two evaluations
     # of e^T M e per layer instead of one per candidate.  The loss is e^T (M + shift) e minus the shift's part;
@@ -709,7 +709,7 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
                 best_tot[idx], best_exact[idx] = tot[better], exact[better]
             off += r1 - r0
         del q
-    if rtn_exact is not None:
+    if rtn_estimated:
         # the estimate stands only where a winner beats it by far more than its error (K * 2^-24 relative at
         # worst, with at most 2x cancellation by the shift); elsewhere RTN's objective is computed exactly
         margin = max(1e-3, 4 * k * 2.0**-24)
@@ -720,7 +720,6 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
         for i0 in range(0, len(need), step):
             sel = need[i0 : i0 + step]
             rtn_err[sel] = objective_rows(sel, scale0[sel], rtn[sel])
-        rtn_exact[need] = True
     lost = choice < 0
     best_err[lost] = rtn_err[lost]
     reverted = 0
