@@ -208,3 +208,35 @@ def test_compensated_codes_safe_whatever_the_data(seed, gain, shift):
     assert pt2e.verify(gm, "x86").ok
     for r in gm.meta["safeobs_rounding"].values():
         assert np.all(r.error <= r.rtn_error) and np.all(np.isfinite(r.bias_delta))
+
+
+def test_default_statistics_round_on_the_quantized_inputs_never_worse_than_rtn():
+    """``cross=False`` (quantize_pt2e's default): error = E||(W - W^) x^c||^2 from the raw rows, <= RTN's."""
+    m, cal = _cnn(4)
+    float_model, converted = _prepared_and_converted(m, cal)
+    stats = rounding.calibrate_quantized_pt2e(float_model, converted, cal, local=True, cross=False)
+    assert all(st.cross is None and st.ff is None for st in stats.values())
+    direct = _direct(float_model, converted, cal, stats, True)
+    results = rounding.apply_pt2e(converted, stats)
+    assert pt2e.verify(converted, "x86").ok and len(results) == 3
+    for name, r in results.items():
+        st, d = stats[name], direct[name]
+        np.testing.assert_allclose(st.xx, d["xx"], rtol=1e-5, atol=1e-4)
+        n, oc = d["n"], st.weight.shape[0]
+        w = st.weight.double().numpy().reshape(st.groups, oc // st.groups, -1)
+        mh = d["xsum"] / n
+        hh = d["xx"] / n - np.einsum("gi,gj->gij", mh, mh)
+
+        def objective(codes, scale, h=hh):
+            e = w - (scale.astype(np.float64)[:, None] * codes.reshape(oc, -1)).reshape(w.shape)
+            return ((e @ h) * e).sum(-1).reshape(oc)
+
+        scale0 = safe_qparams(st.weight, op=st.op, groups=st.groups)[0].numpy()
+        rtn = quantize(st.weight.reshape(oc, -1).numpy(), scale0[:, None])
+        # centering cancels (the linear sees 6 rows): compare at the scale of the uncentered objective
+        for got, codes, scale in ((r.rtn_error, rtn, scale0), (r.error, r.codes, r.scale)):
+            tol = 1e-4 * objective(codes, scale, d["xx"] / n)
+            assert np.all(np.abs(got - objective(codes, scale)) <= tol)
+        assert np.all(r.error <= r.rtn_error) and r.extra["exact_objective"] is False
+    with pytest.raises(ValueError, match="cross"):
+        rounding.apply_pt2e(converted, stats, target_damp=0.1)

@@ -223,8 +223,7 @@ def calibrate_quantized_pt2e(
 
     def keep_float(name, x):
         if local:
-            if name in fq:
-                add(name, None, x)
+            add(name, None, x)
         else:
             floats[name] = x
 
@@ -250,7 +249,8 @@ def calibrate_quantized_pt2e(
             c = _receptive_fields(x, params, max_positions)
             ch = None if xh is None else _receptive_fields(xh, params, max_positions)
         if ch is None:  # local: quantize the gathered fields (the zero padding stays 0: the zero point is exact)
-            ch = fq[name](c.contiguous())
+            # (an input the converted graph does not quantize per tensor is read as is: x^ = x, the float statistics)
+            ch = fq[name](c.contiguous()) if name in fq else c
         st.xx += torch.bmm(ch.transpose(1, 2), ch).double().numpy()
         if cross:
             st.cross += torch.bmm(c.transpose(1, 2), ch).double().numpy()
