@@ -53,6 +53,7 @@ logging.disable(logging.WARNING)
 OUT = Path(__file__).resolve().parent / "results"
 CONFIGS = ("stock", "safeobs RTN", "safeobs data-aware")
 CEILING = "float weights, same activation quantization"  # eager only: the weight-error-free reference
+PREVIOUS = "data-aware, float-input statistics"  # eager only: quantize_pt2e(..., compensate_activations=False)
 FP32 = "FP32 (not quantized)"  # compiled on both ISAs once: the float noise floor of the two kernel sets
 T0 = time.perf_counter()
 
@@ -241,20 +242,35 @@ def quantize_draw(task: Task, calibration, rtn_alone: bool) -> dict:
     models["stock"] = convert_pt2e(p)
     times["stock"] = time.perf_counter() - t
 
-    # safeobs.quantize_pt2e(exported, example, calibration), step by step so that the calibrated prepared graph
-    # can be copied (untimed) for the RTN model of the same observers
+    # safeobs.quantize_pt2e(exported, example, calibration) (compensate_activations=True), step by step so that the
+    # calibrated prepared graph can be copied (untimed) for the RTN model of the same observers: calibration for
+    # the observers, a copy of the float graph, convert, the quantized-input statistics, the rounding
     g = copy.deepcopy(task.exported)
     t = time.perf_counter()
     p = prepare_pt2e(g, pt2e.X86InductorQuantizer().set_global(pt2e.get_x86_inductor_quantization_config()))
-    stats = rounding.calibrate_pt2e(p, calibration, progress=False)
+    pt2e._tell_groups(p)
+    with torch.no_grad():
+        for b in calibration:
+            p(*b)
+    float_model = copy.deepcopy(p)
     t_cal = time.perf_counter() - t
     p_rtn = copy.deepcopy(p)
     t = time.perf_counter()
     da = convert_pt2e(p)
+    stats = rounding.calibrate_quantized_pt2e(float_model, da, calibration, progress=False, local=True, cross=False)
     da.meta["safeobs_rounding"] = rounding.apply_pt2e(da, stats, layout="x86", progress=False)
     times["safeobs data-aware"] = t_cal + time.perf_counter() - t
+    del float_model
     models["safeobs RTN"] = convert_pt2e(p_rtn)
     models["safeobs data-aware"] = da
+
+    # the previous default (compensate_activations=False: float-input statistics), eager only
+    g = copy.deepcopy(task.exported)
+    p = prepare_pt2e(g, pt2e.X86InductorQuantizer().set_global(pt2e.get_x86_inductor_quantization_config()))
+    pt2e._tell_groups(p)
+    fstats = rounding.calibrate_pt2e(p, calibration, progress=False)
+    prev = convert_pt2e(p)
+    rounding.apply_pt2e(prev, fstats, layout="x86", progress=False)
     same = None
     if rtn_alone:  # the RTN flow on its own: its time, and proof that the shared observers change nothing
         g = copy.deepcopy(task.exported)
@@ -273,7 +289,7 @@ def quantize_draw(task: Task, calibration, rtn_alone: bool) -> dict:
     # eager (the reference decomposed ops: dequantize, float conv/linear, quantize): no int8 kernel, no ISA
     eager = {}
     with torch.no_grad():
-        for k, m in [*models.items(), (CEILING, float_weights(models["safeobs RTN"], stats))]:
+        for k, m in [*models.items(), (PREVIOUS, prev), (CEILING, float_weights(models["safeobs RTN"], stats))]:
             eager[k] = task.metrics(task.ref, task.post(m(*task.held), task.held))
     return dict(models=models, times=times, rtn_same=same, violations=verified, eager=eager)
 
@@ -467,11 +483,14 @@ def targets(results: list, cols: dict) -> list:
                 abs(a["sqnr"] - b["sqnr"])
                 for a, b in zip(res["rows"]["safeobs data-aware"]["AVX2"], res["rows"]["safeobs data-aware"]["VNNI"])
             ]
+            # judged on the means over the draws (the issue: means where noise matters); the per-draw max reported
+            mean_diff = da["AVX2"]["sqnr"]["mean"] - da["VNNI"]["sqnr"]["mean"]
             out.append(
                 (
-                    f"{res['name']}: safeobs data-aware equal within 0.1 dB across AVX2 / VNNI",
-                    max(cross) <= 0.1,
-                    f"largest per-draw AVX2-VNNI difference {max(cross):.4f} dB",
+                    f"{res['name']}: safeobs data-aware equal within 0.1 dB across AVX2 / VNNI (means over "
+                    f"{len(cross)} draws)",
+                    abs(mean_diff) <= 0.1,
+                    f"mean AVX2 - VNNI {mean_diff:+.3f} dB; largest per-draw abs(AVX2 - VNNI) {max(cross):.4f} dB",
                 )
             )
         else:
@@ -534,18 +553,24 @@ def _noise_lines(r: dict, run_cols: list) -> list:
             "error, the same activation quantization)" + ("; then AVX2 - VNNI of the compiled SQNR." if both else "."),
             "",
             "| draw | "
-            + " | ".join(f"eager: {k}" for k in (*CONFIGS, CEILING))
+            + " | ".join(f"eager: {k}" for k in (*CONFIGS, PREVIOUS, CEILING))
             + (" | " + " | ".join(f"AVX2 - VNNI: {k}" for k in CONFIGS) if both else "")
             + " |",
-            "|---|" + "---|" * (len(CONFIGS) + 1 + (len(CONFIGS) if both else 0)),
+            "|---|" + "---|" * (len(CONFIGS) + 2 + (len(CONFIGS) if both else 0)),
         ]
         for d, e in enumerate(eager):
-            cells = [f"{e[k]['sqnr']:.2f}" for k in (*CONFIGS, CEILING)]
+            cells = [f"{e[k]['sqnr']:.2f}" for k in (*CONFIGS, PREVIOUS, CEILING)]
             if both:
                 cells += [f"{r['rows'][k]['AVX2'][d]['sqnr'] - r['rows'][k]['VNNI'][d]['sqnr']:+.3f}" for k in CONFIGS]
             out.append(f"| {d} | " + " | ".join(cells) + " |")
         ceil = [e[CEILING]["sqnr"] for e in eager]
-        out += ["", f"{CEILING}: mean {np.mean(ceil):.2f} dB (min {min(ceil):.2f})."]
+        mean = {k: np.mean([e[k]["sqnr"] for e in eager]) for k in (*CONFIGS, PREVIOUS)}
+        out += [
+            "",
+            "Eager means: " + ", ".join(f"{k} {v:.2f} dB" for k, v in mean.items()) + "; "
+            f"{CEILING}: mean {np.mean(ceil):.2f} dB (min {min(ceil):.2f}).  *{PREVIOUS}* = "
+            "`quantize_pt2e(..., compensate_activations=False)` (the previous default) on the same draw.",
+        ]
     if r.get("fp32"):
         f = r["fp32"]
         out.append(

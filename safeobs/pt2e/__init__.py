@@ -11,6 +11,7 @@ FBGEMM's, so the same weights are safe whichever kernel runs.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import operator
 from collections.abc import Iterator
@@ -167,6 +168,7 @@ def quantize_pt2e(
     is_dynamic: bool = False,
     is_qat: bool = False,
     bias_correction: bool = True,
+    compensate_activations: bool = True,
     progress: bool | None = None,
 ) -> torch.fx.GraphModule:
     """PT2E in one call: export (if needed), ``prepare_pt2e`` with the safe X86InductorQuantizer config,
@@ -184,11 +186,22 @@ def quantize_pt2e(
     ``qlinear_pointwise`` only; depthwise convs then have no pairs) or ``"any"``.  Returns the converted
     GraphModule; its ``meta["safeobs_rounding"]`` holds ``{node name: RoundResult}`` (empty without
     calibration) and ``meta["safeobs_layout"]`` the layout (:func:`verify`'s default).
+
+    ``compensate_activations`` (static activations with calibration; ignored with ``is_dynamic``): the
+    rounding statistics are those of each layer's input *as the converted model quantizes it*: the calibration
+    runs once for torchao's observers, then once more through the float graph, where each conv/linear input
+    ``x`` is also quantized/dequantized with the converted graph's qparams (``x^``).  The codes minimise
+    ``E||(W - W^) x^||^2`` (:func:`safeobs.pt2e.rounding.calibrate_quantized_pt2e`, ``local=True``,
+    ``cross=False``), per channel never worse than RTN at the tightest safe scale on that objective, and the
+    bias absorbs the mean output error ``W E[x] - W^ E[x^]`` (weight *and* activation rounding).
+    ``calibration`` is iterated twice (a one-shot iterator is kept in a list).  ``False``: the float-input statistics of
+    :func:`safeobs.pt2e.rounding.calibrate_pt2e` (one pass).
     Compile it yourself: ``with torch._inductor.config.patch(freezing=True): torch.compile(gm)``.
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 
-    from .rounding import apply_pt2e, calibrate_pt2e
+    from ..core.rounding import _batches
+    from .rounding import apply_pt2e, calibrate_pt2e, calibrate_quantized_pt2e
 
     if backend != "x86":
         raise ValueError(f"backend must be 'x86' (X86InductorQuantizer), got {backend!r}")
@@ -203,12 +216,27 @@ def quantize_pt2e(
     prepared = (prepare_qat_pt2e if is_qat else prepare_pt2e)(model, quantizer)
     _tell_groups(prepared)
     stats = None
+    compensate = compensate_activations and calibration is not None and not is_dynamic
     if calibration is None:
         with torch.no_grad():
             prepared(*example_inputs)
+    elif compensate:
+        if iter(calibration) is calibration:  # a one-shot iterator: it runs twice
+            calibration = list(calibration)
+        with torch.no_grad():
+            for batch in _batches(calibration):
+                prepared(*batch)
+        float_model = copy.deepcopy(prepared)
     else:
         stats = calibrate_pt2e(prepared, calibration, progress=progress)
     converted = convert_pt2e(prepared)
+    if compensate:
+        stats = calibrate_quantized_pt2e(
+            float_model, converted, calibration, progress=progress, local=True, cross=False
+        )
+        del float_model
+        if not stats:
+            raise ValueError("calibration was empty: no conv/linear node saw an input")
     results = {}
     if stats is not None:
         results = apply_pt2e(converted, stats, layout=layout, bias_correction=bias_correction, progress=progress)
