@@ -169,6 +169,16 @@ def test_deterministic_and_errors():
         rounding.round_weight(w, h, mu, groups=16, layout="arm")
     with pytest.raises(ValueError, match="finite"):
         rounding.round_weight(w, h * np.nan, mu, groups=16)
+    # rtn_codes: the runtime's *safe* codes; unsafe or out-of-range ones are refused, not trusted
+    lin = rng.uniform(0.1, 1.0, size=(4, 8)).astype(np.float32)  # all positive: pairs of 127s break the bound
+    hl = np.eye(8)
+    scale = np.abs(lin).max(1) / 127
+    with pytest.raises(ValueError, match="rtn_codes"):
+        rounding.round_weight(lin, hl, bias_correction=False, scale=scale, rtn_codes=np.full((4, 8), 127))
+    with pytest.raises(ValueError, match="rtn_codes"):
+        rounding.round_weight(lin, hl, bias_correction=False, scale=scale, rtn_codes=np.full((4, 8), 300))
+    ok = rounding.round_weight(lin, hl, bias_correction=False, scale=scale, rtn_codes=np.full((4, 8), 64))
+    assert np.all(ok.error <= ok.rtn_error)
 
 
 class _Net(torch.nn.Module):

@@ -387,7 +387,7 @@ def _gemm_add(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
 
 def _sequential(
     xt: np.ndarray, f: _Factor | None, earlier, every: bool, rscale: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sequential safe rounding of ``xt`` (K, C): column ``j`` of ``C`` rows (stacked candidates), in code units.
 
     Rounds code ``j`` of every row, clips it to the interval its earlier partners leave (module docstring,
@@ -395,7 +395,8 @@ def _sequential(
     sequential clip alone): column ``j`` is rounded from ``v_j = x_j + sum_{i<j} f.feed_ij (x_i - q_i)``.
     ``rscale`` (C,): per row, the factor applied to a value just before it is rounded (``s * f32(1/s)`` when
     ``xt`` holds ``w / s``: torch's quantize rounds ``w * f32(1/s)``).  ``xt`` is not modified.  Returns the
-    int8 codes (K, C) and, per row, GPTQ's loss ``sum_j ((v_j - q_j) V_jj)^2`` (code units).
+    int8 codes (K, C) and, per row, GPTQ's loss ``sum_j ((v_j - q_j) V_jj)^2`` and the dampening's part
+    ``sum_j f.shift_j (x_j - q_j)^2`` of it (code units; zeros without ``f``).
 
     Blocked, left-looking: an outer block of ``_OUTER`` columns first gathers the errors ``x_i - q_i`` of every
     earlier outer block (recomputed from ``xt`` and the codes: no ``(K, C)`` state besides ``xt``) in one BLAS-3
@@ -406,7 +407,7 @@ def _sequential(
     k, c = xt.shape
     dt = xt.dtype
     q = np.empty((k, c), np.int8)
-    sq = np.zeros(c)
+    sq, sh = np.zeros(c), np.zeros(c)
     if every:
         top, bottom = np.full(c, -128, dt), np.full(c, 127, dt)  # max / min of the codes chosen so far
     if f is not None:
@@ -432,9 +433,9 @@ def _sequential(
                 if f is None:
                     v = xt[j]
                 else:
-                    v = vb[j - b0]
+                    v = vb[j - b0]  # updated in place: the block's v_j are GPTQ's loss below
                     if j > s0:
-                        v = v + feed[s0:j, j] @ err[s0 - b0 : j - b0]
+                        np.add(v, feed[s0:j, j] @ err[s0 - b0 : j - b0], out=v)
                 code = np.rint(v) if rscale is None else np.rint(v * rscale)
                 np.minimum(np.maximum(code, lo_q, out=code), hi_q, out=code)
                 if every:
@@ -454,15 +455,15 @@ def _sequential(
                 q[j] = code
                 if f is not None:
                     np.subtract(xt[j], code, out=err[j - b0])
-                    r = res[j - b0]
-                    np.subtract(v, code, out=r)
-                    r *= vdiag[j]
             if f is not None and s1 < b1:
                 _gemm_add(vb[s1 - b0 : b1 - b0], feed[s0:s1, s1:b1], err[s0 - b0 : s1 - b0])
         if f is not None:
-            rb = res[: b1 - b0]
+            rb, eb = res[: b1 - b0], err[: b1 - b0]
+            np.subtract(vb[: b1 - b0], q[b0:b1], out=rb)  # (v_j - q_j) V_jj
+            rb *= vdiag[b0:b1, None]
             sq += np.einsum("bc,bc->c", rb, rb, dtype=np.float64)
-    return q, sq
+            sh += np.einsum("bc,bc,b->c", eb, eb, f.shift[b0:b1], dtype=np.float64)
+    return q, sq, sh
 
 
 def _objective(e: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -581,6 +582,16 @@ def round_weight(
     mults = tuple(float(f) for f in multipliers) if multipliers else ()
     mu_b = mu if bias_correction else None
     rtn = None if rtn_codes is None else np.asarray(rtn_codes).reshape(oc, k).astype(np.int8)
+    if rtn is not None:
+        from .verify import check_codes
+
+        if np.any(np.asarray(rtn_codes) != rtn.reshape(np.shape(rtn_codes))) or check_codes(
+            rtn.reshape(w.shape), layout, op=op, groups=groups
+        ):
+            raise ValueError(
+                f"rtn_codes must be safe int8 codes for layout {layout!r} (the runtime's own safe codes, the "
+                "candidate the result is never worse than); some are outside [-128, 127] or break the pair bound"
+            )
     run = _round_per_group if h.shape[0] > 1 else _round_shared
     q, s, err, rtn_err, choice, extra = run(w, h, mu_b, layout, op, groups, mults, gptq, damp, scale0, scale, rtn)
     delta = np.zeros(oc)
@@ -682,15 +693,16 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
             else:
                 xt[:, off : off + r1 - r0] = quantize(w2[r0:r1], s[:, None]).T
             off += r1 - r0
-        q, sq = _sequential(xt, feedback, earlier, every, rscale)
+        q, sq, sh = _sequential(xt, feedback, earlier, every, rscale)
         del xt
         off = 0
         for ci, r0, r1 in pieces:
             s, qc = scales[ci][r0:r1], np.ascontiguousarray(q[:, off : off + r1 - r0].T)
             exact = np.full(r1 - r0, np.nan)
             if approx:  # e^T (M + shift) e = s^2 * GPTQ's loss (module docstring), minus the shift's part
-                tot = s.astype(np.float64) ** 2 * sq[off : off + r1 - r0]
-                err = tot - _shift_part(w2[r0:r1], s, qc, f.shift)
+                s2 = s.astype(np.float64) ** 2
+                tot = s2 * sq[off : off + r1 - r0]
+                err = tot - s2 * sh[off : off + r1 - r0]  # e = s (x - q): the shift's part, from the recursion
                 tol = _NEAR * np.maximum(tot, best_tot[r0:r1]) if not fast else np.zeros(r1 - r0)
                 near = np.flatnonzero(np.abs(err - best_err[r0:r1]) <= tol)
                 if len(near):  # a near-tie: decide on the exact objective
@@ -748,16 +760,6 @@ def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale
     _check_safe_rows(best_q, cols)
     extra = {"dtype": np.dtype(dt).name, "reverted": reverted}
     return best_q, best_s, best_err, rtn_err, choice, extra
-
-
-def _shift_part(w, s, q, shift) -> np.ndarray:
-    """Per row ``sum_k shift_k (w_k - s q_k)^2`` in float64, in row slabs."""
-    out = np.empty(len(q))
-    rows = max(1, _SLAB // q.shape[1])
-    for r0 in range(0, len(q), rows):
-        e = w[r0 : r0 + rows].astype(np.float64) - s[r0 : r0 + rows, None].astype(np.float64) * q[r0 : r0 + rows]
-        out[r0 : r0 + rows] = np.einsum("rk,rk,k->r", e, e, shift)
-    return out
 
 
 def _round_per_group(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale, rtn):
