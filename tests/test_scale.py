@@ -212,8 +212,8 @@ def test_verify_and_quantize_progress_bars(torchao_model, capsys):
 
 
 def test_data_aware_quantize_streams_one_layer_at_a_time(monkeypatch):
-    """Each Linear is rounded and quantized before the next is rounded (no second copy of every layer), and the
-    result equals rounding all layers first (the calibration statistics come from the float model)."""
+    """Each Linear is quantized (torchao's handler: the RTN base) and rounded before the next one is touched (no
+    second copy of every layer), and the result equals rounding every layer on the float model's statistics."""
     import safeobs.torchao as sto
     from safeobs.core import rounding
 
@@ -230,23 +230,28 @@ def test_data_aware_quantize_streams_one_layer_at_a_time(monkeypatch):
     monkeypatch.setattr(sto, "round_weight", spy)
     ref = {k: v.clone() for k, v in model.state_dict().items()}
     sto.quantize_(model, calibration=calib)
-    assert seen == [["Parameter", "Parameter"], ["Int8Tensor", "Parameter"]]
-    # reference: every layer rounded on the float model, as before streaming
+    assert seen == [["Int8Tensor", "Parameter"], ["Int8Tensor", "Int8Tensor"]]
+    # reference: every layer rounded on the float model's statistics, as before streaming
     twin = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 16)).eval()
     twin.load_state_dict(ref)
+    stats = sto._calibrate_linears(twin, ["0", "2"], calib, False, share=False)
     for i in (0, 2):
-        with torch.no_grad():  # H as quantize_ accumulates it: float32, batch by batch
-            xs = [c[0] if i == 0 else torch.nn.functional.gelu(twin[0](c[0])) for c in calib]
-            hsum = torch.zeros(xs[0].shape[1], xs[0].shape[1])
-            for x in xs:
-                hsum.addmm_(x.T, x)
-        h = hsum.double().numpy() / sum(x.shape[0] for x in xs)
-        r = rounding.round_weight(twin[i].weight.detach(), h, layout="x86", op="linear", bias_correction=False)
+        st = stats[str(i)]
+        x4 = st.x4 / st.n
+        h = sto._symmetric_h(st)
+        h = rounding.shrink(h, rounding.ledoit_wolf_intensity(h[None], x4, st.n)).reshape(h.shape)
         rtn = sto.quantize_weight(twin[i].weight.detach(), sto.Int8DynamicActivationInt8WeightConfig())
-        got = model[i].weight.qdata.numpy()
-        keep_dat = model._safeobs_rounding[str(i)]["error"] < model._safeobs_rounding[str(i)]["rtn_error"]
-        assert np.array_equal(got[keep_dat], r.codes[keep_dat])
-        assert np.array_equal(got[~keep_dat], rtn.qdata.numpy()[~keep_dat])
+        r = rounding.round_weight(
+            twin[i].weight.detach(),
+            h,
+            layout="x86",
+            op="linear",
+            bias_correction=False,
+            scale=rtn.scale.float().numpy().reshape(-1),
+            rtn_codes=rtn.qdata.numpy(),
+        )
+        assert np.array_equal(model[i].weight.qdata.numpy(), r.codes)
+        assert np.array_equal(model[i].weight.scale.float().numpy().reshape(-1), r.scale)
 
 
 def test_cli_audit_json_on_a_torchao_state_file(torchao_model, tmp_path, capsys):
