@@ -218,7 +218,7 @@ def ledoit_wolf_intensity(h: np.ndarray, x4: np.ndarray, n: int) -> np.ndarray:
     h = np.asarray(h, np.float64).reshape((-1,) + np.shape(h)[-2:])
     k = h.shape[-1]
     m = np.trace(h, axis1=1, axis2=2) / k
-    fro2 = np.square(h).sum((1, 2))
+    fro2 = np.einsum("gij,gij->g", h, h)  # no K x K temporary
     d2 = fro2 - k * m**2  # ||h - m I||_F^2
     b2 = np.clip((np.asarray(x4, np.float64).reshape(-1) - fro2) / max(n, 1), 0.0, None)
     return np.where(d2 > 0, np.minimum(b2, d2) / np.where(d2 > 0, d2, 1.0), 1.0)
@@ -231,7 +231,10 @@ def shrink(h: np.ndarray, intensity: np.ndarray) -> np.ndarray:
     h3 = h.reshape((-1,) + h.shape[-2:])
     a = np.asarray(intensity, np.float64).reshape(-1, 1, 1)
     m = np.trace(h3, axis1=1, axis2=2).reshape(-1, 1, 1) / h3.shape[-1]
-    return ((1 - a) * h3 + a * m * np.eye(h3.shape[-1])).reshape(h.shape)
+    out = (1 - a) * h3  # one pass; the identity's part goes on the diagonal only (same values as + a m I)
+    idx = np.arange(h3.shape[-1])
+    out[:, idx, idx] += (a * m)[:, :, 0]
+    return out.reshape(h.shape)
 
 
 def _batches(calibration):
