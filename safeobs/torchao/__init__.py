@@ -294,27 +294,43 @@ _STACK_MAX = 1 << 24  # weights (elements) per stacked rounding of Linears shari
 
 @dataclasses.dataclass
 class _LinearStats:
-    """``sum x x^T`` (upper triangle, float32, Fortran order) of one Linear's inputs and their count; ``leader``:
-    the Linear whose sum this one shares (it read the same tensors), or None."""
+    """``sum x x^T`` (upper triangle, float32 torch tensor) of one Linear's inputs and their count; ``leader``:
+    the Linear whose sum this one shares (it read the same tensors), or None.  ``buf``: rows not summed yet
+    (``nb`` of them; at least 256 or K/4 rows, a quarter of the sum's bytes)."""
 
     k: int
-    xx: np.ndarray | None = None
+    xx: torch.Tensor | None = None
     n: int = 0
     leader: str | None = None
     x4: float = 0.0  # sum over rows of ||x||^4 (the Ledoit-Wolf intensity's statistic)
+    buf: torch.Tensor | None = None
+    nb: int = 0
+
+
+def _flush(st: _LinearStats) -> None:
+    """Add the buffered rows' ``x^T x`` to the upper triangle of the sum (and a little below it)."""
+    b, st.nb = st.buf[: st.nb], 0
+    if not len(b):
+        return
+    # torch's GEMM, in torch's thread pool: a BLAS of another pool between the forward's ops fights its threads
+    # for the cores (2 threads on 2 cores: 4x slower).  Four row strips from the diagonal: 62% of a full product.
+    step = -(-st.k // 4)
+    for i0 in range(0, st.k, step):
+        i1 = min(st.k, i0 + step)
+        st.xx[i0:i1, i0:].addmm_(b[:, i0:i1].mT, b[:, i0:])
 
 
 def _symmetric_h(st: _LinearStats) -> np.ndarray:
-    """float64 ``E[x x^T]`` from the upper-triangle sum; frees the sum."""
-    # ssyrk wrote the upper triangle of the Fortran-ordered sum: read as C order (its transpose, no strided
-    # copy) that is the lower triangle, mirrored here in 128-row blocks (cache-friendly; h + h.T is 2x slower)
-    h = st.xx.T.astype(np.float64)
+    """float64 ``E[x x^T]`` from the upper-triangle sum (the buffered rows added first); frees the sum."""
+    _flush(st)
+    st.buf = None
+    h = st.xx.numpy().astype(np.float64)
     st.xx = None
-    for i0 in range(0, st.k, 128):
+    for i0 in range(0, st.k, 128):  # mirror the upper triangle, in 128-row blocks (cache-friendly; h + h.T: 2x slower)
         i1 = min(st.k, i0 + 128)
-        h[:i0, i0:i1] = h[i0:i1, :i0].T
-        d = h[i0:i1, i0:i1]
-        d += np.tril(d, -1).T
+        h[i0:i1, :i0] = h[:i0, i0:i1].T
+        d = h[i0:i1, i0:i1]  # its lower part may or may not have been summed: rebuilt from the upper
+        d[...] = np.triu(d) + np.triu(d, 1).T
     h /= st.n
     return h
 
@@ -325,8 +341,6 @@ def _calibrate_linears(model, names, calibration, progress, *, share: bool):
     ``share``: a Linear whose first input (in the first batch) is the very tensor an earlier Linear summed gets
     that Linear as ``leader`` and sums nothing; after every batch its inputs must have been exactly its leader's
     (same tensors, same order), else None is returned (the caller reruns with ``share=False``)."""
-    from scipy.linalg import blas
-
     stats = {n: _LinearStats(model.get_submodule(n).in_features) for n in names}
     seen, owner, state = {n: [] for n in names}, {}, {"batch": 0, "broken": False}
 
@@ -349,12 +363,21 @@ def _calibrate_linears(model, names, calibration, progress, *, share: bool):
             hit = owner.get(id(x))
             if hit is None or hit[1]() is not x:  # a freed tensor's id is reused by new ones: replace stale entries
                 owner[id(x)] = (name, weakref.ref(x))
-        a = x.detach().reshape(-1, st.k).to(device="cpu", dtype=torch.float32).contiguous().numpy()
-        st.x4 += float(np.square(np.einsum("rk,rk->r", a, a, dtype=np.float64)).sum())
+        a = x.detach().reshape(-1, st.k).to(device="cpu", dtype=torch.float32)
+        an = a.numpy()
+        st.x4 += float(np.square(np.einsum("rk,rk->r", an, an, dtype=np.float64)).sum())
         if st.xx is None:
-            st.xx = np.zeros((st.k, st.k), np.float32, order="F")
-        # the upper triangle of x^T x (symmetric: half the products of addmm); a.T is Fortran-ordered, no copy
-        blas.ssyrk(1.0, a.T, beta=1.0, c=st.xx, overwrite_c=1)
+            st.xx = torch.zeros((st.k, st.k), dtype=torch.float32)
+            st.buf = torch.empty((max(256, st.k // 4), st.k), dtype=torch.float32)
+            st.nb = 0
+        r0 = 0
+        while r0 < a.shape[0]:
+            take = min(a.shape[0] - r0, st.buf.shape[0] - st.nb)
+            st.buf[st.nb : st.nb + take] = a[r0 : r0 + take]
+            st.nb += take
+            r0 += take
+            if st.nb == st.buf.shape[0]:
+                _flush(st)
         st.n += a.shape[0]
 
     handles = [model.get_submodule(n).register_forward_pre_hook(partial(hook, name=n), with_kwargs=True) for n in names]
@@ -416,7 +439,8 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
     (:func:`safeobs.core.rounding.ledoit_wolf_intensity`: about 0 with many calibration rows; with a few hundred
     tokens for a wide Linear the sample ``H`` is rank-deficient and the rounding would fit the calibration set).
 
-    Memory: ``H`` is accumulated in float32 (the upper triangle, by ``ssyrk``), one K x K matrix per distinct
+    Memory: ``H`` is accumulated in float32 (the upper triangle, by torch's GEMM over buffered rows: at least 256
+    or K/4 rows, another quarter of the sum's bytes), one K x K matrix per distinct
     Linear input (K = in_features): K=4096 is 64 MB, K=11008 is 485 MB, all held until the calibration ends.
     float32 halves the memory of float64; the per-batch products are float32 BLAS either way and the rounding
     dampens ``H``
