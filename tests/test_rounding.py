@@ -472,3 +472,31 @@ def test_float32_path_safe_never_worse_than_rtn(data):
     np.testing.assert_allclose(r.error, ours, rtol=1e-7, atol=1e-12 * np.abs(base).max() + 1e-300)
     same = np.all(r.codes.reshape(oc, -1) == ref64.codes.reshape(oc, -1), axis=1)
     assert same.sum() >= oc - 1, same
+
+
+def test_narrow_layers_round_with_one_blas_thread(monkeypatch):
+    """numpy's and scipy's OpenBLAS pools run one thread while a layer narrower than _BLAS_THREADS_K is rounded
+    (their spinning idle threads fight torch's between the many small calls) and are restored afterwards; wider
+    layers keep every thread."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return sorted({p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"})
+
+    seen = []
+    inner = core_rounding._round_shared
+
+    def spy(*args):
+        seen.append(blas_threads())
+        return inner(*args)
+
+    monkeypatch.setattr(core_rounding, "_round_shared", spy)
+    rng = np.random.default_rng(0)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = blas_threads()
+        rounding.round_weight(rng.standard_normal((8, 64)).astype(np.float32), np.eye(64), bias_correction=False)
+        monkeypatch.setattr(core_rounding, "_BLAS_THREADS_K", 32)  # the same layer counts as wide now
+        rounding.round_weight(rng.standard_normal((8, 64)).astype(np.float32), np.eye(64), bias_correction=False)
+        after = blas_threads()
+    assert before == after == [2]
+    assert seen == [[1], [2]]
