@@ -81,6 +81,24 @@ def _pt2e_layers(gm):
         yield node.name, xin.target, w, b, op, (None if op == "linear" else _ConvParams(w, node.args))
 
 
+def _fields(x: torch.Tensor, st: LayerStats, params, max_positions: int) -> torch.Tensor | None:
+    """The (G, P, K) receptive fields (a Linear's rows) of one layer input ``x`` at the positions every pass
+    samples (a random subset of at most ``max_positions``, seeded by the position count), or None when ``x`` is
+    not this layer's input (an observer module may be shared between several tensors)."""
+    x = x.detach().to(torch.float32)
+    k = st.xx.shape[-1]
+    if st.op == "linear":
+        if x.shape[-1] != k:
+            return None
+        c = x.reshape(1, -1, k)
+        if c.shape[1] > max_positions:
+            c = c[:, torch.randperm(c.shape[1], generator=torch.Generator().manual_seed(c.shape[1]))[:max_positions]]
+        return c
+    if x.dim() != st.weight.dim() or x.shape[1] != st.weight.shape[1] * params.groups:
+        return None
+    return _receptive_fields(x, params, max_positions)
+
+
 def calibrate_pt2e(
     prepared: torch.fx.GraphModule, calibration: Iterable, *, progress: bool | None = None, max_positions: int = 16384
 ) -> dict:
@@ -92,24 +110,11 @@ def calibrate_pt2e(
         k = int(np.prod(w.shape[1:]))
         st = stats[name] = LayerStats(op, g, w, b, np.zeros((g, k, k)), np.zeros((g, k)))
 
-        def hook(_m, _inp, out, st=st, op=op, params=params, k=k):
-            x = out.detach().to(torch.float32)
-            # an observer module may be shared between several tensors: only this node's input counts
-            if (
-                op == "linear"
-                and x.shape[-1] != k
-                or op == "conv"
-                and (x.dim() != st.weight.dim() or x.shape[1] != st.weight.shape[1] * params.groups)
-            ):
-                return
+        def hook(_m, _inp, out, st=st, params=params):
             with torch.no_grad():
-                if op == "linear":
-                    c = x.reshape(1, -1, x.shape[-1])
-                    if c.shape[1] > max_positions:
-                        gen = torch.Generator().manual_seed(c.shape[1])
-                        c = c[:, torch.randperm(c.shape[1], generator=gen)[:max_positions]]
-                else:
-                    c = _receptive_fields(x, params, max_positions)
+                c = _fields(out, st, params, max_positions)
+                if c is None:
+                    return
                 st.xx += torch.bmm(c.transpose(1, 2), c).double().numpy()
                 st.xsum += c.sum(1).double().numpy()
                 st.n += c.shape[1]
@@ -230,24 +235,13 @@ def calibrate_quantized_pt2e(
     def add(name, xh, x=None):
         x = floats.pop(name, None) if x is None else x
         st = stats[name]
-        _w, _b, op, params = layers[name]
-        k = st.xx.shape[-1]
+        params = layers[name][3]
         if not isinstance(x, torch.Tensor) or not (xh is None or isinstance(xh, torch.Tensor) and x.shape == xh.shape):
             return
-        x = x.detach().to(torch.float32)
-        xh = None if xh is None else xh.detach().to(torch.float32)
-        if op == "linear":
-            if x.shape[-1] != k:
-                return
-            c, ch = x.reshape(1, -1, k), None if xh is None else xh.reshape(1, -1, k)
-            if c.shape[1] > max_positions:  # the positions calibrate_pt2e samples
-                keep = torch.randperm(c.shape[1], generator=torch.Generator().manual_seed(c.shape[1]))[:max_positions]
-                c, ch = c[:, keep], None if ch is None else ch[:, keep]
-        else:
-            if x.dim() != st.weight.dim() or x.shape[1] != st.weight.shape[1] * params.groups:
-                return
-            c = _receptive_fields(x, params, max_positions)
-            ch = None if xh is None else _receptive_fields(xh, params, max_positions)
+        c = _fields(x, st, params, max_positions)  # the positions calibrate_pt2e samples, equal for x and x^
+        if c is None:
+            return
+        ch = None if xh is None else _fields(xh, st, params, max_positions)
         if ch is None:  # local: quantize the gathered fields (the zero padding stays 0: the zero point is exact)
             # (an input the converted graph does not quantize per tensor is read as is: x^ = x, the float statistics)
             ch = fq[name](c.contiguous()) if name in fq else c
@@ -384,58 +378,71 @@ def apply_pt2e(
     ``stats`` from :func:`calibrate_pt2e` (float inputs): :func:`round_weight` on ``E[x x^T]``.  From
     :func:`calibrate_quantized_pt2e` (:class:`QuantStats`): the activation-compensating rounding of
     :func:`_round_compensated` (``target_damp``: the ridge of :func:`compensation_target`, ``None``: none)."""
-    import operator
-
-    dq = torch.ops.quantized_decomposed.dequantize_per_channel.default
     nodes = {n.name: n for n in converted.graph.nodes}
     out = {}
     bar = progress_bar(progress, "safeobs rounding", len(stats))
-
-    def put(target, value):
-        *path, last = target.split(".")
-        owner = operator.attrgetter(".".join(path))(converted) if path else converted
-        if isinstance(getattr(owner, last), torch.nn.Parameter):
-            value = torch.nn.Parameter(value, requires_grad=False)
-        setattr(owner, last, value)
-
     for name, st in stats.items():
         node = nodes.get(name)
-        if node is None or st.n == 0 or len(node.args) < 2:
+        if node is None or st.n == 0:
             continue
-        d = node.args[1]
-        if (
-            getattr(d, "target", None) is not dq
-            or any(getattr(a, "op", None) != "get_attr" for a in d.args[:3])
-            or int(d.args[3]) != 0
-        ):
-            continue
-        codes_t, scale_t, zp_t = (operator.attrgetter(a.target)(converted) for a in d.args[:3])
-        if codes_t.dtype != torch.int8 or tuple(codes_t.shape) != tuple(st.weight.shape) or bool(zp_t.any()):
-            continue
-        b = node.args[2] if len(node.args) > 2 else None
-        has_bias = getattr(b, "op", None) == "get_attr"
         bar.step(name)
-        if isinstance(st, QuantStats):
-            r = _round_compensated(st, layout, bias_correction and has_bias, multipliers, target_damp)
-        else:
-            r = round_weight(
-                st.weight,
-                st.h,
-                st.mean,
-                layout=layout,
-                op=st.op,
-                groups=st.groups,
-                bias_correction=bias_correction and has_bias,
-                multipliers=multipliers,
-            )
-        put(d.args[0].target, torch.from_numpy(r.codes.copy()))
-        put(d.args[1].target, torch.from_numpy(r.scale).to(scale_t.dtype))
-        if bias_correction and has_bias:
-            bias = operator.attrgetter(b.target)(converted)
-            put(b.target, (bias.detach().float() + torch.from_numpy(r.bias_delta).float()).to(bias.dtype))
-        out[name] = r
+        r = _apply_layer(converted, node, st, layout, bias_correction, multipliers, target_damp)
+        if r is not None:
+            out[name] = r
     bar.close()
     return out
+
+
+def _put(converted: torch.fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    """Replace the constant ``target`` of ``converted`` (a Parameter stays a Parameter)."""
+    import operator
+
+    *path, last = target.split(".")
+    owner = operator.attrgetter(".".join(path))(converted) if path else converted
+    if isinstance(getattr(owner, last), torch.nn.Parameter):
+        value = torch.nn.Parameter(value, requires_grad=False)
+    setattr(owner, last, value)
+
+
+def _apply_layer(converted, node, st, layout, bias_correction, multipliers, target_damp):
+    """Round one conv/linear node of a ``convert_pt2e`` graph on its statistics and write its int8 weight, scales
+    and bias; None (nothing written) when the node does not read a symmetric per-channel int8 constant."""
+    import operator
+
+    dq = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    if len(node.args) < 2:
+        return None
+    d = node.args[1]
+    if (
+        getattr(d, "target", None) is not dq
+        or any(getattr(a, "op", None) != "get_attr" for a in d.args[:3])
+        or int(d.args[3]) != 0
+    ):
+        return None
+    codes_t, scale_t, zp_t = (operator.attrgetter(a.target)(converted) for a in d.args[:3])
+    if codes_t.dtype != torch.int8 or tuple(codes_t.shape) != tuple(st.weight.shape) or bool(zp_t.any()):
+        return None
+    b = node.args[2] if len(node.args) > 2 else None
+    has_bias = getattr(b, "op", None) == "get_attr"
+    if isinstance(st, QuantStats):
+        r = _round_compensated(st, layout, bias_correction and has_bias, multipliers, target_damp)
+    else:
+        r = round_weight(
+            st.weight,
+            st.h,
+            st.mean,
+            layout=layout,
+            op=st.op,
+            groups=st.groups,
+            bias_correction=bias_correction and has_bias,
+            multipliers=multipliers,
+        )
+    _put(converted, d.args[0].target, torch.from_numpy(r.codes.copy()))
+    _put(converted, d.args[1].target, torch.from_numpy(r.scale).to(scale_t.dtype))
+    if bias_correction and has_bias:
+        bias = operator.attrgetter(b.target)(converted)
+        _put(converted, b.target, (bias.detach().float() + torch.from_numpy(r.bias_delta).float()).to(bias.dtype))
+    return r
 
 
 def _round_compensated(st: QuantStats, layout, bias_correction, multipliers, target_damp):
