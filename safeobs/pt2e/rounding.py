@@ -17,8 +17,13 @@ from ONE pass counts it twice: layer ``l`` removes its share of the upstream err
 ``l + 1``, measured on the uncompensated model, removes it again; along MobileNetV2's 52 layers the
 over-correction compounds.  MobileNetV2 draw 0, eager held-out SQNR: float statistics 17.75 dB, local 17.87 dB;
 ``x^`` of the RTN model -2.30 dB (17.36 dB without its bias part); the bias part alone, ``x^`` of the data-aware
-model, 2.82 dB.  Doing it right needs GPTQ's sequential mode (one pass per layer, or every calibration activation
-stored), which the time and memory budgets exclude.  Also tried and rejected: the least-squares target
+model, 2.82 dB.  GPTQ's sequential mode (each layer measured after the layers above it are rounded, every
+calibration activation held at the current node: measured on 2026-12-07, the pass checked to feed each layer
+exactly the final model's input) is worse too: 10.07 dB on draw 0 (local 17.94 dB on 24 held-out crops), 10.14 dB
+with the local ``H`` and only the bias from the real ``E[x^]``, 17.31 dB without any bias part.  Matching each
+channel's output mean to the float model's, layer after layer, makes the final layers' error larger (in-sample
+too: 13.0 against 17.1 dB; the means match to 1e-4 and the 320 -> 1280 conv's output loses 2.3 dB).  Also tried
+and rejected: the least-squares target
 ``W* = W C M^-1`` in ridge form (:func:`compensation_target`), worse than ``W`` on held-out data at every ridge
 tried."""
 
