@@ -93,7 +93,9 @@ def _direct(float_model, converted, cal, stats, local):
             else:
                 xh = xhs[name]
             c, ch = _rows(x, st).numpy(), _rows(xh, st).numpy()
-            acc = out.setdefault(name, dict(xx=0, cross=0, ff=0, xsum=0, fsum=0, n=0))
+            acc = out.setdefault(name, dict(xx=0, cross=0, ff=0, xsum=0, fsum=0, n=0, x4=0, rows=[]))
+            acc["rows"].append(ch)
+            acc["x4"] = acc["x4"] + (np.square(ch).sum(-1) ** 2).sum(-1)
             acc["xx"] = acc["xx"] + np.einsum("gsi,gsj->gij", ch, ch)
             acc["cross"] = acc["cross"] + np.einsum("gsi,gsj->gij", c, ch)
             acc["ff"] = acc["ff"] + np.einsum("gsi,gsj->gij", c, c)
@@ -113,7 +115,7 @@ def test_quantized_input_statistics_equal_a_direct_computation(local):
     for name, st in stats.items():
         d = direct[name]
         assert st.n == d["n"]
-        for key in ("xx", "cross", "ff", "xsum", "fsum"):
+        for key in ("xx", "cross", "ff", "xsum", "fsum", "x4"):
             np.testing.assert_allclose(getattr(st, key), d[key], rtol=1e-5, atol=1e-4, err_msg=f"{name} {key}")
         # the quantized input differs from the float one (else the test shows nothing)
         assert not np.allclose(st.xx, st.ff)
@@ -211,7 +213,10 @@ def test_compensated_codes_safe_whatever_the_data(seed, gain, shift):
 
 
 def test_default_statistics_round_on_the_quantized_inputs_never_worse_than_rtn():
-    """``cross=False`` (quantize_pt2e's default): error = E||(W - W^) x^c||^2 from the raw rows, <= RTN's."""
+    """``cross=False`` (quantize_pt2e's default): error = E||(W - W^) x^c||^2 from the raw rows (their second
+    moment shrunk by scikit-learn's Ledoit-Wolf), <= RTN's."""
+    from sklearn.covariance import ledoit_wolf
+
     m, cal = _cnn(4)
     float_model, converted = _prepared_and_converted(m, cal)
     stats = rounding.calibrate_quantized_pt2e(float_model, converted, cal, local=True, cross=False)
@@ -225,7 +230,10 @@ def test_default_statistics_round_on_the_quantized_inputs_never_worse_than_rtn()
         n, oc = d["n"], st.weight.shape[0]
         w = st.weight.double().numpy().reshape(st.groups, oc // st.groups, -1)
         mh = d["xsum"] / n
-        hh = d["xx"] / n - np.einsum("gi,gj->gij", mh, mh)
+        # the rounding's E[x^ x^^T] is shrunk by its Ledoit-Wolf intensity: here scikit-learn's, from the rows
+        rows = np.concatenate(d["rows"], axis=1)
+        shrunk = np.stack([ledoit_wolf(rows[g], assume_centered=True)[0] for g in range(st.groups)])
+        hh = shrunk - np.einsum("gi,gj->gij", mh, mh)
 
         def objective(codes, scale, h=hh):
             e = w - (scale.astype(np.float64)[:, None] * codes.reshape(oc, -1)).reshape(w.shape)
@@ -235,7 +243,7 @@ def test_default_statistics_round_on_the_quantized_inputs_never_worse_than_rtn()
         rtn = quantize(st.weight.reshape(oc, -1).numpy(), scale0[:, None])
         # centering cancels (the linear sees 6 rows): compare at the scale of the uncentered objective
         for got, codes, scale in ((r.rtn_error, rtn, scale0), (r.error, r.codes, r.scale)):
-            tol = 1e-4 * objective(codes, scale, d["xx"] / n)
+            tol = 1e-4 * objective(codes, scale, shrunk)
             assert np.all(np.abs(got - objective(codes, scale)) <= tol)
         assert np.all(r.error <= r.rtn_error) and r.extra["exact_objective"] is False
     with pytest.raises(ValueError, match="cross"):

@@ -500,3 +500,28 @@ def test_narrow_layers_round_with_one_blas_thread(monkeypatch):
         after = blas_threads()
     assert before == after == [2]
     assert seen == [[1], [2]]
+
+
+def test_statistics_are_shrunk_like_scikit_learns_ledoit_wolf(one_thread):
+    """A wide Linear seeing few rows (K = 64, 24 rows: rank-deficient H): quantize_fx's objective is the output
+    error on scikit-learn's Ledoit-Wolf estimate of E[x x^T] (centred by the mean for the bias correction), and
+    the x^4 statistic is the raw rows'."""
+    from sklearn.covariance import ledoit_wolf
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    g = torch.Generator().manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 12)).eval()
+    calib = [(torch.randn(12, 64, generator=g) @ torch.randn(64, 64, generator=g),) for _ in range(2)]
+    prepared = prepare_fx(copy.deepcopy(model), safeobs.get_default_qconfig_mapping("x86"), calib[0])
+    stats = rounding.calibrate(prepared, calib, progress=False)
+    out = rounding.apply(convert_fx(prepared), stats, layout="x86")
+    st, r = next(iter(stats.values())), next(iter(out.values()))
+    rows = torch.cat([b[0] for b in calib]).double().numpy()
+    np.testing.assert_allclose(st.x4, [(np.square(rows).sum(1) ** 2).sum()], rtol=1e-6)
+    mu = rows.mean(0)
+    m = ledoit_wolf(rows, assume_centered=True)[0] - np.outer(mu, mu)
+    w = model[0].weight.detach().double().numpy()
+    e = w - r.scale.astype(np.float64)[:, None] * r.codes.astype(np.float64)
+    np.testing.assert_allclose(r.error, np.einsum("rk,rk->r", e @ m, e), rtol=1e-6)
+    plain = rows.T @ rows / len(rows) - np.outer(mu, mu)
+    assert not np.allclose(r.error, np.einsum("rk,rk->r", e @ plain, e), rtol=1e-3)  # the shrinkage shows

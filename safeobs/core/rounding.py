@@ -171,7 +171,8 @@ class LayerStats:
     """Input statistics of one Conv/Linear layer, with the float weight and bias they belong to.
 
     ``xx``: (G, K, K) sum of x x^T per group, float64; ``xsum``: (G, K) sum of x; ``n``: number of
-    receptive fields summed.  ``K`` = ICg * taps, ordered like ``weight[oc].ravel()``.
+    receptive fields summed; ``x4``: (G,) sum of ||x||^4 (Ledoit-Wolf's statistic, :attr:`h_shrunk`; None when
+    not gathered).  ``K`` = ICg * taps, ordered like ``weight[oc].ravel()``.
     """
 
     op: str
@@ -182,10 +183,29 @@ class LayerStats:
     xsum: np.ndarray
     n: int = 0
     seconds: float = 0.0
+    x4: np.ndarray | None = None
+
+    def add(self, c: torch.Tensor) -> None:
+        """Add receptive fields (or a Linear's rows) ``c`` (G, P, K), float32."""
+        self.xx += torch.bmm(c.transpose(1, 2), c).double().numpy()
+        self.xsum += c.sum(1).double().numpy()
+        sq = c.double().square().sum(-1)  # (G, P): ||x||^2 per field
+        self.x4 = (0.0 if self.x4 is None else self.x4) + sq.square().sum(-1).numpy()
+        self.n += c.shape[1]
 
     @property
     def h(self) -> np.ndarray:
         return self.xx / max(self.n, 1)
+
+    @property
+    def h_shrunk(self) -> np.ndarray:
+        """``h`` shrunk toward ``(tr h / K) I`` by its Ledoit-Wolf intensity (:func:`ledoit_wolf_intensity`; about
+        0 with many fields, large with a few hundred tokens for a wide Linear, where the sample ``h`` is
+        rank-deficient and GPTQ's feedback would fit the calibration set); ``h`` when ``x4`` was not gathered."""
+        if self.x4 is None or not self.n:
+            return self.h
+        h = self.h
+        return shrink(h, ledoit_wolf_intensity(h, self.x4 / self.n, self.n))
 
     @property
     def mean(self) -> np.ndarray:

@@ -118,11 +118,8 @@ def calibrate_pt2e(
         def hook(_m, _inp, out, st=st, params=params):
             with torch.no_grad():
                 c = _fields(out, st, params, max_positions)
-                if c is None:
-                    return
-                st.xx += torch.bmm(c.transpose(1, 2), c).double().numpy()
-                st.xsum += c.sum(1).double().numpy()
-                st.n += c.shape[1]
+                if c is not None:
+                    st.add(c)
 
         handles.append(prepared.get_submodule(obs).register_forward_hook(hook))
     bar = progress_bar(progress, "safeobs calibration", len(calibration) if hasattr(calibration, "__len__") else None)
@@ -250,13 +247,11 @@ def calibrate_quantized_pt2e(
         if ch is None:  # local: quantize the gathered fields (the zero padding stays 0: the zero point is exact)
             # (an input the converted graph does not quantize per tensor is read as is: x^ = x, the float statistics)
             ch = fq[name](c.contiguous()) if name in fq else c
-        st.xx += torch.bmm(ch.transpose(1, 2), ch).double().numpy()
+        st.add(ch)  # E[x^ x^^T], E[x^], n
         if cross:
             st.cross += torch.bmm(c.transpose(1, 2), ch).double().numpy()
             st.ff += torch.bmm(c.transpose(1, 2), c).double().numpy()
-        st.xsum += ch.sum(1).double().numpy()
         st.fsum += c.sum(1).double().numpy()
-        st.n += c.shape[1]
 
     bar = progress_bar(
         progress, "safeobs quantized-input statistics", len(calibration) if hasattr(calibration, "__len__") else None
@@ -434,7 +429,7 @@ def _apply_layer(converted, node, st, layout, bias_correction, multipliers, targ
     else:
         r = round_weight(
             st.weight,
-            st.h,
+            st.h_shrunk,
             st.mean,
             layout=layout,
             op=st.op,
@@ -472,7 +467,7 @@ def _round_compensated(st: QuantStats, layout, bias_correction, multipliers, tar
             raise ValueError("target_damp needs the cross statistics (calibrate_quantized_pt2e(..., cross=True))")
         r = round_weight(
             st.weight,
-            st.h,
+            st.h_shrunk,
             st.mean,
             layout=layout,
             op=st.op,
@@ -489,7 +484,7 @@ def _round_compensated(st: QuantStats, layout, bias_correction, multipliers, tar
         rtn = quantize(st.weight.reshape(oc, k).numpy(), scale0[:, None]).astype(np.int8)
         r = round_weight(
             wstar.reshape(st.weight.shape),
-            st.h,
+            st.h_shrunk,
             st.mean,
             layout=layout,
             op=st.op,

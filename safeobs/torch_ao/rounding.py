@@ -79,9 +79,7 @@ class StatsCollector:
                         c = c[:, torch.randperm(c.shape[1], generator=gen)[: self.max_positions]]
                 else:
                     c = _receptive_fields(x, layer, self.max_positions)
-                st.xx += torch.bmm(c.transpose(1, 2), c).double().numpy()
-                st.xsum += c.sum(1).double().numpy()
-                st.n += c.shape[1]
+                st.add(c)
             st.seconds += time.perf_counter() - t
 
         return hook
@@ -171,7 +169,7 @@ def apply(
         bar.step(name)
         r = round_weight(
             st.weight,
-            st.h,
+            st.h_shrunk,
             st.mean,
             layout=layout,
             op=st.op,
