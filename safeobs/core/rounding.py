@@ -73,6 +73,10 @@ the exact one, far below the 1% dampening added to its diagonal.
 Per-group matrices (grouped and depthwise convs: one ``K x K`` per group, ``K`` = one group's receptive
 field, e.g. 9 for a depthwise 3x3) keep per-row factors and a loop over their few columns, in float64.
 
+*Threads.*  A layer narrower than 2048 is rounded with one BLAS thread (numpy's and scipy's OpenBLAS, through
+threadpoolctl; :func:`_blas_threads`): its many small calls gain nothing from more, and the pools' spinning idle
+threads would take the cores from torch's between them.  Wider layers keep every thread.
+
 **Guarantee 1: every code vector produced is safe** (for the layout's pairs, any u8 activations).
 Write the bound in the sum form of :mod:`safeobs.core.solver` ("Equivalent form"): for codes in
 [-128, 127], ``P = max(a,0)+max(b,0) <= 128`` and ``N = min(a,0)+min(b,0) >= -128`` iff
