@@ -193,7 +193,8 @@ class LayerStats:
         """Add receptive fields (or a Linear's rows) ``c`` (G, P, K), float32."""
         self.xx += torch.bmm(c.transpose(1, 2), c).double().numpy()
         self.xsum += c.sum(1).double().numpy()
-        sq = c.double().square().sum(-1)  # (G, P): ||x||^2 per field
+        # (G, P): ||x||^2 per field, from a float32 norm (no float64 copy of the fields; the intensity is an estimate)
+        sq = torch.linalg.vector_norm(c, dim=-1).double().square()
         self.x4 = (0.0 if self.x4 is None else self.x4) + sq.square().sum(-1).numpy()
         self.n += c.shape[1]
 
