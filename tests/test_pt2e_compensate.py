@@ -93,9 +93,8 @@ def _direct(float_model, converted, cal, stats, local):
             else:
                 xh = xhs[name]
             c, ch = _rows(x, st).numpy(), _rows(xh, st).numpy()
-            acc = out.setdefault(name, dict(xx=0, cross=0, ff=0, xsum=0, fsum=0, n=0, x4=0, rows=[]))
+            acc = out.setdefault(name, dict(xx=0, cross=0, ff=0, xsum=0, fsum=0, n=0, rows=[]))
             acc["rows"].append(ch)
-            acc["x4"] = acc["x4"] + (np.square(ch).sum(-1) ** 2).sum(-1)
             acc["xx"] = acc["xx"] + np.einsum("gsi,gsj->gij", ch, ch)
             acc["cross"] = acc["cross"] + np.einsum("gsi,gsj->gij", c, ch)
             acc["ff"] = acc["ff"] + np.einsum("gsi,gsj->gij", c, c)
@@ -115,7 +114,7 @@ def test_quantized_input_statistics_equal_a_direct_computation(local):
     for name, st in stats.items():
         d = direct[name]
         assert st.n == d["n"]
-        for key in ("xx", "cross", "ff", "xsum", "fsum", "x4"):
+        for key in ("xx", "cross", "ff", "xsum", "fsum"):
             np.testing.assert_allclose(getattr(st, key), d[key], rtol=1e-5, atol=1e-4, err_msg=f"{name} {key}")
         # the quantized input differs from the float one (else the test shows nothing)
         assert not np.allclose(st.xx, st.ff)
@@ -230,10 +229,10 @@ def test_default_statistics_round_on_the_quantized_inputs_never_worse_than_rtn()
         n, oc = d["n"], st.weight.shape[0]
         w = st.weight.double().numpy().reshape(st.groups, oc // st.groups, -1)
         mh = d["xsum"] / n
-        # the rounding's E[x^ x^^T] is shrunk by its Ledoit-Wolf intensity: here scikit-learn's, from the rows
+        # the rounding's covariance of x^ is shrunk by its Ledoit-Wolf intensity: here scikit-learn's, from the rows
         rows = np.concatenate(d["rows"], axis=1)
-        shrunk = np.stack([ledoit_wolf(rows[g], assume_centered=True)[0] for g in range(st.groups)])
-        hh = shrunk - np.einsum("gi,gj->gij", mh, mh)
+        hh = np.stack([ledoit_wolf(rows[g])[0] for g in range(st.groups)])
+        shrunk = hh + np.einsum("gi,gj->gij", mh, mh)
 
         def objective(codes, scale, h=hh):
             e = w - (scale.astype(np.float64)[:, None] * codes.reshape(oc, -1)).reshape(w.shape)

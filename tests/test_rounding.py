@@ -503,9 +503,9 @@ def test_narrow_layers_round_with_one_blas_thread(monkeypatch):
 
 
 def test_statistics_are_shrunk_like_scikit_learns_ledoit_wolf(one_thread):
-    """A wide Linear seeing few rows (K = 64, 24 rows: rank-deficient H): quantize_fx's objective is the output
-    error on scikit-learn's Ledoit-Wolf estimate of E[x x^T] (centred by the mean for the bias correction), and
-    the x^4 statistic is the raw rows'."""
+    """A wide Linear seeing few rows (K = 64, 24 rows: rank-deficient H): quantize_fx's objective (bias
+    correction on: the covariance) is the output error on scikit-learn's Ledoit-Wolf estimate of the covariance,
+    from sums gathered in one pass (the centred fourth moment from raw ones)."""
     from sklearn.covariance import ledoit_wolf
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -517,11 +517,17 @@ def test_statistics_are_shrunk_like_scikit_learns_ledoit_wolf(one_thread):
     out = rounding.apply(convert_fx(prepared), stats, layout="x86")
     st, r = next(iter(stats.values())), next(iter(out.values()))
     rows = torch.cat([b[0] for b in calib]).double().numpy()
-    np.testing.assert_allclose(st.x4, [(np.square(rows).sum(1) ** 2).sum()], rtol=1e-6)
+    y = rows - st.shift[0, 0].double().numpy()
+    np.testing.assert_allclose(st.x4, [(np.square(y).sum(1) ** 2).sum()], rtol=1e-5)
+    np.testing.assert_allclose(st.sx[0], (np.square(y).sum(1)[:, None] * y).sum(0), rtol=1e-4, atol=1e-4)
     mu = rows.mean(0)
-    m = ledoit_wolf(rows, assume_centered=True)[0] - np.outer(mu, mu)
+    m = ledoit_wolf(rows)[0]  # centres the rows itself
     w = model[0].weight.detach().double().numpy()
     e = w - r.scale.astype(np.float64)[:, None] * r.codes.astype(np.float64)
     np.testing.assert_allclose(r.error, np.einsum("rk,rk->r", e @ m, e), rtol=1e-6)
+    # without bias correction the second moment itself is shrunk (scikit-learn's assume_centered=True); the sums
+    # are float32 products: compare at the matrix's scale
+    for centered, want in ((False, ledoit_wolf(rows, assume_centered=True)[0]), (True, m + np.outer(mu, mu))):
+        np.testing.assert_allclose(st.h_shrunk(centered)[0], want, rtol=0, atol=1e-5 * np.abs(want).max())
     plain = rows.T @ rows / len(rows) - np.outer(mu, mu)
     assert not np.allclose(r.error, np.einsum("rk,rk->r", e @ plain, e), rtol=1e-3)  # the shrinkage shows

@@ -175,8 +175,9 @@ class LayerStats:
     """Input statistics of one Conv/Linear layer, with the float weight and bias they belong to.
 
     ``xx``: (G, K, K) sum of x x^T per group, float64; ``xsum``: (G, K) sum of x; ``n``: number of
-    receptive fields summed; ``x4``: (G,) sum of ||x||^4 (Ledoit-Wolf's statistic, :attr:`h_shrunk`; None when
-    not gathered).  ``K`` = ICg * taps, ordered like ``weight[oc].ravel()``.
+    receptive fields summed; ``x4``: (G,) sum of ||y||^4 and ``sx``: (G, K) sum of ||y||^2 y, ``y = x - shift``
+    (Ledoit-Wolf's statistics, :meth:`h_shrunk`; None when not gathered).  ``K`` = ICg * taps, ordered like
+    ``weight[oc].ravel()``.
     """
 
     op: str
@@ -188,29 +189,59 @@ class LayerStats:
     n: int = 0
     seconds: float = 0.0
     x4: np.ndarray | None = None
+    sx: np.ndarray | None = None
+    shift: torch.Tensor | None = None
 
     def add(self, c: torch.Tensor) -> None:
         """Add receptive fields (or a Linear's rows) ``c`` (G, P, K), float32."""
         self.xx += torch.bmm(c.transpose(1, 2), c).double().numpy()
         self.xsum += c.sum(1).double().numpy()
-        # (G, P): ||x||^2 per field, from a float32 norm (no float64 copy of the fields; the intensity is an estimate)
-        sq = torch.linalg.vector_norm(c, dim=-1).double().square()
-        self.x4 = (0.0 if self.x4 is None else self.x4) + sq.square().sum(-1).numpy()
+        # Ledoit-Wolf's fourth moments, of y = x - shift (the first batch's mean: the moments about the mean, taken
+        # from them, then cancel far less); ||y||^2 from a float32 norm (the intensity is an estimate)
+        if self.shift is None:
+            self.shift = c.mean(1, keepdim=True)
+        y = c - self.shift
+        sq = torch.linalg.vector_norm(y, dim=-1)  # (G, P)
+        self.x4 = (0.0 if self.x4 is None else self.x4) + sq.double().square().square().sum(-1).numpy()
+        sx = torch.bmm(sq.square().unsqueeze(1), y)[:, 0].double().numpy()  # sum ||y||^2 y
+        self.sx = sx if self.sx is None else self.sx + sx
         self.n += c.shape[1]
 
     @property
     def h(self) -> np.ndarray:
         return self.xx / max(self.n, 1)
 
-    @property
-    def h_shrunk(self) -> np.ndarray:
-        """``h`` shrunk toward ``(tr h / K) I`` by its Ledoit-Wolf intensity (:func:`ledoit_wolf_intensity`; about
-        0 with many fields, large with a few hundred tokens for a wide Linear, where the sample ``h`` is
-        rank-deficient and GPTQ's feedback would fit the calibration set); ``h`` when ``x4`` was not gathered."""
+    def _fourth_moment(self, p: np.ndarray) -> np.ndarray:
+        """(G,) E||x - p||^4 from the sums about ``shift`` (``p``: (G, K))."""
+        n, s = self.n, self.shift[:, 0].double().numpy()
+        mu = self.mean
+        hy = self.h - np.einsum("gi,gj->gij", s, mu) - np.einsum("gi,gj->gij", mu, s) + np.einsum("gi,gj->gij", s, s)
+        q, my = p - s, mu - s  # E||y - q||^4, y = x - s: expand ||y||^2 - 2 y.q + ||q||^2 and square
+        q2 = np.einsum("gi,gi->g", q, q)
+        return (
+            self.x4 / n
+            - 4 * np.einsum("gi,gi->g", self.sx / n, q)
+            + 4 * np.einsum("gi,gij,gj->g", q, hy, q)
+            + 2 * q2 * np.trace(hy, axis1=1, axis2=2)
+            - 4 * q2 * np.einsum("gi,gi->g", my, q)
+            + q2**2
+        )
+
+    def h_shrunk(self, centered: bool) -> np.ndarray:
+        """``h`` with the matrix the rounding minimises over shrunk by its Ledoit-Wolf intensity
+        (:func:`ledoit_wolf_intensity`): ``centered`` (with bias correction, where :func:`round_weight` uses
+        ``h - mu mu^T``): the covariance ``C`` shrunk toward ``(tr C / K) I``, returned plus ``mu mu^T``;
+        else ``h`` itself shrunk toward ``(tr h / K) I``.  About no change with many fields; large with a few
+        hundred tokens for a wide Linear, where the sample matrix is rank-deficient and GPTQ's feedback would fit
+        the calibration set.  ``h`` when the fourth moments were not gathered."""
         if self.x4 is None or not self.n:
             return self.h
-        h = self.h
-        return shrink(h, ledoit_wolf_intensity(h, self.x4 / self.n, self.n))
+        h, mu = self.h, self.mean
+        if not centered:
+            return shrink(h, ledoit_wolf_intensity(h, self._fourth_moment(np.zeros_like(mu)), self.n))
+        mm = np.einsum("gi,gj->gij", mu, mu)
+        c = h - mm
+        return shrink(c, ledoit_wolf_intensity(c, self._fourth_moment(mu), self.n)) + mm
 
     @property
     def mean(self) -> np.ndarray:

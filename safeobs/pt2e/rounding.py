@@ -429,7 +429,7 @@ def _apply_layer(converted, node, st, layout, bias_correction, multipliers, targ
     else:
         r = round_weight(
             st.weight,
-            st.h_shrunk,
+            st.h_shrunk(bias_correction and has_bias),
             st.mean,
             layout=layout,
             op=st.op,
@@ -467,7 +467,7 @@ def _round_compensated(st: QuantStats, layout, bias_correction, multipliers, tar
             raise ValueError("target_damp needs the cross statistics (calibrate_quantized_pt2e(..., cross=True))")
         r = round_weight(
             st.weight,
-            st.h_shrunk,
+            st.h_shrunk(bias_correction),
             st.mean,
             layout=layout,
             op=st.op,
@@ -484,7 +484,7 @@ def _round_compensated(st: QuantStats, layout, bias_correction, multipliers, tar
         rtn = quantize(st.weight.reshape(oc, k).numpy(), scale0[:, None]).astype(np.int8)
         r = round_weight(
             wstar.reshape(st.weight.shape),
-            st.h_shrunk,
+            st.h_shrunk(bias_correction),
             st.mean,
             layout=layout,
             op=st.op,

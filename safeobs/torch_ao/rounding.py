@@ -169,7 +169,7 @@ def apply(
         bar.step(name)
         r = round_weight(
             st.weight,
-            st.h_shrunk,
+            st.h_shrunk(bias_correction),
             st.mean,
             layout=layout,
             op=st.op,
