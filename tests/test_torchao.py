@@ -727,6 +727,20 @@ def test_linears_reading_one_tensor_share_their_statistics(one_thread):
     assert sto._calibrate_linears(_Attn(detour=True), names, cal, False, share=True) is None
 
 
+def test_buffered_sums_equal_numpy_across_flushes(one_thread):
+    """H is summed by torch's GEMM over buffered rows (at least 256): batches that fill the buffer mid-batch, several
+    flushes and a final partial one give E[x x^T] of all rows, symmetric (its upper strips mirrored)."""
+    g = torch.Generator().manual_seed(2)
+    m = torch.nn.Sequential(torch.nn.Linear(18, 4)).eval()
+    cal = [(torch.randn(200, 18, generator=g) + 0.5,) for _ in range(3)]  # 600 rows: flushes at 256, 512 and the end
+    stats = sto._calibrate_linears(m, ["0"], cal, False, share=False)
+    assert stats["0"].n == 600
+    h = sto._symmetric_h(stats["0"])
+    x = torch.cat([b[0] for b in cal]).double().numpy()
+    np.testing.assert_allclose(h, x.T @ x / len(x), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(h, h.T)
+
+
 class _Reuse(torch.nn.Module):
     """p reads a tensor that is freed before q and r read a new one (CPython gives it the freed one's id)."""
 
