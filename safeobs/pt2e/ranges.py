@@ -12,8 +12,9 @@ approximation, with the mean error left out::
 kernel taps; per group for grouped/depthwise convs; summed over consumers); ``Var`` rather than the mean square
 because the data-aware rounding's bias absorbs each layer's mean output error ``W E[x] - W^ E[x^]``
 (``compensate_activations``), so only the fluctuating part of the activation error reaches the output.  Measured
-(eager, 1 thread, docs/pt2e.md): the plain mean-square forms (weighted or not) lose 0.2 to 1.4 dB on MiniLM, whose
-LayerNorm outputs have a few large channels; this form gains on both models.
+(eager, 1 thread, docs/pt2e.md): +0.24 dB on MobileNetV2 (5 draws), -0.07 dB on MiniLM (1 draw; +0.08 with a finer
+search grid); the plain mean-square forms (weighted or not) lose 0.2 to 1.4 dB on MiniLM, whose LayerNorm outputs
+have a few large channels.
 
 The expectations are over positions sampled during the observers' own calibration pass (at most
 ``max_positions`` per batch and observer, a seeded random subset, all channels of each sampled position).
