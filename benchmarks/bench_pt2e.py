@@ -54,6 +54,7 @@ OUT = Path(__file__).resolve().parent / "results"
 CONFIGS = ("stock", "safeobs RTN", "safeobs data-aware")
 CEILING = "float weights, same activation quantization"  # eager only: the weight-error-free reference
 PREVIOUS = "data-aware, float-input statistics"  # eager only: quantize_pt2e(..., compensate_activations=False)
+OBSERVER = "data-aware, observer ranges"  # eager only: quantize_pt2e(..., activation_ranges="observer")
 FP32 = "FP32 (not quantized)"  # compiled on both ISAs once: the float noise floor of the two kernel sets
 T0 = time.perf_counter()
 
@@ -229,8 +230,9 @@ def quantize_draw(task: Task, calibration, rtn_alone: bool) -> dict:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
+    import safeobs
     from safeobs import pt2e
-    from safeobs.pt2e import rounding
+    from safeobs.pt2e import ranges, rounding
 
     models, times = {}, {}
     g = copy.deepcopy(task.exported)
@@ -249,13 +251,15 @@ def quantize_draw(task: Task, calibration, rtn_alone: bool) -> dict:
     t = time.perf_counter()
     p = prepare_pt2e(g, pt2e.X86InductorQuantizer().set_global(pt2e.get_x86_inductor_quantization_config()))
     pt2e._tell_groups(p)
-    with torch.no_grad():
+    act = ranges.ActivationRanges(p)  # activation_ranges="output" (the default): samples in the observers' pass
+    with act, torch.no_grad():
         for b in calibration:
             p(*b)
-    float_model = copy.deepcopy(p)
     t_cal = time.perf_counter() - t
-    p_rtn = copy.deepcopy(p)
+    p_rtn = copy.deepcopy(p)  # untimed: the RTN flow keeps the observers' own ranges
     t = time.perf_counter()
+    act.apply()
+    float_model = copy.deepcopy(p)
     da = convert_pt2e(p)
     stats = rounding.calibrate_quantized_pt2e(float_model, da, calibration, progress=False, local=True, cross=False)
     da.meta["safeobs_rounding"] = rounding.apply_pt2e(da, stats, layout="x86", progress=False)
@@ -264,7 +268,11 @@ def quantize_draw(task: Task, calibration, rtn_alone: bool) -> dict:
     models["safeobs RTN"] = convert_pt2e(p_rtn)
     models["safeobs data-aware"] = da
 
-    # the previous default (compensate_activations=False: float-input statistics), eager only
+    # the data-aware flow with torchao's own activation ranges (activation_ranges="observer"), eager only
+    obs_ranges = safeobs.quantize_pt2e(
+        copy.deepcopy(task.exported), task.example, calibration, progress=False, activation_ranges="observer"
+    )
+    # the previous default (compensate_activations=False: float-input statistics, observer ranges), eager only
     g = copy.deepcopy(task.exported)
     p = prepare_pt2e(g, pt2e.X86InductorQuantizer().set_global(pt2e.get_x86_inductor_quantization_config()))
     pt2e._tell_groups(p)
@@ -289,7 +297,12 @@ def quantize_draw(task: Task, calibration, rtn_alone: bool) -> dict:
     # eager (the reference decomposed ops: dequantize, float conv/linear, quantize): no int8 kernel, no ISA
     eager = {}
     with torch.no_grad():
-        for k, m in [*models.items(), (PREVIOUS, prev), (CEILING, float_weights(models["safeobs RTN"], stats))]:
+        for k, m in [
+            *models.items(),
+            (OBSERVER, obs_ranges),
+            (PREVIOUS, prev),
+            (CEILING, float_weights(models["safeobs data-aware"], stats)),
+        ]:
             eager[k] = task.metrics(task.ref, task.post(m(*task.held), task.held))
     return dict(models=models, times=times, rtn_same=same, violations=verified, eager=eager)
 
@@ -553,23 +566,25 @@ def _noise_lines(r: dict, run_cols: list) -> list:
             "error, the same activation quantization)" + ("; then AVX2 - VNNI of the compiled SQNR." if both else "."),
             "",
             "| draw | "
-            + " | ".join(f"eager: {k}" for k in (*CONFIGS, PREVIOUS, CEILING))
+            + " | ".join(f"eager: {k}" for k in (*CONFIGS, OBSERVER, PREVIOUS, CEILING))
             + (" | " + " | ".join(f"AVX2 - VNNI: {k}" for k in CONFIGS) if both else "")
             + " |",
-            "|---|" + "---|" * (len(CONFIGS) + 2 + (len(CONFIGS) if both else 0)),
+            "|---|" + "---|" * (len(CONFIGS) + 3 + (len(CONFIGS) if both else 0)),
         ]
         for d, e in enumerate(eager):
-            cells = [f"{e[k]['sqnr']:.2f}" for k in (*CONFIGS, PREVIOUS, CEILING)]
+            cells = [f"{e[k]['sqnr']:.2f}" for k in (*CONFIGS, OBSERVER, PREVIOUS, CEILING)]
             if both:
                 cells += [f"{r['rows'][k]['AVX2'][d]['sqnr'] - r['rows'][k]['VNNI'][d]['sqnr']:+.3f}" for k in CONFIGS]
             out.append(f"| {d} | " + " | ".join(cells) + " |")
         ceil = [e[CEILING]["sqnr"] for e in eager]
-        mean = {k: np.mean([e[k]["sqnr"] for e in eager]) for k in (*CONFIGS, PREVIOUS)}
+        mean = {k: np.mean([e[k]["sqnr"] for e in eager]) for k in (*CONFIGS, OBSERVER, PREVIOUS)}
         out += [
             "",
             "Eager means: " + ", ".join(f"{k} {v:.2f} dB" for k, v in mean.items()) + "; "
-            f"{CEILING}: mean {np.mean(ceil):.2f} dB (min {min(ceil):.2f}).  *{PREVIOUS}* = "
-            "`quantize_pt2e(..., compensate_activations=False)` (the previous default) on the same draw.",
+            f"{CEILING}: mean {np.mean(ceil):.2f} dB (min {min(ceil):.2f}; the data-aware model's activation "
+            f'qparams).  *{OBSERVER}* = `quantize_pt2e(..., activation_ranges="observer")` (torchao\'s '
+            f"HistogramObserver ranges, the default before 2026-12-08); *{PREVIOUS}* = "
+            "`quantize_pt2e(..., compensate_activations=False)` (observer ranges) on the same draw.",
         ]
     if r.get("fp32"):
         f = r["fp32"]

@@ -69,7 +69,9 @@ def test_float_weight_ceiling_reads_every_float_weight(toy):
     x = task.held[0]
     with torch.no_grad():
         assert not torch.equal(ceiling(x), converted(x)) and not torch.equal(ceiling(x), task.model(x))
-    assert set(q["eager"]) == {*bp.CONFIGS, bp.PREVIOUS, bp.CEILING} and all("sqnr" in m for m in q["eager"].values())
+    assert set(q["eager"]) == {*bp.CONFIGS, bp.OBSERVER, bp.PREVIOUS, bp.CEILING} and all(
+        "sqnr" in m for m in q["eager"].values()
+    )
 
 
 def test_verbose_parser_keeps_int8_primitives_only():

@@ -79,7 +79,7 @@ def test_channel_weights_fold_taps_and_groups():
 def test_chosen_ranges_no_worse_than_the_observer_and_in_the_converted_graph():
     m, cal = _net()
     prepared = _prepared(m, cal)
-    r = ranges.ActivationRanges(prepared, max_positions=10**9)  # every position: the samples are the whole input
+    r = ranges.ActivationRanges(prepared, max_positions=10**9, max_values=10**12)  # every position: the whole input
     nodes = {n.target: n for n in prepared.graph.nodes if n.op == "call_module"}
     with r, torch.no_grad():
         for b in cal:
@@ -112,9 +112,10 @@ def test_quantize_pt2e_ranges_option_deterministic_and_validated():
     m, cal = _net(1)
     a = safeobs.quantize_pt2e(copy.deepcopy(m), cal[0], cal, activation_ranges="output")
     b = safeobs.quantize_pt2e(copy.deepcopy(m), cal[0], cal, activation_ranges="output")
-    o = safeobs.quantize_pt2e(copy.deepcopy(m), cal[0], cal)  # the default
+    o = safeobs.quantize_pt2e(copy.deepcopy(m), cal[0], cal, activation_ranges="observer")
+    dflt = safeobs.quantize_pt2e(copy.deepcopy(m), cal[0], cal)  # the default is "output"
     ca, cb = a.meta["safeobs_activation_ranges"], b.meta["safeobs_activation_ranges"]
-    assert ca and ca.keys() == cb.keys()
+    assert ca and ca.keys() == cb.keys() == dflt.meta["safeobs_activation_ranges"].keys()
     assert all((ca[k].scale, ca[k].zero_point) == (cb[k].scale, cb[k].zero_point) for k in ca)
     assert o.meta["safeobs_activation_ranges"] == {}
     # "observer" keeps torchao's qparams: they are the observer_* of the "output" choices

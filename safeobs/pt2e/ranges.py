@@ -16,8 +16,10 @@ because the data-aware rounding's bias absorbs each layer's mean output error ``
 search grid); the plain mean-square forms (weighted or not) lose 0.2 to 1.4 dB on MiniLM, whose LayerNorm outputs
 have a few large channels.
 
-The expectations are over positions sampled during the observers' own calibration pass (at most
-``max_positions`` per batch and observer, a seeded random subset, all channels of each sampled position).
+The expectations are over positions sampled during the observers' own calibration pass: per observer a uniform
+sample without replacement of all the positions it saw (all channels of each; a seeded bottom-k reservoir of
+``min(max_positions, max(1024, max_values // C))`` positions, 2 MB for ``C`` >= 64 by default: fixed memory however
+long the calibration).
 Candidates: a geometric grid of fractions of the sampled ``[min, max]`` for ``lo`` and ``hi`` (0 for a side whose
 values are all of one sign), refined twice around the best, scored on per-channel histograms (bin centres); the best
 of them and the observer's own qparams are then scored exactly on the samples and the lower wins, so the chosen
@@ -109,8 +111,12 @@ def range_objective(x: torch.Tensor, d: torch.Tensor, scale, zero_point, qmin: i
     """``J`` exactly on samples ``x`` (N, C) with channel weights ``d`` (C,): ``sum_c d_c Var_n[x_c - Q(x_c)]``,
     ``d`` normalised to sum 1."""
     x = x.float()
-    e = (x - _fake_quant(x, torch.tensor(float(scale)), float(zero_point), qmin, qmax)).double()
-    var = (e * e).mean(0) - e.mean(0) ** 2
+    # torch's fused fake-quant: the converted graph's quantize + dequantize in one pass (its 1/scale is computed in
+    # float32, the graph's in double: a value exactly between two codes may round the other way; J is a statistic)
+    e = x - torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero_point), qmin, qmax)
+    n = max(len(e), 1)
+    m1, m2 = e.sum(0, dtype=torch.float64) / n, (e * e).sum(0, dtype=torch.float64) / n  # float64 sums
+    var = m2 - m1 * m1
     dn = d.double() / d.double().sum()
     return float((dn * var).sum())
 
@@ -131,7 +137,7 @@ class _Scorer:
         self.qmin, self.qmax = qmin, qmax
         self.lo0, self.hi0 = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
         width = (self.hi0 - self.lo0) / bins or 1.0
-        idx = ((x - self.lo0) / width).floor_().clamp_(0, bins - 1).long()
+        idx = (x - self.lo0).mul_(1.0 / width).clamp_(0, bins - 1).long()  # non-negative: long() is floor
         idx += torch.arange(c) * bins
         self.p = torch.bincount(idx.reshape(-1), minlength=c * bins).reshape(c, bins).float() / n  # (C, B)
         self.d = (d / d.sum()).float()
@@ -151,7 +157,7 @@ def _grid(x0: float, n: int, lo_frac: float) -> torch.Tensor:
     return (x0 * f).float()
 
 
-def _search(x, d, obs, bins=2048, grid=16, refine=2, lo_frac=0.01):
+def _search(x, d, obs, bins=1024, grid=12, refine=2, lo_frac=0.01):
     """The chosen (scale, zp) of one observer's samples ``x`` (N, C) and weights ``d`` (module docstring)."""
     qmin, qmax = int(obs.quant_min), int(obs.quant_max)
     eps = obs.eps if isinstance(obs.eps, torch.Tensor) else torch.tensor(float(obs.eps))
@@ -176,37 +182,75 @@ def _search(x, d, obs, bins=2048, grid=16, refine=2, lo_frac=0.01):
     return float(scale[0]), int(zp[0])
 
 
+@dataclasses.dataclass
+class _Reservoir:
+    """A uniform sample without replacement of at most ``cap`` positions (rows of all channels) of every batch seen
+    so far: each position draws a key from ``gen`` and the ``cap`` smallest keys are kept (bottom-k sampling), so
+    the memory is fixed whatever the number of calibration batches, and only the kept positions are gathered."""
+
+    d: torch.Tensor
+    axis: int
+    cap: int
+    gen: torch.Generator
+    rows: torch.Tensor | None = None  # (<= cap, C) float32
+    keys: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        c = self.d.numel()
+        if self.axis == -1 or x.dim() == 2:  # (..., C): positions are rows
+            x, s = x.reshape(-1, c), 0
+            n = x.shape[0]
+        else:  # (B, C, *spatial): positions are (batch, pixel); gathered below, no channels-last copy of the tensor
+            x = x.reshape(x.shape[0], c, -1)
+            s = x.shape[2]
+            n = x.shape[0] * s
+        keys = torch.rand(n, generator=self.gen)
+        pick = torch.arange(n)
+        if self.keys is not None and len(self.keys) >= self.cap:  # only keys below the kept maximum can enter
+            pick = torch.nonzero(keys < self.keys.max()).reshape(-1)
+        if len(pick) > self.cap:
+            pick = pick[torch.topk(keys[pick], self.cap, largest=False, sorted=False).indices]
+        if not len(pick):
+            return
+        rows = (x[pick] if not s else x[pick // s, :, pick % s]).float()
+        keys = keys[pick]
+        if self.rows is not None:
+            rows, keys = torch.cat([self.rows, rows]), torch.cat([self.keys, keys])
+            if len(keys) > self.cap:
+                keep = torch.topk(keys, self.cap, largest=False, sorted=False).indices
+                rows, keys = rows[keep], keys[keep]
+        self.rows, self.keys = rows, keys
+
+
 class ActivationRanges:
     """Samples every eligible activation observer's input during a calibration pass (a context manager around the
     observers' pass) and then chooses and sets output-aware u8 qparams (module docstring).
 
     ``with ActivationRanges(prepared) as ranges: <calibration>``, then ``ranges.apply()`` (before
     ``convert_pt2e``) returns ``{observer module name: RangeChoice}``.  Deterministic: the subsample of each
-    observer is drawn from a generator seeded by the observer's index and the batch's order."""
+    observer is drawn from a generator seeded by the observer's index (keys drawn in the batches' order)."""
 
-    def __init__(self, prepared: torch.fx.GraphModule, max_positions: int = 2048):
-        self.gm, self.max_positions = prepared, int(max_positions)
-        self.entries = {}  # observer target -> (d, axis, [samples], generator)
+    def __init__(self, prepared: torch.fx.GraphModule, max_positions: int = 8192, max_values: int = 1 << 19):
+        self.gm, self.max_positions, self.max_values = prepared, int(max_positions), int(max_values)
+        self.entries = {}  # observer target -> _Reservoir
         for i, node in enumerate(n for n in prepared.graph.nodes if n.op == "call_module"):
             if not _is_act_observer(prepared.get_submodule(node.target)):
                 continue
             d, axis = channel_weights(prepared, node)
             if d is not None:
-                self.entries[node.target] = (d, axis, [], torch.Generator().manual_seed(i))
+                cap = min(self.max_positions, max(1024, self.max_values // d.numel()))
+                self.entries[node.target] = _Reservoir(d, axis, cap, torch.Generator().manual_seed(i))
         self._handles = []
 
     def _hook(self, target):
-        d, axis, samples, gen = self.entries[target]
+        r = self.entries[target]
 
         def hook(_m, inp, _out):
             x = inp[0] if inp else None
-            if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[axis] != d.numel():
+            if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[r.axis] != r.d.numel():
                 return
             with torch.no_grad():
-                x = x.detach().movedim(axis, -1).reshape(-1, d.numel())
-                if x.shape[0] > self.max_positions:
-                    x = x[torch.randperm(x.shape[0], generator=gen)[: self.max_positions]]
-                samples.append(x.float().clone())
+                r.add(x.detach())
 
         return hook
 
@@ -223,12 +267,11 @@ class ActivationRanges:
     def choose(self) -> dict:
         """``{observer module name: RangeChoice}`` for every sampled observer (the observers are not changed)."""
         out = {}
-        for target, (d, _axis, samples, _gen) in self.entries.items():
-            obs = self.gm.get_submodule(target)
-            if not samples or not _is_act_observer(obs):
+        for target, r in self.entries.items():
+            obs, x, d = self.gm.get_submodule(target), r.rows, r.d
+            if x is None or not _is_act_observer(obs):
                 continue
-            x = torch.cat(samples)
-            if not torch.isfinite(x).all():
+            if not torch.isfinite(x.sum()):  # a non-finite value (or an overflowing sum): drop its positions
                 x = x[torch.isfinite(x).all(1)]
                 if not len(x):
                     continue
@@ -261,6 +304,6 @@ class ActivationRanges:
             *path, last = target.split(".")
             owner = self.gm.get_submodule(".".join(path)) if path else self.gm
             setattr(owner, last, fixed)
-        for entry in self.entries.values():
-            entry[2].clear()
+        for r in self.entries.values():
+            r.rows = r.keys = None
         return choices
