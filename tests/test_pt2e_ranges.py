@@ -127,3 +127,27 @@ def test_quantize_pt2e_ranges_option_deterministic_and_validated():
     assert torch.equal(a(x), b(x))
     with pytest.raises(ValueError, match="activation_ranges"):
         safeobs.quantize_pt2e(copy.deepcopy(m), cal[0], cal, activation_ranges="mse")
+
+
+@pytest.mark.parametrize("layout", ["conv", "linear"])
+def test_reservoir_keeps_the_smallest_keys_of_all_positions(layout):
+    """Streaming bottom-k: the kept positions are exactly those with the ``cap`` smallest keys over every batch (a
+    uniform sample without replacement of all positions), gathered with all their channels, at a fixed size."""
+    g = torch.Generator().manual_seed(3)
+    if layout == "conv":  # (B, C, H, W), positions (b, h, w)
+        batches = [torch.randn(2, 4, 5, 3, generator=g) + 10 * i for i in range(7)]
+        flat = [b.movedim(1, -1).reshape(-1, 4) for b in batches]
+    else:  # (..., C), positions are rows
+        batches = [torch.randn(3, 11, 4, generator=g) + 10 * i for i in range(7)]
+        flat = [b.reshape(-1, 4) for b in batches]
+    cap = 40
+    r = ranges._Reservoir(torch.ones(4), 1 if layout == "conv" else -1, cap, torch.Generator().manual_seed(9))
+    for b in batches:
+        r.add(b)
+    gen = torch.Generator().manual_seed(9)  # the same key stream, drawn for all positions at once
+    keys = torch.cat([torch.rand(len(f), generator=gen) for f in flat])
+    want = torch.cat(flat)[torch.topk(keys, cap, largest=False).indices]
+    assert r.rows.shape == (cap, 4)
+    key = lambda t: sorted(map(tuple, t.tolist()))  # noqa: E731
+    assert key(r.rows) == key(want)
+    assert len({int(v // 10 + 0.5) for v in r.rows[:, 0].tolist()}) > 3  # later batches are represented
