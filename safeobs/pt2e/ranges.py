@@ -12,16 +12,17 @@ approximation, with the mean error left out::
 kernel taps; per group for grouped/depthwise convs; summed over consumers); ``Var`` rather than the mean square
 because the data-aware rounding's bias absorbs each layer's mean output error ``W E[x] - W^ E[x^]``
 (``compensate_activations``), so only the fluctuating part of the activation error reaches the output.  Measured
-(eager, 1 thread, docs/pt2e.md): +0.24 dB on MobileNetV2 (5 draws), -0.07 dB on MiniLM (1 draw; +0.08 with a finer
-search grid); the plain mean-square forms (weighted or not) lose 0.2 to 1.4 dB on MiniLM, whose LayerNorm outputs
-have a few large channels.
+(eager, 1 thread, docs/pt2e.md): +0.25 dB on MobileNetV2 over the observer's ranges (5 draws), +0.09 dB on MiniLM
+(1 draw; within the +-0.1 dB that the search grid alone moves it); the plain mean-square forms (weighted or not)
+lose 0.2 to 1.4 dB on MiniLM, whose LayerNorm outputs have a few large channels.
 
 The expectations are over positions sampled during the observers' own calibration pass: per observer a uniform
 sample without replacement of all the positions it saw (all channels of each; a seeded bottom-k reservoir of
-``min(max_positions, max(1024, max_values // C))`` positions, 2 MB for ``C`` >= 64 by default: fixed memory however
-long the calibration).
-Candidates: a geometric grid of fractions of the sampled ``[min, max]`` for ``lo`` and ``hi`` (0 for a side whose
-values are all of one sign), refined twice around the best, scored on per-channel histograms (bin centres); the best
+``min(max_positions, max(1024, max_values // C))`` positions: by default 8192 x ``C`` values below ``C`` = 64,
+2 MB up to ``C`` = 512, 1024 positions above; fixed memory however long the calibration).
+Candidates: a 12 x 12 geometric grid of fractions (1 to 0.01) of the sampled ``[min, max]`` for ``lo`` and ``hi``
+(0 for a side whose values are all of one sign), refined twice around the best (9 points a side), scored on
+per-channel histograms (1024 bins, values at bin centres); the best
 of them and the observer's own qparams are then scored exactly on the samples and the lower wins, so the chosen
 range's ``J`` on the samples is never above the observer's.  Observers that feed no conv/linear input (pools,
 flatten, graph outputs) keep the observer's choice: with no consumer weights there is no output to measure the
