@@ -38,10 +38,12 @@ import operator
 
 import torch
 
+from . import _CONSUMERS, _GROUPS_ARG
+from .rounding import _fake_quant
+
 __all__ = ["ActivationRanges", "RangeChoice", "channel_weights", "range_objective"]
 
-_CONV = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 1, torch.ops.aten.conv3d.default: 1}
-_LINEAR = {torch.ops.aten.linear.default: -1}
+_AXIS = {"conv": 1, "linear": -1}  # the input's channel axis per consumer kind of safeobs.pt2e._CONSUMERS
 
 
 @dataclasses.dataclass
@@ -86,7 +88,8 @@ def channel_weights(gm: torch.fx.GraphModule, node: torch.fx.Node):
     channel axis (1 for convs, -1 for linears); None when no conv/linear reads it as its input."""
     d, axis = None, None
     for u in node.users:
-        ax = _CONV.get(u.target, _LINEAR.get(u.target)) if u.op == "call_function" else None
+        kind = _CONSUMERS.get(u.target) if u.op == "call_function" else None
+        ax = _AXIS.get(kind)  # transposed convs are left out: their weight is (IC, OC / groups, ...)
         if ax is None or not u.args or u.args[0] is not node or (axis is not None and ax != axis):
             continue
         w = _weight(gm, u)
@@ -95,26 +98,18 @@ def channel_weights(gm: torch.fx.GraphModule, node: torch.fx.Node):
         if ax == -1:
             dc = (w * w).sum(0)
         else:
-            groups = int(u.args[6]) if len(u.args) > 6 else 1
+            groups = int(u.args[_GROUPS_ARG[kind]]) if len(u.args) > _GROUPS_ARG[kind] else 1
             oc, cg = w.shape[:2]
             dc = (w * w).reshape(groups, oc // groups, cg, -1).sum((1, 3)).reshape(groups * cg)
         d, axis = (dc if d is None else d + dc), ax
     return (None, None) if d is None else (d.double(), axis)
 
 
-def _fake_quant(x, scale, zp, qmin, qmax):
-    """The converted graph's quantize + dequantize (float32, as ``quantized_decomposed`` computes it); ``scale``
-    and ``zp`` broadcast against ``x``."""
-    return ((torch.round(x * (1.0 / scale)) + zp).clamp(qmin, qmax) - zp) * scale
-
-
 def range_objective(x: torch.Tensor, d: torch.Tensor, scale, zero_point, qmin: int = 0, qmax: int = 255) -> float:
     """``J`` exactly on samples ``x`` (N, C) with channel weights ``d`` (C,): ``sum_c d_c Var_n[x_c - Q(x_c)]``,
     ``d`` normalised to sum 1."""
     x = x.float()
-    # torch's fused fake-quant: the converted graph's quantize + dequantize in one pass (its 1/scale is computed in
-    # float32, the graph's in double: a value exactly between two codes may round the other way; J is a statistic)
-    e = x - torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero_point), qmin, qmax)
+    e = x - _fake_quant(x, float(scale), int(zero_point), qmin, qmax)  # the converted graph's quantize + dequantize
     n = max(len(e), 1)
     m1, m2 = e.sum(0, dtype=torch.float64) / n, (e * e).sum(0, dtype=torch.float64) / n  # float64 sums
     var = m2 - m1 * m1
