@@ -38,12 +38,19 @@ import operator
 
 import torch
 
-from . import _CONSUMERS, _GROUPS_ARG
 from .rounding import _fake_quant
 
 __all__ = ["ActivationRanges", "RangeChoice", "channel_weights", "range_objective"]
 
-_AXIS = {"conv": 1, "linear": -1}  # the input's channel axis per consumer kind of safeobs.pt2e._CONSUMERS
+# the input's channel axis per consumer op (transposed convs are left out: their weight is (IC, OC / groups, ...));
+# the package's own op table (safeobs.pt2e._CONSUMERS) is not imported: the package imports this module
+_AXIS = {
+    torch.ops.aten.conv1d.default: 1,
+    torch.ops.aten.conv2d.default: 1,
+    torch.ops.aten.conv3d.default: 1,
+    torch.ops.aten.linear.default: -1,
+}
+_GROUPS = 6  # aten.conv*d(input, weight, bias, stride, padding, dilation, groups)
 
 
 @dataclasses.dataclass
@@ -88,8 +95,7 @@ def channel_weights(gm: torch.fx.GraphModule, node: torch.fx.Node):
     channel axis (1 for convs, -1 for linears); None when no conv/linear reads it as its input."""
     d, axis = None, None
     for u in node.users:
-        kind = _CONSUMERS.get(u.target) if u.op == "call_function" else None
-        ax = _AXIS.get(kind)  # transposed convs are left out: their weight is (IC, OC / groups, ...)
+        ax = _AXIS.get(u.target) if u.op == "call_function" else None
         if ax is None or not u.args or u.args[0] is not node or (axis is not None and ax != axis):
             continue
         w = _weight(gm, u)
@@ -98,7 +104,7 @@ def channel_weights(gm: torch.fx.GraphModule, node: torch.fx.Node):
         if ax == -1:
             dc = (w * w).sum(0)
         else:
-            groups = int(u.args[_GROUPS_ARG[kind]]) if len(u.args) > _GROUPS_ARG[kind] else 1
+            groups = int(u.args[_GROUPS]) if len(u.args) > _GROUPS else 1
             oc, cg = w.shape[:2]
             dc = (w * w).reshape(groups, oc // groups, cg, -1).sum((1, 3)).reshape(groups * cg)
         d, axis = (dc if d is None else d + dc), ax
