@@ -486,9 +486,9 @@ def test_narrow_layers_round_with_one_blas_thread(monkeypatch):
     seen = []
     inner = core_rounding._round_shared
 
-    def spy(*args):
+    def spy(*args, **kw):
         seen.append(blas_threads())
-        return inner(*args)
+        return inner(*args, **kw)
 
     monkeypatch.setattr(core_rounding, "_round_shared", spy)
     rng = np.random.default_rng(0)
@@ -531,3 +531,32 @@ def test_statistics_are_shrunk_like_scikit_learns_ledoit_wolf(one_thread):
         np.testing.assert_allclose(st.h_shrunk(centered)[0], want, rtol=0, atol=1e-5 * np.abs(want).max())
     plain = rows.T @ rows / len(rows) - np.outer(mu, mu)
     assert not np.allclose(r.error, np.einsum("rk,rk->r", e @ plain, e), rtol=1e-3)  # the shrinkage shows
+
+
+@settings(**{**SETTINGS, "max_examples": 15})
+@given(st.data())
+def test_upper_triangle_reads_only_the_upper_triangle(data):
+    """``h_upper=True`` (a sum accumulated by syrk): the result is exactly the full matrix's, whatever the lower
+    triangle holds (noise here), for every layout, statistics, candidate set, base scale and flag; it is refused
+    with per-group matrices."""
+    layout = data.draw(st.sampled_from(LAYOUTS))
+    shape = data.draw(st.sampled_from([(6, 40), (5, 70), (4, 300)]))
+    w, rng = _weights(data.draw, shape)
+    h, mu = _stats(rng, shape[1], 1, data.draw(st.sampled_from(["correlated", "rank1", "scaled", "plain"])))
+    kw = dict(
+        layout=layout,
+        op="linear",
+        gptq=data.draw(st.booleans()),
+        multipliers=data.draw(st.sampled_from([(1.0,), (0.9, 1.0)])),
+        bias_correction=data.draw(st.booleans()),
+    )
+    if data.draw(st.booleans()):  # the runtime's base scale
+        kw["scale"] = safeobs.safe_qparams(torch.from_numpy(w), layout=layout, op="linear")[0].numpy() * 1.1
+    full = rounding.round_weight(w, h[0], mu[0], **kw)
+    noisy = np.triu(h[0]) + np.tril(rng.normal(size=h[0].shape), -1)
+    up = rounding.round_weight(w, noisy, mu[0], h_upper=True, **kw)
+    for field in ("codes", "scale", "bias_delta", "error", "rtn_error", "choice"):
+        assert np.array_equal(getattr(full, field), getattr(up, field)), field
+    with pytest.raises(ValueError, match="h_upper"):
+        rounding.round_weight(w[:, :9].reshape(-1, 1, 3, 3), np.eye(9)[None].repeat(len(w), 0), groups=len(w),
+                              op="conv", bias_correction=False, h_upper=True)  # fmt: skip

@@ -114,6 +114,7 @@ converted model's weights.  :func:`quantize_fx` does all of it in one call;
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -123,6 +124,11 @@ from scipy.linalg import blas, lapack
 
 from ..kernels.layout import LAYOUTS, group_sizes
 from .solver import PAIR_MAX, PAIR_MIN, layout_pairs, quantize, safe_qparams
+
+try:  # the clip ufunc itself: np.clip's Python wrapper costs 2x on the rounding's short rows
+    from numpy._core.umath import clip as _clip
+except ImportError:  # pragma: no cover - numpy < 2
+    from numpy.core.umath import clip as _clip
 
 __all__ = [
     "LayerStats",
@@ -282,31 +288,36 @@ def _receptive_fields(x: torch.Tensor, conv, max_positions: int) -> torch.Tensor
     return vals.reshape(g, vals.shape[1], -1)  # (G, S, K), K in (ic, tap) order
 
 
-def ledoit_wolf_intensity(h: np.ndarray, x4: np.ndarray, n: int) -> np.ndarray:
+def ledoit_wolf_intensity(h: np.ndarray, x4: np.ndarray, n: int, upper: bool = False) -> np.ndarray:
     """Ledoit-Wolf shrinkage intensity (per group, in [0, 1]) of the sample second moment ``h`` (G, K, K) of ``n``
     samples with mean ``||x||^4`` ``x4`` (G,) toward ``m I``, ``m = tr(h) / K``: ``min(b^2, d^2) / d^2`` with
     ``d^2 = ||h - m I||_F^2`` and ``b^2 = (mean ||x||^4 - ||h||_F^2) / n`` (the estimation error of ``h``).
 
     Why: with few calibration rows for a wide layer (30 sentences, a few hundred tokens, K = 1536) the sample
     ``H`` is rank-deficient and GPTQ's error feedback fits the calibration set instead of the data; shrinking
-    toward the identity by this intensity (about 0 with many rows) is the classic remedy (Ledoit & Wolf 2004)."""
+    toward the identity by this intensity (about 0 with many rows) is the classic remedy (Ledoit & Wolf 2004).
+    ``upper``: ``h`` holds its upper triangle, the lower one zero."""
     h = np.asarray(h, np.float64).reshape((-1,) + np.shape(h)[-2:])
     k = h.shape[-1]
     m = np.trace(h, axis1=1, axis2=2) / k
     fro2 = np.einsum("gij,gij->g", h, h)  # no K x K temporary
+    if upper:  # the strict upper triangle counts twice
+        fro2 = 2 * fro2 - np.einsum("gii,gii->g", h, h)
     d2 = fro2 - k * m**2  # ||h - m I||_F^2
     b2 = np.clip((np.asarray(x4, np.float64).reshape(-1) - fro2) / max(n, 1), 0.0, None)
     return np.where(d2 > 0, np.minimum(b2, d2) / np.where(d2 > 0, d2, 1.0), 1.0)
 
 
-def shrink(h: np.ndarray, intensity: np.ndarray) -> np.ndarray:
+def shrink(h: np.ndarray, intensity: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """``(1 - a) h + a (tr(h) / K) I`` per group: the Ledoit-Wolf estimate of ``E[x x^T]``
-    (:func:`ledoit_wolf_intensity`); ``h`` (G, K, K) or (K, K), returned in the same shape."""
+    (:func:`ledoit_wolf_intensity`); ``h`` (G, K, K) or (K, K), returned in the same shape (elementwise: an upper
+    triangle gives an upper triangle).  ``overwrite``: in ``h``'s memory when it is a float64 array."""
     h = np.asarray(h, np.float64)
     h3 = h.reshape((-1,) + h.shape[-2:])
     a = np.asarray(intensity, np.float64).reshape(-1, 1, 1)
     m = np.trace(h3, axis1=1, axis2=2).reshape(-1, 1, 1) / h3.shape[-1]
-    out = (1 - a) * h3  # one pass; the identity's part goes on the diagonal only (same values as + a m I)
+    # one pass; the identity's part goes on the diagonal only (same values as + a m I)
+    out = np.multiply(h3, 1 - a, out=h3 if overwrite else None)
     idx = np.arange(h3.shape[-1])
     out[:, idx, idx] += (a * m)[:, :, 0]
     return out.reshape(h.shape)
@@ -361,6 +372,14 @@ def _partners(pairs: np.ndarray, oc: int, k: int) -> np.ndarray:
     return out.reshape(oc, k, -1)
 
 
+@functools.lru_cache(maxsize=64)
+def _pair_plan(shape: tuple, layout: str, op: str, groups: int):
+    """``(cols, earlier)`` of a weight shape: the layout's pairs of one row and :func:`_earlier_partners`
+    (the same for every layer of that shape: a transformer's layers share them)."""
+    cols = layout_pairs(np.broadcast_to(np.float32(0), shape), layout, op, groups)._row_columns()
+    return cols, _earlier_partners(cols, int(np.prod(shape[1:])))
+
+
 def _earlier_partners(cols: np.ndarray, k: int) -> list:
     """Per column ``j`` of a row, the partner columns ``< j`` (the ones chosen before it), or None.
 
@@ -373,6 +392,7 @@ def _earlier_partners(cols: np.ndarray, k: int) -> list:
     keep = lo < hi
     key = np.unique(hi[keep].astype(np.int64) * k + lo[keep])  # sorted by (hi, lo), duplicates dropped
     hi, lo = key // k, key % k
+    lo.setflags(write=False)  # shared by every layer of the shape (:func:`_pair_plan`)
     starts = np.flatnonzero(np.r_[True, hi[1:] != hi[:-1]])
     for j, p in zip(hi[starts].tolist(), np.split(lo, starts[1:])):  # once per column with partners
         out[j] = p
@@ -480,7 +500,8 @@ def _sequential(
     earlier outer block (recomputed from ``xt`` and the codes: no ``(K, C)`` state besides ``xt``) in one BLAS-3
     product each; inside it, inner blocks of ``_INNER`` columns pass their errors to the rest of the outer block,
     and a column gathers the errors of the (< ``_INNER``) columns before it with one matrix-vector product.  The
-    only Python loop over columns does O(1) vector operations on the C rows at once.
+    only Python loop over columns does O(1) vector operations on the C rows at once (as few as it can: each
+    costs about a microsecond whatever C).
     """
     k, c = xt.shape
     dt = xt.dtype
@@ -495,7 +516,11 @@ def _sequential(
         err = np.empty((nb, c), dt)  # its x_i - q_i
         ea = np.empty((nb, c), dt)  # an earlier block's x_i - q_i
         res = np.empty((nb, c), dt)  # (v_i - q_i) V_ii: GPTQ's scaled errors
-    lo_q, hi_q = dt.type(-128), dt.type(127)
+    lo_q, hi_q, pmin, pmax = dt.type(-128), dt.type(127), dt.type(PAIR_MIN), dt.type(PAIR_MAX)
+    code = np.empty(c, dt)
+    # one partner (every pair layout but a few edge columns): clip code + q_p to [PAIR_MIN, PAIR_MAX] and take
+    # q_p off again, the same integers as clipping code to [PAIR_MIN - q_p, PAIR_MAX - q_p] in fewer array calls
+    single = None if every else [None if p is None or len(p) != 1 else int(p[0]) for p in earlier]
     for b0 in range(0, k, _OUTER):
         b1 = min(k, b0 + _OUTER)
         if f is not None:
@@ -513,23 +538,26 @@ def _sequential(
                 else:
                     v = vb[j - b0]  # updated in place: the block's v_j are GPTQ's loss below
                     if j > s0:
-                        np.add(v, feed[s0:j, j] @ err[s0 - b0 : j - b0], out=v)
-                code = np.rint(v) if rscale is None else np.rint(v * rscale)
-                np.minimum(np.maximum(code, lo_q, out=code), hi_q, out=code)
+                        v += feed[s0:j, j] @ err[s0 - b0 : j - b0]
+                if rscale is None:
+                    np.rint(v, out=code)
+                else:
+                    np.rint(np.multiply(v, rscale, out=code), out=code)
+                _clip(code, lo_q, hi_q, out=code)
                 if every:
                     if j:
-                        np.minimum(np.maximum(code, PAIR_MIN - bottom, out=code), PAIR_MAX - top, out=code)
+                        _clip(code, PAIR_MIN - bottom, PAIR_MAX - top, out=code)
                     np.maximum(top, code, out=top)
                     np.minimum(bottom, code, out=bottom)
+                elif single[j] is not None:
+                    qp = q[single[j]]
+                    code += qp
+                    _clip(code, pmin, pmax, out=code)
+                    code -= qp
                 elif earlier[j] is not None:
-                    p = earlier[j]
-                    if len(p) == 1:
-                        qlo = qhi = q[p[0]]
-                    else:
-                        qs = q[p]
-                        qlo, qhi = qs.min(0), qs.max(0)
-                    np.maximum(code, np.subtract(PAIR_MIN, qlo, dtype=dt), out=code)
-                    np.minimum(code, np.subtract(PAIR_MAX, qhi, dtype=dt), out=code)
+                    qs = q[earlier[j]]
+                    np.maximum(code, np.subtract(PAIR_MIN, qs.min(0), dtype=dt), out=code)
+                    np.minimum(code, np.subtract(PAIR_MAX, qs.max(0), dtype=dt), out=code)
                 q[j] = code
                 if f is not None:
                     np.subtract(xt[j], code, out=err[j - b0])
@@ -563,13 +591,15 @@ def _objective_factored(
     rows = max(1, _SLAB // k)
     for r0 in range(0, r, rows):
         r1 = min(r, r0 + rows)
-        e = w[r0:r1].astype(np.float64) - scale[r0:r1, None].astype(np.float64) * q[r0:r1]
-        sh = np.einsum("rk,rk,k->r", e, e, f.shift)
         if r32 is None:
+            e = w[r0:r1].astype(np.float64) - scale[r0:r1, None].astype(np.float64) * q[r0:r1]
+            sh = np.einsum("rk,rk,k->r", e, e, f.shift)
             et = np.ascontiguousarray(e[:, ::-1])
             y = blas.dtrmm(1.0, f.rrev, et.T, side=0, lower=0, trans_a=0, overwrite_b=1)  # R e_rev^T
-        else:
-            et = np.ascontiguousarray(e[:, ::-1], dtype=np.float32)
+        else:  # the estimate: e in float32 too (relative error ~2^-24 per value), reversed as it is formed
+            et = np.multiply(q[r0:r1, ::-1], scale[r0:r1, None], dtype=np.float32)
+            np.subtract(np.asarray(w[r0:r1, ::-1], np.float32), et, out=et)
+            sh = np.einsum("rk,rk,k->r", et, et, f.shift[::-1], dtype=np.float64)
             y = blas.strmm(1.0, r32, et.T, side=0, lower=0, trans_a=0, overwrite_b=1)
         tot[r0:r1] = np.einsum("kr,kr->r", y, y, dtype=np.float64)
         out[r0:r1] = tot[r0:r1] - sh
@@ -618,6 +648,7 @@ def round_weight(
     damp: float = DAMP,
     scale=None,
     rtn_codes=None,
+    h_upper: bool = False,
 ) -> RoundResult:
     """Safe per-channel symmetric codes and scales for ``weight`` that minimise the expected output error.
 
@@ -632,6 +663,9 @@ def round_weight(
     tightest RTN-safe one (ONNX Runtime's, whose int32 biases and per-tensor scales must follow), and
     ``rtn_codes``: the runtime's own safe codes at that scale, the candidate the result is never worse
     than (without them, RTN at ``scale`` made safe by the same sequential clip).
+
+    ``h_upper=True``: only the upper triangle of a shared ``h`` is read (the lower one may hold anything finite),
+    as LAPACK reads a symmetric matrix; the caller then need not mirror it (a sum accumulated by ``syrk``).
     """
     wt = torch.as_tensor(weight).detach().to(torch.float32).cpu()
     if wt.dim() < 2:
@@ -650,6 +684,8 @@ def round_weight(
         raise ValueError(f"h must be finite (K, K) or (G, K, K) with K={k}, G={g}; got shape {h.shape}")
     if bias_correction and mean is None:
         raise ValueError("bias_correction needs mean=E[x] (or pass bias_correction=False)")
+    if h_upper and h.shape[0] > 1:
+        raise ValueError("h_upper applies to one shared (K, K) h, not to per-group matrices")
     mu = None if mean is None else np.asarray(mean, dtype=np.float64).reshape(-1, k)
     if scale is None:
         scale0 = safe_qparams(wt, layout=layout, op=op, groups=groups)[0].numpy().astype(np.float32)
@@ -670,9 +706,12 @@ def round_weight(
                 f"rtn_codes must be safe int8 codes for layout {layout!r} (the runtime's own safe codes, the "
                 "candidate the result is never worse than); some are outside [-128, 127] or break the pair bound"
             )
-    run = _round_per_group if h.shape[0] > 1 else _round_shared
+    args = (w, h, mu_b, layout, op, groups, mults, gptq, damp, scale0, scale, rtn)
     with _blas_threads(k):
-        q, s, err, rtn_err, choice, extra = run(w, h, mu_b, layout, op, groups, mults, gptq, damp, scale0, scale, rtn)
+        if h.shape[0] > 1:
+            q, s, err, rtn_err, choice, extra = _round_per_group(*args)
+        else:
+            q, s, err, rtn_err, choice, extra = _round_shared(*args, h_upper=h_upper)
     delta = np.zeros(oc)
     if bias_correction:
         mu_rows = mu[np.arange(oc) // ocg] if mu.shape[0] > 1 else np.broadcast_to(mu[0], (oc, k))
@@ -691,32 +730,39 @@ def _candidate_scale(scale0: np.ndarray, f: float) -> np.ndarray:
     return (scale0.astype(np.float64) * f).astype(np.float32)
 
 
-def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale, rtn):
-    """One ``K x K`` objective matrix for every output channel (Linear, dense convs): the blocked path."""
+def _round_shared(w, h, mu, layout, op, groups, mults, gptq, damp, scale0, scale, rtn, h_upper=False):
+    """One ``K x K`` objective matrix for every output channel (Linear, dense convs): the blocked path.
+    ``h_upper``: only ``h``'s upper triangle is read."""
     oc, k = w.shape[0], int(np.prod(w.shape[1:]))
     w2 = w.reshape(oc, k)
     every = layout == "any"
-    cols = None if every else layout_pairs(w, layout, op, groups)._row_columns()
-    earlier = None if every else _earlier_partners(cols, k)
+    cols, earlier = (None, None) if every else _pair_plan(tuple(w.shape), layout, op, groups)
     fast = oc * k * k > _FAST_WORK
     dt = np.float32 if fast else np.float64
+    # the factor reads only h's upper triangle (_factor_shared); so does everything else unless the direct
+    # objective is needed (no factor, or a row whose shift cancels much of its loss): then M is built in full
     f = _factor_shared(h[0], None if mu is None else mu[0], damp, dt) if (gptq and mults) or fast else None
-    m0 = None
-    if f is None or not fast:  # the direct objective: float64 e^T M e
-        m0 = h[0] - np.outer(mu[0], mu[0]) if mu is not None else h[0]
+    direct = f is None or not fast  # the direct objective: float64 e^T M e
+    m0 = []
+
+    def m_full():
+        if not m0:
+            m = np.triu(h[0]) + np.triu(h[0], 1).T if h_upper else h[0]
+            m0.append(m - np.outer(mu[0], mu[0]) if mu is not None else m)
+        return m0[0]
 
     def objective_rows(rows, s, q):
-        if m0 is None:
+        if not direct:
             return _objective_factored(w2[rows], s, q, f)
         if f is None:
-            return _objective(w2[rows].astype(np.float64) - s[:, None].astype(np.float64) * q, m0)
+            return _objective(w2[rows].astype(np.float64) - s[:, None].astype(np.float64) * q, m_full())
         # float64 with a factor: half a GEMM from it, and the direct product only for rows where the shift
         # cancels more than half of the damped value (there the subtraction loses digits)
         out, tot = _objective_factored(w2[rows], s, q, f, with_damped=True)
         bad = np.flatnonzero(out < 0.5 * tot)
         if len(bad):
             wr = w2[rows][bad]
-            out[bad] = _objective(wr.astype(np.float64) - s[bad, None].astype(np.float64) * q[bad], m0)
+            out[bad] = _objective(wr.astype(np.float64) - s[bad, None].astype(np.float64) * q[bad], m_full())
         return out
 
     def objective(r0, r1, s, q):
