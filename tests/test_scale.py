@@ -217,29 +217,35 @@ def test_data_aware_quantize_streams_one_layer_at_a_time(monkeypatch):
     import safeobs.torchao as sto
     from safeobs.core import rounding
 
+    def net():
+        return torch.nn.Sequential(
+            torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 48), torch.nn.GELU(),
+            torch.nn.Linear(48, 48), torch.nn.GELU(), torch.nn.Linear(48, 16),
+        ).eval()  # fmt: skip
+
     torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 16)).eval()
+    model = net()
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
     calib = [(torch.randn(8, 32),) for _ in range(2)]
     seen = []
     real = sto.round_weight
 
     def spy(w, h, **kw):
-        seen.append([type(m.weight).__name__ for m in (model[0], model[2])])
+        seen.append([type(model[i].weight).__name__[0] for i in (0, 2, 4, 6)])
         return real(w, h, **kw)
 
     monkeypatch.setattr(sto, "round_weight", spy)
-    ref = {k: v.clone() for k, v in model.state_dict().items()}
     sto.quantize_(model, calibration=calib)
-    assert seen == [["Int8Tensor", "Parameter"], ["Int8Tensor", "Int8Tensor"]]
+    assert seen == [list("IPPP"), list("IIPP"), list("IIIP"), list("IIII")]
     # reference: every layer rounded on the float model's statistics, as before streaming
-    twin = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 16)).eval()
+    twin = net()
     twin.load_state_dict(ref)
-    stats = sto._calibrate_linears(twin, ["0", "2"], calib, False, share=False)
-    for i in (0, 2):
+    stats = sto._calibrate_linears(twin, ["0", "2", "4", "6"], calib, False, share=False)
+    for i in (0, 2, 4, 6):
         st = stats[str(i)]
         x4 = st.x4 / st.n
         h = sto._symmetric_h(st)
-        h = rounding.shrink(h, rounding.ledoit_wolf_intensity(h[None], x4, st.n)).reshape(h.shape)
+        h = rounding.shrink(h, rounding.ledoit_wolf_intensity(np.triu(h)[None], x4, st.n, upper=True))
         rtn = sto.quantize_weight(twin[i].weight.detach(), sto.Int8DynamicActivationInt8WeightConfig())
         r = rounding.round_weight(
             twin[i].weight.detach(),

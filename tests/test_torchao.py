@@ -727,15 +727,32 @@ def test_linears_reading_one_tensor_share_their_statistics(one_thread):
     assert sto._calibrate_linears(_Attn(detour=True), names, cal, False, share=True) is None
 
 
-def test_buffered_sums_equal_numpy_across_flushes(one_thread):
-    """H is summed by torch's GEMM over buffered rows (at least 256): batches that fill the buffer mid-batch, several
-    flushes and a final partial one give E[x x^T] of all rows, symmetric (its upper strips mirrored)."""
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("wide", [False, True])
+def test_buffered_sums_equal_numpy_across_flushes(monkeypatch, threads, wide):
+    """H is summed over buffered rows (at least 256; with one torch thread, inputs narrower than 2048 by ssyrk, the
+    triangle alone; wider ones (made wide here) and every input with more threads by torch's GEMM in strips):
+    batches that fill the buffer mid-batch, several flushes and a final partial one give E[x x^T] of all rows, as
+    the upper triangle with a zero lower one (symmetric once mirrored)."""
+    from safeobs.core import rounding as core_rounding
+
+    if wide:
+        monkeypatch.setattr(core_rounding, "_BLAS_THREADS_K", 8)
     g = torch.Generator().manual_seed(2)
     m = torch.nn.Sequential(torch.nn.Linear(18, 4)).eval()
     cal = [(torch.randn(200, 18, generator=g) + 0.5,) for _ in range(3)]  # 600 rows: flushes at 256, 512 and the end
-    stats = sto._calibrate_linears(m, ["0"], cal, False, share=False)
-    assert stats["0"].n == 600
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        stats = sto._calibrate_linears(m, ["0"], cal, False, share=False)
+        twin = sto._calibrate_linears(m, ["0"], cal, False, share=False)
+    finally:
+        torch.set_num_threads(saved)
+    assert stats["0"].n == 600 and stats["0"].syrk == (threads == 1 and not wide)
+    up = sto._upper_h(twin["0"])
+    assert not np.tril(up, -1).any()
     h = sto._symmetric_h(stats["0"])
+    assert np.array_equal(np.triu(h), up)
     x = torch.cat([b[0] for b in cal]).double().numpy()
     np.testing.assert_allclose(h, x.T @ x / len(x), rtol=1e-5, atol=1e-6)
     assert np.array_equal(h, h.T)

@@ -37,6 +37,7 @@ from functools import partial
 
 import numpy as np
 import torch
+from scipy.linalg import blas
 
 try:
     import torchao as _torchao
@@ -49,10 +50,11 @@ try:
 except ImportError:  # pragma: no cover - exercised only without torchao
     raise ImportError("safeobs.torchao needs torchao, which is not installed: pip install torchao") from None
 
+from ..core import rounding as _rounding
 from ..core import statefile
 from ..core.layers import LayerCodes, QLayer
 from ..core.progress import auto, progress_bar, rss_mb
-from ..core.rounding import _batches, ledoit_wolf_intensity, round_weight, shrink
+from ..core.rounding import _batches, _blas_threads, ledoit_wolf_intensity, round_weight, shrink
 from ..core.solver import layout_pairs, raise_scales
 from ..core.verify import Report, check_codes, check_layers
 from . import emulator as emulator_torchao
@@ -294,44 +296,59 @@ _STACK_MAX = 1 << 24  # weights (elements) per stacked rounding of Linears shari
 
 @dataclasses.dataclass
 class _LinearStats:
-    """``sum x x^T`` (upper triangle, float32 torch tensor) of one Linear's inputs and their count; ``leader``:
-    the Linear whose sum this one shares (it read the same tensors), or None.  ``buf``: rows not summed yet
-    (``nb`` of them; at least 256 or K/4 rows, a quarter of the sum's bytes)."""
+    """``sum x x^T`` (upper triangle, float32 numpy array; the lower triangle is not kept) of one Linear's inputs and
+    their count; ``leader``: the Linear whose sum this one shares (it read the same tensors), or None.  ``buf``: rows
+    not summed yet (``nb`` of them; at least 256 or K/4 rows, a quarter of the sum's bytes); ``syrk``: summed by
+    BLAS ``ssyrk`` (with one torch thread and K < 2048) rather than torch's GEMM (below)."""
 
     k: int
-    xx: torch.Tensor | None = None
+    xx: np.ndarray | None = None
     n: int = 0
     leader: str | None = None
     x4: float = 0.0  # sum over rows of ||x||^4 (the Ledoit-Wolf intensity's statistic)
     buf: torch.Tensor | None = None
     nb: int = 0
+    syrk: bool = False
 
 
 def _flush(st: _LinearStats) -> None:
-    """Add the buffered rows' ``x^T x`` to the upper triangle of the sum (and a little below it)."""
+    """Add the buffered rows' ``x^T x`` to the upper triangle of the sum."""
     b, st.nb = st.buf[: st.nb], 0
     if not len(b):
         return
+    if st.syrk:  # ssyrk computes the triangle alone, half a GEMM's work
+        bn = b.numpy()
+        out = blas.ssyrk(1.0, bn.T, beta=1.0, c=st.xx.T, trans=0, lower=1, overwrite_c=1)  # lower of xx.T: upper
+        if not np.shares_memory(out, st.xx):  # pragma: no cover - the C-contiguous sum is F-contiguous transposed
+            st.xx[...] = out.T
+        return
     # torch's GEMM, in torch's thread pool: a BLAS of another pool between the forward's ops fights its threads
     # for the cores (2 threads on 2 cores: 4x slower).  Four row strips from the diagonal: 62% of a full product.
-    step = -(-st.k // 4)
+    xx, step = torch.from_numpy(st.xx), -(-st.k // 4)
     for i0 in range(0, st.k, step):
         i1 = min(st.k, i0 + step)
-        st.xx[i0:i1, i0:].addmm_(b[:, i0:i1].mT, b[:, i0:])
+        xx[i0:i1, i0:].addmm_(b[:, i0:i1].mT, b[:, i0:])
+
+
+def _upper_h(st: _LinearStats) -> np.ndarray:
+    """float64 ``E[x x^T]``, upper triangle (the lower one zero), from the sum (the buffered rows added first); frees
+    the sum.  What the rounding reads (:func:`safeobs.core.rounding.round_weights` with ``h_upper``)."""
+    _flush(st)
+    st.buf = None
+    h = np.divide(st.xx, st.n, dtype=np.float64)
+    st.xx = None
+    if not st.syrk:  # torch's strips also summed the lower half of their diagonal blocks
+        step = -(-st.k // 4)
+        for i0 in range(0, st.k, step):
+            d = h[i0 : i0 + step, i0 : i0 + step]
+            d[np.tril_indices(len(d), -1)] = 0.0
+    return h
 
 
 def _symmetric_h(st: _LinearStats) -> np.ndarray:
-    """float64 ``E[x x^T]`` from the upper-triangle sum (the buffered rows added first); frees the sum."""
-    _flush(st)
-    st.buf = None
-    h = st.xx.numpy().astype(np.float64)
-    st.xx = None
-    for i0 in range(0, st.k, 128):  # mirror the upper triangle, in 128-row blocks (cache-friendly; h + h.T: 2x slower)
-        i1 = min(st.k, i0 + 128)
-        h[i0:i1, :i0] = h[:i0, i0:i1].T
-        d = h[i0:i1, i0:i1]  # its lower part may or may not have been summed: rebuilt from the upper
-        d[...] = np.triu(d) + np.triu(d, 1).T
-    h /= st.n
+    """float64 ``E[x x^T]`` in full (:func:`_upper_h` mirrored); frees the sum."""
+    h = _upper_h(st)
+    h += np.triu(h, 1).T
     return h
 
 
@@ -364,12 +381,11 @@ def _calibrate_linears(model, names, calibration, progress, *, share: bool):
             if hit is None or hit[1]() is not x:  # a freed tensor's id is reused by new ones: replace stale entries
                 owner[id(x)] = (name, weakref.ref(x))
         a = x.detach().reshape(-1, st.k).to(device="cpu", dtype=torch.float32)
-        an = a.numpy()
-        st.x4 += float(np.square(np.einsum("rk,rk->r", an, an, dtype=np.float64)).sum())
+        st.x4 += float(torch.linalg.vector_norm(a, dim=1, dtype=torch.float64).pow(4).sum())
         if st.xx is None:
-            st.xx = torch.zeros((st.k, st.k), dtype=torch.float32)
+            st.xx = np.zeros((st.k, st.k), np.float32)
             st.buf = torch.empty((max(256, st.k // 4), st.k), dtype=torch.float32)
-            st.nb = 0
+            st.nb, st.syrk = 0, st.k < syrk_k
         r0 = 0
         while r0 < a.shape[0]:
             take = min(a.shape[0] - r0, st.buf.shape[0] - st.nb)
@@ -380,13 +396,19 @@ def _calibrate_linears(model, names, calibration, progress, *, share: bool):
                 _flush(st)
         st.n += a.shape[0]
 
+    # one torch thread: inputs narrower than 2048 are summed by ssyrk (the triangle alone, half the work) on one
+    # BLAS thread.  With more, everything by torch's GEMM in torch's pool: between torch's parallel ops its idle
+    # threads spin, and a BLAS call of another pool (even one-threaded) then runs beside them (measured with 2
+    # threads on this 2-core host: the calibration 0.19 s slower).  The forward itself already rounds differently
+    # with other thread counts, so the sums' order adds no new dependence.
+    syrk_k = _rounding._BLAS_THREADS_K if torch.get_num_threads() == 1 else 0
     handles = [model.get_submodule(n).register_forward_pre_hook(partial(hook, name=n), with_kwargs=True) for n in names]
     enabled = auto(progress, sum(int(model.get_submodule(n).weight.numel()) for n in names))
     cbar = progress_bar(
         enabled, "safeobs.torchao calibration", len(calibration) if hasattr(calibration, "__len__") else None
     )
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _blas_threads(0) if syrk_k else contextlib.nullcontext():
             for batch in _batches(calibration):
                 model(*batch)
                 if share:
@@ -506,10 +528,10 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
             if st.n == 0:
                 continue  # never saw an input: RTN below, with the layers the filter selects but no hook saw
             x4 = st.x4 / st.n
-            h = _symmetric_h(st)  # float64 E[x x^T]; frees the float32 sum
+            h = _upper_h(st)  # float64 E[x x^T], its upper triangle (all the rounding reads); frees the float32 sum
             # Ledoit-Wolf shrinkage toward (tr H / K) I: a few hundred calibration tokens for K = 1536 leave H
             # rank-deficient, and GPTQ's feedback would fit them (safeobs.core.rounding.ledoit_wolf_intensity)
-            h = shrink(h, ledoit_wolf_intensity(h[None], x4, st.n)).reshape(h.shape)
+            h = shrink(h, ledoit_wolf_intensity(h[None], x4, st.n, upper=True), overwrite=True)
             # rows stacked while small (one factor, one recursion); a large Linear is rounded on its own
             chunks, cur = [], []
             for name in members:
@@ -533,7 +555,9 @@ def quantize_(model: torch.nn.Module, config=None, *, calibration=None, filter_f
                 w = ws[0] if len(ws) == 1 else torch.cat([x.to("cpu", torch.float32) for x in ws])
                 del ws
                 # the handler's scales and codes are round_weight's base: per row, never worse than them
-                r = round_weight(w, h, layout=config.layout, op="linear", bias_correction=False, scale=s0, rtn_codes=q0)
+                r = round_weight(
+                    w, h, layout=config.layout, op="linear", bias_correction=False, scale=s0, rtn_codes=q0, h_upper=True
+                )
                 del w, q0
                 r0 = 0
                 for name, wq in zip(chunk, wqs):
