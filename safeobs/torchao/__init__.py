@@ -332,7 +332,7 @@ def _flush(st: _LinearStats) -> None:
 
 def _upper_h(st: _LinearStats) -> np.ndarray:
     """float64 ``E[x x^T]``, upper triangle (the lower one zero), from the sum (the buffered rows added first); frees
-    the sum.  What the rounding reads (:func:`safeobs.core.rounding.round_weights` with ``h_upper``)."""
+    the sum.  What the rounding reads (:func:`safeobs.core.rounding.round_weight` with ``h_upper=True``)."""
     _flush(st)
     st.buf = None
     h = np.divide(st.xx, st.n, dtype=np.float64)
@@ -399,7 +399,7 @@ def _calibrate_linears(model, names, calibration, progress, *, share: bool):
     # one torch thread: inputs narrower than 2048 are summed by ssyrk (the triangle alone, half the work) on one
     # BLAS thread.  With more, everything by torch's GEMM in torch's pool: between torch's parallel ops its idle
     # threads spin, and a BLAS call of another pool (even one-threaded) then runs beside them (measured with 2
-    # threads on this 2-core host: the calibration 0.19 s slower).  The forward itself already rounds differently
+    # threads on this 2-core host: MiniLM's quantize_ 0.3 s slower).  The forward itself already rounds differently
     # with other thread counts, so the sums' order adds no new dependence.
     syrk_k = _rounding._BLAS_THREADS_K if torch.get_num_threads() == 1 else 0
     handles = [model.get_submodule(n).register_forward_pre_hook(partial(hook, name=n), with_kwargs=True) for n in names]
