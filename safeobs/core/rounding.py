@@ -200,7 +200,7 @@ class LayerStats:
 
     def add(self, c: torch.Tensor) -> None:
         """Add receptive fields (or a Linear's rows) ``c`` (G, P, K), float32."""
-        self.xx += torch.bmm(c.transpose(1, 2), c).double().numpy()
+        self.xx += torch.bmm(c.transpose(1, 2), c).numpy()  # float32 product added in float64 (no float64 copy)
         self.xsum += c.sum(1).double().numpy()
         # Ledoit-Wolf's fourth moments, of y = x - shift (the first batch's mean: the moments about the mean, taken
         # from them, then cancel far less); ||y||^2 from a float32 norm (the intensity is an estimate)
@@ -217,18 +217,21 @@ class LayerStats:
     def h(self) -> np.ndarray:
         return self.xx / max(self.n, 1)
 
-    def _fourth_moment(self, p: np.ndarray) -> np.ndarray:
-        """(G,) E||x - p||^4 from the sums about ``shift`` (``p``: (G, K))."""
+    def _fourth_moment(self, p: np.ndarray, h: np.ndarray) -> np.ndarray:
+        """(G,) E||x - p||^4 from the sums about ``shift`` (``p``: (G, K); ``h``: :attr:`h`).  Only vectors and one
+        ``h q`` product: ``q^T E[y y^T] q`` and its trace are expanded rather than the matrix formed."""
         n, s = self.n, self.shift[:, 0].double().numpy()
         mu = self.mean
-        hy = self.h - np.einsum("gi,gj->gij", s, mu) - np.einsum("gi,gj->gij", mu, s) + np.einsum("gi,gj->gij", s, s)
         q, my = p - s, mu - s  # E||y - q||^4, y = x - s: expand ||y||^2 - 2 y.q + ||q||^2 and square
-        q2 = np.einsum("gi,gi->g", q, q)
+        q2, qs, qmu = (np.einsum("gi,gi->g", q, v) for v in (q, s, mu))
+        # E[y y^T] = h - s mu^T - mu s^T + s s^T
+        qhyq = np.einsum("gi,gij,gj->g", q, h, q) - 2 * qs * qmu + qs**2
+        tr_hy = np.trace(h, axis1=1, axis2=2) - 2 * np.einsum("gi,gi->g", s, mu) + np.einsum("gi,gi->g", s, s)
         return (
             self.x4 / n
             - 4 * np.einsum("gi,gi->g", self.sx / n, q)
-            + 4 * np.einsum("gi,gij,gj->g", q, hy, q)
-            + 2 * q2 * np.trace(hy, axis1=1, axis2=2)
+            + 4 * qhyq
+            + 2 * q2 * tr_hy
             - 4 * q2 * np.einsum("gi,gi->g", my, q)
             + q2**2
         )
@@ -239,15 +242,29 @@ class LayerStats:
         ``h - mu mu^T``): the covariance ``C`` shrunk toward ``(tr C / K) I``, returned plus ``mu mu^T``;
         else ``h`` itself shrunk toward ``(tr h / K) I``.  About no change with many fields; large with a few
         hundred tokens for a wide Linear, where the sample matrix is rank-deficient and GPTQ's feedback would fit
-        the calibration set.  ``h`` when the fourth moments were not gathered."""
+        the calibration set.  ``h`` when the fourth moments were not gathered.  Two passes over the K x K matrix:
+        ``C``'s trace and Frobenius norm come from ``h``'s and ``mu``, and ``(1 - a) C + a m I + mu mu^T`` is
+        ``(1 - a) h + a mu mu^T + a m I``."""
         if self.x4 is None or not self.n:
             return self.h
         h, mu = self.h, self.mean
         if not centered:
-            return shrink(h, ledoit_wolf_intensity(h, self._fourth_moment(np.zeros_like(mu)), self.n))
-        mm = np.einsum("gi,gj->gij", mu, mu)
-        c = h - mm
-        return shrink(c, ledoit_wolf_intensity(c, self._fourth_moment(mu), self.n)) + mm
+            return shrink(
+                h, ledoit_wolf_intensity(h, self._fourth_moment(np.zeros_like(mu), h), self.n), overwrite=True
+            )
+        k = h.shape[-1]
+        mm = np.einsum("gi,gi->g", mu, mu)
+        trace = np.trace(h, axis1=1, axis2=2) - mm
+        fro2 = np.einsum("gij,gij->g", h, h) - 2 * np.einsum("gi,gij,gj->g", mu, h, mu) + mm**2
+        a = _ledoit_wolf(trace / k, fro2, k, self._fourth_moment(mu, h), self.n)
+        h *= (1 - a)[:, None, None]
+        for g in range(len(h)):  # + a mu mu^T, in place (a rank-one update per group)
+            out = blas.dger(a[g], mu[g], mu[g], a=h[g].T, overwrite_a=1)
+            if not np.shares_memory(out, h):  # pragma: no cover - a C-contiguous slab is F-contiguous transposed
+                h[g] = out.T
+        idx = np.arange(k)
+        h[:, idx, idx] += (a * trace / k)[:, None]
+        return h
 
     @property
     def mean(self) -> np.ndarray:
@@ -303,6 +320,11 @@ def ledoit_wolf_intensity(h: np.ndarray, x4: np.ndarray, n: int, upper: bool = F
     fro2 = np.einsum("gij,gij->g", h, h)  # no K x K temporary
     if upper:  # the strict upper triangle counts twice
         fro2 = 2 * fro2 - np.einsum("gii,gii->g", h, h)
+    return _ledoit_wolf(m, fro2, k, x4, n)
+
+
+def _ledoit_wolf(m: np.ndarray, fro2: np.ndarray, k: int, x4, n: int) -> np.ndarray:
+    """:func:`ledoit_wolf_intensity` from the matrix's ``tr / K`` (``m``) and squared Frobenius norm alone."""
     d2 = fro2 - k * m**2  # ||h - m I||_F^2
     b2 = np.clip((np.asarray(x4, np.float64).reshape(-1) - fro2) / max(n, 1), 0.0, None)
     return np.where(d2 > 0, np.minimum(b2, d2) / np.where(d2 > 0, d2, 1.0), 1.0)

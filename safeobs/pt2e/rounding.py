@@ -249,8 +249,8 @@ def calibrate_quantized_pt2e(
             ch = fq[name](c.contiguous()) if name in fq else c
         st.add(ch)  # E[x^ x^^T], E[x^], n
         if cross:
-            st.cross += torch.bmm(c.transpose(1, 2), ch).double().numpy()
-            st.ff += torch.bmm(c.transpose(1, 2), c).double().numpy()
+            st.cross += torch.bmm(c.transpose(1, 2), ch).numpy()  # float32 product added in float64
+            st.ff += torch.bmm(c.transpose(1, 2), c).numpy()
         st.fsum += c.sum(1).double().numpy()
 
     bar = progress_bar(
