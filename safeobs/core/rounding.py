@@ -258,10 +258,11 @@ class LayerStats:
         fro2 = np.einsum("gij,gij->g", h, h) - 2 * np.einsum("gi,gij,gj->g", mu, h, mu) + mm**2
         a = _ledoit_wolf(trace / k, fro2, k, self._fourth_moment(mu, h), self.n)
         h *= (1 - a)[:, None, None]
-        for g in range(len(h)):  # + a mu mu^T, in place (a rank-one update per group)
-            out = blas.dger(a[g], mu[g], mu[g], a=h[g].T, overwrite_a=1)
-            if not np.shares_memory(out, h):  # pragma: no cover - a C-contiguous slab is F-contiguous transposed
-                h[g] = out.T
+        rows = max(1, _SLAB // k)
+        for g in range(len(h)):  # + a mu mu^T in row slabs (numpy, not BLAS: no thread pool of its own to wake)
+            am = a[g] * mu[g]
+            for i0 in range(0, k, rows):
+                h[g, i0 : i0 + rows] += am[i0 : i0 + rows, None] * mu[g][None, :]
         idx = np.arange(k)
         h[:, idx, idx] += (a * trace / k)[:, None]
         return h
