@@ -560,3 +560,29 @@ def test_upper_triangle_reads_only_the_upper_triangle(data):
     with pytest.raises(ValueError, match="h_upper"):
         rounding.round_weight(w[:, :9].reshape(-1, 1, 3, 3), np.eye(9)[None].repeat(len(w), 0), groups=len(w),
                               op="conv", bias_correction=False, h_upper=True)  # fmt: skip
+
+
+def test_grouped_statistics_are_shrunk_like_scikit_learns_ledoit_wolf_per_group():
+    """LayerStats.h_shrunk per group (a grouped conv's G matrices; its two-pass form, trace and Frobenius norm of the
+    covariance taken from h's): each group's result is scikit-learn's Ledoit-Wolf estimate of that group's rows,
+    centred (plus mu mu^T) and not."""
+    from sklearn.covariance import ledoit_wolf
+
+    rng = np.random.default_rng(5)
+    g, k = 2, 24
+    st = rounding.LayerStats("conv", g, torch.zeros(g, 1, k), None, np.zeros((g, k, k)), np.zeros((g, k)))
+    mix = rng.normal(size=(g, k, k))
+    batches = [rng.normal(size=(g, 10, k)) @ mix + rng.normal(size=(g, 1, k)) for _ in range(3)]  # 30 rows < K
+    for b in batches:
+        st.add(torch.from_numpy(b.astype(np.float32)))
+    rows = np.concatenate([b.astype(np.float32).astype(np.float64) for b in batches], axis=1)
+    for centered in (False, True):
+        got = st.h_shrunk(centered)
+        for i in range(g):
+            mu = rows[i].mean(0)
+            want = (
+                (ledoit_wolf(rows[i])[0] + np.outer(mu, mu))
+                if centered
+                else ledoit_wolf(rows[i], assume_centered=True)[0]
+            )
+            np.testing.assert_allclose(got[i], want, rtol=0, atol=1e-5 * np.abs(want).max())
